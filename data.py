@@ -1,0 +1,492 @@
+"""
+Data for minclip, shared by every script.
+- Real image-caption sets: readers for Flickr8k (Kaggle, original and Karpathy layouts) and COCO
+  captions, in the exact on-disk formats of FORMATS.md; ImageTextDataset yields one image with one
+  of its captions, optionally from a uint8 memmap cache of decoded images. Every bad input raises
+  DataError naming the file and line (or flag).
+- The shapes world: procedural two-object scenes with exact hard negatives and twin scenes, the
+  project's built-in training set and benchmark (no download).
+- open_clip's tokenizer.
+"""
+import csv
+import functools
+import json
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+
+# -----------------------------------------------------------------------------
+# errors and tokenizer
+
+class DataError(ValueError):
+    """a bad dataset file, line or flag; scripts catch it at top level and print `error: <msg>`"""
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(context_length=77):
+    # open_clip's bpe tokenizer, the one pretrained clip text towers expect; call it with a list of
+    # strings -> long tensor [n, context_length]
+    return SimpleTokenizer(context_length=context_length)
+
+# -----------------------------------------------------------------------------
+# readers: each returns {"train" | "val" | "test": [(absolute image path, [captions]), ...]}
+
+def _need(path, what="file"):
+    if not os.path.exists(path):
+        raise DataError(f"missing {what}: {path}")
+    return path
+
+def _caption(text, where):
+    text = text.strip()  # coco captions carry trailing spaces and newlines
+    if not text:
+        raise DataError(f"{where}: empty caption")
+    return text
+
+def _load_json(path):
+    with open(_need(path), encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+def _assemble(captions, split_of, image_dir, source, splits=SPLITS):
+    """captions: image name -> [captions]; split_of: image name -> split, in output order"""
+    # an entry without an image file is skipped, not fatal: the original flickr8k token file lists
+    # 2258277193_586949ec62.jpg.1, which was never released. report it once, with names
+    missing = dict.fromkeys(n for n in captions if not os.path.isfile(os.path.join(image_dir, n)))
+    missing |= dict.fromkeys(n for n in split_of if n not in captions)
+    if missing:
+        print(f"{source}: skipped {len(missing)} image(s) without an image file or captions: "
+              f"{', '.join(list(missing)[:3])}")
+    out = {s: [] for s in splits}
+    for name, split in split_of.items():
+        if name not in missing:
+            out[split].append((os.path.abspath(os.path.join(image_dir, name)), captions[name]))
+    for s in splits:
+        if not out[s]:
+            raise DataError(f"{source}: split '{s}' has no usable image (images looked up in {image_dir})")
+    return out
+
+def _parse_karpathy(path):
+    """karpathy split json -> (image name -> captions, image name -> split)"""
+    data, captions, split_of, i = _load_json(path), {}, {}, 0
+    try:
+        for i, im in enumerate(data["images"]):
+            name = os.path.join(im.get("filepath", ""), im["filename"])  # coco entries have a folder
+            where = f"{path}: {name} (images[{i}])"
+            if im["split"] not in ("train", "restval", "val", "test"):
+                raise DataError(f"{where}: unknown split {im['split']!r}")
+            captions[name] = [_caption(s["raw"], where) for s in im["sentences"]]
+            # restval: the coco val2014 images that karpathy's split leaves to training
+            split_of[name] = "train" if im["split"] == "restval" else im["split"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: images[{i}]: missing or malformed field {e}") from None
+    return captions, split_of
+
+def read_karpathy(json_path, image_root):
+    """a karpathy split json (flickr8k/30k, coco) with images under image_root; restval -> train"""
+    captions, split_of = _parse_karpathy(json_path)
+    return _assemble(captions, split_of, image_root, json_path)
+
+def _seeded_split(names, seed):
+    # the kaggle layout has no split: hold out 1000 + 1000 of 8091 images like the original, scaled
+    # to smaller sets, by image so no caption of a held-out image is trained on
+    k = max(1, round(len(names) * 1000 / 8091))
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    split = {n: "test" for n in order[:k]} | {n: "val" for n in order[k:2 * k]}
+    return {n: split.get(n, "train") for n in names}
+
+def read_flickr8k(root, seed=0):
+    """flickr8k in any of its three layouts; seed only picks the split when none ships with the data"""
+    j = lambda *p: os.path.join(root, *p)
+    karpathy = j("dataset_flickr8k.json")
+    if os.path.exists(j("captions.txt")):  # (a) kaggle: csv, captions hold quoted commas
+        path, captions = j("captions.txt"), {}
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            try:
+                if next(rows, None) != ["image", "caption"]:
+                    raise DataError(f"{path}:1: expected the header 'image,caption'")
+                for row in rows:
+                    where = f"{path}:{rows.line_num}"
+                    if len(row) != 2:
+                        raise DataError(f"{where}: expected 2 columns (image,caption), got {len(row)}")
+                    captions.setdefault(row[0], []).append(_caption(row[1], where))
+            except csv.Error as e:
+                raise DataError(f"{path}:{rows.line_num}: {e}") from None
+        split_of = _parse_karpathy(karpathy)[1] if os.path.exists(karpathy) else _seeded_split(list(captions), seed)
+        return _assemble(captions, split_of, _need(j("Images"), "folder"), path)
+    if os.path.exists(j("Flickr8k.token.txt")):  # (b) original: "<file>.jpg#<k>\t<caption>"
+        path, captions = j("Flickr8k.token.txt"), {}
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                key, tab, text = line.rstrip("\r\n").partition("\t")
+                name, hash_, k = key.rpartition("#")
+                if not tab or not hash_ or not k.isdigit():
+                    raise DataError(f"{path}:{n}: expected '<image>#<k><TAB><caption>', got {line.strip()[:60]!r}")
+                captions.setdefault(name, []).append(_caption(text, f"{path}:{n}"))
+        split_of = {}
+        for split, stem in (("train", "train"), ("val", "dev"), ("test", "test")):
+            with open(_need(j(f"Flickr_8k.{stem}Images.txt")), encoding="utf-8") as f:
+                split_of.update((line.strip(), split) for line in f if line.strip())
+        # the release misspells the folder name
+        return _assemble(captions, split_of, _need(j("Flicker8k_Dataset"), "folder"), path)
+    if os.path.exists(karpathy):  # (c) karpathy json + an images folder
+        for d in ("Images", "Flicker8k_Dataset", "images"):
+            if os.path.isdir(j(d)):
+                return read_karpathy(karpathy, j(d))
+    raise DataError(f"no Flickr8k layout under {root}: looked for captions.txt + Images/ (Kaggle), "
+                    "Flickr8k.token.txt + Flicker8k_Dataset/ + Flickr_8k.*Images.txt (original), "
+                    "dataset_flickr8k.json + Images/ or Flicker8k_Dataset/ or images/ (Karpathy)")
+
+def read_coco(root):
+    """coco 2014 captions; karpathy's splits if root/dataset_coco.json exists, else val2014 is val and test"""
+    if os.path.exists(os.path.join(root, "dataset_coco.json")):
+        return read_karpathy(os.path.join(root, "dataset_coco.json"), root)
+    captions, split_of = {}, {}
+    for part, split in (("train2014", "train"), ("val2014", "val")):
+        path = os.path.join(root, "annotations", f"captions_{part}.json")
+        data = _load_json(path)
+        try:
+            names = {im["id"]: os.path.join(part, im["file_name"]) for im in data["images"]}
+            captions |= {name: [] for name in names.values()}
+            split_of |= {name: split for name in names.values()}
+            # group the ~5 captions per image: one sample is one image, so a batch never holds the
+            # same image twice (a false negative for the contrastive loss)
+            for a in data["annotations"]:
+                if a["image_id"] not in names:
+                    raise DataError(f"{path}: annotation id {a['id']}: unknown image_id {a['image_id']}")
+                name = names[a["image_id"]]
+                captions[name].append(_caption(a["caption"], f"{path}: annotation id {a['id']} ({name})"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: missing or malformed field {e}") from None
+    captions = {n: c for n, c in captions.items() if c}  # uncaptioned images get reported as skipped
+    out = _assemble(captions, split_of, root, os.path.join(root, "annotations"), splits=("train", "val"))
+    print(f"{root}: no dataset_coco.json (karpathy split), so val and test are both val2014")
+    return out | {"test": list(out["val"])}
+
+def read_dataset(name, root):
+    """--data name, --data_root root -> splits"""
+    readers = {"flickr8k": read_flickr8k, "coco": read_coco}
+    if name not in readers:
+        raise DataError(f"--data {name}: unknown dataset, choose from {', '.join(readers)}")
+    if not os.path.isdir(root):
+        raise DataError(f"--data_root {root}: no such directory")
+    return readers[name](root)
+
+# -----------------------------------------------------------------------------
+# images, dataset, cache
+
+MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
+STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+
+def load_image(path, size):
+    """decode, resize the shorter side to size (bicubic), center crop -> uint8 [size, size, 3], None if unreadable"""
+    # deterministic, and no random flips: a flip turns "the dog left of the cat" into a false caption
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    return np.asarray(im, dtype=np.uint8)
+
+def to_tensor(pixels):
+    """uint8 [S, S, 3] -> float [3, S, S], normalised like openai clip's training images"""
+    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float().div(255)
+    return (x - MEAN) / STD
+
+def build_image_cache(items, image_size, cache_path, workers=0):
+    """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
+    (N, S, bad indices, image paths); a matching cache is reused. Returns the unreadable indices."""
+    n, s, paths, meta_path = len(items), image_size, [p for p, _ in items], cache_path + ".json"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta["n"], meta["size"], meta["paths"]) == (n, s, paths) and os.path.getsize(cache_path) == n * s * s * 3:
+            return meta["bad"]
+    except (OSError, ValueError, KeyError):
+        pass  # no cache, or a stale or broken one: rebuild
+    # the sidecar is the commit marker: drop it first, write it last, so a crash mid-build never
+    # leaves a cache that looks valid. temp names are per process so concurrent ranks never collide
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    tmp = f"{cache_path}.tmp{os.getpid()}"
+    cache = np.memmap(tmp, np.uint8, "w+", shape=(n, s, s, 3))
+    load, pool = functools.partial(load_image, size=s), multiprocessing.Pool(workers) if workers else None
+    bad = []
+    for i, pixels in enumerate(pool.imap(load, paths, chunksize=16) if pool else map(load, paths)):
+        if pixels is None:
+            bad.append(i)
+        else:
+            cache[i] = pixels
+    if pool:
+        pool.close()
+    cache.flush()
+    del cache
+    os.replace(tmp, cache_path)
+    if bad:
+        print(f"{cache_path}: skipped {len(bad)} unreadable image(s): "
+              f"{', '.join(os.path.basename(paths[i]) for i in bad[:3])}")
+    with open(tmp, "w") as f:
+        json.dump({"n": n, "size": s, "bad": bad, "paths": paths}, f)
+    os.replace(tmp, meta_path)
+    return bad
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """One sample = one image with ONE of its captions -> (image float [3, S, S], tokens long [L]),
+    or None if the image is unreadable (collate drops it). Keys may exceed len: key = epoch * len + i,
+    and the caption is a pure function of (seed, epoch, i), so a sampler that yields such keys
+    resumes exactly, whatever the number of dataloader workers."""
+
+    def __init__(self, items, image_size, context_length, seed=0, cache_path=None):
+        self.items, self.image_size, self.context_length, self.seed = items, image_size, context_length, seed
+        self.cache_path, self.cache = cache_path, None
+        self.bad = set(build_image_cache(items, image_size, cache_path)) if cache_path else set()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getstate__(self):
+        return self.__dict__ | {"cache": None}  # never pickle the memmap into workers: it would copy it
+
+    def caption(self, key):
+        i, epoch = key % len(self.items), key // len(self.items)
+        captions = self.items[i][1]
+        # Random(str) seeds from a sha512 of the string: the same in every process, unlike hash()
+        return captions[random.Random(f"{self.seed},{epoch},{i}").randrange(len(captions))]
+
+    def __getitem__(self, key):
+        i, s = key % len(self.items), self.image_size
+        if self.cache_path is None:
+            pixels = load_image(self.items[i][0], s)
+        elif i in self.bad:
+            pixels = None
+        else:
+            if self.cache is None:  # opened lazily, once per worker process
+                self.cache = np.memmap(self.cache_path, np.uint8, "r", shape=(len(self.items), s, s, 3))
+            pixels = self.cache[i]
+        if pixels is None:
+            return None
+        return to_tensor(pixels), get_tokenizer(self.context_length)([self.caption(key)])[0]
+
+def collate(batch):
+    """drop unreadable samples -> (images [B', 3, S, S], tokens [B', L], n_skipped); None, None, B if all are"""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None, None, len(batch)
+    return torch.stack([b[0] for b in kept]), torch.stack([b[1] for b in kept]), len(batch) - len(kept)
+
+# -----------------------------------------------------------------------------
+# the shapes world: procedural two-object scenes, no files, deterministic per (split, seed, index).
+# One scene record yields the image, its caption, exact hard negatives, twin scenes (the hard
+# negative *images*), a long description (CLIPS) and true/false statements (DPO/VSR). The
+# calibration behind these choices is in README.md ("The shapes world").
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
+           "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (240, 240, 240), "cyan": (60, 210, 220),
+           "pink": (250, 140, 200), "brown": (150, 95, 45)}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+SIZES = {"small": 0.11, "large": 0.19}  # half-extent as a fraction of the image side
+BACKGROUNDS = ("plain", "striped", "dotted", "checkered")  # dark, low-contrast textures
+RELATIONS = {"h": ("left of", "right of"), "v": ("above", "below")}  # (first object's, second object's)
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+TEST_SEED = 1234  # the fixed test set; train scenes come from a different random stream
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, in [0, 1] image coordinates
+    y: float
+
+    def phrase(self):
+        return f"a {self.size} {self.colour} {self.shape}"
+
+    def name(self):
+        return f"the {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Two objects on a background. objs[0] is left of (axis 'h') or above (axis 'v') objs[1];
+    subj is the object the caption names first ("A left of B" and "B right of A" are both used)."""
+    objs: tuple
+    axis: str
+    background: str
+    subj: int
+
+    def relation(self):
+        return RELATIONS[self.axis][self.subj]
+
+    def caption(self):
+        a, b = self.objs[self.subj], self.objs[1 - self.subj]
+        return f"{a.phrase()} {self.relation()} {b.phrase()} on a {self.background} background"
+
+    def key(self):  # what the scene shows
+        return tuple((o.shape, o.colour, o.size) for o in self.objs) + (self.axis, self.background)
+
+
+def scene_rng(split, seed, index):
+    return random.Random(f"{split}-{seed}-{index}")  # str seeds hash with sha512: stable across runs
+
+
+def sample_scene(rng):
+    colours, shapes = rng.sample(list(COLOURS), 2), rng.sample(SHAPES, 2)
+    sizes = [rng.choice(list(SIZES)) for _ in range(2)]
+    axis, background = rng.choice("hv"), rng.choice(BACKGROUNDS)
+    # first object in the first half of the axis, second in the other half; free along the other axis
+    a_main, b_main = rng.uniform(0.2, 0.38), rng.uniform(0.62, 0.8)
+    a_off, b_off = rng.uniform(0.22, 0.78), rng.uniform(0.22, 0.78)
+    pos = [(a_main, a_off), (b_main, b_off)] if axis == "h" else [(a_off, a_main), (b_off, b_main)]
+    objs = tuple(Obj(s, c, z, x, y) for s, c, z, (x, y) in zip(shapes, colours, sizes, pos))
+    return Scene(objs, axis, background, subj=rng.randrange(2))
+
+
+def test_scenes(n, seed=TEST_SEED):
+    """n test scenes with pairwise distinct content, so each caption has exactly one right image."""
+    scenes, seen, i = [], set(), 0
+    while len(scenes) < n:
+        s = sample_scene(scene_rng("test", seed, i))
+        i += 1
+        if s.key() not in seen:
+            seen.add(s.key())
+            scenes.append(s)
+    return scenes
+
+# twins: the same scene changed in exactly one compositional respect. The twin's caption is, word
+# for word, the original's hard negative, so a batch holding both (NegCLIP's hard-negative images,
+# TripletCLIP's grouped negatives) shows the same string as a positive and as a negative.
+
+
+def mirror(s):
+    """the objects exchange places; caption == relation_flip(s)."""
+    a, b = s.objs
+    return replace(s, objs=(replace(b, x=a.x, y=a.y), replace(a, x=b.x, y=b.y)), subj=1 - s.subj)
+
+
+def swap_colours(s):
+    """the objects exchange colours; caption == attribute_swap(s)."""
+    a, b = s.objs
+    return replace(s, objs=(replace(a, colour=b.colour), replace(b, colour=a.colour)))
+
+
+def _replace_one(s, attr, choices):
+    rng = random.Random(s.caption())  # deterministic per scene
+    i, used = rng.randrange(2), {getattr(o, attr) for o in s.objs}
+    new = rng.choice([c for c in choices if c not in used])
+    return replace(s, objs=tuple(replace(o, **{attr: new}) if j == i else o for j, o in enumerate(s.objs)))
+
+# exact hard-negative captions: each is false of the scene and differs from its caption
+
+
+def relation_flip(s):
+    """relation replaced by its converse ("left of" -> "right of")."""
+    return mirror(s).caption()
+
+
+def attribute_swap(s):
+    """the two objects' colours exchanged."""
+    return swap_colours(s).caption()
+
+
+def colour_replace(s):
+    """one object's colour replaced by a colour absent from the scene."""
+    return _replace_one(s, "colour", list(COLOURS)).caption()
+
+
+def shape_replace(s):
+    """one object's shape replaced by a shape absent from the scene."""
+    return _replace_one(s, "shape", SHAPES).caption()
+
+
+def word_shuffle(s):
+    """the caption's words in a (seeded) random order (ARO's order perturbations)."""
+    words, caption = s.caption().split(), s.caption()
+    rng = random.Random(caption)
+    while " ".join(words) == caption:
+        rng.shuffle(words)
+    return " ".join(words)
+
+
+NEGATIVES = {"relation": relation_flip, "attribute_swap": attribute_swap, "colour_replace": colour_replace,
+             "shape_replace": shape_replace, "word_order": word_shuffle}
+
+
+def description(s):
+    """a long, multi-sentence description (the CLIPS "synthetic caption"), longer than the text
+    context: every fact of the scene, one per sentence."""
+    a, b = s.objs[s.subj], s.objs[1 - s.subj]
+    where = {"left of": "on the left", "right of": "on the right", "above": "at the top", "below": "at the bottom"}
+    return (f"The image shows two shapes on a {s.background} dark background. "
+            f"{a.name().capitalize()} is {a.size}. {b.name().capitalize()} is {b.size}. "
+            f"{a.name().capitalize()} is {s.relation()} {b.name()}. {b.name().capitalize()} is {CONVERSE[s.relation()]} {a.name()}. "
+            f"{a.name().capitalize()} is {where[s.relation()]} and {b.name()} is {where[CONVERSE[s.relation()]]}.")
+
+
+def statements(s):
+    """true/false spatial statements in VSR's form "The <subj> is <relation> the <obj>." ->
+    [(text, label)]: the caption's relation (True) and its converse (False)."""
+    a, b = s.objs[s.subj], s.objs[1 - s.subj]
+    return [(f"The {a.colour} {a.shape} is {r} the {b.colour} {b.shape}.", r == s.relation())
+            for r in (s.relation(), CONVERSE[s.relation()])]
+
+
+@functools.lru_cache(maxsize=16)
+def _canvas(background, size):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    texture = {"plain": np.zeros_like(xx), "striped": ((xx + yy) // 4) % 2, "dotted": (xx % 6 < 2) & (yy % 6 < 2),
+               "checkered": (xx // 8 + yy // 8) % 2}[background]
+    return np.repeat((18.0 + 30.0 * texture)[..., None], 3, axis=2), yy + 0.5, xx + 0.5
+
+
+def render(s, size):
+    """the scene as a uint8 [size, size, 3] array."""
+    canvas, yy, xx = _canvas(s.background, size)
+    img = canvas.copy()
+    for o in s.objs:
+        dx, dy = (xx - o.x * size) / (SIZES[o.size] * size), (yy - o.y * size) / (SIZES[o.size] * size)
+        r2 = dx * dx + dy * dy
+        mask = {"circle": r2 <= 1.0,
+                "ring": (r2 <= 1.0) & (r2 >= 0.3),
+                "square": (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85),
+                "diamond": np.abs(dx) + np.abs(dy) <= 1.0,
+                "triangle": (dy <= 0.8) & (np.abs(dx) <= (dy + 1.0) * 0.53),
+                "cross": ((np.abs(dx) <= 0.3) | (np.abs(dy) <= 0.3)) & (np.abs(dx) <= 1) & (np.abs(dy) <= 1),
+                }[o.shape]
+        img[mask] = COLOURS[o.colour]
+    return img.astype(np.uint8)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Training scenes: an infinite stream, key = global sample index. Like web alt-text, the
+    training captions do not reliably bind attributes: with probability `swap_noise` the caption
+    names the two colours the wrong way round (see README for why 0.5)."""
+
+    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5):
+        self.image_size, self.seed, self.swap_noise = image_size, seed, swap_noise
+        self.tokenizer = get_tokenizer(context_length)
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, key):
+        rng = scene_rng("train", self.seed, key)
+        s = sample_scene(rng)
+        image = to_tensor(render(s, self.image_size))
+        caption = attribute_swap(s) if rng.random() < self.swap_noise else s.caption()
+        return image, self.tokenizer([caption])[0]

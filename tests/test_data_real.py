@@ -1,0 +1,284 @@
+"""Readers on fixtures in the exact real formats (tests/fixtures), bad inputs, and ImageTextDataset."""
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from data import (DataError, ImageTextDataset, build_image_cache, collate, get_tokenizer, load_image,
+                  read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+F = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1b742ab4b8.jpg",
+     "1003163366_44323f5815.jpg", "1007129816_e794419615.jpg", "1007320043_627395c3d8.jpg"]
+
+def fixture(tmp_path, name):
+    """a private copy of a committed fixture, safe to break"""
+    return str(shutil.copytree(os.path.join(FIX, name), tmp_path / name))
+
+def names(splits):
+    return {s: [os.path.basename(p) for p, _ in items] for s, items in splits.items()}
+
+def edit(path, old, new):
+    text = open(path, encoding="utf-8").read()
+    assert old in text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(old, new, 1))
+
+def line_of(path, needle):
+    return next(n for n, line in enumerate(open(path, encoding="utf-8"), 1) if needle in line)
+
+def noise_jpg(path, w, h, seed):
+    # textured content, so resize/crop differences show up (the fixtures are solid colours)
+    rgb = np.random.default_rng(seed).integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb).resize((w, h), Image.BILINEAR).save(path, quality=90)
+    return str(path)
+
+# -----------------------------------------------------------------------------
+# readers
+
+def test_flickr8k_kaggle():
+    splits = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))
+    n = names(splits)
+    assert [len(n[s]) for s in ("train", "val", "test")] == [4, 1, 1]  # round(6 * 1000 / 8091) -> at least 1
+    assert sorted(sum(n.values(), [])) == sorted(F)
+    for items in splits.values():
+        for path, caps in items:
+            assert os.path.isabs(path) and os.path.isfile(path) and len(caps) == 5
+    caps = dict(sum(splits.values(), []))
+    first = caps[os.path.join(FIX, "flickr8k_kaggle", "Images", F[0])]
+    assert first[1] == "A girl, in a dress, goes into a wooden building ."  # the quoted comma survives
+    assert 'A man with a sign that reads "stop" is wearing an orange hat .' in sum(caps.values(), [])
+    assert read_flickr8k(os.path.join(FIX, "flickr8k_kaggle")) == splits  # deterministic
+    seeded = [names(read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"), seed=s)) for s in range(6)]
+    assert len({tuple(n["test"] + n["val"]) for n in seeded}) > 1  # the seed picks the split
+
+def test_flickr8k_kaggle_uses_karpathy_json(tmp_path):
+    root = fixture(tmp_path, "flickr8k_kaggle")
+    shutil.copy(os.path.join(FIX, "flickr8k_karpathy", "dataset_flickr8k.json"), root)
+    # its split, restval -> train; F[5] is in captions.txt but not in the json, so it is unused
+    assert names(read_flickr8k(root)) == {"train": F[:3], "val": [F[3]], "test": [F[4]]}
+
+def test_flickr8k_original(capsys):
+    splits = read_flickr8k(os.path.join(FIX, "flickr8k_original"))
+    assert names(splits) == {"train": F[:4], "val": [F[4]], "test": [F[5]]}  # dev -> val
+    assert all(len(caps) == 5 for items in splits.values() for _, caps in items)
+    out = capsys.readouterr().out
+    assert "skipped 1 image(s)" in out and "2258277193_586949ec62.jpg.1" in out  # the bogus token entry
+    assert out.count("skipped") == 1
+
+def test_flickr8k_karpathy():
+    root = os.path.join(FIX, "flickr8k_karpathy")
+    splits = read_flickr8k(root)
+    assert names(splits) == {"train": F[:3], "val": [F[3]], "test": [F[4]]}  # F[2] is restval
+    assert splits == read_karpathy(os.path.join(root, "dataset_flickr8k.json"), os.path.join(root, "images"))
+    assert splits["train"][0][1][1] == "A girl, in a dress, goes into a wooden building ."
+
+def test_coco_groups_per_image(capsys):
+    splits = read_coco(os.path.join(FIX, "coco"))
+    assert names(splits) == {"train": [f"COCO_train2014_{i:012d}.jpg" for i in (9, 25, 30)],
+                             "val": [f"COCO_val2014_{i:012d}.jpg" for i in (42, 391895)],
+                             "test": [f"COCO_val2014_{i:012d}.jpg" for i in (42, 391895)]}
+    assert [len(caps) for _, caps in splits["train"]] == [5, 6, 5]  # interleaved annotations, grouped
+    giraffe = splits["train"][1][1]
+    assert giraffe[0] == "A giraffe eating food from the top of the tree."
+    assert giraffe[1] == "A giraffe standing up nearby a tree"  # stripped
+    assert giraffe[5] == "A giraffe looking at the camera next to a tree."
+    assert all(c == c.strip() for items in splits.values() for _, caps in items for c in caps)
+    assert "val and test are both val2014" in capsys.readouterr().out
+
+def test_coco_uses_karpathy_json(tmp_path):
+    root = fixture(tmp_path, "coco")
+    sentences = lambda raw: [{"tokens": raw.lower().split(), "raw": raw, "imgid": 0, "sentid": 0}]
+    images = [("train2014", 9, "train"), ("train2014", 25, "test"), ("val2014", 42, "restval"),
+              ("val2014", 391895, "val")]
+    with open(os.path.join(root, "dataset_coco.json"), "w") as f:
+        f.write('{"images": [' + ",".join(
+            f'{{"filepath": "{part}", "sentids": [0], "filename": "COCO_{part}_{i:012d}.jpg", "imgid": 0, '
+            f'"split": "{split}", "sentences": {sentences("A b c.")}, "cocoid": {i}}}'.replace("'", '"')
+            for part, i, split in images) + '], "dataset": "coco"}')
+    splits = read_coco(root)
+    assert names(splits) == {"train": ["COCO_train2014_000000000009.jpg", "COCO_val2014_000000000042.jpg"],
+                             "val": ["COCO_val2014_000000391895.jpg"], "test": ["COCO_train2014_000000000025.jpg"]}
+    assert splits["train"][1][0] == os.path.join(root, "val2014", "COCO_val2014_000000000042.jpg")
+
+def test_read_dataset(tmp_path):
+    assert read_dataset("flickr8k", os.path.join(FIX, "flickr8k_kaggle")) == read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))
+    with pytest.raises(DataError, match=r"--data flickr30: unknown dataset, choose from flickr8k, coco"):
+        read_dataset("flickr30", os.path.join(FIX, "flickr8k_kaggle"))
+    with pytest.raises(DataError, match=r"--data_root .*nowhere: no such directory"):
+        read_dataset("coco", str(tmp_path / "nowhere"))
+
+# -----------------------------------------------------------------------------
+# bad inputs: each names the file and line (or record)
+
+@pytest.mark.parametrize("fix, remove, match", [
+    ("flickr8k_kaggle", "captions.txt", r"no Flickr8k layout under .*captions.txt \+ Images/"),
+    ("flickr8k_kaggle", "Images", r"missing folder: .*flickr8k_kaggle/Images"),
+    ("flickr8k_original", "Flickr_8k.devImages.txt", r"missing file: .*Flickr_8k.devImages.txt"),
+    ("flickr8k_karpathy", "images", r"no Flickr8k layout under .*dataset_flickr8k.json \+ Images/"),
+    ("coco", "annotations/captions_val2014.json", r"missing file: .*annotations/captions_val2014.json"),
+])
+def test_missing_file(tmp_path, fix, remove, match):
+    root = fixture(tmp_path, fix)
+    path = os.path.join(root, remove)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    with pytest.raises(DataError, match=match):
+        read_dataset("coco" if fix == "coco" else "flickr8k", root)
+
+def test_malformed_csv(tmp_path):
+    root = fixture(tmp_path, "flickr8k_kaggle")
+    path = os.path.join(root, "captions.txt")
+    edit(path, f"{F[1]},A black dog and a spotted dog are fighting", f"{F[1]},A black dog,a spotted dog")
+    with pytest.raises(DataError, match=r"captions.txt:7: expected 2 columns \(image,caption\), got 3"):
+        read_flickr8k(root)
+    edit(path, "image,caption", "image\tcaption")
+    with pytest.raises(DataError, match=r"captions.txt:1: expected the header 'image,caption'"):
+        read_flickr8k(root)
+
+@pytest.mark.parametrize("bad", [f"{F[2]}#2 no tab", f"{F[2]}\tno hash", f"{F[2]}#x\tbad k"])
+def test_malformed_token_line(tmp_path, bad):
+    root = fixture(tmp_path, "flickr8k_original")
+    path = os.path.join(root, "Flickr8k.token.txt")
+    edit(path, f"{F[2]}#2\tA small girl in the grass", bad + "\tA small girl in the grass")
+    n = line_of(path, bad)
+    with pytest.raises(DataError, match=rf"Flickr8k.token.txt:{n}: expected '<image>#<k><TAB><caption>'"):
+        read_flickr8k(root)
+
+@pytest.mark.parametrize("fix, rel, key", [
+    ("flickr8k_karpathy", "dataset_flickr8k.json", '"raw": "A little girl is sitting'),
+    ("coco", "annotations/captions_train2014.json", '"caption": "A giraffe eating'),
+])
+def test_malformed_json(tmp_path, fix, rel, key):
+    root = fixture(tmp_path, fix)
+    path = os.path.join(root, rel)
+    n = line_of(path, key)
+    edit(path, key, key.replace(":", ""))  # a missing colon on line n
+    with pytest.raises(DataError, match=rf"{rel}:{n}: malformed JSON"):
+        read_dataset("coco" if fix == "coco" else "flickr8k", root)
+
+def test_malformed_json_record(tmp_path):
+    root = fixture(tmp_path, "flickr8k_karpathy")
+    edit(os.path.join(root, "dataset_flickr8k.json"), '"split": "val"', '"split": "dev"')
+    with pytest.raises(DataError, match=rf"dataset_flickr8k.json: {F[3]} \(images\[3\]\): unknown split 'dev'"):
+        read_flickr8k(root)
+    edit(os.path.join(root, "dataset_flickr8k.json"), '"raw"', '"caption"')
+    with pytest.raises(DataError, match=r"dataset_flickr8k.json: images\[0\]: missing or malformed field 'raw'"):
+        read_flickr8k(root)
+
+@pytest.mark.parametrize("fix, rel, old, new, match", [
+    ("flickr8k_kaggle", "captions.txt", "A little girl climbing into a wooden playhouse .", "   ",
+     r"captions.txt:4: empty caption"),
+    ("flickr8k_kaggle", "captions.txt", '"A girl, in a dress, goes into a wooden building ."', '""',
+     r"captions.txt:3: empty caption"),
+    ("flickr8k_original", "Flickr8k.token.txt", "A girl, in a dress, goes into a wooden building .", " ",
+     r"Flickr8k.token.txt:2: empty caption"),
+    ("flickr8k_karpathy", "dataset_flickr8k.json", '"raw": "A black dog and a spotted dog are fighting"', '"raw": ""',
+     rf"dataset_flickr8k.json: {F[1]} \(images\[1\]\): empty caption"),
+    ("coco", "annotations/captions_train2014.json", '"A giraffe standing up nearby a tree "', '" \\n"',
+     r"captions_train2014.json: annotation id \d+ \(train2014/COCO_train2014_000000000025.jpg\): empty caption"),
+])
+def test_empty_caption(tmp_path, fix, rel, old, new, match):
+    root = fixture(tmp_path, fix)
+    edit(os.path.join(root, rel), old, new)
+    with pytest.raises(DataError, match=match):
+        read_dataset("coco" if fix == "coco" else "flickr8k", root)
+
+# -----------------------------------------------------------------------------
+# images and the dataset
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image(tmp_path, capsys, damage):
+    root = fixture(tmp_path, "flickr8k_kaggle")
+    path = os.path.join(root, "Images", F[1])
+    noise_jpg(path, 64, 48, seed=0)
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(b"not a jpeg at all" * 10 if damage == "garbage" else raw[:len(raw) // 2])
+    items = sum(read_flickr8k(root).values(), [])
+    bad = [os.path.basename(p) for p, _ in items].index(F[1])
+    ds = ImageTextDataset(items, 16, 77)
+    assert ds[bad] is None and ds[bad + len(items)] is None
+    images, tokens, skipped = collate([ds[k] for k in range(len(items))])
+    assert images.shape == (len(items) - 1, 3, 16, 16) and tokens.shape == (len(items) - 1, 77) and skipped == 1
+    # with the cache it is found once, at build time
+    capsys.readouterr()
+    cached = ImageTextDataset(items, 16, 77, cache_path=str(tmp_path / "cache.u8"))
+    assert f"skipped 1 unreadable image(s): {F[1]}" in capsys.readouterr().out
+    assert cached.bad == {bad} and cached[bad] is None
+    assert collate([cached[k] for k in range(len(items))])[2] == 1
+    assert collate([None, None]) == (None, None, 2)
+
+def test_cache_equals_no_cache(tmp_path, capsys):
+    items = sum(read_coco(os.path.join(FIX, "coco")).values(), [])[:5]
+    items += read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
+    items += [(noise_jpg(tmp_path / "wide.jpg", 90, 40, 1), ["a wide one"]),
+              (noise_jpg(tmp_path / "tall.jpg", 33, 71, 2), ["a tall one"])]
+    cache = str(tmp_path / "cache.u8")
+    plain, cached = ImageTextDataset(items, 24, 32), ImageTextDataset(items, 24, 32, cache_path=cache)
+    for key in range(2 * len(items)):
+        (a, ta), (b, tb) = plain[key], cached[key]
+        assert a.dtype == torch.float32 and a.shape == (3, 24, 24) and torch.equal(a, b) and torch.equal(ta, tb)
+    # reused when it matches, rebuilt when the items or the size change
+    stamp = os.stat(cache).st_mtime_ns
+    assert build_image_cache(items, 24, cache) == [] and os.stat(cache).st_mtime_ns == stamp
+    swapped = ImageTextDataset(items[-1:] + items[1:-1] + items[:1], 24, 32, cache_path=cache)  # same n, other paths
+    assert torch.equal(swapped[0][0], plain[len(items) - 1][0])
+    ImageTextDataset(items[:-1], 24, 32, cache_path=cache)
+    assert os.path.getsize(cache) == (len(items) - 1) * 24 * 24 * 3
+    small = ImageTextDataset(items[:-1], 16, 32, cache_path=cache)
+    assert os.path.getsize(cache) == (len(items) - 1) * 16 * 16 * 3
+    assert torch.equal(small[3][0], to_tensor(load_image(items[3][0], 16)))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temp files left behind
+
+def test_matches_open_clip_preprocess(tmp_path):
+    import open_clip
+    preprocess = open_clip.transform.image_transform(32, is_train=False)
+    for w, h in ((90, 40), (33, 71)):
+        path = noise_jpg(tmp_path / f"{w}.jpg", w, h, seed=w)
+        assert torch.equal(to_tensor(load_image(path, 32)), preprocess(Image.open(path)))
+
+def test_no_flip_resize_center_crop(tmp_path):
+    # 40x20, red left half, blue right half: shorter side -> 16 gives 32x16, center crop keeps
+    # columns 8..24, i.e. red on the left half, blue on the right, never mirrored
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20, 0], rgb[:, 20:, 2] = 255, 255
+    Image.fromarray(rgb).save(tmp_path / "lr.png")
+    pixels = load_image(str(tmp_path / "lr.png"), 16)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+    assert (pixels[:, :6, 0] > 250).all() and (pixels[:, :6, 2] < 5).all()
+    assert (pixels[:, -6:, 2] > 250).all() and (pixels[:, -6:, 0] < 5).all()
+
+def test_caption_choice(tmp_path):
+    items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
+    n = len(items)
+    ds, again, other = ImageTextDataset(items, 16, 77), ImageTextDataset(items, 16, 77), ImageTextDataset(items, 16, 77, seed=1)
+    choice = lambda d, key: items[key % n][1].index(d.caption(key))
+    # a pure function of (seed, epoch, i): pinned, so a change (or a salted hash()) breaks resume and this test
+    assert [choice(ds, k) for k in range(2 * n)] == [1, 1, 1, 3, 2, 0, 1, 2]
+    assert all(ds.caption(k) == again.caption(k) for k in range(10 * n))
+    assert any(ds.caption(k) != other.caption(k) for k in range(10 * n))
+    for i in range(n):
+        assert len({ds.caption(e * n + i) for e in range(20)}) > 1  # varies across epochs
+    key = 3 * n + 2  # epoch 3, item 2
+    image, tokens = ds[key]
+    assert torch.equal(image, ds[2][0]) and tokens.dtype == torch.long
+    assert torch.equal(tokens, get_tokenizer(77)([ds.caption(key)])[0]) and tokens[0] == 49406  # <start_of_text>
+    assert get_tokenizer(77) is get_tokenizer(77) and get_tokenizer(16)([ds.caption(key)]).shape == (1, 16)
+
+def test_dataloader_workers_replay_keys(tmp_path):
+    items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
+    ds = ImageTextDataset(items, 16, 77, cache_path=str(tmp_path / "cache.u8"))
+    keys = [9, 2, 14, 7, 0, 11]  # what a resumable sampler yields: epoch * len + i
+    ds[0]  # opens the memmap in this process; it must not be pickled into the workers
+    assert ds.cache is not None and pickle.loads(pickle.dumps(ds)).cache is None
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=keys, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    images, tokens, skipped = collate([ds[k] for k in keys])
+    assert torch.equal(torch.cat([b[0] for b in batches]), images) and torch.equal(torch.cat([b[1] for b in batches]), tokens)
+    assert sum(b[2] for b in batches) == skipped == 0

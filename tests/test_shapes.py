@@ -1,0 +1,90 @@
+"""The shapes world: determinism, exactness of negatives and twins, and the rendered pixels."""
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import COLOURS, SIZES
+
+SCENES = data.test_scenes(200)
+
+
+def pixel(img, o, dx=0.0):
+    size = img.shape[0]
+    return tuple(img[int(o.y * size), int((o.x + dx * SIZES[o.size]) * size)])
+
+
+def test_deterministic_and_train_test_streams_disjoint():
+    a = data.sample_scene(data.scene_rng("train", 0, 7))
+    assert a == data.sample_scene(data.scene_rng("train", 0, 7))
+    assert a != data.sample_scene(data.scene_rng("test", 0, 7))
+    assert a != data.sample_scene(data.scene_rng("train", 1, 7))
+    assert data.test_scenes(50) == SCENES[:50]
+    assert data.test_scenes(50, seed=5) != SCENES[:50]
+
+
+def test_test_scenes_have_unique_content_and_captions():
+    scenes = data.test_scenes(1000)
+    assert len({s.key() for s in scenes}) == len({s.caption() for s in scenes}) == 1000
+
+
+@pytest.mark.parametrize("kind", list(data.NEGATIVES))
+def test_every_negative_differs_from_the_caption(kind):
+    for s in SCENES:
+        neg = data.NEGATIVES[kind](s)
+        assert neg != s.caption()
+        assert sorted(neg.split()) != sorted(s.caption().split()) or kind in ("relation", "attribute_swap", "word_order")
+
+
+def test_negatives_are_exact_edits():
+    for s in SCENES:
+        cap, words = s.caption(), s.caption().split()
+        rel = data.relation_flip(s)
+        assert rel == cap.replace(s.relation(), data.CONVERSE[s.relation()], 1)
+        a, b = s.objs
+        swapped = [{a.colour: b.colour, b.colour: a.colour}.get(w, w) for w in words]  # whole words: "red" is in "checkered"
+        assert data.attribute_swap(s) == " ".join(swapped)
+        assert sorted(data.word_shuffle(s).split()) == sorted(words)
+        new_colours = set(data.colour_replace(s).split()) - set(words)
+        assert len(new_colours) == 1 and new_colours <= set(COLOURS)
+        new_shapes = set(data.shape_replace(s).split()) - set(words)
+        assert len(new_shapes) == 1 and new_shapes <= set(data.SHAPES)
+
+
+def test_twins_render_the_negative_caption():
+    for s in SCENES[:50]:
+        m, w = data.mirror(s), data.swap_colours(s)
+        assert m.caption() == data.relation_flip(s) and w.caption() == data.attribute_swap(s)
+        img, img_m, img_w = data.render(s, 64), data.render(m, 64), data.render(w, 64)
+        for o, om, ow in zip(s.objs, m.objs, w.objs):
+            ring = 0.8 if o.shape == "ring" else 0.0  # a ring's centre is background
+            assert pixel(img, o, ring) == COLOURS[o.colour]
+            assert (om.x, om.y) == (o.x, o.y)  # a mirror keeps the positions and exchanges the objects
+            assert pixel(img_w, ow, ring) == COLOURS[ow.colour] and ow.colour != o.colour
+        assert {o.shape for o in m.objs} == {o.shape for o in s.objs} and m.objs[0] == data.Obj(**{**s.objs[1].__dict__, "x": s.objs[0].x, "y": s.objs[0].y})
+        # the relation stays true of the rendered geometry
+        first, second = m.objs
+        assert (first.x < second.x) if m.axis == "h" else (first.y < second.y)
+
+
+def test_statements_and_description():
+    tok = data.get_tokenizer(1000)
+    for s in SCENES[:50]:
+        (t_true, l_true), (t_false, l_false) = data.statements(s)
+        assert l_true and not l_false and s.relation() in t_true and data.CONVERSE[s.relation()] in t_false
+        d = data.description(s)
+        assert d.count(". ") >= 5 and s.objs[0].colour in d and s.background in d
+        assert int((tok([d])[0] > 0).sum()) > 32  # longer than the shapes text context
+
+
+def test_dataset_is_deterministic_and_noise_swaps_only_the_caption():
+    tok = data.get_tokenizer(32)
+    clean, noisy = data.ShapesDataset(64, 32, swap_noise=0.0), data.ShapesDataset(64, 32, swap_noise=1.0)
+    for key in (0, 5, 123456789):
+        s = data.sample_scene(data.scene_rng("train", 0, key))
+        img, tokens = clean[key]
+        img2, tokens2 = noisy[key]
+        assert torch.equal(img, img2) and torch.equal(img, clean[key][0])
+        assert torch.equal(tokens, tok([s.caption()])[0])
+        assert torch.equal(tokens2, tok([data.attribute_swap(s)])[0])
+    assert img.shape == (3, 64, 64) and abs(float(img.mean())) < 3
