@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import clip_scratch  # noqa: E402
 import eval as ev  # noqa: E402
-import shapes_wip as data  # noqa: E402  (eval.py reaches the shapes world through the same module)
+import data  # noqa: E402
 
 EXPECTED_KEYS = ["retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/t2i_r1", "retrieval/t2i_r5",
                  "probe/relation", "probe/attribute_swap", "diag/relation_text_cos"]
