@@ -309,6 +309,7 @@ def get_args(argv=None):
     p.add_argument("--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
+    p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (data.ShapesDataset)")
     # model
     p.add_argument("--model_size", default="tiny", help="tiny | small | base")
     # optim
@@ -344,7 +345,7 @@ def get_args(argv=None):
 def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, eval split items or None)."""
     if args.data == "shapes":
-        return data.ShapesDataset(args.image_size, args.context_length, seed=args.seed), None, None
+        return data.ShapesDataset(args.image_size, args.context_length, args.seed, args.swap_noise), None, None
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root)

@@ -454,21 +454,27 @@ def _canvas(background, size):
     return np.repeat((18.0 + 30.0 * texture)[..., None], 3, axis=2), yy + 0.5, xx + 0.5
 
 
+def _mask(shape, dx, dy):
+    """pixels inside a shape centred at 0 with half-extent 1, from the offsets dx, dy"""
+    if shape in ("circle", "ring"):
+        r2 = dx * dx + dy * dy
+        return (r2 <= 1.0) & (r2 >= 0.3) if shape == "ring" else r2 <= 1.0
+    if shape == "square":
+        return (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.0
+    if shape == "triangle":
+        return (dy <= 0.8) & (np.abs(dx) <= (dy + 1.0) * 0.53)
+    return ((np.abs(dx) <= 0.3) | (np.abs(dy) <= 0.3)) & (np.abs(dx) <= 1) & (np.abs(dy) <= 1)  # cross
+
+
 def render(s, size):
     """the scene as a uint8 [size, size, 3] array."""
     canvas, yy, xx = _canvas(s.background, size)
     img = canvas.copy()
     for o in s.objs:
-        dx, dy = (xx - o.x * size) / (SIZES[o.size] * size), (yy - o.y * size) / (SIZES[o.size] * size)
-        r2 = dx * dx + dy * dy
-        mask = {"circle": r2 <= 1.0,
-                "ring": (r2 <= 1.0) & (r2 >= 0.3),
-                "square": (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85),
-                "diamond": np.abs(dx) + np.abs(dy) <= 1.0,
-                "triangle": (dy <= 0.8) & (np.abs(dx) <= (dy + 1.0) * 0.53),
-                "cross": ((np.abs(dx) <= 0.3) | (np.abs(dy) <= 0.3)) & (np.abs(dx) <= 1) & (np.abs(dy) <= 1),
-                }[o.shape]
-        img[mask] = COLOURS[o.colour]
+        r = SIZES[o.size] * size
+        img[_mask(o.shape, (xx - o.x * size) / r, (yy - o.y * size) / r)] = COLOURS[o.colour]
     return img.astype(np.uint8)
 
 

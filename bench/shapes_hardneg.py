@@ -29,6 +29,7 @@ p.add_argument("--steps", type=int, default=3000)
 p.add_argument("--batch_size", type=int, default=64, help="scenes + twins per step")
 p.add_argument("--lr", type=float, default=2e-4)
 p.add_argument("--text_lr_mult", type=float, default=0.1)
+p.add_argument("--imc", type=float, default=0.0, help="weight of CE-CLIP's intra-modal term (caption vs its own negatives)")
 p.add_argument("--eval_every", type=int, default=250)
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
@@ -51,7 +52,7 @@ def batch(step):
 
 def report(step, loss, t0):
     m = ev.eval_shapes(model, tokenizer, size, "cpu")
-    print(f"| {step} | {loss:.3f} | {time.time() - t0:.0f} | " + " | ".join(f"{m[k]:.3f}" for k in KEYS), flush=True)
+    print(f"| {step} | {loss:.3f} | {time.time() - t0:.0f} | " + " | ".join(f"{m[k]:.3f}" for k in KEYS) + " |", flush=True)
 
 
 KEYS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "probe/relation", "probe/attribute_swap", "diag/relation_text_cos"]
@@ -66,6 +67,10 @@ for step in range(args.steps):
     t = model.encode_text(torch.cat([captions, negatives]), normalize=True)  # [B + 2B, D]
     s, labels = model.logit_scale.exp(), torch.arange(len(images))
     loss = 0.5 * (F.cross_entropy(s * v @ t.T, labels) + F.cross_entropy(s * t[:len(images)] @ v.T, labels))
+    if args.imc:  # each caption must be closer to its image than to its own hard negatives
+        B, tc, tn = len(images), t[:len(images)], t[len(images):].view(2, len(images), -1)
+        logits = torch.cat([(s * v * tc).sum(-1, keepdim=True), s * torch.einsum("bd,kbd->bk", tc, tn)], dim=1)
+        loss = loss + args.imc * F.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
