@@ -76,8 +76,11 @@ def open_rgb(image):
     from PIL import Image
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    with Image.open(image) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:  # a test split must be whole: fail with the file's name
+        raise SystemExit(f"error: {image}: unreadable image ({e})")
 
 
 def encode_pil(model, preprocess, images, device, batch_size=128):

@@ -130,3 +130,37 @@ def test_bad_flags_give_one_clear_error(argv, message):
     r = run(["clip_scratch.py", *argv, "--max_steps", "1"])
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
+    """flickr8k (Kaggle layout fixture) end to end through the real loaders, the memmap cache and
+    the final retrieval eval on the test split; one corrupt training JPEG is a counted skip."""
+    import shutil
+    import data
+    root = tmp_path / "flickr8k"
+    shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), root)
+    train_image = data.read_flickr8k(str(root))["train"][0][0]
+    with open(train_image, "wb") as f:
+        f.write(b"not a jpeg")
+    r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", str(root), "--cache_images", "--workers", "1",
+             "--batch_size", "4", "--max_steps", "3", "--log_every", "1", "--image_size", "32", "--eval_every", "0",
+             "--out_dir", str(tmp_path / "out")])
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable image" in r.stdout
+    assert "eval test step 3" in r.stdout and "retrieval/t2i_r1" in r.stdout
+    assert load_weights(tmp_path / "out")["step"] == 3
+
+
+def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):
+    r = run(["clip_scratch.py", "--max_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY])
+    assert r.returncode == 0, r.stderr
+    ckpt = load_weights(tmp_path)
+    ours = CLIP(**ckpt["model_cfg"]).eval()
+    ours.load_state_dict(ckpt["model"])
+    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    theirs.eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=ours.context_length)(["a small red circle", "a ring"])
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(images), theirs.encode_image(images), atol=1e-5)
+        assert torch.allclose(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5)
