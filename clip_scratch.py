@@ -4,7 +4,7 @@ symmetric InfoNCE loss over the (global) batch (Radford et al. 2021, "Learning T
 Models From Natural Language Supervision").
 
 Run it
-    python clip_scratch.py                                   # CPU, built-in shapes world, ~8 min
+    python clip_scratch.py                                   # CPU, built-in shapes world, ~9 min
     python clip_scratch.py --data flickr8k --data_root ~/data/flickr8k --model_size small
     torchrun --standalone --nproc_per_node=8 clip_scratch.py --data coco --data_root ~/data/coco
     torchrun --standalone --nproc_per_node=2 clip_scratch.py --device cpu     # DDP on CPU (gloo)
