@@ -223,6 +223,8 @@ def model_config(size, image_size, context_length=77, vocab_size=49408):
 
 def setup_distributed(device_flag):
     """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -311,7 +313,7 @@ def get_args(argv=None):
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
     p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (data.ShapesDataset)")
     # model
-    p.add_argument("--model_size", default="tiny", help="tiny | small | base")
+    p.add_argument("--model_size", default="tiny", choices=list(MODEL_SIZES))
     # optim
     p.add_argument("--max_steps", type=int, default=2400)
     p.add_argument("--batch_size", type=int, default=128, help="per process; global batch = batch_size x world size")
@@ -329,12 +331,10 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=int, default=10)
     # system
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bfloat16 on cuda, else float32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-    if args.model_size not in MODEL_SIZES:
-        p.error(f"--model_size {args.model_size}: unknown (choices: {', '.join(MODEL_SIZES)})")
     real = args.data != "shapes"
     args.image_size = args.image_size or (224 if real else 64)
     args.context_length = args.context_length or (77 if real else 32)
