@@ -456,9 +456,11 @@ def _canvas(background, size):
 
 def _mask(shape, dx, dy):
     """pixels inside a shape centred at 0 with half-extent 1, from the offsets dx, dy"""
-    if shape in ("circle", "ring"):
-        r2 = dx * dx + dy * dy
-        return (r2 <= 1.0) & (r2 >= 0.3) if shape == "ring" else r2 <= 1.0
+    r2 = dx * dx + dy * dy
+    if shape == "circle":
+        return r2 <= 1.0
+    if shape == "ring":
+        return (r2 <= 1.0) & (r2 >= 0.3)
     if shape == "square":
         return (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
     if shape == "diamond":

@@ -160,7 +160,7 @@ def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):
     ckpt = load_weights(tmp_path)
     ours = CLIP(**ckpt["model_cfg"]).eval()
     ours.load_state_dict(ckpt["model"])
-    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     theirs.eval()
     images = torch.randn(2, 3, 32, 32)
     tokens = open_clip.tokenizer.SimpleTokenizer(context_length=ours.context_length)(["a small red circle", "a ring"])
