@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -98,9 +99,10 @@ def read_karpathy(json_path, image_root):
     return _assemble(captions, split_of, image_root, json_path)
 
 def _seeded_split(names, seed):
-    # the kaggle layout has no split: hold out 1000 + 1000 of 8091 images like the original, scaled
-    # to smaller sets, by image so no caption of a held-out image is trained on
-    k = max(1, round(len(names) * 1000 / 8091))
+    # the kaggle layout (and a recaption file) has no split: hold out 1000 + 1000 images like
+    # flickr8k's original 8091, scaled down for smaller sets, by image so no caption of a held-out
+    # image is trained on
+    k = max(1, min(1000, round(len(names) * 1000 / 8091)))
     order = sorted(names)
     random.Random(seed).shuffle(order)
     split = {n: "test" for n in order[:k]} | {n: "val" for n in order[k:2 * k]}
@@ -177,14 +179,105 @@ def read_coco(root):
     print(f"{root}: no dataset_coco.json (karpathy split), so val and test are both val2014")
     return out | {"test": list(out["val"])}
 
-def read_dataset(name, root):
-    """--data name, --data_root root -> splits"""
+def read_recap(path, image_key="image", caption_key="caption", recap_key="re_caption", seed=0):
+    """CLIPS-style recaptioned data: a CSV (header row) or JSONL file (by its extension) of rows
+    (image path relative to the file's folder, web caption, long synthetic caption); the column
+    names are flags because they vary between releases. No split ships with such files, so val and
+    test are held out by image as for flickr8k's kaggle layout.
+    -> {split: [(absolute image path, [web caption], synthetic caption)]}"""
+    if not path.endswith((".csv", ".jsonl")):
+        raise DataError(f"--data_root {path}: a recaption file must be *.csv or *.jsonl")
+    keys = {"--image_key": image_key, "--caption_key": caption_key, "--recap_key": recap_key}
+    rows = []  # (line number, {field: value})
+    with open(_need(path), newline="", encoding="utf-8") as f:
+        if path.endswith(".csv"):
+            reader = csv.DictReader(f)
+            try:
+                missing = [f"{flag} {k}" for flag, k in keys.items() if k not in (reader.fieldnames or [])]
+                if missing:
+                    raise DataError(f"{path}:1: no column {', '.join(missing)} (columns: {', '.join(reader.fieldnames or [])})")
+                rows = [(reader.line_num, row) for row in reader]
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: {e}") from None
+        else:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+    root, items, skipped = os.path.dirname(os.path.abspath(path)), {}, []
+    for n, row in rows:
+        where = f"{path}:{n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with the fields {', '.join(keys.values())}")
+        for flag, k in keys.items():
+            if not isinstance(row.get(k), str):
+                raise DataError(f"{where}: no text field '{k}' ({flag}; fields: {', '.join(row)})")
+        image = os.path.join(root, row[image_key])
+        if image in items or not os.path.isfile(image):
+            skipped.append(row[image_key])  # a duplicate would be its own false negative in a batch
+            continue
+        items[image] = ([_caption(row[caption_key], where)], _caption(row[recap_key], where))
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} row(s) with a missing or repeated image: {', '.join(skipped[:3])}")
+    if len(items) < 3:
+        raise DataError(f"{path}: {len(items)} usable row(s); need at least 3 (train, val, test)")
+    split_of = _seeded_split(list(items), seed)
+    return {s: [(p, *items[p]) for p in items if split_of[p] == s] for s in SPLITS}
+
+def read_dataset(name, root, recap_keys=("image", "caption", "re_caption")):
+    """--data name, --data_root root -> splits; recap_keys: the --image_key, --caption_key and
+    --recap_key column names of a recaption file"""
+    if name == "recap":
+        return read_recap(root, *recap_keys)
     readers = {"flickr8k": read_flickr8k, "coco": read_coco}
     if name not in readers:
-        raise DataError(f"--data {name}: unknown dataset, choose from {', '.join(readers)}")
+        raise DataError(f"--data {name}: unknown dataset, choose from {', '.join(readers)}, recap")
     if not os.path.isdir(root):
         raise DataError(f"--data_root {root}: no such directory")
     return readers[name](root)
+
+# -----------------------------------------------------------------------------
+# CLIPS (Liu et al. 2024): a long synthetic caption is reduced before the text encoder sees it
+
+CAPTION_MASKS = ("none", "truncate", "random", "block", "subcaption")
+
+def reduce_caption(text, mode, K, context_length, rng, fallback=""):
+    """CLIPS's token reduction of a synthetic caption -> long [context_length]: SOT, at most K - 2
+    content tokens, EOT, zeros (K counts SOT and EOT, as open_clip's context length does). Applied
+    only when the caption is longer than K tokens; otherwise the result is exactly tokenizer(text).
+      truncate    the first K - 2 tokens (what the tokenizer itself does at context K)
+      random      K - 2 tokens drawn at random, kept in their original order
+      block       one contiguous span of K - 2 tokens, its start uniform
+      subcaption  one random non-empty sentence (split on [.!]+), truncated if it is still too long;
+                  `fallback` (the web caption) if the text has no sentence
+    rng: a random.Random seeded per sample, so a resumed run reduces exactly as before."""
+    tokenizer, keep = get_tokenizer(context_length), K - 2
+    ids = tokenizer.encode(text)
+    if len(ids) > keep:
+        if mode == "truncate":
+            ids = ids[:keep]
+        elif mode == "random":
+            ids = [ids[i] for i in sorted(rng.sample(range(len(ids)), keep))]
+        elif mode == "block":
+            start = rng.randint(0, len(ids) - keep)
+            ids = ids[start:start + keep]
+        elif mode == "subcaption":
+            sentences = [s for s in re.split(r"[.!]+", text) if s.strip()]
+            ids = tokenizer.encode(rng.choice(sentences) if sentences else fallback)[:keep]
+        else:
+            raise ValueError(f"unknown caption mask {mode!r}, choose from {CAPTION_MASKS[1:]}")
+    out = torch.zeros(context_length, dtype=torch.long)
+    out[:len(ids) + 2] = torch.tensor([tokenizer.sot_token_id, *ids, tokenizer.eot_token_id])
+    return out
+
+def clips_texts(web, synthetic, mode, K, context_length, target_len, rng):
+    """-> (long [2, context_length]: the web caption and the reduced synthetic one, for the text
+    encoder; long [target_len]: the whole synthetic caption, the captioner's target)"""
+    pair = torch.stack([get_tokenizer(context_length)([web])[0],
+                        reduce_caption(synthetic, mode, K, context_length, rng, fallback=web)])
+    return pair, get_tokenizer(target_len)([synthetic])[0]
 
 # -----------------------------------------------------------------------------
 # images, dataset, cache
@@ -211,7 +304,7 @@ def to_tensor(pixels):
 def build_image_cache(items, image_size, cache_path, workers=0):
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
     (N, S, bad indices, image paths); a matching cache is reused. Returns the unreadable indices."""
-    n, s, paths, meta_path = len(items), image_size, [p for p, _ in items], cache_path + ".json"
+    n, s, paths, meta_path = len(items), image_size, [item[0] for item in items], cache_path + ".json"
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -249,10 +342,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """One sample = one image with ONE of its captions -> (image float [3, S, S], tokens long [L]),
     or None if the image is unreadable (collate drops it). Keys may exceed len: key = epoch * len + i,
     and the caption is a pure function of (seed, epoch, i), so a sampler that yields such keys
-    resumes exactly, whatever the number of dataloader workers."""
+    resumes exactly, whatever the number of dataloader workers.
+    CLIPS (caption_mask != "none"): the tokens become clips_texts(caption, synthetic, ...), where
+    the synthetic caption is the item's third field (a recaption file) or else the image's other
+    captions joined into one multi-sentence text."""
 
-    def __init__(self, items, image_size, context_length, seed=0, cache_path=None):
+    def __init__(self, items, image_size, context_length, seed=0, cache_path=None,
+                 caption_mask="none", mask_len=32, target_len=77):
         self.items, self.image_size, self.context_length, self.seed = items, image_size, context_length, seed
+        self.caption_mask, self.mask_len, self.target_len = caption_mask, mask_len, target_len
         self.cache_path, self.cache = cache_path, None
         self.bad = set(build_image_cache(items, image_size, cache_path)) if cache_path else set()
 
@@ -268,6 +366,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
         # Random(str) seeds from a sha512 of the string: the same in every process, unlike hash()
         return captions[random.Random(f"{self.seed},{epoch},{i}").randrange(len(captions))]
 
+    def texts(self, key):
+        """the tokens of sample `key`: [L], or with CLIPS (long [2, L], long [target_len])"""
+        caption = self.caption(key)
+        if self.caption_mask == "none":
+            return get_tokenizer(self.context_length)([caption])[0]
+        item = self.items[key % len(self.items)]
+        others = [c.rstrip(" .") for c in item[1] if c != caption] or [caption]
+        synthetic = item[2] if len(item) > 2 else ". ".join(others) + "."
+        rng = random.Random(f"{self.seed},{key // len(self.items)},{key % len(self.items)},clips")
+        return clips_texts(caption, synthetic, self.caption_mask, self.mask_len, self.context_length, self.target_len, rng)
+
     def __getitem__(self, key):
         i, s = key % len(self.items), self.image_size
         if self.cache_path is None:
@@ -280,14 +389,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
             pixels = self.cache[i]
         if pixels is None:
             return None
-        return to_tensor(pixels), get_tokenizer(self.context_length)([self.caption(key)])[0]
+        return to_tensor(pixels), self.texts(key)
 
 def collate(batch):
-    """drop unreadable samples -> (images [B', 3, S, S], tokens [B', L], n_skipped); None, None, B if all are"""
+    """drop unreadable samples -> (images [B', 3, S, S], tokens [B', L], n_skipped); None, None, B if all are.
+    With CLIPS the tokens are a pair ([B', 2, L], [B', target_len]) (see clips_texts)."""
     kept = [b for b in batch if b is not None]
     if not kept:
         return None, None, len(batch)
-    return torch.stack([b[0] for b in kept]), torch.stack([b[1] for b in kept]), len(batch) - len(kept)
+    return torch.stack([b[0] for b in kept]), torch.utils.data.default_collate([b[1] for b in kept]), len(batch) - len(kept)
 
 # -----------------------------------------------------------------------------
 # the shapes world: procedural two-object scenes, no files, deterministic per (split, seed, index).
@@ -438,6 +548,15 @@ def description(s):
             f"{a.name().capitalize()} is {where[s.relation()]} and {b.name()} is {where[CONVERSE[s.relation()]]}.")
 
 
+def shapes_vocab():
+    """the sorted token ids of every word the world's texts use (captions, negatives, descriptions,
+    statements) + SOT/EOT: the captioner's output vocabulary on the shapes world"""
+    words = [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *CONVERSE, "a the an on is and image shows two shapes of dark background",
+             "at top bottom left right", ". ,"]
+    tokenizer = get_tokenizer()
+    return sorted(set(tokenizer.encode(" ".join(words))) | {tokenizer.sot_token_id, tokenizer.eot_token_id})
+
+
 def statements(s):
     """true/false spatial statements in VSR's form "The <subj> is <relation> the <obj>." ->
     [(text, label)]: the caption's relation (True) and its converse (False)."""
@@ -483,10 +602,13 @@ def render(s, size):
 class ShapesDataset(torch.utils.data.Dataset):
     """Training scenes: an infinite stream, key = global sample index. Like web alt-text, the
     training captions do not reliably bind attributes: with probability `swap_noise` the caption
-    names the two colours the wrong way round (see README for why 0.5)."""
+    names the two colours the wrong way round (see README for why 0.5).
+    CLIPS (caption_mask != "none"): that caption is the web caption and the scene's description(),
+    always true and about four times as long, is the synthetic caption (see clips_texts)."""
 
-    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5):
+    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5, caption_mask="none", mask_len=32, target_len=77):
         self.image_size, self.seed, self.swap_noise = image_size, seed, swap_noise
+        self.context_length, self.caption_mask, self.mask_len, self.target_len = context_length, caption_mask, mask_len, target_len
         self.tokenizer = get_tokenizer(context_length)
 
     def __len__(self):
@@ -497,4 +619,6 @@ class ShapesDataset(torch.utils.data.Dataset):
         s = sample_scene(rng)
         image = to_tensor(render(s, self.image_size))
         caption = attribute_swap(s) if rng.random() < self.swap_noise else s.caption()
-        return image, self.tokenizer([caption])[0]
+        if self.caption_mask == "none":
+            return image, self.tokenizer([caption])[0]
+        return image, clips_texts(caption, description(s), self.caption_mask, self.mask_len, self.context_length, self.target_len, rng)
