@@ -13,6 +13,16 @@ Run it
 Then
     python eval.py --model out/clip_scratch/ckpt.pt --bench shapes
 
+CLIPS (Liu et al. 2024, synthetic captions) is built in and off by default. `--caption_mask M`
+trains on (web caption, long synthetic caption) pairs with the dual-caption loss `clips_loss`;
+the text encoder sees the synthetic caption reduced to --mask_len tokens by data.reduce_caption
+(M = subcaption | block | random | truncate). `--captioner_weight 2` adds `Captioner`, which
+predicts the whole synthetic caption from the image and the web caption.
+    python clip_scratch.py --caption_mask subcaption --captioner_weight 2 --out_dir out/clips
+    torchrun --standalone --nproc_per_node=8 clip_scratch.py --data recap --data_root ~/data/recap.jsonl \\
+             --caption_mask subcaption --captioner_weight 2        # a CSV/JSONL of image, caption, re_caption
+    python eval.py --model out/clips/ckpt.pt --caption 7            # the captioner on shapes test scene 7
+
 The default run (2-core CPU, 9:16, 2,400 steps x 128) reaches shapes retrieval R@1 0.83 both ways
 while the relation and attribute-swap probes stay at chance (0.50 / 0.55): CLIP's bag-of-words
 failure, reproduced from scratch; a hard-negative fine-tune of that checkpoint lifts them to
@@ -34,6 +44,15 @@ Deviations from the paper
    tokens after the last EOT cannot influence it, so the features are unchanged, only cheaper.
 5. No gradient accumulation: the global batch is batch_size x world_size (loss / N
    accumulation would shrink the set of negatives each step sees).
+6. CLIPS on the shapes world: the web caption is the usual (colour-misbinding) caption and the
+   synthetic one the scene's always-true six-sentence description (data.description); the
+   captioner's output layer covers only the 47 token ids the world's texts use
+   (data.shapes_vocab): a 49,408-way output layer would cost ~10x the FLOPs of the rest of the
+   step (6 x 128 captions x 60 tokens x 128 x 49,408 = 291 GFLOP vs 31). Real data: all of it.
+7. CLIPS on coco / flickr8k without a recaption file: the image's other captions, joined, are the
+   synthetic caption (so a sub-caption is one other human caption).
+8. The captioner is as wide and deep as the text tower, and its queries never read predicted
+   tokens, so greedy captioning is one forward pass (eval.py --caption).
 """
 import argparse
 import json
@@ -80,6 +99,43 @@ def clip_loss(image_features, text_features, logit_scale):
     acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
     return loss, acc.detach()
 
+# CLIPS (Liu et al. 2024, "CLIPS: An Enhanced CLIP Framework for Learning with Synthetic Captions"):
+# each image has a web caption and a long synthetic one; the text encoder sees a *reduced* synthetic
+# caption (data.reduce_caption), and an optional captioner predicts the full one.
+
+
+def clips_loss(image_features, text_features, logit_scale):
+    """CLIPS's dual-caption contrastive loss, L = 1/2 CLIP(image, web) + 1/2 CLIP(image, reduced synthetic).
+    text_features [2B, D]: the B web captions, then the B reduced synthetic captions of the same
+    images, from one text-encoder pass. Each half is clip_loss, so the distributed gather is too.
+    Returns (loss, image->web-caption accuracy)."""
+    web, synthetic = text_features.chunk(2)
+    loss_web, acc = clip_loss(image_features, web, logit_scale)
+    loss_synthetic, _ = clip_loss(image_features, synthetic, logit_scale)
+    return 0.5 * (loss_web + loss_synthetic), acc
+
+
+def caption_loss(logits, caption, vocab=None):
+    """CLIPS's captioner loss: next-token cross-entropy on the full synthetic caption, in fp32.
+    logits [B, Q, V'] (query q predicts token q+1); caption long [B, Q+1] (SOT ... EOT, zeros).
+    Padding = every position after the EOT, found by position and not by id, because the pad id 0
+    is also a real token ("!"). vocab: the sorted token ids the V' logits stand for (None: all).
+    The mean is over the caption tokens of the *global* batch: ranks hold captions of different
+    lengths and DDP averages gradients, so every rank divides its sum by (global count / world)."""
+    target = caption[:, 1:].contiguous()
+    pad = torch.arange(target.shape[1], device=caption.device) >= caption.argmax(-1, keepdim=True)  # [B, Q]
+    if vocab is not None:  # token id -> its index among the logits
+        index = torch.searchsorted(vocab, target).clamp_(max=len(vocab) - 1)
+        if (vocab[index] != target)[~pad].any():
+            raise ValueError("caption_loss: a caption token is outside the captioner's vocab")
+        target = index
+    total = F.cross_entropy(logits.float().flatten(0, 1), target.masked_fill(pad, -100).flatten(), ignore_index=-100, reduction="sum")
+    count = (~pad).sum().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count
+
 # -----------------------------------------------------------------------------
 # the model: OpenAI/open_clip CLIP with open_clip's parameter names
 
@@ -97,11 +153,11 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, mask=None):
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # mask: bool, True = may attend
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -119,8 +175,8 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", act())
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x, causal=False, mask=None):
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -129,9 +185,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, mask=None):
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal, mask=mask)
         return x
 
 
@@ -155,12 +211,13 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x):
+    def forward(self, x, return_tokens=False):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        x = self.ln_post(self.transformer(self.ln_pre(x)))  # layernorm is per token: ln_post(x)[:, 0] == ln_post(x[:, 0])
+        pooled = x[:, 0] @ self.proj
+        return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
 class CLIP(nn.Module):
@@ -193,10 +250,12 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
+        self.captioner = None  # CLIPS's optional head (a Captioner), not part of open_clip
 
-    def encode_image(self, image, normalize=False):
-        x = self.visual(image)
-        return F.normalize(x, dim=-1) if normalize else x
+    def encode_image(self, image, normalize=False, return_tokens=False):
+        x, tokens = self.visual(image, return_tokens=True)
+        x = F.normalize(x, dim=-1) if normalize else x
+        return (x, tokens) if return_tokens else x
 
     def encode_text(self, text, normalize=False, return_tokens=False):
         eot = text.argmax(dim=-1)  # the EOT token has the highest id (open_clip's 'argmax' pooling)
@@ -208,7 +267,63 @@ class CLIP(nn.Module):
         return (pooled, x) if return_tokens else pooled
 
     def forward(self, image, text):
-        return self.encode_image(image, normalize=True), self.encode_text(text, normalize=True), self.logit_scale.exp()
+        """-> (image features [B, D], text features [T, D], logit scale, captioner logits or None).
+        With a captioner (CLIPS) the first B texts are the web captions it is conditioned on, and
+        it reuses this one pass's patch tokens and text-token outputs."""
+        image_features, image_tokens = self.encode_image(image, normalize=True, return_tokens=True)
+        if self.captioner is None:
+            return image_features, self.encode_text(text, normalize=True), self.logit_scale.exp(), None
+        text_features, text_tokens = self.encode_text(text, normalize=True, return_tokens=True)
+        B, L = image.shape[0], text_tokens.shape[1]
+        web_valid = torch.arange(L, device=text.device) <= text[:B].argmax(-1, keepdim=True)  # [B, L]: up to its EOT
+        logits = self.captioner(image_tokens, text_tokens[:B], web_valid)
+        return image_features, text_features, self.logit_scale.exp(), logits
+
+
+def prefix_lm_mask(prefix_valid, n_query):
+    """The captioner's attention mask, bool [B, 1, P+Q, P+Q], True = may attend. Prefix tokens
+    attend to every valid prefix token (bidirectionally) and never to a query; query q attends to
+    every valid prefix token and to queries <= q. prefix_valid: bool [B, P], False = padding."""
+    B, P = prefix_valid.shape
+    T = P + n_query
+    allowed = torch.ones(T, T, dtype=torch.bool, device=prefix_valid.device).tril()
+    allowed[:, :P] = True  # everyone sees the whole prefix; the triangle keeps queries causal and out of the prefix's view
+    keys = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_query)], dim=1)  # [B, T]
+    return (allowed[None] & keys[:, None, :])[:, None]
+
+
+class Captioner(nn.Module):
+    """CLIPS's captioner, a prefix-LM Transformer. Prefix = the image's patch tokens and the web
+    caption's text-encoder token outputs, each linearly projected; then n_query learnable query
+    tokens (prefix_lm_mask); query q's output -> LayerNorm -> logits for token q+1 of the full
+    synthetic caption. `vocab`: the token ids the output layer covers (None = all vocab_size).
+    Its weights live under `captioner.` in the training checkpoint, apart from the open_clip towers."""
+
+    def __init__(self, vision_width, text_width, width, layers, heads, n_query, vocab_size=49408, vocab=None):
+        super().__init__()
+        self.image_proj = nn.Linear(vision_width, width)
+        self.text_proj = nn.Linear(text_width, width)
+        self.queries = nn.Parameter(0.02 * torch.randn(n_query, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.register_buffer("vocab", torch.tensor(vocab) if vocab is not None else torch.arange(vocab_size))
+        self.head = nn.Linear(width, len(self.vocab), bias=False)
+
+    def forward(self, image_tokens, text_tokens, text_valid):
+        """image_tokens [B, N, vision_width], text_tokens [B, L, text_width], text_valid bool [B, L]
+        -> logits [B, n_query, len(vocab)]"""
+        B, Q = image_tokens.shape[0], self.queries.shape[0]
+        prefix = torch.cat([self.image_proj(image_tokens), self.text_proj(text_tokens)], dim=1)  # [B, P, width]
+        x = torch.cat([prefix, self.queries.to(prefix.dtype).expand(B, -1, -1)], dim=1)   # [B, P+Q, width]
+        valid = torch.cat([text_valid.new_ones(B, image_tokens.shape[1]), text_valid], dim=1)
+        x = self.transformer(x, mask=prefix_lm_mask(valid, Q))
+        return self.head(self.ln_final(x[:, -Q:]))
+
+    @torch.no_grad()
+    def greedy(self, logits):
+        """logits [B, Q, V'] -> token ids [B, Q]. The queries do not read earlier predictions, so
+        greedy decoding is one pass: the argmax at every position (cut at the first EOT to decode)."""
+        return self.vocab[logits.argmax(-1)]
 
 
 # vision width, vision layers, text width, text layers, embed dim, patch size
@@ -261,12 +376,12 @@ def lr_at(step, base_lr, warmup, max_steps):
 
 def param_groups(model, weight_decay, text_lr_mult=1.0):
     """AdamW groups: no weight decay on tensors with ndim < 2 (biases, norms, class token,
-    logit_scale); the text tower gets lr x text_lr_mult (the group's 'lr_mult')."""
+    logit_scale); the text tower (not the CLIPS captioner) gets lr x text_lr_mult (the group's 'lr_mult')."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        text = not name.startswith("visual.") and name != "logit_scale"
+        text = not name.startswith(("visual.", "captioner.")) and name != "logit_scale"  # the captioner is not the text tower
         key = (p.ndim >= 2, text)
         g = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if key[0] else 0.0,
                                     "lr_mult": text_lr_mult if text else 1.0})
@@ -293,15 +408,15 @@ def peak_flops(device):
     return next((f for k, f in PEAK_FLOPS.items() if k in name), 0.0)
 
 
-def flops_per_pair(model_cfg, text_len):
-    """training FLOPs (fwd + bwd = 3x fwd) for one image-text pair: 6 x params x tokens for the
-    matmuls + 12 x layers x width x tokens^2 for attention, per tower."""
+def flops_per_pair(model_cfg, text_len, texts_per_image=1):
+    """training FLOPs (fwd + bwd = 3x fwd) for one image and its texts: 6 x params x tokens for the
+    matmuls + 12 x layers x width x tokens^2 for attention, per tower (the CLIPS captioner is not counted)."""
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     n_img = (v["image_size"] // v["patch_size"]) ** 2 + 1
 
     def tower(width, layers, n, mlp_ratio=4.0):
         return 6 * layers * (4 + 2 * mlp_ratio) * width * width * n + 12 * layers * width * n * n
-    return tower(v["width"], v["layers"], n_img) + tower(t["width"], t["layers"], text_len)
+    return tower(v["width"], v["layers"], n_img) + texts_per_image * tower(t["width"], t["layers"], text_len)
 
 # -----------------------------------------------------------------------------
 # config
@@ -310,13 +425,22 @@ def flops_per_pair(model_cfg, text_len):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default="shapes", help="shapes | flickr8k | coco")
-    p.add_argument("--data_root", default=None, help="dataset folder (real data)")
+    p.add_argument("--data", default="shapes", help="shapes | flickr8k | coco | recap")
+    p.add_argument("--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file")
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, 224 for real data")
     p.add_argument("--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
     p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (data.ShapesDataset)")
+    p.add_argument("--image_key", default="image", help="recap: the image column")
+    p.add_argument("--caption_key", default="caption", help="recap: the web caption column")
+    p.add_argument("--recap_key", default="re_caption", help="recap: the synthetic caption column")
+    # CLIPS: synthetic captions (off by default)
+    p.add_argument("--caption_mask", default="none", choices=data.CAPTION_MASKS,
+                   help="train on (web, synthetic) caption pairs with the synthetic one reduced this way; none = plain CLIP")
+    p.add_argument("--mask_len", type=int, default=32, help="K: tokens of the reduced synthetic caption, SOT and EOT included")
+    p.add_argument("--captioner_weight", type=float, default=0.0, help="weight of the captioner loss (0: no captioner; CLIPS uses 2.0)")
+    p.add_argument("--captioner_len", type=int, default=77, help="tokens of the full synthetic caption the captioner predicts (longer ones are cut)")
     # model
     p.add_argument("--model_size", default="tiny", choices=list(MODEL_SIZES))
     # optim
@@ -345,21 +469,28 @@ def get_args(argv=None):
     args.context_length = args.context_length or (77 if real else 32)
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
+    if args.caption_mask != "none" and not 3 <= args.mask_len <= args.context_length:
+        p.error(f"--mask_len {args.mask_len}: must be between 3 and --context_length {args.context_length}")
+    if args.captioner_weight and args.caption_mask == "none":
+        p.error("--captioner_weight needs synthetic captions: set --caption_mask (subcaption, as CLIPS)")
+    if args.captioner_weight and args.captioner_len < 2:
+        p.error(f"--captioner_len {args.captioner_len}: must be at least 2")
     return args
 
 
 def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, eval split items or None)."""
+    clips = dict(caption_mask=args.caption_mask, mask_len=args.mask_len, target_len=args.captioner_len)
     if args.data == "shapes":
-        return data.ShapesDataset(args.image_size, args.context_length, args.seed, args.swap_noise), None, None
+        return data.ShapesDataset(args.image_size, args.context_length, args.seed, args.swap_noise, **clips), None, None
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
-    splits = data.read_dataset(args.data, args.data_root)
+    splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
     cache = os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8") if args.cache_images else None
     if cache and rank > 0:
         dist.barrier()  # rank 0 builds the cache once, the others reuse it
     os.makedirs(args.out_dir, exist_ok=True)
-    train = data.ImageTextDataset(splits["train"], args.image_size, args.context_length, args.seed, cache)
+    train = data.ImageTextDataset(splits["train"], args.image_size, args.context_length, args.seed, cache, **clips)
     if cache and rank == 0 and world > 1:
         dist.barrier()
     return train, len(train), splits
@@ -412,13 +543,21 @@ def main(argv=None):
 
     # model + optimizer
     model_cfg = model_config(args.model_size, args.image_size, args.context_length)
-    model = CLIP(**model_cfg).to(device)
+    model = CLIP(**model_cfg)
+    captioner_cfg = None
+    if args.captioner_weight:  # CLIPS: the optional captioner head, as wide and deep as the text tower
+        v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+        captioner_cfg = dict(vision_width=v["width"], text_width=t["width"], width=t["width"], layers=t["layers"],
+                             heads=t["heads"], n_query=args.captioner_len - 1, vocab_size=t["vocab_size"],
+                             vocab=data.shapes_vocab() if args.data == "shapes" else None)  # deviation 6
+        model.captioner = Captioner(**captioner_cfg)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.text_lr_mult), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
     start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"] | ckpt.get("captioner", {}))
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -435,8 +574,14 @@ def main(argv=None):
         collate_fn=data.collate, num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def checkpoint(step):
+        # "model" holds the open_clip towers only (it loads into open_clip.CLIP strict); the CLIPS
+        # captioner, which open_clip has no place for, is saved beside it under its "captioner." keys
         if master:
-            save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "model_cfg": model_cfg,
+            state = raw_model.state_dict()
+            towers = {k: v for k, v in state.items() if not k.startswith("captioner.")}
+            save_checkpoint(ckpt_path, {"model": towers, "model_cfg": model_cfg,
+                                        "captioner": {k: v for k, v in state.items() if k not in towers},
+                                        "captioner_cfg": captioner_cfg,
                                         "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
                                         "rng": {"cpu": torch.get_rng_state()}})
 
@@ -460,22 +605,33 @@ def main(argv=None):
     print0(f"model {args.model_size}: {n_params / 1e6:.2f}M params | data {args.data} | world {world} x batch {args.batch_size} | device {device} {dtype}")
     peak = peak_flops(device) * world
     step, last_logged, t0, skipped = start_step, start_step, time.time(), 0
-    for images, tokens, n_skipped in loader:
+    for images, texts, n_skipped in loader:
         skipped += n_skipped  # unreadable images, dropped by data.collate
+        n = 0 if images is None else len(images)
         if world > 1 and splits is not None:  # all_gather needs equal batches: every rank cuts to the smallest
-            n = torch.tensor([0 if images is None else len(images)], device=device)
+            n = torch.tensor([n], device=device)
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            images, tokens = (None, None) if n == 0 else (images[:n], tokens[:n])
-        if images is None:  # a batch of unreadable images only
+            n = int(n)
+        if n == 0:  # a batch of unreadable images only
             step += 1
             continue
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        # CLIPS: texts = ([B, 2, L] web + reduced synthetic captions, [B, captioner_len] full synthetic ones)
+        tokens, synthetic = texts if args.caption_mask != "none" else (texts, None)
+        images, tokens = images[:n].to(device, non_blocking=True), tokens[:n].to(device, non_blocking=True)
+        if tokens.ndim == 3:
+            tokens = tokens.transpose(0, 1).flatten(0, 1)  # [2B, L]: the B web captions, then the B reduced synthetic ones
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         with autocast_ctx(device, dtype):
-            image_features, text_features, logit_scale = model(images, tokens)
-        loss, acc = clip_loss(image_features, text_features, logit_scale)
+            image_features, text_features, logit_scale, caption_logits = model(images, tokens)
+        if args.caption_mask == "none":
+            loss, acc = clip_loss(image_features, text_features, logit_scale)
+        else:
+            loss, acc = clips_loss(image_features, text_features, logit_scale)
+        if caption_logits is not None:
+            cap_loss = caption_loss(caption_logits, synthetic[:n].to(device), raw_model.captioner.vocab)
+            loss = loss + args.captioner_weight * cap_loss
         if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
             raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
                              f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
@@ -491,8 +647,9 @@ def main(argv=None):
             last_logged = step
             ips = n_steps * args.batch_size * world / dt
             text_len = int(tokens.argmax(-1).max()) + 1  # what the text tower really ran (see CLIP.encode_text)
-            mfu = flops_per_pair(model_cfg, text_len) * ips / peak if peak else 0.0
+            mfu = flops_per_pair(model_cfg, text_len, len(tokens) // len(images)) * ips / peak if peak else 0.0
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | acc {acc.item():.3f} | lr {lr:.2e} | "
+                   + (f"caption loss {cap_loss.item():.3f} | " if caption_logits is not None else "") +
                    f"scale {logit_scale.item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
                    + (f" | skipped {skipped} unreadable images" if skipped else ""))
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:

@@ -6,6 +6,7 @@ Evaluation shared by every minclip script, and a CLI.
     python eval.py --model local-dir:out/export --bench flickr8k --data_root ~/data/flickr8k
     python eval.py --model out/clip_scratch/ckpt.pt --query "a small red circle left of a large blue square" --top 9 --grid grid.png
     python eval.py --model out/clip_scratch/ckpt.pt --export out/export   # open_clip hub directory
+    python eval.py --model out/clips/ckpt.pt --caption 7                  # CLIPS captioner, shapes test scene 7
 
 Protocols (METHODS.md section 5): the unwrapped model in eval mode under no_grad, on the whole
 fixed split. Retrieval: image->text rank = best rank among the image's captions, text->image one
@@ -121,12 +122,13 @@ def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preproc
 
 @torch.no_grad()
 def eval_retrieval(model, preprocess, tokenizer, items, device, batch_size=128):
-    """Real-data retrieval over a whole test split. items: [(image path, [captions])]."""
+    """Real-data retrieval over a whole test split. items: [(image path, [captions], ...)]; a
+    recaption file's third field, the synthetic caption, is not a test caption."""
     was_training = model.training
     model.eval()
-    img = encode_pil(model, preprocess, [path for path, _ in items], device, batch_size)
-    txt = encode_texts(model, tokenizer, [c for _, caps in items for c in caps], device, batch_size)
-    text_to_image = torch.tensor([i for i, (_, caps) in enumerate(items) for _ in caps])
+    img = encode_pil(model, preprocess, [item[0] for item in items], device, batch_size)
+    txt = encode_texts(model, tokenizer, [c for item in items for c in item[1]], device, batch_size)
+    text_to_image = torch.tensor([i for i, item in enumerate(items) for _ in item[1]])
     model.train(was_training)
     return retrieval_metrics(img @ txt.T, text_to_image)
 
@@ -160,6 +162,18 @@ def save_grid(images, scores, path):
     grid.save(tmp)
     os.replace(tmp, path)
 
+@torch.no_grad()
+def generate_caption(model, image, web_caption, tokenizer, device="cpu"):
+    """The CLIPS captioner's greedy caption of one image (float [3, S, S], preprocessed) given its
+    web caption -> text (lowercase, bpe-spaced as the tokenizer decodes it)."""
+    if getattr(model, "captioner", None) is None:
+        raise SystemExit("error: --caption needs a checkpoint trained with a captioner (clip_scratch.py --captioner_weight 2)")
+    model.eval()
+    logits = model(image[None].to(device), tokenizer([web_caption]).to(device))[3]
+    ids = model.captioner.greedy(logits)[0].tolist()
+    ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
+    return tokenizer.decode(ids).strip()
+
 # -----------------------------------------------------------------------------
 # models: load any CLIP, export ours as an open_clip hub directory
 
@@ -179,7 +193,9 @@ def load_model(spec, device="cpu"):
         import clip_scratch
         ckpt = torch.load(spec, map_location="cpu", weights_only=True)
         model = clip_scratch.CLIP(**ckpt["model_cfg"])
-        model.load_state_dict(ckpt["model"], strict=True)
+        if ckpt.get("captioner_cfg"):  # a CLIPS run: its captioner is kept beside the open_clip towers
+            model.captioner = clip_scratch.Captioner(**ckpt["captioner_cfg"])
+        model.load_state_dict(ckpt["model"] | ckpt.get("captioner", {}), strict=True)
         model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"]["image_size"])
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
@@ -221,7 +237,8 @@ def export_open_clip(model, model_cfg, out_dir):
     config = {"model_cfg": model_cfg,
               "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
                                  "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous
+    # safetensors wants contiguous tensors; a CLIPS captioner has no place in open_clip and stays out
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("captioner.")}
     # weights first: a crash between the two writes must not leave a config without weights, which
     # open_clip would load as a random model (see load_model)
     weights, cfg_path = os.path.join(out_dir, "open_clip_model.safetensors"), os.path.join(out_dir, "open_clip_config.json")
@@ -249,6 +266,11 @@ def main(argv=None):
     p.add_argument("--query", default=None, help="rank the bench's test images by similarity to this text")
     p.add_argument("--top", type=int, default=9, help="with --query: how many matches to show")
     p.add_argument("--grid", default=None, metavar="PNG", help="with --query: save the top matches as an image grid")
+    # captioning demo (replaces the metrics)
+    p.add_argument("--caption", default=None, metavar="IMAGE_OR_INDEX",
+                   help="print the CLIPS captioner's greedy caption of an image file, or of shapes test scene INDEX")
+    p.add_argument("--web_caption", default=None, help="with --caption: the web caption it is conditioned on "
+                   "(default: the scene's caption; '' for an image file)")
     # output
     p.add_argument("--json", default=None, metavar="PATH", help="write the metrics as a flat JSON dict")
     p.add_argument("--export", default=None, metavar="DIR", help="write a minclip checkpoint as an open_clip hub directory, then stop")
@@ -263,6 +285,19 @@ def main(argv=None):
     if args.export:
         export_open_clip(model, model.model_cfg, args.export)
         print(f"wrote {args.export}: open_clip.create_model_and_transforms('local-dir:{args.export}')")
+        return
+    if args.caption is not None:
+        if not is_checkpoint(args.model):
+            raise SystemExit(f"error: --caption needs a minclip checkpoint (*.pt), got --model {args.model}")
+        if args.caption.isdigit():
+            import data
+            scene = data.test_scenes(int(args.caption) + 1)[-1]
+            image, web = data.to_tensor(data.render(scene, model.image_size)), scene.caption()
+            print(f"shapes test scene {args.caption}\ndescription: {data.description(scene)}")
+        else:
+            image, web = preprocess(open_rgb(args.caption)), ""
+        web = web if args.web_caption is None else args.web_caption
+        print(f"web caption: {web!r}\ncaption:     {generate_caption(model, image, web, tokenizer, device)}")
         return
     native = is_checkpoint(args.model)  # minclip models see the world at their own resolution
     image_size = model.image_size if native else SHAPES_SIZE
