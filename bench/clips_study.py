@@ -1,0 +1,79 @@
+"""
+The CLIPS study on the shapes world (issue 3): every row trains clip_scratch.py from scratch with
+the same budget (steps x batch, i.e. the same images seen), 3 seeds each, then reports the final
+shapes-bench metrics as mean +- std.
+
+    python bench/clips_study.py                         # ~100 min on 2 CPU cores (2 runs at a time)
+    python bench/clips_study.py --steps 100 --seeds 0   # a quick look
+
+Rows: plain CLIP on the web captions; the full synthetic caption (tokenizer-truncated at the
+77-token context); each token reduction at K = 32; sub-caption + the captioner (weight 2.0). All
+synthetic rows use the dual-caption loss (web + synthetic), so the rows differ only in what the
+text encoder sees of the synthetic caption (and, in the last row, the captioner). Every run uses
+--context_length 77, so that the 59-66-token descriptions fit whole in the "full" row.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = {  # row -> (run folder, flags)
+    "plain (web captions)": ("plain", ["--caption_mask", "none"]),
+    "full synthetic (truncated at 77)": ("full", ["--caption_mask", "truncate", "--mask_len", "77"]),
+    "truncate K=32": ("truncate", ["--caption_mask", "truncate"]),
+    "random K=32": ("random", ["--caption_mask", "random"]),
+    "block K=32": ("block", ["--caption_mask", "block"]),
+    "subcaption K=32": ("subcaption", ["--caption_mask", "subcaption"]),
+    "subcaption + captioner": ("captioner", ["--caption_mask", "subcaption", "--captioner_weight", "2"]),
+}
+METRICS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/rsum", "probe/relation",
+           "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "diag/relation_text_cos"]
+
+
+def run(row, seed, args):
+    out = os.path.join(args.out_dir, f"{ROWS[row][0]}_s{seed}")
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(metrics):  # finished runs are reused, so the study can be resumed
+        cmd = [sys.executable, "clip_scratch.py", "--context_length", "77", "--max_steps", str(args.steps),
+               "--warmup_steps", str(args.warmup), "--eval_every", "0", "--ckpt_every", "0", "--log_every", "100",
+               "--seed", str(seed), "--out_dir", out, *ROWS[row][1]]
+        t = time.time()
+        r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{row} seed {seed} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        print(f"{row:34s} seed {seed}: {time.time() - t:.0f}s", flush=True)
+    with open(metrics) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out_dir", default="out/clips_study")
+    args = p.parse_args()
+    jobs = [(row, seed) for seed in args.seeds for row in reversed(ROWS)]  # one seed of every row first
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda job: (job, run(*job, args)), jobs))
+    table = {row: {k: [m[k] for (r, _), m in results if r == row] for k in METRICS} for row in ROWS}
+    with open(os.path.join(args.out_dir, "study.json"), "w") as f:
+        json.dump({"steps": args.steps, "seeds": args.seeds, "rows": table}, f, indent=1)
+    short = [k.split("/")[1] for k in METRICS]
+    print(f"\n{args.steps} steps x 128, seeds {args.seeds}: mean +- std")
+    print("| row | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
+    for row, cols in table.items():
+        cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" if "rsum" not in k
+                 else f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}" for k, v in cols.items()]
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
