@@ -235,6 +235,21 @@ def test_captioner_queries_see_only_the_prefix_and_earlier_queries():
     assert torch.equal(blocks[0](x2, mask=mask)[:, :7], y1[:, :7])
 
 
+def test_captioner_in_the_model_ignores_web_caption_padding():
+    """the captioner's output for an image does not depend on the other captions in the batch,
+    although they set how many text positions (padding included) the text tower runs"""
+    torch.manual_seed(0)
+    model = CLIP(**model_config("tiny", 32, 32)).eval()
+    model.captioner = Captioner(128, 128, 128, 1, 4, n_query=6, vocab=data.shapes_vocab())
+    images = torch.randn(2, 3, 32, 32)
+    short, long_ = TOK(["a red circle"]), TOK(["a small red circle left of a large blue square on a dotted background"])
+    with torch.no_grad():
+        alone = model(images[:1], short)[3]
+        # CLIPS's layout: 2B texts, the B web captions first; the second image's long caption pads the first
+        batched = model(images, torch.cat([short, long_, long_, long_]))[3]
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
+
+
 def test_param_groups_give_the_captioner_the_full_lr():
     model = CLIP(**model_config("tiny", 32, 32))
     model.captioner = Captioner(128, 128, 128, 1, 4, 7, vocab=[1, 2, 3])
