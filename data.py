@@ -4,6 +4,8 @@ Data for minclip, shared by every script.
   captions, in the exact on-disk formats of FORMATS.md; ImageTextDataset yields one image with one
   of its captions, optionally from a uint8 memmap cache of decoded images. Every bad input raises
   DataError naming the file and line (or flag).
+- CLIPS: recaptioned CSV/JSONL files (image, web caption, synthetic caption) and the four token
+  reductions of a long synthetic caption (reduce_caption).
 - The shapes world: procedural two-object scenes with exact hard negatives and twin scenes, the
   project's built-in training set and benchmark (no download).
 - open_clip's tokenizer.

@@ -3,11 +3,14 @@ The CLIPS study on the shapes world (issue 3): every row trains clip_scratch.py 
 the same budget (steps x batch, i.e. the same images seen), 3 seeds each, then reports the final
 shapes-bench metrics as mean +- std.
 
-    python bench/clips_study.py                         # ~100 min on 2 CPU cores (2 runs at a time)
+    python bench/clips_study.py                         # ~2 h on 2 CPU cores (2 runs at a time)
+    python bench/clips_study.py --rows block16 block block64 --seeds 0 --json out/clips_study/k.json  # K ablation
     python bench/clips_study.py --steps 100 --seeds 0   # a quick look
 
 Rows: plain CLIP on the web captions; the full synthetic caption (tokenizer-truncated at the
-77-token context); each token reduction at K = 32; sub-caption + the captioner (weight 2.0). All
+77-token context); each token reduction at K = 32; sub-caption + the captioner (weight 2.0).
+`--rows` picks others by folder name, e.g. block masking at K = 16 and 64 (the paper's K
+ablation, for the block strategy only). All
 synthetic rows use the dual-caption loss (web + synthetic), so the rows differ only in what the
 text encoder sees of the synthetic caption (and, in the last row, the captioner). Every run uses
 --context_length 77, so that the 59-66-token descriptions fit whole in the "full" row.
@@ -30,6 +33,8 @@ ROWS = {  # row -> (run folder, flags)
     "block K=32": ("block", ["--caption_mask", "block"]),
     "subcaption K=32": ("subcaption", ["--caption_mask", "subcaption"]),
     "subcaption + captioner": ("captioner", ["--caption_mask", "subcaption", "--captioner_weight", "2"]),
+    "block K=16": ("block16", ["--caption_mask", "block", "--mask_len", "16"]),
+    "block K=64": ("block64", ["--caption_mask", "block", "--mask_len", "64"]),
 }
 METRICS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/rsum", "probe/relation",
            "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "diag/relation_text_cos"]
@@ -58,14 +63,19 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--rows", nargs="+", default=[f for f, _ in ROWS.values()][:7], help="run folders: " + " ".join(f for f, _ in ROWS.values()))
     p.add_argument("--out_dir", default="out/clips_study")
+    p.add_argument("--json", default=None, help="default: out_dir/study.json")
     args = p.parse_args()
-    jobs = [(row, seed) for seed in args.seeds for row in reversed(ROWS)]  # one seed of every row first
+    rows = [row for row, (folder, _) in ROWS.items() if folder in args.rows]
+    jobs = [(row, seed) for seed in args.seeds for row in rows]  # one seed of every row first
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: (job, run(*job, args)), jobs))
-    table = {row: {k: [m[k] for (r, _), m in results if r == row] for k in METRICS} for row in ROWS}
-    with open(os.path.join(args.out_dir, "study.json"), "w") as f:
-        json.dump({"steps": args.steps, "seeds": args.seeds, "rows": table}, f, indent=1)
+    every = [k for k in results[0][1] if k.startswith(("retrieval/", "probe/", "diag/"))]
+    with open(args.json or os.path.join(args.out_dir, "study.json"), "w") as f:  # every metric of every run
+        json.dump({"steps": args.steps, "seeds": args.seeds,
+                   "rows": {row: {k: [m[k] for (r, _), m in results if r == row] for k in every} for row in rows}}, f, indent=1)
+    table = {row: {k: [m[k] for (r, _), m in results if r == row] for k in METRICS} for row in rows}
     short = [k.split("/")[1] for k in METRICS]
     print(f"\n{args.steps} steps x 128, seeds {args.seeds}: mean +- std")
     print("| row | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
