@@ -88,19 +88,23 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # it trained
 
 
+def run_and_kill(args, prefix="step 3/"):
+    """start a run and SIGKILL it when it prints a line starting with prefix (mid-run, between checkpoints)"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     args = ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, *args, "--out_dir", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # kill mid-run, between checkpoints
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    run_and_kill([*args, "--out_dir", str(out)])
     assert 2 <= load_weights(out)["step"] < 12
     resumed = run([*args, "--out_dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr

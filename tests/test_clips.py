@@ -5,9 +5,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -18,7 +15,7 @@ import clip_scratch
 import data
 import eval as ev
 from clip_scratch import CLIP, Captioner, caption_loss, clip_loss, clips_loss, model_config, prefix_lm_mask
-from test_clip_scratch import TINY, load_weights, naive_clip_loss, run
+from test_clip_scratch import TINY, load_weights, naive_clip_loss, run, run_and_kill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECAP = os.path.join(ROOT, "tests", "fixtures", "recap")
@@ -284,14 +281,7 @@ def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
     args = ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, *args, "--out_dir", str(tmp_path / "res")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # kill mid-run, between checkpoints
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    run_and_kill([*args, "--out_dir", str(tmp_path / "res")])
     assert 2 <= load_weights(tmp_path / "res")["step"] < 8
     resumed = run([*args, "--out_dir", str(tmp_path / "res"), "--resume"])
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
