@@ -18,7 +18,7 @@ trains on (web caption, long synthetic caption) pairs with the dual-caption loss
 the text encoder sees the synthetic caption reduced to --mask_len tokens by data.reduce_caption
 (M = subcaption | block | random | truncate). `--captioner_weight 2` adds `Captioner`, which
 predicts the whole synthetic caption from the image and the web caption.
-    python clip_scratch.py --caption_mask subcaption --captioner_weight 2 --out_dir out/clips
+    python clip_scratch.py --caption_mask subcaption --captioner_weight 2 --caption_style partial --out_dir out/clips
     torchrun --standalone --nproc_per_node=8 clip_scratch.py --data recap --data_root ~/data/recap.jsonl \\
              --caption_mask subcaption --captioner_weight 2        # a CSV/JSONL of image, caption, re_caption
     python eval.py --model out/clips/ckpt.pt --caption 7            # the captioner on shapes test scene 7
@@ -44,8 +44,10 @@ Deviations from the paper
    tokens after the last EOT cannot influence it, so the features are unchanged, only cheaper.
 5. No gradient accumulation: the global batch is batch_size x world_size (loss / N
    accumulation would shrink the set of negatives each step sees).
-6. CLIPS on the shapes world: the web caption is the usual (colour-misbinding) caption and the
-   synthetic one the scene's always-true six-sentence description (data.description); the
+6. CLIPS on the shapes world: the web caption is the usual (colour-misbinding) caption, or with
+   `--caption_style partial` a terse one that leaves facts out (data.partial_caption, the setting
+   of bench/clips_study.py), and the synthetic one is the scene's always-true six-sentence
+   description (data.description); the
    captioner's output layer covers only the 47 token ids the world's texts use
    (data.shapes_vocab): a 49,408-way output layer would cost ~10x the FLOPs of the rest of the
    step (6 x 128 captions x 60 tokens x 128 x 49,408 = 291 GFLOP vs 31). Real data: all of it.
@@ -432,6 +434,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
     p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (data.ShapesDataset)")
+    p.add_argument("--caption_style", default="full", choices=data.CAPTION_STYLES,
+                   help="shapes: full captions, or terse partial ones (data.partial_caption; the CLIPS setting)")
     p.add_argument("--image_key", default="image", help="recap: the image column")
     p.add_argument("--caption_key", default="caption", help="recap: the web caption column")
     p.add_argument("--recap_key", default="re_caption", help="recap: the synthetic caption column")
@@ -482,7 +486,8 @@ def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, eval split items or None)."""
     clips = dict(caption_mask=args.caption_mask, mask_len=args.mask_len, target_len=args.captioner_len)
     if args.data == "shapes":
-        return data.ShapesDataset(args.image_size, args.context_length, args.seed, args.swap_noise, **clips), None, None
+        return data.ShapesDataset(args.image_size, args.context_length, args.seed, args.swap_noise,
+                                  caption_style=args.caption_style, **clips), None, None
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))

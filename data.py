@@ -550,6 +550,16 @@ def description(s):
             f"{a.name().capitalize()} is {where[s.relation()]} and {b.name()} is {where[CONVERSE[s.relation()]]}.")
 
 
+def partial_caption(s, rng):
+    """a terse, partial caption of the scene, like web alt-text (--caption_style partial): one of three
+    templates, each true of `s` and each leaving facts out (sizes, background, relation, or the second
+    object's colour and size). description(s) has them all."""
+    a, b = s.objs[s.subj], s.objs[1 - s.subj]
+    return rng.choice([f"a {a.colour} {a.shape} and a {b.colour} {b.shape}",
+                       f"a {a.shape} {s.relation()} a {b.shape}",
+                       f"a {a.size} {a.colour} {a.shape} on a {s.background} background"])
+
+
 def shapes_vocab():
     """the sorted token ids of every word the world's texts use (captions, negatives, descriptions,
     statements) + SOT/EOT: the captioner's output vocabulary on the shapes world"""
@@ -601,15 +611,22 @@ def render(s, size):
     return img.astype(np.uint8)
 
 
+CAPTION_STYLES = ("full", "partial")
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Training scenes: an infinite stream, key = global sample index. Like web alt-text, the
     training captions do not reliably bind attributes: with probability `swap_noise` the caption
-    names the two colours the wrong way round (see README for why 0.5).
+    names the two colours the wrong way round (see README for why 0.5). caption_style="partial"
+    makes them terse as well: partial_caption() of the (possibly colour-swapped) scene.
     CLIPS (caption_mask != "none"): that caption is the web caption and the scene's description(),
-    always true and about four times as long, is the synthetic caption (see clips_texts)."""
+    always true and complete, is the synthetic caption (see clips_texts)."""
 
-    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5, caption_mask="none", mask_len=32, target_len=77):
-        self.image_size, self.seed, self.swap_noise = image_size, seed, swap_noise
+    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5, caption_mask="none", mask_len=32, target_len=77,
+                 caption_style="full"):
+        if caption_style not in CAPTION_STYLES:
+            raise ValueError(f"caption_style={caption_style!r}: expected one of {CAPTION_STYLES}")
+        self.image_size, self.seed, self.swap_noise, self.caption_style = image_size, seed, swap_noise, caption_style
         self.context_length, self.caption_mask, self.mask_len, self.target_len = context_length, caption_mask, mask_len, target_len
         self.tokenizer = get_tokenizer(context_length)
 
@@ -620,7 +637,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = scene_rng("train", self.seed, key)
         s = sample_scene(rng)
         image = to_tensor(render(s, self.image_size))
-        caption = attribute_swap(s) if rng.random() < self.swap_noise else s.caption()
+        shown = swap_colours(s) if rng.random() < self.swap_noise else s  # what the caption claims
+        caption = shown.caption() if self.caption_style == "full" else partial_caption(shown, rng)
         if self.caption_mask == "none":
             return image, self.tokenizer([caption])[0]
         return image, clips_texts(caption, description(s), self.caption_mask, self.mask_len, self.context_length, self.target_len, rng)

@@ -46,7 +46,7 @@ def run(row, seed, args):
     if not os.path.exists(metrics):  # finished runs are reused, so the study can be resumed
         cmd = [sys.executable, "clip_scratch.py", "--context_length", "77", "--max_steps", str(args.steps),
                "--warmup_steps", str(args.warmup), "--eval_every", "0", "--ckpt_every", "0", "--log_every", "100",
-               "--seed", str(seed), "--out_dir", out, *ROWS[row][1]]
+               "--seed", str(seed), "--out_dir", out, "--caption_style", args.caption_style, *ROWS[row][1]]
         t = time.time()
         r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), capture_output=True, text=True)
         if r.returncode != 0:
@@ -64,7 +64,9 @@ def main():
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--rows", nargs="+", default=[f for f, _ in ROWS.values()][:7], help="run folders: " + " ".join(f for f, _ in ROWS.values()))
-    p.add_argument("--out_dir", default="out/clips_study")
+    p.add_argument("--caption_style", default="partial", choices=("full", "partial"),
+                   help="the shapes web captions of every row (clip_scratch.py --caption_style)")
+    p.add_argument("--out_dir", default="out/clips_study_partial")
     p.add_argument("--json", default=None, help="default: out_dir/study.json")
     args = p.parse_args()
     rows = [row for row, (folder, _) in ROWS.items() if folder in args.rows]
@@ -73,11 +75,11 @@ def main():
         results = list(pool.map(lambda job: (job, run(*job, args)), jobs))
     every = [k for k in results[0][1] if k.startswith(("retrieval/", "probe/", "diag/"))]
     with open(args.json or os.path.join(args.out_dir, "study.json"), "w") as f:  # every metric of every run
-        json.dump({"steps": args.steps, "seeds": args.seeds,
+        json.dump({"steps": args.steps, "seeds": args.seeds, "caption_style": args.caption_style,
                    "rows": {row: {k: [m[k] for (r, _), m in results if r == row] for k in every} for row in rows}}, f, indent=1)
     table = {row: {k: [m[k] for (r, _), m in results if r == row] for k in METRICS} for row in rows}
     short = [k.split("/")[1] for k in METRICS]
-    print(f"\n{args.steps} steps x 128, seeds {args.seeds}: mean +- std")
+    print(f"\n{args.steps} steps x 128, {args.caption_style} web captions, seeds {args.seeds}: mean +- std")
     print("| row | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
     for row, cols in table.items():
         cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" if "rsum" not in k

@@ -94,6 +94,67 @@ def test_shapes_clips_sample_adds_only_the_synthetic_caption():
         assert clips[key][1][0].equal(pair)  # deterministic per key
 
 
+PHRASE = re.compile(rf"a (?:(small|large) )?(?:({'|'.join(data.COLOURS)}) )?({'|'.join(data.SHAPES)})")
+
+
+def claims_hold(caption, s):
+    """checks every fact a caption of the form "X [(and | <relation>) X] [on a <bg> background]"
+    states against the scene (shapes are distinct within a scene, so a shape names its object)
+    -> how many of the 8 facts of a full caption (2 sizes, 2 colours, 2 shapes, relation,
+    background) it leaves out"""
+    by_shape = {o.shape: (i, o) for i, o in enumerate(s.objs)}
+    phrases = PHRASE.findall(caption)
+    form = PHRASE.sub("X", caption)
+    assert re.fullmatch(rf"X(?: (?:and|{'|'.join(data.CONVERSE)}) X)?(?: on a {s.background} background)?", form), (caption, s)
+    for size, colour, shape in phrases:
+        o = by_shape[shape][1]
+        assert size in ("", o.size) and colour in ("", o.colour), (caption, s)
+    rel = [r for r in data.CONVERSE if f" {r} " in caption]
+    if rel:  # "A rel B": objs[0] is left of / above objs[1]
+        (i, _), (j, _) = by_shape[phrases[0][2]], by_shape[phrases[1][2]]
+        assert rel[0] == data.RELATIONS[s.axis][i] and i != j, (caption, s)
+    stated = sum(bool(x) for p in phrases for x in p) + bool(rel) + ("background" in caption)
+    return 8 - stated
+
+
+def test_partial_captions_are_true_terse_and_varied():
+    forms = set()
+    for i in range(300):
+        s = data.sample_scene(data.scene_rng("train", 0, i))
+        caption = data.partial_caption(s, random.Random(i))
+        assert claims_hold(s.caption(), s) == 0  # the checker accepts the full caption, all 8 facts
+        assert claims_hold(caption, s) >= 3  # true, and at least 3 of the 8 facts left out
+        forms.add(re.sub(r"\w+", "w", PHRASE.sub("X", caption)))
+    assert len(forms) == 3  # every template is used
+
+
+def test_shapes_partial_web_captions_in_the_dataset():
+    full = data.ShapesDataset(32, 32, seed=3)
+    noisy = data.ShapesDataset(32, 32, seed=3, caption_style="partial")
+    clean = data.ShapesDataset(32, 32, seed=3, swap_noise=0.0, caption_style="partial", caption_mask="block", mask_len=16)
+    swapped, coloured = 0, 0
+    for key in range(60):
+        s = data.sample_scene(data.scene_rng("train", 3, key))
+        image, tokens = noisy[key]
+        image2, (pair, target) = clean[key]
+        assert image.equal(full[key][0]) and image.equal(image2)  # same scenes; only the caption differs
+        assert claims_hold(TOK.decode(content(pair[0])).strip(), s) >= 3
+        assert target.equal(data.get_tokenizer(77)([data.description(s)])[0])  # the synthetic caption is complete
+        text = TOK.decode(content(tokens)).strip()
+        if PHRASE.search(text).group(2):  # a caption naming colours: the noisy one is true or exactly colour-swapped
+            coloured += 1
+            try:
+                claims_hold(text, s)
+            except AssertionError:
+                claims_hold(text, data.swap_colours(s))
+                swapped += 1
+    assert 0.25 < swapped / coloured < 0.75  # swap_noise 0.5 applies to the partial captions too
+    with pytest.raises(ValueError, match="caption_style"):
+        data.ShapesDataset(32, 32, caption_style="short")
+    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1)
+    assert all(cli[key][1].equal(noisy[key][1]) for key in range(10))  # the flag reaches the dataset
+
+
 def test_shapes_vocab_covers_every_text_of_the_world():
     vocab, tok = set(data.shapes_vocab()), data.get_tokenizer(77)
     for i in range(300):
