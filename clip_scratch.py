@@ -45,12 +45,11 @@ Deviations from the paper
 5. No gradient accumulation: the global batch is batch_size x world_size (loss / N
    accumulation would shrink the set of negatives each step sees).
 6. CLIPS on the shapes world: the web caption is the usual (colour-misbinding) caption, or with
-   `--caption_style partial` a terse one that leaves facts out (data.partial_caption, the setting
-   of bench/clips_study.py), and the synthetic one is the scene's always-true six-sentence
-   description (data.description); the
-   captioner's output layer covers only the 47 token ids the world's texts use
-   (data.shapes_vocab): a 49,408-way output layer would cost ~10x the FLOPs of the rest of the
-   step (6 x 128 captions x 60 tokens x 128 x 49,408 = 291 GFLOP vs 31). Real data: all of it.
+   `--caption_style partial` a terse one that leaves facts out (data.partial_caption; the setting
+   of bench/clips_study.py); the synthetic one is the scene's always-true six-sentence description
+   (data.description). The captioner's output layer covers only the 47 token ids the world's
+   texts use (data.shapes_vocab): a 49,408-way output layer would cost ~10x the FLOPs of the rest
+   of the step (6 x 128 captions x 60 tokens x 128 x 49,408 = 291 GFLOP vs 31). Real data: all.
 7. CLIPS on coco / flickr8k without a recaption file: the image's other captions, joined, are the
    synthetic caption (so a sub-caption is one other human caption).
 8. The captioner is as wide and deep as the text tower, and its queries never read predicted
