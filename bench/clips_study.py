@@ -4,7 +4,8 @@ the same budget (steps x batch, i.e. the same images seen), 3 seeds each, then r
 shapes-bench metrics as mean +- std.
 
     python bench/clips_study.py                         # ~2 h on 2 CPU cores (2 runs at a time)
-    python bench/clips_study.py --rows block16 block block64 --seeds 0 --json out/clips_study/k.json  # K ablation
+    python bench/clips_study.py --rows block16 block64 --seeds 0 --json out/clips_study_partial/k.json  # K ablation
+    python bench/clips_study.py --caption_style full --out_dir out/clips_study  # full web captions
     python bench/clips_study.py --steps 100 --seeds 0   # a quick look
 
 Rows: plain CLIP on the web captions; the full synthetic caption (tokenizer-truncated at the
@@ -13,7 +14,8 @@ Rows: plain CLIP on the web captions; the full synthetic caption (tokenizer-trun
 ablation, for the block strategy only). All
 synthetic rows use the dual-caption loss (web + synthetic), so the rows differ only in what the
 text encoder sees of the synthetic caption (and, in the last row, the captioner). Every run uses
---context_length 77, so that the 59-66-token descriptions fit whole in the "full" row.
+--context_length 77, so that the 59-66-token descriptions fit whole in the "full" row, and the
+same web captions: terse, partial ones by default (data.partial_caption), as CLIPS assumes.
 """
 import argparse
 import json
