@@ -552,8 +552,8 @@ def description(s):
 
 def partial_caption(s, rng):
     """a terse, partial caption of the scene, like web alt-text (--caption_style partial): one of three
-    templates, each true of `s` and each leaving facts out (sizes, background, relation, or the second
-    object's colour and size). description(s) has them all."""
+    templates, each true of `s` and each leaving facts out (always the sizes or the second object;
+    then the relation and background, or the colours and background). description(s) has them all."""
     a, b = s.objs[s.subj], s.objs[1 - s.subj]
     return rng.choice([f"a {a.colour} {a.shape} and a {b.colour} {b.shape}",
                        f"a {a.shape} {s.relation()} a {b.shape}",
