@@ -274,13 +274,6 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
     out[:len(ids) + 2] = torch.tensor([tokenizer.sot_token_id, *ids, tokenizer.eot_token_id])
     return out
 
-def clips_texts(web, synthetic, mode, K, context_length, target_len, rng):
-    """-> (long [2, context_length]: the web caption and the reduced synthetic one, for the text
-    encoder; long [target_len]: the whole synthetic caption, the captioner's target)"""
-    pair = torch.stack([get_tokenizer(context_length)([web])[0],
-                        reduce_caption(synthetic, mode, K, context_length, rng, fallback=web)])
-    return pair, get_tokenizer(target_len)([synthetic])[0]
-
 # -----------------------------------------------------------------------------
 # images, dataset, cache
 
@@ -341,18 +334,16 @@ def build_image_cache(items, image_size, cache_path, workers=0):
     return bad
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """One sample = one image with ONE of its captions -> (image float [3, S, S], tokens long [L]),
-    or None if the image is unreadable (collate drops it). Keys may exceed len: key = epoch * len + i,
-    and the caption is a pure function of (seed, epoch, i), so a sampler that yields such keys
-    resumes exactly, whatever the number of dataloader workers.
-    CLIPS (caption_mask != "none"): the tokens become clips_texts(caption, synthetic, ...), where
-    the synthetic caption is the item's third field (a recaption file) or else the image's other
-    captions joined into one multi-sentence text."""
+    """One sample = one image with ONE of its captions -> (image float [3, S, S], caption, synthetic
+    caption, rng), or None if the image is unreadable (collate drops it). The synthetic caption
+    (CLIPS) is the item's third field (a recaption file), else the image's other captions joined
+    into one multi-sentence text; rng is the sample's own random.Random for the training script's
+    text transforms. Keys may exceed len: key = epoch * len + i, and the caption and rng are pure
+    functions of (seed, epoch, i), so a sampler that yields such keys (StepBatches) resumes
+    exactly, whatever the number of dataloader workers."""
 
-    def __init__(self, items, image_size, context_length, seed=0, cache_path=None,
-                 caption_mask="none", mask_len=32, target_len=77):
-        self.items, self.image_size, self.context_length, self.seed = items, image_size, context_length, seed
-        self.caption_mask, self.mask_len, self.target_len = caption_mask, mask_len, target_len
+    def __init__(self, items, image_size, seed=0, cache_path=None):
+        self.items, self.image_size, self.seed = items, image_size, seed
         self.cache_path, self.cache = cache_path, None
         self.bad = set(build_image_cache(items, image_size, cache_path)) if cache_path else set()
 
@@ -368,16 +359,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         # Random(str) seeds from a sha512 of the string: the same in every process, unlike hash()
         return captions[random.Random(f"{self.seed},{epoch},{i}").randrange(len(captions))]
 
-    def texts(self, key):
-        """the tokens of sample `key`: [L], or with CLIPS (long [2, L], long [target_len])"""
-        caption = self.caption(key)
-        if self.caption_mask == "none":
-            return get_tokenizer(self.context_length)([caption])[0]
+    def synthetic(self, key, caption):
         item = self.items[key % len(self.items)]
+        if len(item) > 2:
+            return item[2]
         others = [c.rstrip(" .") for c in item[1] if c != caption] or [caption]
-        synthetic = item[2] if len(item) > 2 else ". ".join(others) + "."
-        rng = random.Random(f"{self.seed},{key // len(self.items)},{key % len(self.items)},clips")
-        return clips_texts(caption, synthetic, self.caption_mask, self.mask_len, self.context_length, self.target_len, rng)
+        return ". ".join(others) + "."
 
     def __getitem__(self, key):
         i, s = key % len(self.items), self.image_size
@@ -391,15 +378,43 @@ class ImageTextDataset(torch.utils.data.Dataset):
             pixels = self.cache[i]
         if pixels is None:
             return None
-        return to_tensor(pixels), self.texts(key)
+        caption, epoch = self.caption(key), key // len(self.items)
+        return to_tensor(pixels), caption, self.synthetic(key, caption), random.Random(f"{self.seed},{epoch},{i},clips")
 
 def collate(batch):
-    """drop unreadable samples -> (images [B', 3, S, S], tokens [B', L], n_skipped); None, None, B if all are.
-    With CLIPS the tokens are a pair ([B', 2, L], [B', target_len]) (see clips_texts)."""
+    """drop unreadable samples (None) -> (images [B', 3, S, S], captions [B'], synthetic captions [B'],
+    rngs [B'], n_skipped); (None, [], [], [], B) if all are."""
     kept = [b for b in batch if b is not None]
     if not kept:
-        return None, None, len(batch)
-    return torch.stack([b[0] for b in kept]), torch.utils.data.default_collate([b[1] for b in kept]), len(batch) - len(kept)
+        return None, [], [], [], len(batch)
+    images, captions, synthetic, rngs = zip(*kept)
+    return torch.stack(images), list(captions), list(synthetic), list(rngs), len(batch) - len(kept)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Yields, for each step in [start, max_steps), this rank's list of sample keys. Keys depend
+    only on (seed, step, rank), so a resumed run sees exactly the batches it would have seen.
+    n=None: an infinite stream (key = global sample index); else epochs over n items, reshuffled
+    per epoch, key = epoch * n + item (the dataset decodes both)."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start, max_steps):
+        self.n, self.B, self.rank, self.world, self.seed, self.start, self.max_steps = n, batch_size, rank, world, seed, start, max_steps
+
+    def __len__(self):
+        return self.max_steps - self.start
+
+    def __iter__(self):
+        gB = self.B * self.world
+        for step in range(self.start, self.max_steps):
+            if self.n is None:
+                first = step * gB + self.rank * self.B
+                yield list(range(first, first + self.B))
+                continue
+            per_epoch = self.n // gB
+            epoch, pos = divmod(step, per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            idx = perm[pos * gB + self.rank * self.B: pos * gB + (self.rank + 1) * self.B]
+            yield (idx + epoch * self.n).tolist()
 
 # -----------------------------------------------------------------------------
 # the shapes world: procedural two-object scenes, no files, deterministic per (split, seed, index).
@@ -615,20 +630,17 @@ CAPTION_STYLES = ("full", "partial")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Training scenes: an infinite stream, key = global sample index. Like web alt-text, the
-    training captions do not reliably bind attributes: with probability `swap_noise` the caption
-    names the two colours the wrong way round (see README for why 0.5). caption_style="partial"
-    makes them terse as well: partial_caption() of the (possibly colour-swapped) scene.
-    CLIPS (caption_mask != "none"): that caption is the web caption and the scene's description(),
-    always true and complete, is the synthetic caption (see clips_texts)."""
+    """Training scenes: an infinite stream, key = global sample index -> (image float [3, S, S],
+    caption, synthetic caption, rng: the scene's random stream, for the script's text transforms). Like web alt-text, the training captions do not reliably bind
+    attributes: with probability `swap_noise` the caption names the two colours the wrong way
+    round (see README for why 0.5). caption_style="partial" makes them terse as well:
+    partial_caption() of the (possibly colour-swapped) scene. The synthetic caption (CLIPS) is the
+    scene's description(), always true and complete."""
 
-    def __init__(self, image_size, context_length, seed=0, swap_noise=0.5, caption_mask="none", mask_len=32, target_len=77,
-                 caption_style="full"):
+    def __init__(self, image_size, seed=0, swap_noise=0.5, caption_style="full"):
         if caption_style not in CAPTION_STYLES:
             raise ValueError(f"caption_style={caption_style!r}: expected one of {CAPTION_STYLES}")
         self.image_size, self.seed, self.swap_noise, self.caption_style = image_size, seed, swap_noise, caption_style
-        self.context_length, self.caption_mask, self.mask_len, self.target_len = context_length, caption_mask, mask_len, target_len
-        self.tokenizer = get_tokenizer(context_length)
 
     def __len__(self):
         return 2 ** 62
@@ -636,9 +648,6 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         rng = scene_rng("train", self.seed, key)
         s = sample_scene(rng)
-        image = to_tensor(render(s, self.image_size))
         shown = swap_colours(s) if rng.random() < self.swap_noise else s  # what the caption claims
         caption = shown.caption() if self.caption_style == "full" else partial_caption(shown, rng)
-        if self.caption_mask == "none":
-            return image, self.tokenizer([caption])[0]
-        return image, clips_texts(caption, description(s), self.caption_mask, self.mask_len, self.context_length, self.target_len, rng)
+        return to_tensor(render(s, self.image_size)), caption, description(s), rng

@@ -163,14 +163,14 @@ def save_grid(images, scores, path):
     os.replace(tmp, path)
 
 @torch.no_grad()
-def generate_caption(model, image, web_caption, tokenizer, device="cpu"):
+def generate_caption(model, captioner, image, web_caption, tokenizer, device="cpu"):
     """The CLIPS captioner's greedy caption of one image (float [3, S, S], preprocessed) given its
     web caption -> text (lowercase, bpe-spaced as the tokenizer decodes it)."""
-    if getattr(model, "captioner", None) is None:
-        raise SystemExit("error: --caption needs a checkpoint trained with a captioner (clip_scratch.py --captioner_weight 2)")
-    model.eval()
-    logits = model(image[None].to(device), tokenizer([web_caption]).to(device))[3]
-    ids = model.captioner.greedy(logits)[0].tolist()
+    model.eval(), captioner.eval()
+    web = tokenizer([web_caption]).to(device)
+    _, image_tokens = model.encode_image(image[None].to(device), return_tokens=True)
+    _, text_tokens = model.encode_text(web, return_tokens=True)
+    ids = captioner.greedy(captioner(image_tokens, text_tokens, web))[0].tolist()
     ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     return tokenizer.decode(ids).strip()
 
@@ -190,12 +190,10 @@ def load_model(spec, device="cpu"):
     if is_checkpoint(spec):
         if not os.path.isfile(spec):
             raise SystemExit(f"error: --model {spec}: no such checkpoint file")
-        import clip_scratch
+        from model import CLIP
         ckpt = torch.load(spec, map_location="cpu", weights_only=True)
-        model = clip_scratch.CLIP(**ckpt["model_cfg"])
-        if ckpt.get("captioner_cfg"):  # a CLIPS run: its captioner is kept beside the open_clip towers
-            model.captioner = clip_scratch.Captioner(**ckpt["captioner_cfg"])
-        model.load_state_dict(ckpt["model"] | ckpt.get("captioner", {}), strict=True)
+        model = CLIP(**ckpt["model_cfg"])
+        model.load_state_dict(ckpt["model"], strict=True)
         model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"]["image_size"])
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
@@ -228,6 +226,18 @@ def load_model(spec, device="cpu"):
     return model.to(device).eval(), preprocess, tokenizer
 
 
+def load_captioner(path, device="cpu"):
+    """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
+    from model import Captioner
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not ckpt.get("captioner_cfg"):
+        raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
+                         "clip_scratch.py --captioner_weight 2")
+    captioner = Captioner(**ckpt["captioner_cfg"])
+    captioner.load_state_dict(ckpt["captioner"], strict=True)
+    return captioner.to(device).eval()
+
+
 def export_open_clip(model, model_cfg, out_dir):
     """Write an open_clip hub directory: open_clip_config.json + open_clip_model.safetensors, which
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads with strict=True."""
@@ -237,8 +247,7 @@ def export_open_clip(model, model_cfg, out_dir):
     config = {"model_cfg": model_cfg,
               "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
                                  "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
-    # safetensors wants contiguous tensors; a CLIPS captioner has no place in open_clip and stays out
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("captioner.")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous tensors
     # weights first: a crash between the two writes must not leave a config without weights, which
     # open_clip would load as a random model (see load_model)
     weights, cfg_path = os.path.join(out_dir, "open_clip_model.safetensors"), os.path.join(out_dir, "open_clip_config.json")
@@ -289,6 +298,7 @@ def main(argv=None):
     if args.caption is not None:
         if not is_checkpoint(args.model):
             raise SystemExit(f"error: --caption needs a minclip checkpoint (*.pt), got --model {args.model}")
+        captioner = load_captioner(args.model, device)
         if args.caption.isdigit():
             import data
             scene = data.test_scenes(int(args.caption) + 1)[-1]
@@ -297,7 +307,7 @@ def main(argv=None):
         else:
             image, web = preprocess(open_rgb(args.caption)), ""
         web = web if args.web_caption is None else args.web_caption
-        print(f"web caption: {web!r}\ncaption:     {generate_caption(model, image, web, tokenizer, device)}")
+        print(f"web caption: {web!r}\ncaption:     {generate_caption(model, captioner, image, web, tokenizer, device)}")
         return
     native = is_checkpoint(args.model)  # minclip models see the world at their own resolution
     image_size = model.image_size if native else SHAPES_SIZE

@@ -59,11 +59,11 @@ with tempfile.TemporaryDirectory() as tmp:
     make_flickr8k(root, args.n)
     mb = sum(os.path.getsize(os.path.join(root, "Images", p)) for p in os.listdir(os.path.join(root, "Images"))) / 2**20
     items = sum(read_flickr8k(root).values(), [])
-    plain = epoch_seconds(ImageTextDataset(items, args.image_size, 77))
+    plain = epoch_seconds(ImageTextDataset(items, args.image_size))
     t0 = time.perf_counter()
     build_image_cache(items, args.image_size, cache, workers=args.workers)
     build = time.perf_counter() - t0
-    cached = epoch_seconds(ImageTextDataset(items, args.image_size, 77, cache_path=cache))
+    cached = epoch_seconds(ImageTextDataset(items, args.image_size, cache_path=cache))
 
 print(f"{args.n} jpegs ({mb:.1f} MB), image_size {args.image_size}, batch {args.batch_size}, "
       f"{args.workers} workers, torch threads {torch.get_num_threads()}, best of {args.repeats} epochs")

@@ -17,7 +17,8 @@ import open_clip
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clip_scratch import CLIP, clip_loss, model_config  # noqa: E402
+from clip_scratch import clip_loss  # noqa: E402
+from model import CLIP, model_config  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--size", default="tiny")

@@ -27,6 +27,7 @@ COLUMNS = ["all", "colour", "size", "background", "shape", "relation", "other"]
 @torch.no_grad()
 def accuracy(ckpt, caption_style, n, batch=50):
     model, _, tok = ev.load_model(ckpt)
+    captioner = ev.load_captioner(ckpt)
     kind_of = {tok.encode(w)[0]: k for w, k in KINDS.items()}  # each is a single token
     target_tok, hit, count = data.get_tokenizer(77), collections.Counter(), collections.Counter()
     scenes = data.test_scenes(n)
@@ -34,7 +35,9 @@ def accuracy(ckpt, caption_style, n, batch=50):
         part = scenes[i:i + batch]
         webs = [data.partial_caption(s, random.Random(i + j)) if caption_style == "partial" else s.caption() for j, s in enumerate(part)]
         images = torch.stack([data.to_tensor(data.render(s, model.image_size)) for s in part])
-        pred = model.captioner.greedy(model.eval()(images, tok(webs))[3])
+        web = tok(webs)
+        logits = captioner(model.encode_image(images, return_tokens=True)[1], model.encode_text(web, return_tokens=True)[1], web)
+        pred = captioner.greedy(logits)
         target = target_tok([data.description(s) for s in part])[:, 1:]  # query q predicts token q + 1
         for b, t in enumerate(target.tolist()):
             for q in range(t.index(tok.eot_token_id) + 1):  # real tokens and the EOT, no padding

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-from clip_scratch import CLIP, lr_at, param_groups  # noqa: E402
+from model import CLIP, lr_at, param_groups  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("ckpt")

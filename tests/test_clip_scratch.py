@@ -1,21 +1,14 @@
 """clip_scratch.py: the loss against a naive loop, the model against open_clip, and the CLI's
 distributed, resume and failure paths run for real (tiny settings, CPU)."""
-import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import open_clip
 import pytest
 import torch
 
-import clip_scratch
-from clip_scratch import CLIP, clip_loss, model_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--batch_size", "8", "--image_size", "32", "--eval_every", "0", "--log_every", "1", "--eval_n", "40"]
+from clip_scratch import clip_loss
+from conftest import ROOT, TINY, load_weights, run, run_and_kill
+from model import CLIP, model_config, param_groups
 
 
 def naive_clip_loss(v, t, scale):
@@ -53,7 +46,7 @@ def test_model_equals_open_clip_and_loads_strict():
 
 def test_param_groups_decay_and_text_lr():
     model = CLIP(**model_config("tiny", 32, 32))
-    groups = clip_scratch.param_groups(model, 0.1, text_lr_mult=0.5)
+    groups = param_groups(model, 0.1, text_lr_mult=0.5)
     by_name = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         for p in g["params"]:
@@ -61,15 +54,6 @@ def test_param_groups_decay_and_text_lr():
             assert g["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), name
             assert g["lr_mult"] == (1.0 if name.startswith("visual.") or name == "logit_scale" else 0.5), name
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-
-
-def run(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
-
-
-def load_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
@@ -86,17 +70,6 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # it trained
-
-
-def run_and_kill(args, prefix="step 3/"):
-    """start a run and SIGKILL it when it prints a line starting with prefix (mid-run, between checkpoints)"""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):

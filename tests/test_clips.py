@@ -14,8 +14,10 @@ import torch.nn.functional as F
 import clip_scratch
 import data
 import eval as ev
-from clip_scratch import CLIP, Captioner, caption_loss, clip_loss, clips_loss, model_config, prefix_lm_mask
-from test_clip_scratch import TINY, load_weights, naive_clip_loss, run, run_and_kill
+from clip_scratch import caption_loss, clip_loss, clips_loss
+from conftest import TINY, load_weights, run, run_and_kill
+from model import CLIP, Captioner, model_config, param_groups, prefix_lm_mask
+from test_clip_scratch import naive_clip_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECAP = os.path.join(ROOT, "tests", "fixtures", "recap")
@@ -81,17 +83,26 @@ def test_subcaption_falls_back_to_the_web_caption_and_rejects_unknown_modes():
         data.reduce_caption(LONG, "shuffle", 8, 32, random.Random(0))
 
 
-def test_shapes_clips_sample_adds_only_the_synthetic_caption():
-    plain = data.ShapesDataset(32, 32, seed=3)
-    clips = data.ShapesDataset(32, 32, seed=3, caption_mask="subcaption", mask_len=16, target_len=77)
-    for key in (0, 5, 123):
-        image, tokens = plain[key]
-        image2, (pair, full) = clips[key]
-        assert image.equal(image2) and pair[0].equal(tokens)  # the web caption is plain CLIP's caption
+def clips_args(*argv):
+    return clip_scratch.get_args(["--image_size", "32", "--caption_mask", "subcaption", "--mask_len", "16", *argv])
+
+
+def test_shapes_clips_batch_adds_only_the_synthetic_caption():
+    plain, args = data.ShapesDataset(32, seed=3), clips_args()
+    keys = (0, 5, 123)
+    images, tokens, _ = clip_scratch.make_batch([plain[k] for k in keys], clip_scratch.get_args(["--image_size", "32"]))
+    images2, (pair, full), skipped = clip_scratch.make_batch([plain[k] for k in keys], args)
+    alone = [clip_scratch.make_batch([plain[k]], args)[1][0][0] for k in keys]
+    assert torch.equal(torch.stack(alone), pair)  # per-sample randomness: DDP shards reduce as one process would
+    assert images.equal(images2) and pair[:, 0].equal(tokens) and skipped == 0  # the web caption is plain CLIP's caption
+    for i, key in enumerate(keys):
         s = data.sample_scene(data.scene_rng("train", 3, key))
-        assert full.equal(data.get_tokenizer(77)([data.description(s)])[0])  # the captioner's target: all of it
-        assert len(content(pair[1])) <= 14 and is_subsequence(content(pair[1]), TOK.encode(data.description(s)))
-        assert clips[key][1][0].equal(pair)  # deterministic per key
+        assert plain[key][2] == data.description(s)
+        assert full[i].equal(data.get_tokenizer(77)([data.description(s)])[0])  # the captioner's target: all of it
+        assert len(content(pair[i, 1])) <= 14 and is_subsequence(content(pair[i, 1]), TOK.encode(data.description(s)))
+    assert clip_scratch.make_batch([plain[k] for k in keys], args)[1][0].equal(pair)  # a resumed run reduces the same way
+    other = data.ShapesDataset(32, seed=4)
+    assert not clip_scratch.make_batch([other[k] for k in keys], args)[1][0][:, 1].equal(pair[:, 1])  # ... per seed
 
 
 PHRASE = re.compile(rf"a (?:(small|large) )?(?:({'|'.join(data.COLOURS)}) )?({'|'.join(data.SHAPES)})")
@@ -129,18 +140,17 @@ def test_partial_captions_are_true_terse_and_varied():
 
 
 def test_shapes_partial_web_captions_in_the_dataset():
-    full = data.ShapesDataset(32, 32, seed=3)
-    noisy = data.ShapesDataset(32, 32, seed=3, caption_style="partial")
-    clean = data.ShapesDataset(32, 32, seed=3, swap_noise=0.0, caption_style="partial", caption_mask="block", mask_len=16)
+    full = data.ShapesDataset(32, seed=3)
+    noisy = data.ShapesDataset(32, seed=3, caption_style="partial")
+    clean = data.ShapesDataset(32, seed=3, swap_noise=0.0, caption_style="partial")
     swapped, coloured = 0, 0
     for key in range(60):
         s = data.sample_scene(data.scene_rng("train", 3, key))
-        image, tokens = noisy[key]
-        image2, (pair, target) = clean[key]
+        image, text, synthetic, _ = noisy[key]
+        image2, text2, _, _ = clean[key]
         assert image.equal(full[key][0]) and image.equal(image2)  # same scenes; only the caption differs
-        assert claims_hold(TOK.decode(content(pair[0])).strip(), s) >= 3
-        assert target.equal(data.get_tokenizer(77)([data.description(s)])[0])  # the synthetic caption is complete
-        text = TOK.decode(content(tokens)).strip()
+        assert claims_hold(text2, s) >= 3
+        assert synthetic == data.description(s)  # the synthetic caption is complete
         if PHRASE.search(text).group(2):  # a caption naming colours: the noisy one is true or exactly colour-swapped
             coloured += 1
             try:
@@ -150,9 +160,9 @@ def test_shapes_partial_web_captions_in_the_dataset():
                 swapped += 1
     assert 0.25 < swapped / coloured < 0.75  # swap_noise 0.5 applies to the partial captions too
     with pytest.raises(ValueError, match="caption_style"):
-        data.ShapesDataset(32, 32, caption_style="short")
+        data.ShapesDataset(32, caption_style="short")
     cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1)
-    assert all(cli[key][1].equal(noisy[key][1]) for key in range(10))  # the flag reaches the dataset
+    assert all(cli[key][1] == noisy[key][1] for key in range(10))  # the flag reaches the dataset
 
 
 def test_shapes_vocab_covers_every_text_of_the_world():
@@ -203,18 +213,18 @@ def test_read_recap_errors_and_skips(tmp_path, capsys):
 
 def test_image_text_dataset_synthetic_caption(tmp_path):
     items = data.read_recap(os.path.join(RECAP, "recap.jsonl"))["train"]
-    ds = data.ImageTextDataset(items, 32, 32, caption_mask="subcaption", mask_len=12, target_len=40)
-    _, (pair, full) = ds[1]
+    ds = data.ImageTextDataset(items, 32)
+    _, (pair, full), _ = clip_scratch.make_batch([ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40"))
     web, synthetic = items[1][1][0], items[1][2]
-    assert pair[0].equal(TOK([web])[0]) and full.equal(data.get_tokenizer(40)([synthetic])[0])
-    assert content(pair[1]) in [TOK.encode(s)[:10] for s in re.split(r"[.!]+", synthetic) if s.strip()]
+    assert ds[1][1:3] == (web, synthetic)
+    assert pair[0, 0].equal(TOK([web])[0]) and full[0].equal(data.get_tokenizer(40)([synthetic])[0])
+    assert content(pair[0, 1]) in [TOK.encode(s)[:10] for s in re.split(r"[.!]+", synthetic) if s.strip()]
     # coco / flickr8k without a recaption file: the image's other captions, joined, are the synthetic caption
     five = [("x.jpg", ["a dog runs.", "a brown dog", "dog on grass", "a dog plays", "the dog is running"])]
-    ds = data.ImageTextDataset(five, 32, 32, caption_mask="subcaption", mask_len=32, target_len=77)
+    ds = data.ImageTextDataset(five, 32)
     web = ds.caption(0)
-    pair, full = ds.texts(0)
     others = [c.rstrip(" .") for c in five[0][1] if c != web]
-    assert full.equal(data.get_tokenizer(77)([". ".join(others) + "."])[0]) and pair[0].equal(TOK([web])[0])
+    assert ds.synthetic(0, web) == ". ".join(others) + "."
 
 # -----------------------------------------------------------------------------
 # the losses
@@ -278,9 +288,10 @@ def test_captioner_queries_see_only_the_prefix_and_earlier_queries():
     cap = Captioner(vision_width=8, text_width=6, width=16, layers=2, heads=2, n_query=5, vocab_size=30).double()
     img = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     txt = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[5, 49407, 0], [5, 6, 49407]])  # the web captions' token ids: EOT at 1 and 2
     valid = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     q = 2
-    cap(img, txt, valid)[:, q].sum().backward()
+    cap(img, txt, ids)[:, q].sum().backward()
     assert (cap.queries.grad[q + 1:] == 0).all() and (cap.queries.grad[:q + 1] != 0).any()  # no later query leaks in
     assert (txt.grad[0, 2] == 0).all() and (txt.grad[1, 2] != 0).any()  # padding in the web caption is invisible
     # prefix never attends to queries: the prefix's hidden states do not depend on them
@@ -293,29 +304,34 @@ def test_captioner_queries_see_only_the_prefix_and_earlier_queries():
     assert torch.equal(blocks[0](x2, mask=mask)[:, :7], y1[:, :7])
 
 
-def test_captioner_in_the_model_ignores_web_caption_padding():
+def test_captioner_ignores_web_caption_padding():
     """the captioner's output for an image does not depend on the other captions in the batch,
     although they set how many text positions (padding included) the text tower runs"""
     torch.manual_seed(0)
-    model = CLIP(**model_config("tiny", 32, 32)).eval()
-    model.captioner = Captioner(128, 128, 128, 1, 4, n_query=6, vocab=data.shapes_vocab())
+    model = clip_scratch.CLIPWithCaptioner(CLIP(**model_config("tiny", 32, 32)), Captioner(128, 128, 128, 1, 4, n_query=6, vocab=data.shapes_vocab())).eval()
     images = torch.randn(2, 3, 32, 32)
     short, long_ = TOK(["a red circle"]), TOK(["a small red circle left of a large blue square on a dotted background"])
+    logits = []
+    model.captioner.register_forward_hook(lambda m, i, out: logits.append(out))
+    target = data.get_tokenizer(7)(["a red circle", "a ring"])
     with torch.no_grad():
-        alone = model(images[:1], short)[3]
+        model(images[:1], short, target[:1])
         # CLIPS's layout: 2B texts, the B web captions first; the second image's long caption pads the first
-        batched = model(images, torch.cat([short, long_, long_, long_]))[3]
-    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
+        model(images, torch.cat([short, long_, long_, long_]), target)
+    assert logits[1].shape[1] == 6 and logits[1].shape[2] == len(data.shapes_vocab())
+    torch.testing.assert_close(logits[1][:1], logits[0], atol=1e-5, rtol=0)
 
 
 def test_param_groups_give_the_captioner_the_full_lr():
-    model = CLIP(**model_config("tiny", 32, 32))
-    model.captioner = Captioner(128, 128, 128, 1, 4, 7, vocab=[1, 2, 3])
-    names = {id(p): n for n, p in model.named_parameters()}
-    for g in clip_scratch.param_groups(model, 0.1, text_lr_mult=0.1):
+    clip, captioner = CLIP(**model_config("tiny", 32, 32)), Captioner(128, 128, 128, 1, 4, 7, vocab=[1, 2, 3])
+    names = {id(p): n for n, p in clip.named_parameters()}
+    for g in param_groups(clip, 0.1, text_lr_mult=0.1):
         for p in g["params"]:
             n = names[id(p)]
-            assert g["lr_mult"] == (1.0 if n.startswith(("visual.", "captioner.")) or n == "logit_scale" else 0.1), n
+            assert g["lr_mult"] == (1.0 if n.startswith("visual.") or n == "logit_scale" else 0.1), n
+    groups = param_groups(captioner, 0.1)
+    assert all(g["lr_mult"] == 1.0 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(captioner.parameters()))
 
 # -----------------------------------------------------------------------------
 # the CLI
@@ -359,8 +375,8 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     r = run(["clip_scratch.py", "--max_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY, *CLIPS])
     assert r.returncode == 0, r.stderr
     ckpt = load_weights(tmp_path)
-    assert ckpt["captioner"] and all(k.startswith("captioner.") for k in ckpt["captioner"])
-    assert not any(k.startswith("captioner.") for k in ckpt["model"])
+    captioner = Captioner(**ckpt["captioner_cfg"]).eval()
+    captioner.load_state_dict(ckpt["captioner"], strict=True)  # two state dicts, no key prefixes
     theirs = open_clip.CLIP(**ckpt["model_cfg"]).eval()
     theirs.load_state_dict(ckpt["model"], strict=True)  # the towers, as always
     ours, _, tokenizer = ev.load_model(str(tmp_path / "ckpt.pt"))
@@ -373,12 +389,13 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     # eval.py --caption: the greedy caption is the per-position argmax, cut at the first EOT
     scene = data.test_scenes(4)[3]
     image = data.to_tensor(data.render(scene, 32))
+    web = tokenizer([scene.caption()])
     with torch.no_grad():
-        logits = ours(image[None], tokenizer([scene.caption()]))[3]
-    ids = ours.captioner.vocab[logits[0].argmax(-1)].tolist()
+        logits = captioner(ours.encode_image(image[None], return_tokens=True)[1], ours.encode_text(web, return_tokens=True)[1], web)
+    ids = captioner.vocab[logits[0].argmax(-1)].tolist()
     ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     want = tokenizer.decode(ids).strip()
-    assert ev.generate_caption(ours, image, scene.caption(), tokenizer) == want
+    assert ev.generate_caption(ours, ev.load_captioner(str(tmp_path / "ckpt.pt")), image, scene.caption(), tokenizer) == want
     out = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "3"])
     assert out.returncode == 0, out.stderr
     assert f"caption:     {want}" in out.stdout and data.description(scene) in out.stdout

@@ -202,17 +202,17 @@ def test_corrupt_image(tmp_path, capsys, damage):
         f.write(b"not a jpeg at all" * 10 if damage == "garbage" else raw[:len(raw) // 2])
     items = sum(read_flickr8k(root).values(), [])
     bad = [os.path.basename(p) for p, _ in items].index(F[1])
-    ds = ImageTextDataset(items, 16, 77)
+    ds = ImageTextDataset(items, 16)
     assert ds[bad] is None and ds[bad + len(items)] is None
-    images, tokens, skipped = collate([ds[k] for k in range(len(items))])
-    assert images.shape == (len(items) - 1, 3, 16, 16) and tokens.shape == (len(items) - 1, 77) and skipped == 1
+    images, captions, synthetic, _, skipped = collate([ds[k] for k in range(len(items))])
+    assert images.shape == (len(items) - 1, 3, 16, 16) and len(captions) == len(synthetic) == len(items) - 1 and skipped == 1
     # with the cache it is found once, at build time
     capsys.readouterr()
-    cached = ImageTextDataset(items, 16, 77, cache_path=str(tmp_path / "cache.u8"))
+    cached = ImageTextDataset(items, 16, cache_path=str(tmp_path / "cache.u8"))
     assert f"skipped 1 unreadable image(s): {F[1]}" in capsys.readouterr().out
     assert cached.bad == {bad} and cached[bad] is None
-    assert collate([cached[k] for k in range(len(items))])[2] == 1
-    assert collate([None, None]) == (None, None, 2)
+    assert collate([cached[k] for k in range(len(items))])[4] == 1
+    assert collate([None, None]) == (None, [], [], [], 2)
 
 def test_cache_equals_no_cache(tmp_path, capsys):
     items = sum(read_coco(os.path.join(FIX, "coco")).values(), [])[:5]
@@ -220,18 +220,18 @@ def test_cache_equals_no_cache(tmp_path, capsys):
     items += [(noise_jpg(tmp_path / "wide.jpg", 90, 40, 1), ["a wide one"]),
               (noise_jpg(tmp_path / "tall.jpg", 33, 71, 2), ["a tall one"])]
     cache = str(tmp_path / "cache.u8")
-    plain, cached = ImageTextDataset(items, 24, 32), ImageTextDataset(items, 24, 32, cache_path=cache)
+    plain, cached = ImageTextDataset(items, 24), ImageTextDataset(items, 24, cache_path=cache)
     for key in range(2 * len(items)):
-        (a, ta), (b, tb) = plain[key], cached[key]
-        assert a.dtype == torch.float32 and a.shape == (3, 24, 24) and torch.equal(a, b) and torch.equal(ta, tb)
+        (a, *ta, ra), (b, *tb, rb) = plain[key], cached[key]
+        assert a.dtype == torch.float32 and a.shape == (3, 24, 24) and torch.equal(a, b) and ta == tb and ra.random() == rb.random()
     # reused when it matches, rebuilt when the items or the size change
     stamp = os.stat(cache).st_mtime_ns
     assert build_image_cache(items, 24, cache) == [] and os.stat(cache).st_mtime_ns == stamp
-    swapped = ImageTextDataset(items[-1:] + items[1:-1] + items[:1], 24, 32, cache_path=cache)  # same n, other paths
+    swapped = ImageTextDataset(items[-1:] + items[1:-1] + items[:1], 24, cache_path=cache)  # same n, other paths
     assert torch.equal(swapped[0][0], plain[len(items) - 1][0])
-    ImageTextDataset(items[:-1], 24, 32, cache_path=cache)
+    ImageTextDataset(items[:-1], 24, cache_path=cache)
     assert os.path.getsize(cache) == (len(items) - 1) * 24 * 24 * 3
-    small = ImageTextDataset(items[:-1], 16, 32, cache_path=cache)
+    small = ImageTextDataset(items[:-1], 16, cache_path=cache)
     assert os.path.getsize(cache) == (len(items) - 1) * 16 * 16 * 3
     assert torch.equal(small[3][0], to_tensor(load_image(items[3][0], 16)))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temp files left behind
@@ -257,7 +257,7 @@ def test_no_flip_resize_center_crop(tmp_path):
 def test_caption_choice(tmp_path):
     items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
     n = len(items)
-    ds, again, other = ImageTextDataset(items, 16, 77), ImageTextDataset(items, 16, 77), ImageTextDataset(items, 16, 77, seed=1)
+    ds, again, other = ImageTextDataset(items, 16), ImageTextDataset(items, 16), ImageTextDataset(items, 16, seed=1)
     choice = lambda d, key: items[key % n][1].index(d.caption(key))
     # a pure function of (seed, epoch, i): pinned, so a change (or a salted hash()) breaks resume and this test
     assert [choice(ds, k) for k in range(2 * n)] == [1, 1, 1, 3, 2, 0, 1, 2]
@@ -266,19 +266,20 @@ def test_caption_choice(tmp_path):
     for i in range(n):
         assert len({ds.caption(e * n + i) for e in range(20)}) > 1  # varies across epochs
     key = 3 * n + 2  # epoch 3, item 2
-    image, tokens = ds[key]
-    assert torch.equal(image, ds[2][0]) and tokens.dtype == torch.long
-    assert torch.equal(tokens, get_tokenizer(77)([ds.caption(key)])[0]) and tokens[0] == 49406  # <start_of_text>
-    assert get_tokenizer(77) is get_tokenizer(77) and get_tokenizer(16)([ds.caption(key)]).shape == (1, 16)
+    image, caption, _, _ = ds[key]
+    assert torch.equal(image, ds[2][0]) and caption == ds.caption(key)
+    tokens = get_tokenizer(77)([caption])[0]
+    assert tokens.dtype == torch.long and tokens[0] == 49406  # <start_of_text>
+    assert get_tokenizer(77) is get_tokenizer(77) and get_tokenizer(16)([caption]).shape == (1, 16)
 
 def test_dataloader_workers_replay_keys(tmp_path):
     items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
-    ds = ImageTextDataset(items, 16, 77, cache_path=str(tmp_path / "cache.u8"))
+    ds = ImageTextDataset(items, 16, cache_path=str(tmp_path / "cache.u8"))
     keys = [9, 2, 14, 7, 0, 11]  # what a resumable sampler yields: epoch * len + i
     ds[0]  # opens the memmap in this process; it must not be pickled into the workers
     assert ds.cache is not None and pickle.loads(pickle.dumps(ds)).cache is None
     loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=keys, num_workers=2, collate_fn=collate)
     batches = list(loader)
-    images, tokens, skipped = collate([ds[k] for k in keys])
-    assert torch.equal(torch.cat([b[0] for b in batches]), images) and torch.equal(torch.cat([b[1] for b in batches]), tokens)
-    assert sum(b[2] for b in batches) == skipped == 0
+    images, captions, _, _, skipped = collate([ds[k] for k in keys])
+    assert torch.equal(torch.cat([b[0] for b in batches]), images) and sum([b[1] for b in batches], []) == captions
+    assert sum(b[4] for b in batches) == skipped == 0

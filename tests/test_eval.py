@@ -13,9 +13,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import clip_scratch  # noqa: E402
 import eval as ev  # noqa: E402
 import data  # noqa: E402
+from model import CLIP, model_config  # noqa: E402
 
 EXPECTED_KEYS = ["retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/t2i_r1", "retrieval/t2i_r5",
                  "probe/relation", "probe/attribute_swap", "diag/relation_text_cos"]
@@ -146,7 +146,7 @@ def test_eval_shapes_relation_blind_stub():
 
 def test_eval_shapes_random_clip_is_near_chance():
     torch.manual_seed(0)
-    model = clip_scratch.CLIP(**clip_scratch.model_config("tiny", 32, 32))
+    model = CLIP(**model_config("tiny", 32, 32))
     import open_clip
     m = ev.eval_shapes(model, open_clip.tokenizer.SimpleTokenizer(context_length=32), 32, "cpu", n=50)
     assert model.training  # restored
@@ -182,8 +182,8 @@ def test_find_matches_and_eval_retrieval_with_stub(tmp_path):
 
 def tiny_model(image_size=64, seed=0):
     torch.manual_seed(seed)
-    cfg = clip_scratch.model_config("tiny", image_size, 32)
-    model = clip_scratch.CLIP(**cfg).eval()
+    cfg = model_config("tiny", image_size, 32)
+    model = CLIP(**cfg).eval()
     with torch.no_grad():  # move every tensor off its init, so zero-initialised biases are tested too
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

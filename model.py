@@ -1,0 +1,327 @@
+"""
+The CLIP model and the system helpers every minclip script shares: what nanoGPT's model.py is.
+
+- CLIP: a ViT image tower and a causal text Transformer with the constructor signature, forward
+  and state-dict keys of `open_clip.CLIP`, so a minclip checkpoint loads into open_clip with
+  strict=True and gives the same embeddings (tested), and open_clip weights load into it.
+- Captioner: CLIPS's prefix-LM caption head (trained by clip_scratch.py, run by eval.py --caption).
+- MODEL_SIZES / model_config: the named sizes (tiny is the CPU default).
+- System helpers: DDP setup, print0, autocast, the lr schedule, AdamW parameter groups, the
+  autograd all-gather of the contrastive losses, atomic checkpoints, the FLOPs / peak table for MFU.
+
+Method scripts import this module; it imports none of them.
+"""
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the model: OpenAI/open_clip CLIP with open_clip's parameter names
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with open_clip's (nn.MultiheadAttention's) parameter layout:
+    one fused in_proj for q, k, v, and out_proj. Uses F.scaled_dot_product_attention."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal=False, mask=None):
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # mask: bool, True = may attend
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, mlp_ratio=4.0, act=nn.GELU):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential()  # named children so the keys read mlp.c_fc / mlp.c_proj
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", act())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x, causal=False, mask=None):
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio=4.0, act=nn.GELU):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
+
+    def forward(self, x, causal=False, mask=None):
+        for block in self.resblocks:
+            x = block(x, causal=causal, mask=mask)
+        return x
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class VisionTransformer(nn.Module):
+    """Patch conv -> [class token; patches] + learned positions -> ln_pre -> blocks -> ln_post(class) @ proj."""
+
+    def __init__(self, image_size, patch_size, width, layers, head_width, mlp_ratio, output_dim, act):
+        super().__init__()
+        grid = image_size // patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, width // head_width, mlp_ratio, act)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x, return_tokens=False):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))  # layernorm is per token: ln_post(x)[:, 0] == ln_post(x[:, 0])
+        pooled = x[:, 0] @ self.proj
+        return (pooled, x[:, 1:]) if return_tokens else pooled
+
+
+class CLIP(nn.Module):
+    """CLIP with the constructor signature and state-dict keys of `open_clip.CLIP`, so
+    `open_clip.CLIP(**model_cfg).load_state_dict(CLIP(**model_cfg).state_dict())` is exact.
+    Only the standard ViT + causal text Transformer configuration is supported."""
+
+    def __init__(self, embed_dim, vision_cfg, text_cfg, quick_gelu=False, init_logit_scale=math.log(1 / 0.07), **unsupported):
+        super().__init__()
+        assert not any(unsupported.values()), f"unsupported open_clip options: {unsupported}"
+        v, t = dict(vision_cfg), dict(text_cfg)
+        act = QuickGELU if quick_gelu else nn.GELU
+        self.visual = VisionTransformer(v.get("image_size", 224), v.get("patch_size", 16), v.get("width", 768),
+                                        v.get("layers", 12), v.get("head_width", 64), v.get("mlp_ratio", 4.0), embed_dim, act)
+        width, layers = t.get("width", 512), t.get("layers", 12)
+        self.context_length, self.vocab_size = t.get("context_length", 77), t.get("vocab_size", 49408)
+        self.token_embedding = nn.Embedding(self.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(self.context_length, width))
+        self.transformer = Transformer(width, layers, t.get("heads", 8), t.get("mlp_ratio", 4.0), act)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # open_clip's text-tower init (OpenAI's)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def encode_image(self, image, normalize=False, return_tokens=False):
+        x, tokens = self.visual(image, return_tokens=True)
+        x = F.normalize(x, dim=-1) if normalize else x
+        return (x, tokens) if return_tokens else x
+
+    def encode_text(self, text, normalize=False, return_tokens=False):
+        eot = text.argmax(dim=-1)  # the EOT token has the highest id (open_clip's 'argmax' pooling)
+        L = int(eot.max()) + 1  # causal mask: positions after the last EOT cannot change the result (a host sync; cheap)
+        x = self.token_embedding(text[:, :L]) + self.positional_embedding[:L]
+        x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        return (pooled, x) if return_tokens else pooled
+
+    def forward(self, image=None, text=None):
+        """-> (image features [B, D], text features [T, D], logit scale): open_clip.CLIP.forward's output."""
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return image_features, text_features, self.logit_scale.exp()
+
+
+def prefix_lm_mask(prefix_valid, n_query):
+    """The captioner's attention mask, bool [B, 1, P+Q, P+Q], True = may attend. Prefix tokens
+    attend to every valid prefix token (bidirectionally) and never to a query; query q attends to
+    every valid prefix token and to queries <= q. prefix_valid: bool [B, P], False = padding."""
+    B, P = prefix_valid.shape
+    T = P + n_query
+    allowed = torch.ones(T, T, dtype=torch.bool, device=prefix_valid.device).tril()
+    allowed[:, :P] = True  # everyone sees the whole prefix; the triangle keeps queries causal and out of the prefix's view
+    keys = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_query)], dim=1)  # [B, T]
+    return (allowed[None] & keys[:, None, :])[:, None]
+
+
+class Captioner(nn.Module):
+    """CLIPS's captioner, a prefix-LM Transformer. Prefix = the image's patch tokens and the web
+    caption's text-encoder token outputs, each linearly projected; then n_query learnable query
+    tokens (prefix_lm_mask); query q's output -> LayerNorm -> logits for token q+1 of the full
+    synthetic caption. `vocab`: the token ids the output layer covers (None = all vocab_size).
+    A module of its own beside the CLIP (open_clip has no place for it): it reads the CLIP's patch
+    tokens and text-token outputs (encode_image / encode_text with return_tokens=True)."""
+
+    def __init__(self, vision_width, text_width, width, layers, heads, n_query, vocab_size=49408, vocab=None):
+        super().__init__()
+        self.image_proj = nn.Linear(vision_width, width)
+        self.text_proj = nn.Linear(text_width, width)
+        self.queries = nn.Parameter(0.02 * torch.randn(n_query, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.register_buffer("vocab", torch.tensor(vocab) if vocab is not None else torch.arange(vocab_size))
+        self.head = nn.Linear(width, len(self.vocab), bias=False)
+
+    def forward(self, image_tokens, text_tokens, text):
+        """image_tokens [B, N, vision_width], text_tokens [B, L, text_width] (the web caption's
+        outputs), text long [B, >= L] (its token ids: the prefix ends at each caption's EOT)
+        -> logits [B, n_query, len(vocab)]"""
+        B, Q, L = image_tokens.shape[0], self.queries.shape[0], text_tokens.shape[1]
+        text_valid = torch.arange(L, device=text.device) <= text.argmax(-1, keepdim=True)  # [B, L]: up to its EOT
+        prefix = torch.cat([self.image_proj(image_tokens), self.text_proj(text_tokens)], dim=1)  # [B, P, width]
+        x = torch.cat([prefix, self.queries.to(prefix.dtype).expand(B, -1, -1)], dim=1)   # [B, P+Q, width]
+        valid = torch.cat([text_valid.new_ones(B, image_tokens.shape[1]), text_valid], dim=1)
+        x = self.transformer(x, mask=prefix_lm_mask(valid, Q))
+        return self.head(self.ln_final(x[:, -Q:]))
+
+    @torch.no_grad()
+    def greedy(self, logits):
+        """logits [B, Q, V'] -> token ids [B, Q]. The queries do not read earlier predictions, so
+        greedy decoding is one pass: the argmax at every position (cut at the first EOT to decode)."""
+        return self.vocab[logits.argmax(-1)]
+
+
+# vision width, vision layers, text width, text layers, embed dim, patch size
+MODEL_SIZES = {"tiny": (128, 4, 128, 2, 128, 16), "small": (384, 6, 256, 4, 256, 16), "base": (768, 12, 512, 12, 512, 16)}
+
+
+def model_config(size, image_size, context_length=77, vocab_size=49408):
+    """open_clip-style model_cfg for a named size. 'tiny' is the CPU default for the shapes world."""
+    w, l, tw, tl, embed, patch = MODEL_SIZES[size]
+    return dict(embed_dim=embed,
+                vision_cfg=dict(image_size=image_size, patch_size=patch, width=w, layers=l, head_width=64 if w >= 256 else 32),
+                text_cfg=dict(context_length=context_length, vocab_size=vocab_size, width=tw, heads=max(tw // 64, 4), layers=tl))
+
+# -----------------------------------------------------------------------------
+# system helpers shared by the training scripts (DDP, precision, schedule, checkpoints)
+
+
+def setup_distributed(device_flag):
+    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def autocast_ctx(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def lr_at(step, base_lr, warmup, max_steps):
+    """linear warmup then cosine decay to zero."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
+
+
+def param_groups(model, weight_decay, text_lr_mult=1.0):
+    """AdamW groups of a module's trainable parameters: no weight decay on tensors with ndim < 2
+    (biases, norms, class token, logit_scale). For a CLIP, the text tower (all but `visual.*` and
+    logit_scale) gets lr x text_lr_mult, kept as the group's 'lr_mult' (the loop sets lr x lr_mult);
+    any other module (the CLIPS captioner) keeps the default 1. Frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        text = not name.startswith("visual.") and name != "logit_scale"
+        key = (p.ndim >= 2, text)
+        g = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if key[0] else 0.0,
+                                    "lr_mult": text_lr_mult if text else 1.0})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather with a backward: each rank's gradient w.r.t. the gathered tensor is summed over
+    ranks (all_reduce) and the rank's own slice is kept, as torch.distributed.nn's deprecated
+    all_gather does with reduce_scatter."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """[B, ...] on every rank -> [world*B, ...], rank order, differentiable (B must be equal on all ranks).
+    A no-op without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    return _AllGather.apply(x)
+
+
+def save_checkpoint(path, obj):
+    """atomic: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# peak dense bf16 tensor FLOP/s per device, for MFU (0 = unknown, MFU not reported)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((f for k, f in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def flops_per_pair(model_cfg, text_len, texts_per_image=1):
+    """training FLOPs (fwd + bwd = 3x fwd) for one image and its texts: 6 x params x tokens for the
+    matmuls + 12 x layers x width x tokens^2 for attention, per tower (the CLIPS captioner is not counted)."""
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    n_img = (v["image_size"] // v["patch_size"]) ** 2 + 1
+
+    def tower(width, layers, n, mlp_ratio=4.0):
+        return 6 * layers * (4 + 2 * mlp_ratio) * width * width * n + 12 * layers * width * n * n
+    return tower(v["width"], v["layers"], n_img) + texts_per_image * tower(t["width"], t["layers"], text_len)
+
