@@ -1,14 +1,17 @@
 """
 Data for minclip, shared by every script.
 - Real image-caption sets: readers for Flickr8k (Kaggle, original and Karpathy layouts) and COCO
-  captions, in the exact on-disk formats of FORMATS.md; ImageTextDataset yields one image with one
-  of its captions, optionally from a uint8 memmap cache of decoded images. Every bad input raises
-  DataError naming the file and line (or flag).
+  captions, in their exact released on-disk formats (each reader's docstring and comments give
+  the layout and its quirks); ImageTextDataset yields one image with one of its captions,
+  optionally from a uint8 memmap cache of decoded images; StepBatches makes resumable batches.
+  Every bad input raises DataError naming the file and line (or flag).
 - CLIPS: recaptioned CSV/JSONL files (image, web caption, synthetic caption) and the four token
   reductions of a long synthetic caption (reduce_caption).
 - The shapes world: procedural two-object scenes with exact hard negatives and twin scenes, the
   project's built-in training set and benchmark (no download).
 - open_clip's tokenizer.
+Datasets return raw texts (image, caption, synthetic caption, rng); each training script turns
+them into the token tensors its method needs.
 """
 import csv
 import functools

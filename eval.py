@@ -8,7 +8,7 @@ Evaluation shared by every minclip script, and a CLI.
     python eval.py --model out/clip_scratch/ckpt.pt --export out/export   # open_clip hub directory
     python eval.py --model out/clips/ckpt.pt --caption 7                  # CLIPS captioner, shapes test scene 7
 
-Protocols (METHODS.md section 5): the unwrapped model in eval mode under no_grad, on the whole
+Protocols: the unwrapped model in eval mode under no_grad, on the whole
 fixed split. Retrieval: image->text rank = best rank among the image's captions, text->image one
 rank per caption; i2t is CLIP_benchmark's `text_retrieval_recall@k`, t2i its
 `image_retrieval_recall@k`. Pairwise probes: correct iff the positive scores strictly higher.
