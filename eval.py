@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from model import CLIP, Captioner
+
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
 LABEL_H = 16      # height of the score strip under each image of a --grid
 
@@ -190,7 +192,6 @@ def load_model(spec, device="cpu"):
     if is_checkpoint(spec):
         if not os.path.isfile(spec):
             raise SystemExit(f"error: --model {spec}: no such checkpoint file")
-        from model import CLIP
         ckpt = torch.load(spec, map_location="cpu", weights_only=True)
         model = CLIP(**ckpt["model_cfg"])
         model.load_state_dict(ckpt["model"], strict=True)
@@ -207,6 +208,8 @@ def load_model(spec, device="cpu"):
             raise SystemExit(f"error: --model {spec}: no open_clip_config.json in {d}")
         if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(d)):
             raise SystemExit(f"error: --model {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
+        with open(os.path.join(d, "open_clip_config.json")) as f:
+            model_cfg = json.load(f).get("model_cfg")
     else:
         name, _, pretrained = spec.partition(":")
         kwargs["pretrained"] = pretrained or None
@@ -216,19 +219,38 @@ def load_model(spec, device="cpu"):
         # so follow the tag's flag here; for a file path, name the model ViT-B-32-quickgelu yourself.
         tag = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), pretrained) if pretrained else {}
         kwargs["force_quick_gelu"] = bool(tag.get("quick_gelu", False))
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is not None and kwargs["force_quick_gelu"]:
+            model_cfg = {**model_cfg, "quick_gelu": True}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, FileNotFoundError) as e:  # unknown name, no download, bad config
         raise SystemExit(f"error: --model {spec}: {e}")
     size = model.visual.image_size
-    model.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
     return model.to(device).eval(), preprocess, tokenizer
+
+
+def load_clip(spec, device="cpu"):
+    """The --init of the fine-tuning scripts: any spec load_model accepts -> (minclip CLIP with its
+    weights, model_cfg, preprocess, tokenizer). open_clip's weights load into minclip's CLIP with
+    strict=True (same names, same maths), so every script trains one model class; a model that is not
+    the standard ViT + text Transformer CLIP is one clear error."""
+    model, preprocess, tokenizer = load_model(spec, device)
+    if isinstance(model, CLIP):
+        return model, model.model_cfg, preprocess, tokenizer
+    try:
+        ours = CLIP(**model.model_cfg)
+        ours.load_state_dict(model.state_dict(), strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: --init {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
+    ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
+    return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
 
 
 def load_captioner(path, device="cpu"):
     """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
-    from model import Captioner
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not ckpt.get("captioner_cfg"):
         raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "

@@ -104,6 +104,11 @@ class VisionTransformer(nn.Module):
         return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
+VISION_KEYS, TEXT_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}, \
+    {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+VISION_KEYS_DEFAULT, TEXT_KEYS_DEFAULT = {"pool_type": "tok"}, {"pool_type": "argmax"}  # what minclip does anyway
+
+
 class CLIP(nn.Module):
     """CLIP with the constructor signature and state-dict keys of `open_clip.CLIP`, so
     `open_clip.CLIP(**model_cfg).load_state_dict(CLIP(**model_cfg).state_dict())` is exact.
@@ -111,8 +116,13 @@ class CLIP(nn.Module):
 
     def __init__(self, embed_dim, vision_cfg, text_cfg, quick_gelu=False, init_logit_scale=math.log(1 / 0.07), **unsupported):
         super().__init__()
-        assert not any(unsupported.values()), f"unsupported open_clip options: {unsupported}"
         v, t = dict(vision_cfg), dict(text_cfg)
+        # any other open_clip option that is set (layer scale, attentional pooling, an HF text tower,
+        # another pooling...) would be silently ignored here: refuse it instead
+        unsupported |= {f"vision_cfg.{k}": x for k, x in v.items() if k not in VISION_KEYS and x not in (None, False, 0, VISION_KEYS_DEFAULT.get(k))}
+        unsupported |= {f"text_cfg.{k}": x for k, x in t.items() if k not in TEXT_KEYS and x not in (None, False, 0, TEXT_KEYS_DEFAULT.get(k))}
+        if any(x not in (None, False, 0) for x in unsupported.values()):
+            raise ValueError(f"unsupported open_clip options: {unsupported}")
         act = QuickGELU if quick_gelu else nn.GELU
         self.visual = VisionTransformer(v.get("image_size", 224), v.get("patch_size", 16), v.get("width", 768),
                                         v.get("layers", 12), v.get("head_width", 64), v.get("mlp_ratio", 4.0), embed_dim, act)
@@ -268,6 +278,29 @@ def param_groups(model, weight_decay, text_lr_mult=1.0):
                                     "lr_mult": text_lr_mult if text else 1.0})
         g["params"].append(p)
     return list(groups.values())
+
+
+FINETUNE_MODES = ("full", "text", "vision", "last")
+
+
+def set_trainable(model, mode):
+    """Freeze a CLIP for fine-tuning -> the names of the parameters left trainable.
+      full    everything
+      text    the text tower: token and position embeddings, transformer, ln_final, text_projection
+      vision  the image tower: visual.* (its projection included)
+      last    the last residual block of each tower only
+    logit_scale stays trainable in every mode (a script that wants it fixed freezes it itself).
+    Frozen parameters get requires_grad=False, so param_groups leaves them out of the optimizer."""
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown fine-tune mode {mode!r}, choose from {', '.join(FINETUNE_MODES)}")
+    last_v, last_t = len(model.visual.transformer.resblocks) - 1, len(model.transformer.resblocks) - 1
+    rule = {"full": lambda n: True,
+            "text": lambda n: not n.startswith("visual."),
+            "vision": lambda n: n.startswith("visual."),
+            "last": lambda n: n.startswith((f"visual.transformer.resblocks.{last_v}.", f"transformer.resblocks.{last_t}."))}[mode]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "logit_scale" or rule(name))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 class _AllGather(torch.autograd.Function):

@@ -1,0 +1,78 @@
+"""model.py's fine-tuning helpers and eval.load_clip (--init): which parameters each fine-tune mode
+trains, by name, and open_clip models turned into minclip's CLIP with identical embeddings."""
+import json
+import os
+
+import open_clip
+import pytest
+import torch
+
+import eval as ev
+from model import CLIP, FINETUNE_MODES, model_config, param_groups, set_trainable
+
+TEXT = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"}
+
+
+def test_set_trainable_freezes_exactly_the_documented_parameters():
+    model = CLIP(**model_config("tiny", 32, 32))
+    names = [n for n, _ in model.named_parameters()]
+    for mode in FINETUNE_MODES:
+        trainable = set(set_trainable(model, mode))
+        assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+        for n in names:
+            if mode == "full" or n == "logit_scale":
+                want = True
+            elif mode == "text":
+                want = n in TEXT or n.startswith("transformer.")
+            elif mode == "vision":
+                want = n.startswith("visual.")
+            else:  # last: the 4-block vision tower's block 3, the 2-block text tower's block 1
+                want = n.startswith(("visual.transformer.resblocks.3.", "transformer.resblocks.1."))
+            assert (n in trainable) == want, (mode, n)
+        # frozen parameters never reach the optimizer
+        in_groups = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+        assert in_groups == {id(p) for n, p in model.named_parameters() if n in trainable}
+    with pytest.raises(ValueError, match="fine-tune mode"):
+        set_trainable(model, "head")
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_load_clip_turns_an_open_clip_model_into_minclip(tmp_path, quick_gelu):
+    cfg = {**model_config("tiny", 32, 32), "quick_gelu": quick_gelu}
+    torch.manual_seed(0)
+    theirs = open_clip.CLIP(**cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    hub = tmp_path / "hub"
+    ev.export_open_clip(theirs, cfg, str(hub))
+    ours, model_cfg, _, tokenizer = ev.load_clip(f"local-dir:{hub}")
+    assert isinstance(ours, CLIP) and model_cfg == json.load(open(hub / "open_clip_config.json"))["model_cfg"]
+    images, tokens = torch.randn(2, 3, 32, 32), tokenizer(["a small red circle left of a blue ring", "a"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5, rtol=0)
+    # a minclip checkpoint comes back as itself
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": ours.state_dict(), "model_cfg": model_cfg}, path)
+    again, cfg2, _, _ = ev.load_clip(str(path))
+    assert cfg2 == model_cfg and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+@pytest.mark.parametrize("where, option", [("text_cfg", {"pool_type": "last"}), ("vision_cfg", {"ls_init_value": 1e-5}),
+                                           ("vision_cfg", {"attentional_pool": True}), ("", {"custom_text": True})])
+def test_clip_refuses_open_clip_options_it_would_ignore(where, option):
+    cfg = model_config("tiny", 32, 32)
+    cfg = {**cfg, where: {**cfg[where], **option}} if where else {**cfg, **option}
+    with pytest.raises(ValueError, match="unsupported open_clip options"):
+        CLIP(**cfg)
+    CLIP(**{**model_config("tiny", 32, 32), "text_cfg": {**model_config("tiny", 32, 32)["text_cfg"], "pool_type": "argmax"}})  # the default is fine
+
+
+def test_load_clip_refuses_in_one_line(monkeypatch):
+    cfg = model_config("tiny", 32, 32)
+    theirs = open_clip.CLIP(**cfg)
+    theirs.model_cfg, theirs.image_size = {**cfg, "text_cfg": {**cfg["text_cfg"], "pool_type": "last"}}, 32
+    monkeypatch.setattr(ev, "load_model", lambda spec, device="cpu": (theirs, None, None))
+    with pytest.raises(SystemExit, match=r"^error: --init x: minclip's CLIP cannot hold this model \(unsupported open_clip options"):
+        ev.load_clip("x")
