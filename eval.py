@@ -245,7 +245,11 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
             feats.append(encode_images(model, torch.stack([preprocess(im) for _, im in good]), device))
             row |= {k: len(row) + j for j, (k, _) in enumerate(good)}
         last = _progress(f"{desc} images", min(i + batch_size, len(keys)), len(keys), last)
-    txt = encode_texts(model, tokenizer, texts, device) if texts else None
+    txt = []
+    for i in range(0, len(texts), 1024):
+        txt.append(encode_texts(model, tokenizer, texts[i:i + 1024], device))
+        last = _progress(f"{desc} texts", min(i + 1024, len(texts)), len(texts), last)
+    txt = torch.cat(txt) if txt else None
     col = {t: j for j, t in enumerate(texts)}
     readable = torch.tensor([key(image) in row for image, _ in items], dtype=torch.bool)
     scores = torch.full((len(items), len(items[0][1]) if items else 0), float("nan"))
@@ -320,8 +324,8 @@ def _first_file(bench, candidates, expects):
     for path in candidates:
         if os.path.isfile(path):
             return path
-    raise data.DataError(f"{bench}: missing {candidates[0]}{' (or ' + ', '.join(candidates[1:]) + ')' if candidates[1:] else ''}; "
-                         f"expected {expects}")
+    alternatives = f" (or {', '.join(candidates[1:])})" if candidates[1:] else ""
+    raise data.DataError(f"{bench}: missing {candidates[0]}{alternatives}; expected {expects}")
 
 
 def _text(item, key, where):
@@ -533,7 +537,9 @@ def eval_aro(model, preprocess, tokenizer, device, root, seed=1):
             print(f"aro: {part} missing (no {path})")
             out[f"aro/{part}"] = None
             continue
-        text_tools, why = tools = tools or aro_text_tools()
+        if tools is None:  # loaded once, only when an order file is there
+            tools = aro_text_tools()
+        text_tools, why = tools
         if text_tools is None:
             print(f"aro: {part} skipped: {why}")
             out[f"aro/{part}"] = None
