@@ -933,10 +933,13 @@ def main(argv=None):
     if args.bench in COMPOSITIONAL:
         if args.query:
             raise SystemExit("error: --query ranks the test images of --bench shapes, flickr8k or coco")
-        kwargs = {"intrinsic": dict(source=args.data, root=args.data_root, image_root=args.image_root, threshold=args.threshold,
-                                    n=args.n, seed=args.seed, image_size=image_size),
-                  "aro": dict(root=args.data_root, seed=1 if args.seed is None else args.seed)}.get(
-                      args.bench, dict(root=args.data_root, image_root=args.image_root))
+        if args.bench == "intrinsic":
+            kwargs = dict(source=args.data, root=args.data_root, image_root=args.image_root, threshold=args.threshold,
+                          n=args.n, seed=args.seed, image_size=image_size)
+        elif args.bench == "aro":
+            kwargs = dict(root=args.data_root, seed=1 if args.seed is None else args.seed)
+        else:
+            kwargs = dict(root=args.data_root, image_root=args.image_root)
         try:
             metrics = COMPOSITIONAL[args.bench](model, preprocess, tokenizer, device, **kwargs)
         except data.DataError as e:

@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import clip_scratch  # noqa: E402
+from model import CLIP, model_config  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 
@@ -602,8 +602,8 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     ev.export_open_clip(open_clip.CLIP(**TINY), TINY, str(d / "hub"))
-    model_cfg = clip_scratch.model_config("tiny", 32, 32)
-    torch.save({"model": clip_scratch.CLIP(**model_cfg).state_dict(), "model_cfg": model_cfg, "optimizer": {},
+    model_cfg = model_config("tiny", 32, 32)
+    torch.save({"model": CLIP(**model_cfg).state_dict(), "model_cfg": model_cfg, "optimizer": {},
                 "step": 0, "args": {}}, d / "ckpt.pt")
     return {"open_clip": f"local-dir:{d / 'hub'}", "minclip": str(d / "ckpt.pt")}
 
