@@ -7,6 +7,9 @@ Evaluation shared by every minclip script, and a CLI.
     python eval.py --model out/clip_scratch/ckpt.pt --query "a small red circle left of a large blue square" --top 9 --grid grid.png
     python eval.py --model out/clip_scratch/ckpt.pt --export out/export   # open_clip hub directory
     python eval.py --model out/clips/ckpt.pt --caption 7                  # CLIPS captioner, shapes test scene 7
+    python eval.py --model ViT-B-32:openai --bench sugarcrepe --data_root ~/data/sugar-crepe --image_root ~/data/coco/val2017
+    python eval.py --model out/clip_hardneg/ckpt.pt --bench aro --data_root ~/data/aro     # also valse, vlchecklist
+    python eval.py --model out/clip_hardneg/ckpt.pt --bench intrinsic --threshold 1.0      # HNC metrics, shapes world
 
 Protocols: the unwrapped model in eval mode under no_grad, on the whole
 fixed split. Retrieval: image->text rank = best rank among the image's captions, text->image one
@@ -19,9 +22,14 @@ import argparse
 import json
 import math
 import os
+import random
+import re
+import time
 
+import numpy as np
 import torch
 
+import data
 from model import CLIP, Captioner
 
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
@@ -100,7 +108,6 @@ def encode_pil(model, preprocess, images, device, batch_size=128):
 def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preprocess=None):
     """The built-in shapes benchmark: retrieval over n test scenes with unique content, and one
     pairwise probe per hard-negative kind (the scene's own caption vs the negative)."""
-    import data
     was_training = model.training
     model.eval()
     scenes = data.test_scenes(n, data.TEST_SEED if seed is None else seed)
@@ -175,6 +182,589 @@ def generate_caption(model, captioner, image, web_caption, tokenizer, device="cp
     ids = captioner.greedy(captioner(image_tokens, text_tokens, web))[0].tolist()
     ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     return tokenizer.decode(ids).strip()
+
+# -----------------------------------------------------------------------------
+# compositional benchmarks
+#
+# SugarCrepe, ARO, VALSE and VL-CheckList are each a multiple choice per image: a reader turns the
+# released files into items (image, [right caption, wrong caption, ...]) and choice_scores scores a
+# whole set in one batched pass. An item is correct only if the right caption scores strictly
+# higher than every other (a tie is wrong). An image that cannot be read is counted and reported,
+# and the accuracies are over the readable items; a part none of whose images can be read stops
+# the run with the folder it looked in.
+
+PROGRESS_EVERY = 10.0  # seconds between progress lines, so only long runs print them
+
+
+def _progress(desc, done, total, last):
+    now = time.time()
+    if now - last < PROGRESS_EVERY:
+        return last
+    print(f"  {desc}: {done}/{total}", flush=True)
+    return now
+
+
+def _open_choice_image(ref):
+    """a path, (path, (left, top, right, bottom)) crop box, or a PIL image -> RGB PIL image, None if unreadable"""
+    from PIL import Image
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    path, box = (ref, None) if isinstance(ref, str) else ref
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    # ARO's crop: a box past the border is padded with black, as PIL (and ARO's loader) does
+    return im if box is None else im.crop(box)
+
+
+def _image_path(ref):
+    return ref if isinstance(ref, str) else ref[0] if isinstance(ref, tuple) else "<in-memory image>"
+
+
+@torch.no_grad()
+def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_size=128):
+    """items: [(image, [texts])], K texts each (texts[0] the right one); image as _open_choice_image
+    takes it. Every distinct image and text is encoded once, in batches, normalised.
+    -> scores [n, K] cosine similarities, readable [n] bool. Unreadable images leave NaN rows; a
+    wrong text identical to the right one is NaN too: it is the same caption, not a distractor
+    (ARO's shuffles leave some captions unchanged, and its argmax gave those ties to the caption)."""
+    was_training = model.training
+    model.eval()
+    if len({len(cands) for _, cands in items}) > 1:
+        raise ValueError("choice_scores: every item needs the same number of texts")
+    key = lambda ref: ref if isinstance(ref, (str, tuple)) else id(ref)  # noqa: E731 (pil images: by identity)
+    refs = {key(image): image for image, _ in items}
+    keys = list(refs)
+    texts = list(dict.fromkeys(t for _, cands in items for t in cands))
+    row, feats, last = {}, [], time.time()
+    for i in range(0, len(keys), batch_size):
+        good = [(k, im) for k in keys[i:i + batch_size] if (im := _open_choice_image(refs[k])) is not None]
+        if good:
+            feats.append(encode_images(model, torch.stack([preprocess(im) for _, im in good]), device))
+            row |= {k: len(row) + j for j, (k, _) in enumerate(good)}
+        last = _progress(f"{desc} images", min(i + batch_size, len(keys)), len(keys), last)
+    txt = []
+    for i in range(0, len(texts), 1024):
+        txt.append(encode_texts(model, tokenizer, texts[i:i + 1024], device))
+        last = _progress(f"{desc} texts", min(i + 1024, len(texts)), len(texts), last)
+    txt = torch.cat(txt) if txt else None
+    col = {t: j for j, t in enumerate(texts)}
+    readable = torch.tensor([key(image) in row for image, _ in items], dtype=torch.bool)
+    scores = torch.full((len(items), len(items[0][1]) if items else 0), float("nan"))
+    if readable.any():
+        img = torch.cat(feats)
+        kept = [item for item, ok in zip(items, readable) if ok]
+        image_rows = torch.tensor([row[key(image)] for image, _ in kept])
+        text_cols = torch.tensor([[col[t] for t in cands] for _, cands in kept])  # [m, K]
+        # identical strings share one embedding, so a model that cannot tell them apart ties exactly
+        scores[readable] = (img[image_rows][:, None, :] * txt[text_cols]).sum(-1)
+        same = torch.tensor([[j > 0 and t == cands[0] for j, t in enumerate(cands)] for _, cands in items], dtype=torch.bool)
+        scores[same] = float("nan")
+    model.train(was_training)
+    return scores, readable
+
+
+def choice_correct(scores):
+    """scores [n, K] as choice_scores gives them, column 0 the right caption -> [n] bool: strictly
+    above every wrong caption; an item whose wrong captions all equal the right one is wrong, as
+    VALSE's and VL-CheckList's own scoring count their few pairs with caption == foil"""
+    wrong = scores[:, 1:]
+    best = wrong.nan_to_num(nan=float("-inf")).max(1).values
+    return (scores[:, 0] > best) & ~wrong.isnan().all(1)
+
+
+class Chooser:
+    """scores the parts of one benchmark with one model, tallying items and unreadable images"""
+
+    def __init__(self, bench, model, preprocess, tokenizer, device):
+        self.bench, self.model, self.preprocess, self.tokenizer, self.device = bench, model, preprocess, tokenizer, device
+        self.n_items, self.unreadable = 0, {}
+
+    def scores(self, items, where, count=True):
+        """-> (scores [m, K], readable [m]) for the items; raises if none of their images can be read"""
+        scores, readable = choice_scores(self.model, self.preprocess, self.tokenizer, items, self.device,
+                                         desc=f"{self.bench} {where}")
+        if items and not readable.any():
+            raise data.DataError(f"{self.bench}: {where}: none of its {len(items)} images could be read "
+                                 f"(first: {_image_path(items[0][0])})")
+        self.n_items += len(items) if count else 0
+        self.unreadable |= dict.fromkeys(_image_path(im) for (im, _), ok in zip(items, readable) if not ok)
+        return scores, readable
+
+    def correct(self, items, where):
+        """-> [m'] bool over the readable items: the right caption strictly above every other"""
+        scores, readable = self.scores(items, where)
+        return choice_correct(scores[readable])
+
+    def counts(self):
+        if self.unreadable:
+            print(f"{self.bench}: {len(self.unreadable)} image(s) could not be read, their items are left out "
+                  f"of every accuracy (first: {next(iter(self.unreadable))})")
+        return {f"{self.bench}/n_items": self.n_items, f"{self.bench}/unreadable_images": len(self.unreadable)}
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _acc(correct):
+    return correct.float().mean().item()
+
+
+def _bench_root(bench, root, expects):
+    if root is None or not os.path.isdir(root):
+        raise data.DataError(f"{bench}: --data_root {root} is not a folder; it should hold {expects}")
+    return root
+
+
+def _first_file(bench, candidates, expects):
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    alternatives = f" (or {', '.join(candidates[1:])})" if candidates[1:] else ""
+    raise data.DataError(f"{bench}: missing {candidates[0]}{alternatives}; expected {expects}")
+
+
+def _text(item, key, where):
+    value = item.get(key) if isinstance(item, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        raise data.DataError(f"{where}: missing or empty {key!r}")
+    return value
+
+# --- SugarCrepe
+
+
+SUGARCREPE = {"replace": ("replace_obj", "replace_att", "replace_rel"), "swap": ("swap_obj", "swap_att"),
+              "add": ("add_obj", "add_att")}
+
+
+def read_sugarcrepe(root, image_root=None):
+    """SugarCrepe as released: <subset>.json for its 7 subsets, in root or root/data (a clone of its
+    repository), each a dict keyed by string ids (not always contiguous: swap_obj skips "108") of
+    {filename, caption, negative_caption}; the images are COCO val2017, under image_root (default
+    root/val2017). -> {subset: [(image path, [caption, negative_caption])]}"""
+    _bench_root("sugarcrepe", root, "the 7 subset files <subset>.json (or data/<subset>.json)")
+    image_root = image_root or os.path.join(root, "val2017")
+    out = {}
+    for subset in (s for group in SUGARCREPE.values() for s in group):
+        path = _first_file("sugarcrepe", [os.path.join(root, f"{subset}.json"), os.path.join(root, "data", f"{subset}.json")],
+                           "SugarCrepe's data/<subset>.json files")
+        items = data._load_json(path)
+        if not isinstance(items, dict):
+            raise data.DataError(f"{path}: expected a JSON object keyed by item id")
+        out[subset] = [(os.path.join(image_root, _text(it, "filename", f"{path}: item {k!r}")),
+                        [_text(it, "caption", f"{path}: item {k!r}"), _text(it, "negative_caption", f"{path}: item {k!r}")])
+                       for k, it in items.items()]
+    return out
+
+
+@torch.no_grad()
+def eval_sugarcrepe(model, preprocess, tokenizer, device, root, image_root=None):
+    """Per subset: caption vs negative_caption. Groups replace / swap / add pool their subsets' items
+    (the subset accuracies weighted by size); mean is the plain mean of the 7 subset accuracies."""
+    choose, out, correct = Chooser("sugarcrepe", model, preprocess, tokenizer, device), {}, {}
+    for subset, items in read_sugarcrepe(root, image_root).items():
+        correct[subset] = choose.correct(items, subset)
+        out[f"sugarcrepe/{subset}"] = _acc(correct[subset])
+    for group, subsets in SUGARCREPE.items():
+        out[f"sugarcrepe/{group}"] = _acc(torch.cat([correct[s] for s in subsets]))
+    out["sugarcrepe/mean"] = _mean(out[f"sugarcrepe/{s}"] for s in correct)
+    return out | choose.counts()
+
+# --- ARO
+
+
+# the relations ARO's authors leave out of VG-Relation's macro accuracy, verbatim from the list in
+# their replication notebook (symmetric relations such as "next to", and others they dropped with them)
+ARO_EXCLUDED_RELATIONS = frozenset((
+    "adjusting", "attached to", "between", "bigger than", "biting", "boarding", "brushing", "chewing", "cleaning",
+    "climbing", "close to", "coming from", "coming out of", "contain", "crossing", "dragging", "draped over",
+    "drinking", "drinking from", "driving", "driving down", "driving on", "eating from", "eating in", "enclosing",
+    "exiting", "facing", "filled with", "floating in", "floating on", "flying", "flying above", "flying in",
+    "flying over", "flying through", "full of", "going down", "going into", "going through", "grazing in",
+    "growing in", "growing on", "guiding", "hanging from", "hanging in", "hanging off", "hanging over",
+    "higher than", "holding onto", "hugging", "in between", "jumping off", "jumping on", "jumping over", "kept in",
+    "larger than", "leading", "leaning over", "leaving", "licking", "longer than", "looking in", "looking into",
+    "looking out", "looking over", "looking through", "lying next to", "lying on top of", "making", "mixed with",
+    "mounted on", "moving", "on the back of", "on the edge of", "on the front of", "on the other side of",
+    "opening", "painted on", "parked at", "parked beside", "parked by", "parked in", "parked in front of",
+    "parked near", "parked next to", "perched on", "petting", "piled on", "playing", "playing in", "playing on",
+    "playing with", "pouring", "reaching for", "reading", "reflected on", "riding on", "running in", "running on",
+    "running through", "seen through", "sitting behind", "sitting beside", "sitting by", "sitting in front of",
+    "sitting near", "sitting next to", "sitting under", "skiing down", "skiing on", "sleeping in", "sleeping on",
+    "smiling at", "sniffing", "splashing", "sprinkled on", "stacked on", "standing against", "standing around",
+    "standing behind", "standing beside", "standing in front of", "standing near", "standing next to",
+    "staring at", "stuck in", "surrounding", "swimming in", "swinging", "talking to", "topped with", "touching",
+    "traveling down", "traveling on", "tying", "typing on", "underneath", "wading in", "waiting for",
+    "walking across", "walking by", "walking down", "walking next to", "walking through", "working in",
+    "working on", "worn on", "wrapped around", "wrapped in", "by", "of", "near", "next to", "with", "beside",
+    "on the side of", "around"))
+ARO_MIN_PAIR = 25  # VG-Attribution's macro accuracy keeps attribute pairs with at least this many items
+ARO_ORDER = {"coco_order": "coco_karpathy_test.json", "flickr30k_order": "flickr30k_test.json"}
+ARO_PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams", "shuffle_trigrams")
+NOUN_TAGS, ADJECTIVE_TAGS = ("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")
+
+
+def read_aro_vg(path, image_dir, part):
+    """visual_genome_{relation,attribution}.json: a list of {image_path, bbox_x, bbox_y, bbox_w,
+    bbox_h, true_caption, false_caption, relation_name | attributes} -> ([((image path, crop box),
+    [true_caption, false_caption])], [group]) where group is the relation, or the attribute pair
+    "first_second" (ordered, as ARO's evaluation keys it)."""
+    rows, items, groups = data._load_json(path), [], []
+    if not isinstance(rows, list):
+        raise data.DataError(f"{path}: expected a JSON list")
+    for i, r in enumerate(rows):
+        where = f"{path}: item {i}"
+        try:
+            x, y, w, h = (float(r[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            group = r["relation_name"] if part == "relation" else f"{r['attributes'][0]}_{r['attributes'][1]}"
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise data.DataError(f"{where}: missing or malformed field {e}") from None
+        if w <= 0 or h <= 0:
+            raise data.DataError(f"{where}: empty box {w} x {h}")
+        items.append(((os.path.join(image_dir, _text(r, "image_path", where)), (x, y, x + w, y + h)),
+                      [_text(r, "true_caption", where), _text(r, "false_caption", where)]))
+        groups.append(group)
+    return items, groups
+
+
+def read_karpathy_test(path, image_root):
+    """ARO's order sets start from BLIP's Karpathy test files: a list of {"image": "val2014/...jpg",
+    "caption": [captions]} (a train file has one string instead) -> [(image path, caption)], one per caption"""
+    rows = data._load_json(path)
+    if not isinstance(rows, list):
+        raise data.DataError(f"{path}: expected a JSON list")
+    out = []
+    for i, r in enumerate(rows):
+        caps = r.get("caption") if isinstance(r, dict) else None
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise data.DataError(f"{path}: item {i}: missing or empty 'caption'")
+        out += [(os.path.join(image_root, _text(r, "image", f"{path}: item {i}")), c) for c in caps]
+    return out
+
+
+def pre_caption(caption, max_words=30):
+    """ARO's (BLIP's) caption normalisation: lowercase, .!"()*#:;~ -> space, runs of whitespace -> one
+    space, strip, then the first max_words words"""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def order_perturbations(caption, tag, tokenize, np_rng, rng):
+    """ARO's four shuffles of a raw caption, each then normalised by pre_caption: nouns among nouns
+    and adjectives among adjectives; every other word among themselves; the words within each
+    trigram; the trigrams. tag(text) -> [(token, Penn tag)] (ARO: spaCy en_core_web_sm), tokenize(text)
+    -> [token] (ARO: nltk.word_tokenize). The random draws are ARO's, in its order (numpy for the
+    first two, python's random for the trigrams), so the same seeds and tools give its exact captions."""
+    tagged = tag(caption)
+    words = np.array([w for w, _ in tagged])
+    nouns = [i for i, (_, t) in enumerate(tagged) if t in NOUN_TAGS]
+    adjectives = [i for i, (_, t) in enumerate(tagged) if t in ADJECTIVE_TAGS]
+    a = words.copy()
+    a[nouns] = np_rng.permutation(a[nouns])
+    a[adjectives] = np_rng.permutation(a[adjectives])
+    b, rest = words.copy(), np.ones(len(words), dtype=bool)
+    rest[nouns + adjectives] = False
+    b[rest] = np_rng.permutation(b[rest])
+    tokens = list(tokenize(caption))
+    within = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+    for trigram in within:
+        rng.shuffle(trigram)
+    trigrams = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+    rng.shuffle(trigrams)
+    return [pre_caption(" ".join(x)) for x in (a, b, [w for t in within for w in t], [w for t in trigrams for w in t])]
+
+
+def aro_text_tools():
+    """ARO's own text tools -> (tag, tokenize), or (None, why) when they are not installed"""
+    try:
+        import nltk
+        import spacy
+        nlp = spacy.load("en_core_web_sm")
+        nltk.word_tokenize("a test.")  # needs nltk's punkt data
+    except (ImportError, OSError, LookupError) as e:
+        return None, ("needs ARO's text tools, spaCy's en_core_web_sm and nltk's punkt: pip install spacy nltk && "
+                      f"python -m spacy download en_core_web_sm && python -m nltk.downloader punkt punkt_tab ({type(e).__name__})")
+    return (lambda text: [(t.text, t.tag_) for t in nlp(text)], nltk.word_tokenize), None
+
+
+@torch.no_grad()
+def eval_aro(model, preprocess, tokenizer, device, root, seed=1):
+    """ARO, each part whose files are in root (ARO's own layout):
+    - relation: visual_genome_relation.json + images/, the image cropped to the box; true vs false
+      caption. Macro accuracy over relations, leaving out ARO_EXCLUDED_RELATIONS as ARO's authors do
+      (the reported number), and the micro accuracy over every item.
+    - attribution: visual_genome_attribution.json; macro over ordered attribute pairs with at least
+      25 items (reported), micro over all.
+    - coco_order / flickr30k_order: coco_karpathy_test.json (images under root/val2014) and
+      flickr30k_test.json (root/flickr30k-images); per caption, the normalised caption against its 4
+      perturbations (order_perturbations, ARO's seed 1 by default): correct iff the caption scores
+      strictly highest (ARO's Precision@1, where its argmax gave ties to the caption), and the
+      pairwise accuracy against each perturbation.
+    A part whose file is absent is reported as None."""
+    _bench_root("aro", root, "visual_genome_relation.json, visual_genome_attribution.json, images/, "
+                "coco_karpathy_test.json, flickr30k_test.json")
+    choose, out = Chooser("aro", model, preprocess, tokenizer, device), {}
+    for part, name in (("relation", "visual_genome_relation.json"), ("attribution", "visual_genome_attribution.json")):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            print(f"aro: {part} missing (no {path})")
+            out[f"aro/{part}"] = None
+            continue
+        items, groups = read_aro_vg(path, os.path.join(root, "images"), part)
+        scores, readable = choose.scores(items, part)
+        correct, groups = choice_correct(scores[readable]), [g for g, ok in zip(groups, readable) if ok]
+        by_group = {}
+        for g, c in zip(groups, correct.tolist()):
+            by_group.setdefault(g, []).append(c)
+        if part == "relation":
+            kept = [g for g in by_group if g not in ARO_EXCLUDED_RELATIONS]
+        else:
+            kept = [g for g in by_group if len(by_group[g]) >= ARO_MIN_PAIR]
+        out[f"aro/{part}"] = _mean(_mean(by_group[g]) for g in kept)
+        out[f"aro/{part}_micro"] = _acc(correct)
+        out[f"aro/{part}_groups"] = len(kept)
+    tools = None
+    for part, name in ARO_ORDER.items():
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            print(f"aro: {part} missing (no {path})")
+            out[f"aro/{part}"] = None
+            continue
+        if tools is None:  # loaded once, only when an order file is there
+            tools = aro_text_tools()
+        text_tools, why = tools
+        if text_tools is None:
+            print(f"aro: {part} skipped: {why}")
+            out[f"aro/{part}"] = None
+            continue
+        tag, tokenize = text_tools
+        np_rng, rng = np.random.RandomState(seed), random.Random(seed)  # fresh per set, as each ARO run seeds
+        items = [(image, [pre_caption(c)] + order_perturbations(c, tag, tokenize, np_rng, rng))
+                 for image, c in read_karpathy_test(path, root)]
+        scores, readable = choose.scores(items, part)
+        scores = scores[readable]
+        out[f"aro/{part}"] = _acc(choice_correct(scores))
+        for j, name in enumerate(ARO_PERTURBATIONS, 1):
+            changed = ~scores[:, j].isnan()  # over the captions this shuffle changed
+            out[f"aro/{part}/{name}"] = _acc(scores[changed, 0] > scores[changed, j]) if changed.any() else None
+    if all(out[f"aro/{p}"] is None for p in ("relation", "attribution", *ARO_ORDER)):
+        raise data.DataError(f"aro: none of ARO's files in {root}: visual_genome_relation.json, "
+                             "visual_genome_attribution.json, coco_karpathy_test.json, flickr30k_test.json")
+    return out | choose.counts()
+
+# --- VALSE
+
+
+VALSE_PIECES = {  # piece file -> category (noun phrases: FOIL-it!), in the paper's table order
+    "existence": "existence", "plurals": "plurality", "counting-hard": "counting",
+    "counting-small-quant": "counting", "counting-adversarial": "counting", "relations": "relations",
+    "action-replacement": "actions", "actant-swap": "actions", "coreference-standard": "coreference",
+    "coreference-hard": "coreference", "foil-it": "noun_phrases"}
+VALSE_MIN_VOTES = 2  # valid item: at least 2 of 3 annotators chose the caption (and not the foil)
+
+
+def read_valse(root, image_root=None):
+    """VALSE as released: <piece>.json in root or root/data, a dict keyed by id of {image_file,
+    caption, foil, mturk: {caption, foil, other}, ...}. Only valid items are kept, as VALSE's README
+    and evaluation scripts do: mturk["caption"] >= 2. Each piece's images come from another dataset:
+    looked up as image_root/<piece>/<image_file>, then image_root/<image_file> (default image_root:
+    root/images). -> {piece: ([(image path, [caption, foil])], n_items)}"""
+    _bench_root("valse", root, "the 11 piece files <piece>.json (or data/<piece>.json) and images/")
+    image_root = image_root or os.path.join(root, "images")
+    out = {}
+    for piece in VALSE_PIECES:
+        path = _first_file("valse", [os.path.join(root, f"{piece}.json"), os.path.join(root, "data", f"{piece}.json")],
+                           "VALSE's data/<piece>.json files")
+        rows, items = data._load_json(path), []
+        if not isinstance(rows, dict):
+            raise data.DataError(f"{path}: expected a JSON object keyed by item id")
+        for key, r in rows.items():
+            where = f"{path}: item {key!r}"
+            votes = r.get("mturk") if isinstance(r, dict) else None
+            if not isinstance(votes, dict) or not isinstance(votes.get("caption"), int):
+                raise data.DataError(f"{where}: missing or malformed 'mturk' votes")
+            if votes["caption"] < VALSE_MIN_VOTES:
+                continue
+            name = _text(r, "image_file", where)
+            image = os.path.join(image_root, piece, name)
+            image = image if os.path.exists(image) else os.path.join(image_root, name)
+            items.append((image, [_text(r, "caption", where), _text(r, "foil", where)]))
+        out[piece] = (items, len(rows))
+    return out
+
+
+@torch.no_grad()
+def eval_valse(model, preprocess, tokenizer, device, root, image_root=None):
+    """Per piece: caption vs foil over its valid items; each category the mean of its pieces;
+    mean the mean of the 11 pieces (VALSE's average)."""
+    choose, out, by_category, n_valid = Chooser("valse", model, preprocess, tokenizer, device), {}, {}, 0
+    for piece, (items, n) in read_valse(root, image_root).items():
+        category = VALSE_PIECES[piece]
+        if not items:
+            raise data.DataError(f"valse: {piece}: none of its {n} items is valid (mturk caption votes >= 2)")
+        out[f"valse/{category}/{piece}"] = _acc(choose.correct(items, piece))
+        by_category.setdefault(category, []).append(out[f"valse/{category}/{piece}"])
+        n_valid += len(items)
+    out |= {f"valse/{c}": _mean(accs) for c, accs in by_category.items()}
+    out["valse/mean"] = _mean(out[f"valse/{VALSE_PIECES[p]}/{p}"] for p in VALSE_PIECES)
+    return out | choose.counts() | {"valse/n_valid": n_valid}
+
+# --- VL-CheckList
+
+
+def vlchecklist_files():
+    """VL-CheckList's corpus as its release lists it (corpus/v1/<Type>/<subtype>/<source>.yaml):
+    -> [(type, subtype, source, corpus, annotation path, image folder)], 56 files"""
+    out = []
+    for kind, values in (("location", ("center", "mid", "margin")), ("size", ("large", "medium", "small"))):
+        top = f"data/Object/{kind.capitalize()}"
+        for v in values:
+            out += [("object", f"{kind}_{v}", "vg", f"vg_{r}", f"{top}/vg_{kind}/vg_{r}_{v}.json", "vg") for r in ("obj", "subj")]
+            out += [("object", f"{kind}_{v}", "swig", f"swig_{r}", f"{top}/swig_{kind}/swig_{r}/swig_{r}_{v}.json", "swig")
+                    for r in ("agent", "destination", "item", "tool")]
+            out.append(("object", f"{kind}_{v}", "hake", "hake", f"{top}/hake_{kind}/hake_obj_{v}.json", "hake"))
+    for attribute in ("action", "color", "material", "size", "state"):
+        out += [("attribute", attribute, src, src, f"data/Attribute/{src}/{attribute}.json", "vg") for src in ("vg", "vaw")]
+    out += [("relation", "action", "vg", "vg", "data/Relation/vg/action.json", "vg"),
+            ("relation", "action", "swig", "swig", "data/Relation/swig_action.json", "swig"),
+            ("relation", "action", "hake", "hake", "data/Relation/hake_action.json", "hake"),
+            ("relation", "spatial", "vg", "vg", "data/Relation/vg/spatial.json", "vg")]
+    return out
+
+
+def read_vlchecklist_file(path, image_dir):
+    """one VL-CheckList file: a JSON list of [image relpath, {"POS": [texts], "NEG": [texts]}] ->
+    [(image path, [POS[0], NEG[0]])]. Its evaluation (itc) compares POS[0] with NEG[0] only: the swig
+    files carry 3 of each, the rest 1; texts are used as written (some NEG start with a space)."""
+    rows, items = data._load_json(path), []
+    if not isinstance(rows, list):
+        raise data.DataError(f"{path}: expected a JSON list")
+    for i, r in enumerate(rows):
+        try:
+            rel, texts = r
+            pos, neg = texts["POS"][0], texts["NEG"][0]
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise data.DataError(f"{path}: item {i}: expected [image path, {{\"POS\": [...], \"NEG\": [...]}}]") from None
+        if not all(isinstance(t, str) and t.strip() for t in (rel, pos, neg)):
+            raise data.DataError(f"{path}: item {i}: empty image path or text")
+        items.append((os.path.join(image_dir, rel), [pos, neg]))
+    return items
+
+
+@torch.no_grad()
+def eval_vlchecklist(model, preprocess, tokenizer, device, root, image_root=None):
+    """VL-CheckList's itc protocol: per file, POS[0] vs NEG[0]. Aggregated as the release's radar
+    chart does: a subtype is the mean over its sources (vg, swig, hake, vaw) of the mean over each
+    source's files; a type (object, attribute, relation) the mean of its subtypes; mean the mean of
+    the 3 types. Files in root/data/... (a clone of its repository), images under image_root/<vg |
+    swig | hake>/ (default image_root: root, where the release's relative image roots point). The
+    release's sample config also cuts each file to its first 1,000 items; this runs them all."""
+    _bench_root("vlchecklist", root, "VL-CheckList's data/ folder (a clone of its repository) and its images")
+    image_root = image_root or root
+    choose, out, by_source = Chooser("vlchecklist", model, preprocess, tokenizer, device), {}, {}
+    for kind, subtype, source, corpus, rel, img in vlchecklist_files():
+        path = _first_file("vlchecklist", [os.path.join(root, rel)], "VL-CheckList's data/ folder as released")
+        key = f"vlchecklist/{kind}/{subtype}/{corpus}"
+        out[key] = _acc(choose.correct(read_vlchecklist_file(path, os.path.join(image_root, img)), rel))
+        by_source.setdefault((kind, subtype), {}).setdefault(source, []).append(out[key])
+    by_kind = {}
+    for (kind, subtype), sources in by_source.items():
+        out[f"vlchecklist/{kind}/{subtype}"] = _mean(_mean(accs) for accs in sources.values())
+        by_kind.setdefault(kind, []).append(out[f"vlchecklist/{kind}/{subtype}"])
+    out |= {f"vlchecklist/{kind}": _mean(accs) for kind, accs in by_kind.items()}
+    out["vlchecklist/mean"] = _mean(out[f"vlchecklist/{kind}"] for kind in by_kind)
+    return out | choose.counts()
+
+# --- intrinsic metrics (the HNC thesis)
+
+
+def intrinsic_metrics(pos_cos, neg_cos, rand_cos, threshold=1.0, eps=1e-8):
+    """The HNC thesis's intrinsic metrics. pos_cos, neg_cos: [n] cos(image, caption) and cos(image,
+    its hard negative) per triplet; rand_cos: [m] cos(image, another image's caption), one per image.
+    Distinguishing accuracy: the fraction with cos(v, t+) / (cos(v, t-) + eps) >= threshold, as the
+    thesis defines it (eps 1e-8; with a negative denominator the ratio flips, a quirk kept as is);
+    pairwise_acc is the plain cos(v, t+) > cos(v, t-). Both count a tie wrong."""
+    # float64: in float32 (the thesis's code) 1e-8 vanishes next to a cosine of 0.3, and a tie's
+    # ratio would be exactly 1 and count as distinguished at the default threshold
+    ratio = pos_cos.double() / (neg_cos.double() + eps)
+    return {"pos_cos": pos_cos.mean().item(), "hard_neg_cos": neg_cos.mean().item(),
+            "margin": (pos_cos.mean() - neg_cos.mean()).item(), "rand_neg_cos": rand_cos.mean().item(),
+            "distinguish_acc": (ratio >= threshold).float().mean().item(),
+            "pairwise_acc": (pos_cos > neg_cos).float().mean().item()}
+
+
+def read_hnc_test(path, image_dir):
+    """HNC's test file: {"<gqa image>.jpg": {"<n>": {caption, label (1 positive, 0 negative), type,
+    ...}}}. Within an image and a type, positives and negatives pair up in id order, as the thesis
+    pairs them; a group with unequal counts is skipped and counted.
+    -> ([(image path, positive, negative, type)], skipped groups)"""
+    rows, out, skipped = data._load_json(path), [], 0
+    if not isinstance(rows, dict):
+        raise data.DataError(f"{path}: expected a JSON object keyed by image file")
+    for image, caps in rows.items():
+        groups = {}
+        try:
+            for cid in sorted(caps, key=int):
+                c = caps[cid]
+                if c["label"] not in (0, 1):
+                    raise ValueError(f"label {c['label']!r}")
+                groups.setdefault(c.get("type", "default"), ([], []))[1 - c["label"]].append(_text(c, "caption", f"{path}: {image} caption {cid}"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise data.DataError(f"{path}: {image}: malformed captions ({e})") from None
+        for kind, (pos, neg) in groups.items():
+            if len(pos) != len(neg):
+                skipped += 1
+                continue
+            out += [(os.path.join(image_dir, image), p, n, kind) for p, n in zip(pos, neg)]
+    return out, skipped
+
+
+@torch.no_grad()
+def eval_intrinsic(model, preprocess, tokenizer, device, source="shapes", root=None, image_root=None,
+                   threshold=1.0, n=1000, seed=None, image_size=SHAPES_SIZE):
+    """Intrinsic metrics on triplets (image, caption, hard negative). shapes: n test scenes, each with
+    every hard-negative kind (pooled, then per kind), rendered at image_size and put through
+    preprocess. hnc: HNC's test file (root/hnc_clean_strict_test.json, GQA images under image_root,
+    default root/images). The random negative of each distinct image is the caption of the next one."""
+    from PIL import Image
+    choose = Chooser("intrinsic", model, preprocess, tokenizer, device)
+    if source == "shapes":
+        scenes = data.test_scenes(n, data.TEST_SEED if seed is None else seed)
+        images = [Image.fromarray(data.render(s, image_size)) for s in scenes]
+        triplets = [(im, s.caption(), fn(s), kind) for kind, fn in data.NEGATIVES.items() for im, s in zip(images, scenes)]
+    else:
+        _bench_root("intrinsic", root, "hnc_clean_strict_test.json and images/")
+        path = _first_file("intrinsic", [os.path.join(root, "hnc_clean_strict_test.json")], "HNC's test file")
+        triplets, skipped = read_hnc_test(path, image_root or os.path.join(root, "images"))
+        if skipped:
+            print(f"intrinsic: skipped {skipped} image/type group(s) of {path} with unequal positives and negatives")
+        if not triplets:
+            raise data.DataError(f"intrinsic: {path} has no positive/negative pair")
+    scores, readable = choose.scores([(im, [p, q]) for im, p, q, _ in triplets], "triplets")
+    first = {}  # each distinct image (pil images by identity) -> (image, its first caption)
+    for im, p, _, _ in triplets:
+        first.setdefault(im if isinstance(im, str) else id(im), (im, p))
+    firsts = list(first.values())
+    rand, rand_ok = choose.scores([(im, [firsts[(i + 1) % len(firsts)][1]]) for i, (im, _) in enumerate(firsts)],
+                                  "random negatives", count=False)
+    kinds = [t[3] for t in triplets]
+    out = {f"intrinsic/{k}": v for k, v in intrinsic_metrics(scores[readable, 0], scores[readable, 1], rand[rand_ok, 0], threshold).items()}
+    if source == "shapes":
+        for kind in data.NEGATIVES:
+            mask = readable & torch.tensor([k == kind for k in kinds])
+            m = intrinsic_metrics(scores[mask, 0], scores[mask, 1], rand[rand_ok, 0], threshold)
+            out |= {f"intrinsic/{kind}/{k}": m[k] for k in ("hard_neg_cos", "distinguish_acc", "pairwise_acc")}
+    return out | choose.counts()
+
+COMPOSITIONAL = {"sugarcrepe": eval_sugarcrepe, "aro": eval_aro, "valse": eval_valse, "vlchecklist": eval_vlchecklist,
+                 "intrinsic": eval_intrinsic}
 
 # -----------------------------------------------------------------------------
 # models: load any CLIP, export ours as an open_clip hub directory
@@ -289,10 +879,17 @@ def main(argv=None):
     # model
     p.add_argument("--model", required=True, help="ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
     # benchmark
-    p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco"))
-    p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco)")
+    p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco", *COMPOSITIONAL))
+    p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco, and the compositional benchmarks)")
+    p.add_argument("--image_root", default=None, help="sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
+                   "the images, when not in the default place under --data_root (see README)")
     p.add_argument("--n", type=int, default=1000, help="shapes: number of test scenes")
-    p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the fixed test seed)")
+    p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the "
+                   "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)")
+    p.add_argument("--data", default="shapes", choices=("shapes", "hnc"), help="intrinsic: the shapes world's test "
+                   "scenes, or HNC's test file under --data_root")
+    p.add_argument("--threshold", type=float, default=1.0, help="intrinsic: distinguishing accuracy counts "
+                   "cos(v, t+) / (cos(v, t-) + 1e-8) >= threshold")
     # retrieval demo (replaces the metrics)
     p.add_argument("--query", default=None, help="rank the bench's test images by similarity to this text")
     p.add_argument("--top", type=int, default=9, help="with --query: how many matches to show")
@@ -322,7 +919,6 @@ def main(argv=None):
             raise SystemExit(f"error: --caption needs a minclip checkpoint (*.pt), got --model {args.model}")
         captioner = load_captioner(args.model, device)
         if args.caption.isdigit():
-            import data
             scene = data.test_scenes(int(args.caption) + 1)[-1]
             image, web = data.to_tensor(data.render(scene, model.image_size)), scene.caption()
             print(f"shapes test scene {args.caption}\ndescription: {data.description(scene)}")
@@ -334,14 +930,28 @@ def main(argv=None):
     native = is_checkpoint(args.model)  # minclip models see the world at their own resolution
     image_size = model.image_size if native else SHAPES_SIZE
 
+    if args.bench in COMPOSITIONAL:
+        if args.query:
+            raise SystemExit("error: --query ranks the test images of --bench shapes, flickr8k or coco")
+        if args.bench == "intrinsic":
+            kwargs = dict(source=args.data, root=args.data_root, image_root=args.image_root, threshold=args.threshold,
+                          n=args.n, seed=args.seed, image_size=image_size)
+        elif args.bench == "aro":
+            kwargs = dict(root=args.data_root, seed=1 if args.seed is None else args.seed)
+        else:
+            kwargs = dict(root=args.data_root, image_root=args.image_root)
+        try:
+            metrics = COMPOSITIONAL[args.bench](model, preprocess, tokenizer, device, **kwargs)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
+        return report(args, metrics)
+
     # the bench's test images (PIL images or paths) with one caption each, for the demo
     if args.bench == "shapes":
-        import data
         from PIL import Image
         scenes = data.test_scenes(args.n, data.TEST_SEED if args.seed is None else args.seed) if args.query else []
         images, labels = [Image.fromarray(data.render(s, image_size)) for s in scenes], [s.caption() for s in scenes]
     else:
-        import data
         if args.data_root is None:
             raise SystemExit(f"error: --bench {args.bench} needs --data_root")
         try:
@@ -365,10 +975,15 @@ def main(argv=None):
                               preprocess=None if native else preprocess)
     else:
         metrics = eval_retrieval(model, preprocess, tokenizer, items, device)
+    report(args, metrics)
+
+
+def report(args, metrics):
+    """print the metrics as a table (counts as integers, a part without data as 'missing'), and --json"""
     width = max(map(len, metrics))
     print(f"{args.model} on {args.bench}")
     for k, v in metrics.items():
-        print(f"{k:<{width}}  {v:8.4f}")
+        print(f"{k:<{width}}  {'missing' if v is None else f'{v:8d}' if isinstance(v, int) else f'{v:8.4f}'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "bench": args.bench, **metrics}, f, indent=2)
