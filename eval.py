@@ -359,7 +359,7 @@ def read_sugarcrepe(root, image_root=None):
     for subset in (s for group in SUGARCREPE.values() for s in group):
         path = _first_file("sugarcrepe", [os.path.join(root, f"{subset}.json"), os.path.join(root, "data", f"{subset}.json")],
                            "SugarCrepe's data/<subset>.json files")
-        items = data._load_json(path)
+        items = data.read_json(path)
         if not isinstance(items, dict):
             raise data.DataError(f"{path}: expected a JSON object keyed by item id")
         out[subset] = [(os.path.join(image_root, _text(it, "filename", f"{path}: item {k!r}")),
@@ -420,7 +420,7 @@ def read_aro_vg(path, image_dir, part):
     bbox_h, true_caption, false_caption, relation_name | attributes} -> ([((image path, crop box),
     [true_caption, false_caption])], [group]) where group is the relation, or the attribute pair
     "first_second" (ordered, as ARO's evaluation keys it)."""
-    rows, items, groups = data._load_json(path), [], []
+    rows, items, groups = data.read_json(path), [], []
     if not isinstance(rows, list):
         raise data.DataError(f"{path}: expected a JSON list")
     for i, r in enumerate(rows):
@@ -441,7 +441,7 @@ def read_aro_vg(path, image_dir, part):
 def read_karpathy_test(path, image_root):
     """ARO's order sets start from BLIP's Karpathy test files: a list of {"image": "val2014/...jpg",
     "caption": [captions]} (a train file has one string instead) -> [(image path, caption)], one per caption"""
-    rows = data._load_json(path)
+    rows = data.read_json(path)
     if not isinstance(rows, list):
         raise data.DataError(f"{path}: expected a JSON list")
     out = []
@@ -589,7 +589,7 @@ def read_valse(root, image_root=None):
     for piece in VALSE_PIECES:
         path = _first_file("valse", [os.path.join(root, f"{piece}.json"), os.path.join(root, "data", f"{piece}.json")],
                            "VALSE's data/<piece>.json files")
-        rows, items = data._load_json(path), []
+        rows, items = data.read_json(path), []
         if not isinstance(rows, dict):
             raise data.DataError(f"{path}: expected a JSON object keyed by item id")
         for key, r in rows.items():
@@ -650,7 +650,7 @@ def read_vlchecklist_file(path, image_dir):
     """one VL-CheckList file: a JSON list of [image relpath, {"POS": [texts], "NEG": [texts]}] ->
     [(image path, [POS[0], NEG[0]])]. Its evaluation (itc) compares POS[0] with NEG[0] only: the swig
     files carry 3 of each, the rest 1; texts are used as written (some NEG start with a space)."""
-    rows, items = data._load_json(path), []
+    rows, items = data.read_json(path), []
     if not isinstance(rows, list):
         raise data.DataError(f"{path}: expected a JSON list")
     for i, r in enumerate(rows):
@@ -712,7 +712,7 @@ def read_hnc_test(path, image_dir):
     ...}}}. Within an image and a type, positives and negatives pair up in id order, as the thesis
     pairs them; a group with unequal counts is skipped and counted.
     -> ([(image path, positive, negative, type)], skipped groups)"""
-    rows, out, skipped = data._load_json(path), [], 0
+    rows, out, skipped = data.read_json(path), [], 0
     if not isinstance(rows, dict):
         raise data.DataError(f"{path}: expected a JSON object keyed by image file")
     for image, caps in rows.items():

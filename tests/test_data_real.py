@@ -1,6 +1,8 @@
 """Readers on fixtures in the exact real formats (tests/fixtures), bad inputs, and ImageTextDataset."""
+import codecs
 import os
 import pickle
+import re
 import shutil
 import sys
 
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from data import (DataError, ImageTextDataset, build_image_cache, collate, get_tokenizer, load_image,
+from data import (DataError, ImageTextDataset, build_image_cache, check_images, collate, get_tokenizer, load_image,
                   read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -188,6 +190,127 @@ def test_empty_caption(tmp_path, fix, rel, old, new, match):
     edit(os.path.join(root, rel), old, new)
     with pytest.raises(DataError, match=match):
         read_dataset("coco" if fix == "coco" else "flickr8k", root)
+
+# -----------------------------------------------------------------------------
+# text files as people have them: a byte-order mark, CRLF, bytes that are not UTF-8, NUL, stray quotes
+
+# every reader: (fixture, its text files, a caption fragment in the first file that occurs once)
+TEXT_FILES = {
+    "kaggle": ("flickr8k_kaggle", ["captions.txt"], b"goes into a wooden"),
+    "original": ("flickr8k_original", ["Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt",
+                                       "Flickr_8k.testImages.txt"], b"goes into a wooden"),
+    "karpathy": ("flickr8k_karpathy", ["dataset_flickr8k.json"], b"goes into a wooden"),
+    "coco": ("coco", ["annotations/captions_train2014.json", "annotations/captions_val2014.json"], b"A giraffe eating"),
+    "recap_csv": ("recap", ["recap.csv"], b"two dogs"),
+    "recap_jsonl": ("recap", ["recap.jsonl"], b"two dogs"),
+}
+
+def read(kind, root):
+    if kind == "recap_csv":
+        return read_dataset("recap", os.path.join(root, "recap.csv"), ("filepath", "org_caption", "re_caption"))
+    if kind == "recap_jsonl":
+        return read_dataset("recap", os.path.join(root, "recap.jsonl"))
+    return read_dataset("coco" if kind == "coco" else "flickr8k", root)
+
+@pytest.mark.parametrize("crlf", [False, True], ids=["bom", "bom+crlf"])
+@pytest.mark.parametrize("kind", list(TEXT_FILES))
+def test_bom_and_crlf_read_exactly_as_the_clean_file(tmp_path, capsys, kind, crlf):
+    fix, files, _ = TEXT_FILES[kind]
+    root = fixture(tmp_path, fix)
+    if kind == "recap_csv":  # drop the unused id column, so the bom lands on a column the reader uses
+        path = os.path.join(root, "recap.csv")
+        lines = open(path, "rb").read().splitlines(keepends=True)
+        open(path, "wb").write(b"".join(line.split(b",", 1)[1] for line in lines))
+    clean, clean_out = read(kind, root), capsys.readouterr().out
+    for rel in files:  # what Notepad or Excel writes: a byte-order mark, and windows line ends
+        raw = open(os.path.join(root, rel), "rb").read()
+        assert not raw.startswith(codecs.BOM_UTF8)
+        with open(os.path.join(root, rel), "wb") as f:  # (recap.csv has crlf already, as the csv module writes)
+            f.write(codecs.BOM_UTF8 + (raw.replace(b"\n", b"\r\n") if crlf and b"\r" not in raw else raw))
+    assert read(kind, root) == clean
+    assert capsys.readouterr().out == clean_out  # no image more reported missing
+
+@pytest.mark.parametrize("bad", [b"\xe9", b"\xff", b"\x00"], ids=["latin-1 e-acute", "xff", "NUL"])
+@pytest.mark.parametrize("kind", list(TEXT_FILES))
+def test_bytes_that_are_not_utf8_text_name_file_line_and_byte(tmp_path, kind, bad):
+    fix, files, needle = TEXT_FILES[kind]
+    root = fixture(tmp_path, fix)
+    path = os.path.join(root, files[0])
+    raw = open(path, "rb").read()
+    assert raw.count(needle) == 1
+    lines = raw.split(b"\n")
+    n = next(i for i, line in enumerate(lines, 1) if needle in line)
+    column = lines[n - 1].index(needle) + 3  # 1-based: the byte goes in after the fragment's first two
+    with open(path, "wb") as f:
+        f.write(raw.replace(needle, needle[:2] + bad + needle[2:]))
+    where = re.escape(f"{path}:{n}: ")
+    if bad == b"\x00":
+        match = where + rf"a NUL byte \(column {column}\): a damaged file, or not a text file$"
+    else:
+        match = where + rf"byte 0x{bad[0]:02x} \(byte {column} of the line\) is not UTF-8: the file must be UTF-8 \(re-save it as UTF-8\)$"
+    with pytest.raises(DataError, match=match):
+        read(kind, root)
+
+def test_bad_byte_is_placed_right_after_a_bom_and_crlf(tmp_path):
+    root = fixture(tmp_path, "flickr8k_kaggle")
+    path = os.path.join(root, "captions.txt")
+    raw = open(path, "rb").read().replace(b"\n", b"\r\n")
+    with open(path, "wb") as f:  # the bom does not count as a column of line 1
+        f.write(codecs.BOM_UTF8 + raw.replace(b"image,", b"imag\xe9,"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: byte 0xe9 (byte 5 of the line)")):
+        read_flickr8k(root)
+    with open(path, "wb") as f:  # crlf is one line end, not two
+        f.write(codecs.BOM_UTF8 + raw.replace(b"A girl,", b"A g\xffirl,"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: byte 0xff (byte 31 of the line)")):
+        read_flickr8k(root)
+
+@pytest.mark.parametrize("old, new, needle, match", [
+    # a stray quote opens a field that swallows the next line, up to the next quote
+    (",A child in a pink dress", ',"A child in a pink dress', "A child in a pink",
+     r"a quoted field starting on this line is never closed \(csv read on to line 3: ',' expected after '\"'\)"),
+    # ... or up to the end of the file
+    (",The small child climbs", ',"The small child climbs', "The small child climbs",
+     r"a quoted field starting on this line is never closed \(csv read on to line 31: unexpected end of data\)"),
+    # ... or it is closed at the end of a later line: valid csv, but no flickr8k caption holds a line end
+    (",A little girl climbing into", ',"A little girl climbing into', "A little girl climbing into",
+     r"the caption runs over several lines: a quoted field starting on this line is closed only on a later one"),
+    ('"A girl, in a dress, goes', '"A girl, in a dress," goes', "A girl, in a dress",
+     r"malformed CSV \(',' expected after '\"'\)"),
+])
+def test_unclosed_quote_names_the_line_where_the_field_starts(tmp_path, old, new, needle, match):
+    root = fixture(tmp_path, "flickr8k_kaggle")
+    path = os.path.join(root, "captions.txt")
+    n = line_of(path, needle)
+    edit(path, old, new)
+    if "later one" in match:
+        edit(path, "to her playhouse .", 'to her playhouse ."')  # line n + 1
+    with pytest.raises(DataError, match=re.escape(f"{path}:{n}: ") + match):
+        read_flickr8k(root)
+
+def test_unclosed_quote_in_a_recaption_csv(tmp_path):
+    root = fixture(tmp_path, "recap")
+    path = os.path.join(root, "recap.csv")
+    n = line_of(path, "two dogs")
+    edit(path, ",two dogs", ',"two dogs')
+    with pytest.raises(DataError, match=re.escape(f"{path}:{n}: a quoted field starting on this line is never closed")):
+        read_dataset("recap", path, ("filepath", "org_caption", "re_caption"))
+    edit(path, ',"two dogs', ",two, dogs")  # an unquoted comma shifts the columns
+    with pytest.raises(DataError, match=re.escape(f"{path}:{n}: expected 4 columns (id,filepath,org_caption,re_caption), got 5")):
+        read_dataset("recap", path, ("filepath", "org_caption", "re_caption"))
+
+def test_check_images_refuses_files_that_do_not_open(tmp_path):
+    good = noise_jpg(tmp_path / "good.jpg", 200, 150, seed=0)
+    raw = open(good, "rb").read()  # ~20 KB, its header ~0.6 KB
+    (tmp_path / "html.jpg").write_bytes(b"<html>404 not found</html>")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) // 2])
+    items = [(str(tmp_path / n), ["a caption"]) for n in ("good.jpg", "html.jpg", "cut.jpg", "empty.jpg")]
+    with pytest.raises(DataError, match=re.escape(f"the test split: 2 of 4 images do not open: {tmp_path / 'html.jpg'}, "
+                                                  f"{tmp_path / 'empty.jpg'}; evaluation needs every one")):
+        check_images(items, "the test split")
+    # a header read: a file cut short after its header passes here; decoding it (the evaluation) fails
+    check_images(items[::2], "the test split")
+    assert load_image(items[2][0], 16) is None
 
 # -----------------------------------------------------------------------------
 # images and the dataset
