@@ -288,6 +288,8 @@ def main(argv=None):
     # data
     try:
         dataset, n_items, splits = make_data(args, rank, world)
+        for split in ("val", "test") if splits else ():  # fail now, not at an eval after hours of training
+            data.check_images(splits[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if n_items is not None and n_items < args.batch_size * world:
@@ -308,7 +310,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = ev.load_checkpoint(ckpt_path, clip, captioner, need=("optimizer", "step", "rng"))  # or one line on what is wrong
         clip.load_state_dict(ckpt["model"])
         if captioner is not None:
             captioner.load_state_dict(ckpt["captioner"])

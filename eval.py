@@ -20,12 +20,15 @@ Ties count against the model everywhere (retrieval included), so a collapsed mod
 embeddings cannot tell two captions apart never gets credit for either.
 """
 import argparse
+import codecs
+import difflib
 import json
 import math
 import os
 import random
 import re
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -960,22 +963,122 @@ def save_explanation(image, panels, path, note=""):
 # models: load any CLIP, export ours as an open_clip hub directory
 
 
+CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
 def is_checkpoint(spec):
-    return spec.endswith(".pt") or os.path.isfile(spec)
+    """a file path (an existing file, or a name like ckpt.pt), not local-dir:DIR or NAME:PRETRAINED"""
+    return os.path.isfile(spec) or (":" not in spec and spec.endswith(CKPT_SUFFIXES))
+
+
+def _refuse(path, why):
+    raise SystemExit(f"error: {path}: {why}")
+
+
+def load_checkpoint(path, clip=None, captioner=None, need=()):
+    """A minclip training checkpoint -> its dict: "model" (the open_clip towers' state dict),
+    "model_cfg" (open_clip's config for them), "captioner" + "captioner_cfg" (CLIPS, else None),
+    "optimizer", "step", "args", "rng", loaded on the CPU with weights_only=True. Its weights are
+    checked against `clip` and `captioner` if given (a resumed run: the models its flags build),
+    else against the models its own configs build (on the meta device, no memory). need: keys the
+    caller needs too (resume: optimizer, step, rng). Anything else exits with one line naming the
+    file and what is wrong with it: missing, empty, cut short, text, unreadable by torch, a
+    .safetensors file, a bare state dict, no model_cfg, weights that do not fit, a missing key."""
+    if not os.path.isfile(path):
+        _refuse(path, "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if path.endswith(".safetensors") or (head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < size):
+        _refuse(path, "a .safetensors file holds weights without the config that builds them: give its folder "
+                f"as local-dir:{os.path.dirname(path) or '.'} (an open_clip hub folder, open_clip_config.json beside it)")
+    if size == 0:
+        _refuse(path, "empty (0 bytes): copied before the checkpoint was written?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... by the damage
+        _refuse(path, _unreadable(path, e))
+    if not isinstance(ckpt, dict):
+        _refuse(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+    tensors = lambda d: isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
+    if "model_cfg" not in ckpt:  # not written by minclip: say what it is and how to load it
+        if ckpt and tensors(ckpt) or "state_dict" in ckpt:  # open_clip loads both kinds as NAME:FILE
+            what = "an open_clip training checkpoint" if "state_dict" in ckpt else f"a bare state dict ({len(ckpt)} tensors)"
+            _refuse(path, f"{what} without the model_cfg that says which model it is: give it as NAME:{path} with its "
+                    "open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size")
+        if "model" in ckpt:
+            _refuse(path, "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the "
+                    "model_cfg of its --model_size")
+        _refuse(path, f"not a minclip checkpoint: no 'model' and 'model_cfg' (keys: {', '.join(map(str, list(ckpt)[:6]))})")
+    for key in ("model", *need):
+        if key not in ckpt:
+            _refuse(path, f"no '{key}' in the checkpoint (keys: {', '.join(map(str, ckpt))})")
+    if not tensors(ckpt["model"]) or not tensors(ckpt.get("captioner") or {}):
+        _refuse(path, "its 'model' or 'captioner' is not a state dict of tensors")
+    # the towers and the captioner as one key space, so a captioner too many or too few is named like any key
+    state = ckpt["model"] | {f"captioner.{k}": v for k, v in (ckpt.get("captioner") or {}).items()}
+    against = "the model this run builds from its flags" if clip is not None else "its model_cfg"
+    if clip is None:
+        with torch.device("meta"):  # shapes only: a base model costs nothing to build here
+            clip = _build(path, CLIP, ckpt["model_cfg"], "model_cfg")
+            if ckpt.get("captioner_cfg"):
+                captioner = _build(path, Captioner, ckpt["captioner_cfg"], "captioner_cfg")
+    own = clip.state_dict() | {f"captioner.{k}": v for k, v in (captioner.state_dict() if captioner is not None else {}).items()}
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model)")
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if problems:
+        _refuse(path, f"its weights do not fit {against}: " + "; ".join(problems))
+    return ckpt
+
+
+def _build(path, cls, cfg, name):
+    """cls(**cfg) (CLIP or Captioner) with fresh weights, or one line: the file's config is not one minclip builds"""
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        _refuse(path, f"its {name} does not describe a model minclip builds ({type(e).__name__}: {e})")
+
+
+def _unreadable(path, error):
+    """why torch.load failed on path, from the file itself: torch's own errors name no cause"""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):  # torch's zip format, its end missing
+        return f"cut short ({size:,} bytes, the end of its zip archive is missing): copied while it was being written?"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 64 is fine
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"a text file, not a torch checkpoint (it begins {text.strip()[:40]!r})"
+    except UnicodeDecodeError:
+        pass
+    if "Weights only load failed" in str(error):
+        return ("it holds Python objects besides tensors, numbers and containers, which are not loaded "
+                "(weights_only=True): not a minclip checkpoint")
+    message = str(error).strip().splitlines()[0][:120] if str(error).strip() else "no message"
+    return f"not a checkpoint torch can read ({type(error).__name__}: {message})"
 
 
 def load_model(spec, device="cpu"):
     """spec: a minclip checkpoint (*.pt), 'local-dir:DIR' (open_clip hub directory) or
-    'NAME:PRETRAINED' (open_clip, e.g. ViT-B-32:openai) -> (model, preprocess, tokenizer), eval mode.
-    model.image_size is the native resolution; minclip models also carry model.model_cfg."""
+    'NAME:PRETRAINED' (open_clip, e.g. ViT-B-32:openai; PRETRAINED may be a file) -> (model,
+    preprocess, tokenizer), eval mode. model.image_size is the native resolution; minclip models
+    also carry model.model_cfg."""
     import open_clip
     if is_checkpoint(spec):
-        if not os.path.isfile(spec):
-            raise SystemExit(f"error: --model {spec}: no such checkpoint file")
-        ckpt = torch.load(spec, map_location="cpu", weights_only=True)
-        model = CLIP(**ckpt["model_cfg"])
+        ckpt = load_checkpoint(spec)
+        model = _build(spec, CLIP, ckpt["model_cfg"], "model_cfg")
         model.load_state_dict(ckpt["model"], strict=True)
-        model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"]["image_size"])
+        model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
         return model.to(device).eval(), preprocess, tokenizer
@@ -991,13 +1094,25 @@ def load_model(spec, device="cpu"):
         with open(os.path.join(d, "open_clip_config.json")) as f:
             model_cfg = json.load(f).get("model_cfg")
     else:
-        name, _, pretrained = spec.partition(":")
-        kwargs["pretrained"] = pretrained or None
+        name, _, pretrained = spec.partition(":") if not spec.startswith("hf-hub:") else (spec, "", "")
+        arch, known = name.replace("/", "-"), open_clip.list_models()
+        # open_clip's own error for an unknown name lists every config it has (~3,000 characters)
+        if not name.startswith("hf-hub:") and arch not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise SystemExit(f"error: --model {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
+                             "NAME:PRETRAINED" + (f" (close names: {', '.join(close)})" if close else "")
+                             + (f"; an open_clip hub folder is given as local-dir:{spec}" if os.path.isdir(spec) else ""))
         # pitfall: OpenAI's ViT-B-32 (and any *-quickgelu tag) was trained with QuickGELU. open_clip
         # 3.x builds plain `ViT-B-32` with GELU and only *warns* about the mismatch, and a fine-tuned
         # checkpoint passed as a file path gets no warning at all: every score silently changes.
         # so follow the tag's flag here; for a file path, name the model ViT-B-32-quickgelu yourself.
-        tag = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), pretrained) if pretrained else {}
+        tag = open_clip.pretrained.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+        if pretrained and not tag and not os.path.isfile(pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            close = difflib.get_close_matches(pretrained.lower().replace("-", "_"), tags, n=3)
+            raise SystemExit(f"error: --model {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
+                             + (f" (close tags: {', '.join(close)})" if close else f" ({len(tags)} tags: open_clip.list_pretrained())"))
+        kwargs["pretrained"] = pretrained or None
         kwargs["force_quick_gelu"] = bool(tag.get("quick_gelu", False))
         model_cfg = open_clip.get_model_config(name)
         if model_cfg is not None and kwargs["force_quick_gelu"]:
@@ -1005,8 +1120,16 @@ def load_model(spec, device="cpu"):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:  # unknown name, no download, bad config
-        raise SystemExit(f"error: --model {spec}: {e}")
+    except Exception as e:  # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        weights = kwargs.get("pretrained") or ""
+        if os.path.isfile(weights):
+            try:
+                torch.load(weights, map_location="cpu", weights_only=True)
+                why = f"the weights in {weights} do not fit open_clip's {name} ({why})"
+            except Exception as load_error:
+                why = f"{weights}: {_unreadable(weights, load_error)}"
+        raise SystemExit(f"error: --model {spec}: {why}")
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
     return model.to(device).eval(), preprocess, tokenizer
@@ -1031,7 +1154,7 @@ def load_clip(spec, device="cpu"):
 
 def load_captioner(path, device="cpu"):
     """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     if not ckpt.get("captioner_cfg"):
         raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
                          "clip_scratch.py --captioner_weight 2")

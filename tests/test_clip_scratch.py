@@ -1,11 +1,13 @@
 """clip_scratch.py: the loss against a naive loop, the model against open_clip, and the CLI's
 distributed, resume and failure paths run for real (tiny settings, CPU)."""
 import os
+import shutil
 
 import open_clip
 import pytest
 import torch
 
+import data
 from clip_scratch import clip_loss
 from conftest import ROOT, TINY, load_weights, run, run_and_kill
 from model import CLIP, model_config, param_groups
@@ -129,6 +131,87 @@ def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
     assert "skipped 1 unreadable image" in r.stdout
     assert "eval test step 3" in r.stdout and "retrieval/t2i_r1" in r.stdout
     assert load_weights(tmp_path / "out")["step"] == 3
+
+
+def flickr8k_copy(tmp_path):
+    """a private copy of the kaggle-layout fixture (4 train, 1 val, 1 test image) and its splits"""
+    root = shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), tmp_path / "flickr8k")
+    return str(root), data.read_flickr8k(str(root))
+
+
+@pytest.mark.parametrize("damage", ["test image", "caption byte"])
+def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
+    root, splits = flickr8k_copy(tmp_path)
+    if damage == "test image":  # found today only by the final eval, after the whole run
+        bad = splits["test"][0][0]
+        with open(bad, "wb") as f:
+            f.write(b"<html>404 Not Found</html>")
+        message = f"error: --data flickr8k: the test split: 1 of 1 images do not open: {bad}; evaluation needs every one (replace or remove them)"
+    else:
+        bad = os.path.join(root, "captions.txt")
+        raw = open(bad, "rb").read()
+        with open(bad, "wb") as f:
+            f.write(raw.replace(b"A girl, in", b"A girl,\xff in"))
+        # line 3 is '1000268201_693b08cb0e.jpg,"A girl, in a dress, ...': 26 + 1 + 7 bytes before it
+        message = f"error: {bad}:3: byte 0xff (byte 35 of the line) is not UTF-8: the file must be UTF-8 (re-save it as UTF-8)"
+    r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", root, "--workers", "0", "--batch_size", "2",
+             "--max_steps", "2", "--image_size", "32", "--out_dir", str(tmp_path / "out")])
+    assert r.returncode == 1 and r.stderr.splitlines() == [message], r.stderr
+    assert "step" not in r.stdout
+
+
+def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path):
+    first = run(["clip_scratch.py", "--max_steps", "2", "--out_dir", str(tmp_path), *TINY])
+    assert first.returncode == 0, first.stderr
+    ckpt = str(tmp_path / "ckpt.pt")
+    # another --image_size builds another model: 64 px has 4 x 4 + 1 patch positions, 32 px 2 x 2 + 1
+    r = run(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY, "--image_size", "64"])
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: {ckpt}: its weights do not fit the model this run builds from its flags: 1 of another shape "
+        "(e.g. visual.positional_embedding: [5, 128] in the file, [17, 128] in the model)"], r.stderr
+    raw = open(ckpt, "rb").read()
+    with open(ckpt, "wb") as f:  # a checkpoint copied while it was being written
+        f.write(raw[:2 ** 20])
+    r = run(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY])
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: {ckpt}: cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"], r.stderr
+
+
+def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batch(tmp_path):
+    """2 gloo ranks x batch 2, one step; rank 1's first image is unreadable, so it holds 1 sample and
+    rank 0 must cut its 2 to 1 (all_gather needs equal batches): the global batch is then (rank 0's
+    first, rank 1's second), exactly what 1 process x batch 4 trains on when the two dropped images
+    are unreadable."""
+    common = ["clip_scratch.py", "--data", "flickr8k", "--workers", "0", "--max_steps", "1", "--image_size", "32",
+              "--eval_every", "0", "--warmup_steps", "1", "--log_every", "1", "--lr", "1e-4"]
+    # lr 1e-4: adam's first step is ~lr * sign(grad), so the fp noise between the runs (~0.02 lr on
+    # near-zero gradients) stays well under atol, and another sample in the batch (~lr) does not
+    # the step's keys: item indices into the train split (epoch 0), the same permutation for both runs
+    rank0, rank1 = (next(iter(data.StepBatches(4, 2, r, 2, 0, 0, 1))) for r in (0, 1))
+    assert next(iter(data.StepBatches(4, 4, 0, 1, 0, 0, 1))) == rank0 + rank1
+
+    def unreadable(root, items, keys):
+        for k in keys:
+            with open(items[k][0], "wb") as f:
+                f.write(b"not a jpeg")
+
+    root, splits = flickr8k_copy(tmp_path / "ddp")
+    unreadable(root, splits["train"], [rank1[0]])
+    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--device", "cpu",
+               "--data_root", root, "--batch_size", "2", "--out_dir", str(tmp_path / "ddp_out")])
+    assert ddp.returncode == 0, ddp.stderr
+    assert "step 1/1" in ddp.stdout and "eval test step 1" in ddp.stdout
+    root, splits = flickr8k_copy(tmp_path / "one")
+    unreadable(root, splits["train"], [rank1[0], rank0[1]])
+    one = run([*common, "--data_root", root, "--batch_size", "4", "--out_dir", str(tmp_path / "one_out")])
+    assert one.returncode == 0, one.stderr
+    assert "skipped 2 unreadable images" in one.stdout
+    a, b = load_weights(tmp_path / "ddp_out"), load_weights(tmp_path / "one_out")
+    assert a["step"] == b["step"] == 1
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+    start = CLIP(**a["model_cfg"]).state_dict()
+    assert any(not torch.equal(a["model"][k], start[k]) for k in start if k != "logit_scale")  # it trained
 
 
 def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):

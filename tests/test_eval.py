@@ -1,5 +1,6 @@
 """eval.py: metrics on hand-computed cases, benchmarks on models whose embeddings we control,
 open_clip round trips (checkpoint, hub directory), and the CLI end to end."""
+import argparse
 import json
 import os
 import subprocess
@@ -246,6 +247,149 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(SystemExit, match="no weights"):  # open_clip alone would return a random model
         ev.load_model(f"local-dir:{tmp_path}")
 
+# damaged and foreign checkpoints: one line each, naming the file and what is wrong with it
+
+
+def checkpoint_file(tmp_path, case):
+    """a checkpoint as people have them, of the tiny model -> its path"""
+    model, cfg = tiny_model()
+    path, state = tmp_path / f"{case}.pt", model.state_dict()
+    full = {"model": state, "model_cfg": cfg, "optimizer": {}, "step": 0, "args": {}}
+    if case in ("cut_100", "cut_1mb"):  # a copy made while it was being written
+        raw = open(save_ckpt(tmp_path / "whole.pt", model, cfg), "rb").read()
+        assert len(raw) > 2 ** 20
+        path.write_bytes(raw[:100 if case == "cut_100" else 2 ** 20])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":  # what git clone leaves without git-lfs
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n")
+    elif case == "bare":
+        torch.save(state, path)
+    elif case == "open_clip":  # open_clip's training script saves these
+        torch.save({"epoch": 3, "name": "run", "state_dict": state, "optimizer": {}}, path)
+    elif case == "no_cfg":
+        torch.save({"model": state, "step": 3}, path)
+    elif case in ("safetensors", "safetensors_named_pt"):
+        from safetensors.torch import save_file
+        path = tmp_path / ("open_clip_model.safetensors" if case == "safetensors" else "model.pt")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif case == "other_embed_dim":  # 128 -> 64 changes text_projection and visual.proj: [128, 128] -> [128, 64]
+        torch.save(full | {"model_cfg": cfg | {"embed_dim": 64}}, path)
+    elif case == "missing_key":
+        torch.save(full | {"model": {k: v for k, v in state.items() if k != "text_projection"}}, path)
+    elif case == "unexpected_key":
+        torch.save(full | {"model": state | {"extra.weight": torch.zeros(2)}}, path)
+    elif case == "cfg_without_embed_dim":
+        torch.save(full | {"model_cfg": {k: v for k, v in cfg.items() if k != "embed_dim"}}, path)
+    elif case == "python_objects":  # vars(args) is fine, the Namespace itself is not loaded with weights_only
+        torch.save(full | {"args": argparse.Namespace(lr=1e-3)}, path)
+    elif case == "list":
+        torch.save([state], path)
+    return str(path)
+
+
+N_TENSORS = len(tiny_model()[0].state_dict())
+
+
+@pytest.mark.parametrize("case, why", [
+    ("cut_100", "cut short (100 bytes, the end of its zip archive is missing): copied while it was being written?"),
+    ("cut_1mb", "cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"),
+    ("empty", "empty (0 bytes): copied before the checkpoint was written?"),
+    ("text", "a text file, not a torch checkpoint (it begins 'version https://git-lfs.github.com/spec/')"),
+    ("bare", f"a bare state dict ({N_TENSORS} tensors) without the model_cfg that says which model it is: give it as "
+             "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size"),
+    ("open_clip", "an open_clip training checkpoint without the model_cfg that says which model it is: give it as "
+                  "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size"),
+    ("no_cfg", "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the model_cfg of its --model_size"),
+    ("safetensors", "a .safetensors file holds weights without the config that builds them: give its folder as "
+                    "local-dir:DIR (an open_clip hub folder, open_clip_config.json beside it)"),
+    ("safetensors_named_pt", "a .safetensors file holds weights without the config that builds them: give its folder as "
+                             "local-dir:DIR (an open_clip hub folder, open_clip_config.json beside it)"),
+    ("other_embed_dim", "its weights do not fit its model_cfg: 2 of another shape (e.g. text_projection: [128, 128] in the file, [128, 64] in the model)"),
+    ("missing_key", "its weights do not fit its model_cfg: 1 missing (e.g. text_projection)"),
+    ("unexpected_key", "its weights do not fit its model_cfg: 1 unexpected (e.g. extra.weight)"),
+    ("cfg_without_embed_dim", "its model_cfg does not describe a model minclip builds "
+                              "(TypeError: CLIP.__init__() missing 1 required positional argument: 'embed_dim')"),
+    ("python_objects", "it holds Python objects besides tensors, numbers and containers, which are not loaded "
+                       "(weights_only=True): not a minclip checkpoint"),
+    ("list", "holds a list, not a checkpoint dict"),
+])
+def test_damaged_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, case, why):
+    path = checkpoint_file(tmp_path, case)
+    with pytest.raises(SystemExit) as e:
+        ev.load_model(path)
+    assert e.value.code == f"error: {path}: " + why.replace("PATH", path).replace("DIR", str(tmp_path))
+
+
+def test_damaged_checkpoint_through_the_cli_prints_one_line(tmp_path):
+    path = checkpoint_file(tmp_path, "cut_1mb")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", path], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"error: {path}: cut short (1,048,576 bytes, the end of its zip archive is missing): "
+                                     "copied while it was being written?"]
+
+
+def test_bare_state_dict_loads_as_name_colon_file_as_the_message_says(tmp_path):
+    import open_clip
+    model, cfg = tiny_model()
+    path = checkpoint_file(tmp_path, "bare")
+    (tmp_path / "configs").mkdir()
+    with open(tmp_path / "configs" / "minclip-tiny-test.json", "w") as f:
+        json.dump(cfg, f)
+    open_clip.add_model_config(str(tmp_path / "configs"))  # an open_clip architecture of that name
+    loaded, _, _ = ev.load_model(f"minclip-tiny-test:{path}")
+    for a, b in zip(embeddings(model), embeddings(loaded)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit) as e:  # the wrong architecture: one line too
+        ev.load_model(f"minclip-tiny-test:{checkpoint_file(tmp_path, 'text')}")
+    assert e.value.code.startswith(f"error: --model minclip-tiny-test:{tmp_path / 'text.pt'}: {tmp_path / 'text.pt'}: a text file")
+
+
+def test_load_checkpoint_for_a_resumed_run(tmp_path):
+    model, cfg = tiny_model()
+    path = save_ckpt(tmp_path / "ckpt.pt", model, cfg)
+    ckpt = ev.load_checkpoint(path, model, need=("optimizer", "step"))
+    assert ckpt["step"] == 0 and all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit) as e:
+        ev.load_checkpoint(path, model, need=("optimizer", "rng"))
+    assert e.value.code == f"error: {path}: no 'rng' in the checkpoint (keys: model, model_cfg, optimizer, step, args)"
+    # the run's flags build another model: 32 px images have 2 x 2 + 1 patch positions, 64 px 4 x 4 + 1
+    other = CLIP(**model_config("tiny", 32, 32))
+    with pytest.raises(SystemExit) as e:
+        ev.load_checkpoint(path, other)
+    assert e.value.code == (f"error: {path}: its weights do not fit the model this run builds from its flags: 1 of another "
+                            "shape (e.g. visual.positional_embedding: [17, 128] in the file, [5, 128] in the model)")
+    # a CLIPS checkpoint resumed without its captioner (--captioner_weight 0), and the other way round
+    from model import Captioner
+    captioner_cfg = dict(vision_width=128, text_width=128, width=64, layers=1, heads=4, n_query=7, vocab=[3, 5, 49407])
+    captioner = Captioner(**captioner_cfg)
+    n = len(captioner.state_dict())
+    torch.save({"model": model.state_dict(), "model_cfg": cfg, "captioner": captioner.state_dict(),
+                "captioner_cfg": captioner_cfg}, tmp_path / "clips.pt")
+    assert ev.load_checkpoint(str(tmp_path / "clips.pt"))["captioner_cfg"] == captioner_cfg  # fits its own configs
+    assert ev.load_checkpoint(str(tmp_path / "clips.pt"), model, captioner)["captioner_cfg"] == captioner_cfg
+    with pytest.raises(SystemExit) as e:
+        ev.load_checkpoint(str(tmp_path / "clips.pt"), model)
+    assert e.value.code.endswith(f"do not fit the model this run builds from its flags: {n} unexpected (e.g. captioner.queries)")
+    with pytest.raises(SystemExit) as e:
+        ev.load_checkpoint(path, model, captioner)
+    assert e.value.code.endswith(f"do not fit the model this run builds from its flags: {n} missing (e.g. captioner.queries)")
+
+
+def test_unknown_model_spec_is_one_short_line(tmp_path):
+    cases = [("ViT-B-32x:openai", "neither a checkpoint file, a local-dir: folder nor a known open_clip NAME:PRETRAINED (close names: ViT-B-32"),
+             (str(tmp_path), f"neither a checkpoint file, a local-dir: folder nor a known open_clip NAME:PRETRAINED; an open_clip "
+                             f"hub folder is given as local-dir:{tmp_path}"),
+             ("ViT-B-32:laion2b", "'laion2b' is neither a pretrained tag of ViT-B-32 nor a file (close tags: laion2b_")]
+    for spec, why in cases:
+        with pytest.raises(SystemExit) as e:
+            ev.load_model(spec)
+        assert e.value.code.startswith(f"error: --model {spec}: {why}"), e.value.code
+        # open_clip's own error lists ~3,000 characters of names
+        assert len(e.value.code.replace(spec, "")) < 200 and "\n" not in e.value.code
+
+
 def test_openai_tags_are_built_with_quick_gelu(monkeypatch):
     # open_clip 3.x builds ViT-B-32 + the openai tag with GELU and only warns; load_model must force QuickGELU
     import open_clip
@@ -313,6 +457,17 @@ def test_cli_real_data_bench(ckpt, capsys):
     ev.main(["--model", ckpt, "--bench", "coco", "--data_root", os.path.join(ROOT, "tests/fixtures/coco"), "--device=cpu"])
     out = capsys.readouterr().out
     assert "retrieval/t2i_r1" in out and "probe/relation" not in out
+
+
+def test_cli_real_data_with_a_latin1_byte_names_file_line_and_byte(ckpt, tmp_path):
+    import shutil
+    root = shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), tmp_path / "flickr8k")
+    path = root / "captions.txt"
+    path.write_bytes(path.read_bytes().replace(b"A girl, in a dress", b"A girl, in a dr\xe9ss"))  # latin-1 'e-acute'
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", ckpt, "--bench", "flickr8k", "--data_root", str(root), "--device=cpu"])
+    # line 3 is '1000268201_693b08cb0e.jpg,"A girl, in a dress, ...': 26 + 1 + 15 bytes before it
+    assert e.value.code == f"error: {path}:3: byte 0xe9 (byte 43 of the line) is not UTF-8: the file must be UTF-8 (re-save it as UTF-8)"
 
 
 def test_cli_errors(tmp_path, ckpt):
