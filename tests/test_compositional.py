@@ -155,6 +155,28 @@ def test_read_sugarcrepe_release_layout(tmp_path):
     assert sets2["add_att"][0][0] == "/coco/val2017/000000331352.jpg"
 
 
+@pytest.mark.parametrize("bench, read", [
+    ("sugarcrepe", lambda root: ev.read_sugarcrepe(os.path.join(root, "sugarcrepe"))),
+    ("aro", lambda root: ev.read_aro_vg(os.path.join(root, "aro", "visual_genome_relation.json"), "/img", "relation")),
+    ("aro", lambda root: ev.read_karpathy_test(os.path.join(root, "aro", "coco_karpathy_test.json"), "/coco")),
+    ("valse", lambda root: ev.read_valse(os.path.join(root, "valse"))),
+    ("vlchecklist", lambda root: ev.read_vlchecklist_file(os.path.join(root, "vlchecklist", "data/Relation/swig_action.json"), "/swig")),
+    ("hnc", lambda root: ev.read_hnc_test(os.path.join(root, "hnc", "hnc_clean_strict_test.json"), "/gqa")),
+])
+def test_every_reader_reads_a_file_with_a_bom_as_the_clean_file(tmp_path, bench, read):
+    root = tmp_path / "fixtures"
+    shutil.copytree(os.path.join(FIX, bench), root / bench)
+    clean = read(str(root))
+    for folder, _, files in os.walk(root):  # what Notepad writes: a utf-8 byte-order mark, windows line ends
+        for name in files:
+            if name.endswith(".json"):
+                path = os.path.join(folder, name)
+                raw = open(path, "rb").read()
+                with open(path, "wb") as f:
+                    f.write(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
+    assert read(str(root)) == clean
+
+
 def test_eval_sugarcrepe_hand_computed():
     sets = sugarcrepe_items()
     wrong = {sets["replace_obj"][1][1][0], sets["swap_obj"][0][1][0], sets["swap_obj"][2][1][0]}  # negative scores higher
