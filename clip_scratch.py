@@ -26,8 +26,8 @@ the loop below them is mechanics only, and the CLIP itself is in model.py.
              --caption_mask subcaption --captioner_weight 2        # a CSV/JSONL of image, caption, re_caption
     python eval.py --model out/clips/ckpt.pt --caption 7            # the captioner on shapes test scene 7
 
-The default run (2-core CPU, WALL, 1,750 steps x 128 at lr 2e-3) reaches shapes retrieval R@1
-0.84 both ways (3 seeds: 0.835-0.846) while the relation and attribute-swap probes stay at chance
+The default run (2-core CPU, ~5 min, 1,750 steps x 128 at lr 2e-3) reaches shapes retrieval R@1
+0.82-0.85 both ways (4 runs, 3 seeds) while the relation and attribute-swap probes stay at chance
 (0.50 / 0.52-0.58): CLIP's bag-of-words failure, reproduced from scratch. A hard-negative
 fine-tune of the previous default checkpoint (2,400 steps at lr 1e-3) lifted them to 0.91 / 0.93
 (bench/shapes_hardneg.py). README "The shapes world" has the calibration behind this, and
