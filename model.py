@@ -7,7 +7,8 @@ The CLIP model and the system helpers every minclip script shares: what nanoGPT'
 - Captioner: CLIPS's prefix-LM caption head (trained by clip_scratch.py, run by eval.py --caption).
 - MODEL_SIZES / model_config: the named sizes (tiny is the CPU default).
 - System helpers: DDP setup, print0, autocast, the lr schedule, AdamW parameter groups, the
-  autograd all-gather of the contrastive losses, atomic checkpoints, the FLOPs / peak table for MFU.
+  fine-tune modes (set_trainable), the autograd all-gather of the contrastive losses, atomic
+  checkpoints, the FLOPs / peak table for MFU.
 
 Method scripts import this module; it imports none of them.
 """

@@ -1,7 +1,6 @@
 """model.py's fine-tuning helpers and eval.load_clip (--init): which parameters each fine-tune mode
 trains, by name, and open_clip models turned into minclip's CLIP with identical embeddings."""
 import json
-import os
 
 import open_clip
 import pytest
