@@ -1091,8 +1091,13 @@ def load_model(spec, device="cpu"):
             raise SystemExit(f"error: --model {spec}: no open_clip_config.json in {d}")
         if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(d)):
             raise SystemExit(f"error: --model {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
-        with open(os.path.join(d, "open_clip_config.json")) as f:
-            model_cfg = json.load(f).get("model_cfg")
+        try:
+            config = data.read_json(os.path.join(d, "open_clip_config.json"))
+        except data.DataError as err:
+            raise SystemExit(f"error: --model {spec}: {err}")
+        if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+            raise SystemExit(f"error: --model {spec}: {d}/open_clip_config.json has no \"model_cfg\" object")
+        model_cfg = config["model_cfg"]
     else:
         name, _, pretrained = spec.partition(":") if not spec.startswith("hf-hub:") else (spec, "", "")
         arch, known = name.replace("/", "-"), open_clip.list_models()

@@ -75,3 +75,12 @@ def test_load_clip_refuses_in_one_line(monkeypatch):
     monkeypatch.setattr(ev, "load_model", lambda spec, device="cpu": (theirs, None, None))
     with pytest.raises(SystemExit, match=r"^error: --init x: minclip's CLIP cannot hold this model \(unsupported open_clip options"):
         ev.load_clip("x")
+
+
+@pytest.mark.parametrize("config, message", [("{\n  \"model_cfg\": {,\n}", r"open_clip_config.json:2: malformed JSON"),
+                                             ("[1, 2]", "has no \"model_cfg\" object")])
+def test_a_broken_hub_config_is_one_line(tmp_path, config, message):
+    (tmp_path / "open_clip_config.json").write_text(config)
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match=message):
+        ev.load_model(f"local-dir:{tmp_path}")
