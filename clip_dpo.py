@@ -462,6 +462,8 @@ def main(argv=None):
     # data
     try:
         dataset, n_items, splits = make_data(args, image_size, preprocess)
+        for split in ("dev", "test") if splits else ():  # fail now, not at an eval after hours of training
+            data.check_images([(r.image,) for r in splits[split]], f"--data vsr: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if n_items is not None and n_items < args.batch_size * world:
@@ -472,7 +474,7 @@ def main(argv=None):
                                   fused=True)
     start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = ev.load_checkpoint(ckpt_path, clip, need=("optimizer", "step", "rng", "reference"))  # or one line on what is wrong
         if ckpt["reference"]["spec"] != args.init:
             raise SystemExit(f"error: --resume: {ckpt_path} was trained against --init {ckpt['reference']['spec']}, not {args.init}")
         if ckpt["reference"]["checksum"] != ref_checksum:

@@ -398,34 +398,33 @@ def read_vsr(root, split="random"):
     out = {}
     for part in VSR_SPLIT_FILES:
         path, rows, missing = _vsr_file(root, split, part), [], []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                for key in ("image", "caption", "relation"):
-                    if not isinstance(row.get(key), str) or not row[key].strip():
-                        raise DataError(f"{where}: missing or empty field {key!r}")
-                if row.get("label") not in (0, 1):  # True / False compare equal to 1 / 0
-                    raise DataError(f"{where}: label must be 1 or 0, got {row.get('label')!r}")
-                if row["relation"] not in VSR_CONTRAST:
-                    raise DataError(f"{where}: unknown relation {row['relation']!r} (not one of VSR's 66)")
-                if len(re.findall(r"(?<![\w-])" + re.escape(relation_phrase(row["relation"])) + r"(?![\w-])", row["caption"])) != 1:
-                    raise DataError(f"{where}: caption {row['caption']!r} does not contain {relation_phrase(row['relation'])!r} once")
-                for key in ("vote_true_validator_id", "vote_false_validator_id"):
-                    if key in row:
-                        _vote_ids(row[key], where, key)
-                image = next((p for p in (os.path.join(d, row["image"]) for d in image_dirs) if os.path.isfile(p)), None)
-                if image is None:
-                    missing.append((where, row["image"]))
-                    continue
-                rows.append(VSRRow(os.path.abspath(image), row["caption"].strip(), bool(row["label"]), row["relation"], where))
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in ("image", "caption", "relation"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise DataError(f"{where}: missing or empty field {key!r}")
+            if row.get("label") not in (0, 1):  # True / False compare equal to 1 / 0
+                raise DataError(f"{where}: label must be 1 or 0, got {row.get('label')!r}")
+            if row["relation"] not in VSR_CONTRAST:
+                raise DataError(f"{where}: unknown relation {row['relation']!r} (not one of VSR's 66)")
+            if len(re.findall(r"(?<![\w-])" + re.escape(relation_phrase(row["relation"])) + r"(?![\w-])", row["caption"])) != 1:
+                raise DataError(f"{where}: caption {row['caption']!r} does not contain {relation_phrase(row['relation'])!r} once")
+            for key in ("vote_true_validator_id", "vote_false_validator_id"):
+                if key in row:
+                    _vote_ids(row[key], where, key)
+            image = next((p for p in (os.path.join(d, row["image"]) for d in image_dirs) if os.path.isfile(p)), None)
+            if image is None:
+                missing.append((where, row["image"]))
+                continue
+            rows.append(VSRRow(os.path.abspath(image), row["caption"].strip(), bool(row["label"]), row["relation"], where))
         if missing:
             (where, name), more = missing[0], len(missing) - 1
             raise DataError(f"{where}: image {name} not found in images/, train2017/ or val2017/ under {root}"
@@ -446,42 +445,41 @@ def read_rankings(path, ranked=True):
     -> [{"direction": "i2t" | "t2i", "query": text or absolute image path, "candidates": [...],
     "ranks": [int], "where": "file:line"}]"""
     folder, out = os.path.dirname(os.path.abspath(path)), []
-    with open(_need(path), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or ("image" in row) == ("text" in row):
-                raise DataError(f"{where}: expected an object with either \"image\" + \"texts\" or \"text\" + \"images\"")
-            direction = "i2t" if "image" in row else "t2i"
-            query, key = (row["image"], "texts") if direction == "i2t" else (row["text"], "images")
-            candidates = row.get(key)
-            if not isinstance(query, str) or not query.strip():
-                raise DataError(f"{where}: empty {'image' if direction == 'i2t' else 'text'}")
-            if not isinstance(candidates, list) or len(candidates) < 2 or not all(isinstance(c, str) and c.strip() for c in candidates):
-                raise DataError(f"{where}: \"{key}\" must be a list of at least 2 non-empty strings")
-            ranks = list(range(len(candidates)))
-            if ranked and "ranks" in row:
-                ranks = row["ranks"]
-                if (not isinstance(ranks, list) or len(ranks) != len(candidates)
-                        or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
-                    raise DataError(f"{where}: \"ranks\" must be {len(candidates)} integers >= 0, got {ranks!r}")
-                if len(set(ranks)) < 2:
-                    raise DataError(f"{where}: \"ranks\" are all equal: no preference to learn")
-            images = [query] if direction == "i2t" else candidates
-            for image in images:
-                if not os.path.isfile(os.path.join(folder, image)):
-                    raise DataError(f"{where}: image {image} not found (paths are relative to {folder})")
-            absolute = lambda p: os.path.abspath(os.path.join(folder, p))  # noqa: E731
-            if direction == "i2t":
-                query = absolute(query)
-            else:
-                candidates = [absolute(c) for c in candidates]
-            out.append({"direction": direction, "query": query, "candidates": candidates, "ranks": ranks, "where": where})
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or ("image" in row) == ("text" in row):
+            raise DataError(f"{where}: expected an object with either \"image\" + \"texts\" or \"text\" + \"images\"")
+        direction = "i2t" if "image" in row else "t2i"
+        query, key = (row["image"], "texts") if direction == "i2t" else (row["text"], "images")
+        candidates = row.get(key)
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{where}: empty {'image' if direction == 'i2t' else 'text'}")
+        if not isinstance(candidates, list) or len(candidates) < 2 or not all(isinstance(c, str) and c.strip() for c in candidates):
+            raise DataError(f"{where}: \"{key}\" must be a list of at least 2 non-empty strings")
+        ranks = list(range(len(candidates)))
+        if ranked and "ranks" in row:
+            ranks = row["ranks"]
+            if (not isinstance(ranks, list) or len(ranks) != len(candidates)
+                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
+                raise DataError(f"{where}: \"ranks\" must be {len(candidates)} integers >= 0, got {ranks!r}")
+            if len(set(ranks)) < 2:
+                raise DataError(f"{where}: \"ranks\" are all equal: no preference to learn")
+        images = [query] if direction == "i2t" else candidates
+        for image in images:
+            if not os.path.isfile(os.path.join(folder, image)):
+                raise DataError(f"{where}: image {image} not found (paths are relative to {folder})")
+        absolute = lambda p: os.path.abspath(os.path.join(folder, p))  # noqa: E731
+        if direction == "i2t":
+            query = absolute(query)
+        else:
+            candidates = [absolute(c) for c in candidates]
+        out.append({"direction": direction, "query": query, "candidates": candidates, "ranks": ranks, "where": where})
     if not out:
         raise DataError(f"{path}: no rows")
     return out

@@ -413,6 +413,17 @@ def test_read_vsr_both_split_formats(split, sizes):
     assert [r.label for r in splits["test"]] == ([True, False] * 3 if split == "random" else [True, False, True, False])
 
 
+def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
+    import shutil
+    root = tmp_path / "vsr"
+    shutil.copytree(FIXTURE, root)
+    for part in ("train", "dev", "test"):
+        path = root / "splits" / "random" / f"{part}.jsonl"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    clean, dirty = data.read_vsr(FIXTURE, "random"), data.read_vsr(str(root), "random")
+    assert [(r.caption, r.label, r.relation) for r in clean["test"]] == [(r.caption, r.label, r.relation) for r in dirty["test"]]
+
+
 def broken_copy(tmp_path, line_no, edit):
     root = tmp_path / "vsr"
     import shutil
