@@ -300,6 +300,191 @@ def read_dataset(name, root, recap_keys=("image", "caption", "re_caption")):
     return readers[name](root)
 
 # -----------------------------------------------------------------------------
+# preference data: VSR (Liu et al. 2023, "Visual Spatial Reasoning") and ranked-candidate files
+
+# every relation of VSR's two splits (66), and its contrast: the relation that makes the caption
+# false when it is true, read with the same subject and object. None = no sensible contrast: the
+# relation is skipped (and counted) wherever a contrast caption is needed.
+VSR_CONTRAST = {
+    "above": "below", "below": "above", "over": "under", "under": "on top of", "on top of": "beneath",
+    "beneath": "on top of", "on": "under", "off": "on",
+    "left of": "right of", "right of": "left of",
+    "at the left side of": "at the right side of", "at the right side of": "at the left side of",
+    "in front of": "behind", "behind": "in front of", "ahead of": "behind", "at the back of": "in front of",
+    "inside": "outside", "outside": "inside", "in": "outside", "within": "outside", "into": "out of", "out of": "into",
+    "contains": "inside", "surrounding": "enclosed by", "enclosed by": "surrounding",
+    "part of": "has as a part", "has as a part": "part of", "consists of": "part of",
+    "touching": "away from", "away from": "touching", "against": "away from", "toward": "away from",
+    "attached to": "detached from", "connected to": "detached from", "detached from": "attached to",
+    "near": "far from", "close to": "far from", "next to": "far from", "beside": "far from", "by": "far from",
+    "adjacent to": "far from", "alongside": "far from", "at the side of": "far from",
+    "far from": "near", "far away from": "close to", "across from": "next to", "opposite to": "next to",
+    "facing": "facing away from", "facing away from": "facing",
+    "parallel to": "perpendicular to", "perpendicular to": "parallel to",
+    "at the edge of": "in the middle of", "in the middle of": "at the edge of",
+    # no contrast that is false whenever the caption is true (directions of motion, vague or rare relations)
+    "across": None, "along": None, "among": None, "around": None, "at": None, "between": None, "beyond": None,
+    "congruent": None, "down": None, "down from": None, "past": None, "through": None, "with": None,
+}
+VSR_RELATIONS = tuple(sorted(VSR_CONTRAST))
+VSR_SKIPPED = tuple(r for r in VSR_RELATIONS if VSR_CONTRAST[r] is None)
+VSR_VERB_RELATIONS = ("contains", "consists of", "has as a part")  # "The bowl contains the apple." (no "is")
+VSR_SPLIT_FILES = ("train", "dev", "test")
+
+
+def relation_phrase(relation):
+    """the words a VSR caption uses for a relation: "is left of", or the bare verb ("contains")"""
+    return relation if relation in VSR_VERB_RELATIONS else f"is {relation}"
+
+
+def contrast_caption(caption, relation):
+    """VSR's caption "The cat is left of the dog." -> "The cat is right of the dog.": the relation's
+    words replaced, as whole words, by its contrast's (VSR_CONTRAST; never inserted next to them),
+    with "is" added or dropped for the verb relations ("contains" -> "is inside"). None if the
+    relation has no contrast. ValueError if the relation's words are not in the caption exactly once."""
+    if VSR_CONTRAST.get(relation) is None:
+        return None
+    pattern = re.compile(r"(?<![\w-])" + re.escape(relation_phrase(relation)) + r"(?![\w-])")
+    if len(pattern.findall(caption)) != 1:
+        raise ValueError(f"caption {caption!r} does not contain {relation_phrase(relation)!r} exactly once as whole words")
+    return pattern.sub(relation_phrase(VSR_CONTRAST[relation]), caption)
+
+
+@dataclass(frozen=True)
+class VSRRow:
+    image: str      # absolute path
+    caption: str
+    label: bool     # the caption is true of the image
+    relation: str
+    where: str      # "file:line", for messages
+
+
+def _vote_ids(value, where, key):
+    # the current files hold the validator ids as JSON-encoded strings ("[2, 9]"), older ones as lists
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: {key} {value!r} is not a JSON list") from None
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise DataError(f"{where}: {key} must be a list of validator ids, got {value!r}")
+    return value
+
+
+def _vsr_file(root, split, part):
+    for path in (os.path.join(root, "splits", split, f"{part}.jsonl"), os.path.join(root, "data", "splits", split, f"{part}.jsonl"),
+                 os.path.join(root, f"{part}.jsonl")):
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"--data_root {root}: no VSR {split} {part} file (looked for splits/{split}/{part}.jsonl, "
+                    f"data/splits/{split}/{part}.jsonl, {part}.jsonl)")
+
+
+def read_vsr(root, split="random"):
+    """VSR's train/dev/test files of one split (random | zeroshot) -> {"train" | "dev" | "test": [VSRRow]}.
+    One JSON object per line: image (a COCO 2017 file name), image_link (.../train2017/... or
+    .../val2017/...), caption ("The <subj> is <relation> the <obj>."), label (1 / 0), relation (one
+    of VSR_RELATIONS), annotator_id, vote_true_validator_id and vote_false_validator_id (JSON-encoded
+    strings "[2, 9]" in the current files, lists in older ones; both accepted), reference_frame
+    (random split) or subj and obj (zero-shot split). Files are found as splits/<split>/<part>.jsonl,
+    data/splits/<split>/<part>.jsonl or <part>.jsonl under root; images as images/<file>,
+    train2017/<file> or val2017/<file>. A malformed line, an unknown relation, a caption without its
+    relation's words, or a missing image is one error naming the file and line."""
+    if split not in ("random", "zeroshot"):
+        raise DataError(f"--vsr_split {split}: choose random or zeroshot")
+    if not os.path.isdir(root):
+        raise DataError(f"--data_root {root}: no such directory")
+    image_dirs = [os.path.join(root, d) for d in ("images", "train2017", "val2017")]
+    out = {}
+    for part in VSR_SPLIT_FILES:
+        path, rows, missing = _vsr_file(root, split, part), [], []
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in ("image", "caption", "relation"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise DataError(f"{where}: missing or empty field {key!r}")
+            if row.get("label") not in (0, 1):  # True / False compare equal to 1 / 0
+                raise DataError(f"{where}: label must be 1 or 0, got {row.get('label')!r}")
+            if row["relation"] not in VSR_CONTRAST:
+                raise DataError(f"{where}: unknown relation {row['relation']!r} (not one of VSR's 66)")
+            if len(re.findall(r"(?<![\w-])" + re.escape(relation_phrase(row["relation"])) + r"(?![\w-])", row["caption"])) != 1:
+                raise DataError(f"{where}: caption {row['caption']!r} does not contain {relation_phrase(row['relation'])!r} once")
+            for key in ("vote_true_validator_id", "vote_false_validator_id"):
+                if key in row:
+                    _vote_ids(row[key], where, key)
+            image = next((p for p in (os.path.join(d, row["image"]) for d in image_dirs) if os.path.isfile(p)), None)
+            if image is None:
+                missing.append((where, row["image"]))
+                continue
+            rows.append(VSRRow(os.path.abspath(image), row["caption"].strip(), bool(row["label"]), row["relation"], where))
+        if missing:
+            (where, name), more = missing[0], len(missing) - 1
+            raise DataError(f"{where}: image {name} not found in images/, train2017/ or val2017/ under {root}"
+                            + (f" (and {more} more rows of {path} without their image)" if more else ""))
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        out[part] = rows
+    return out
+
+
+def read_rankings(path, ranked=True):
+    """Ranked candidates, one JSON object per line, in either direction:
+        {"image": "imgs/1.jpg", "texts": ["best caption", "next", "worst"]}              captions ranked for an image
+        {"text": "a dog left of a cat", "images": ["imgs/1.jpg", "imgs/2.jpg"]}          images ranked for a caption
+    best first; an optional "ranks": [0, 1, 1] gives tiers instead (0 = best; equal = no preference).
+    Image paths are relative to the file's folder. ranked=False reads a candidates file (eval.py
+    --rank): the order means nothing and "ranks" is ignored. Other fields ("scores") are ignored.
+    -> [{"direction": "i2t" | "t2i", "query": text or absolute image path, "candidates": [...],
+    "ranks": [int], "where": "file:line"}]"""
+    folder, out = os.path.dirname(os.path.abspath(path)), []
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or ("image" in row) == ("text" in row):
+            raise DataError(f"{where}: expected an object with either \"image\" + \"texts\" or \"text\" + \"images\"")
+        direction = "i2t" if "image" in row else "t2i"
+        query, key = (row["image"], "texts") if direction == "i2t" else (row["text"], "images")
+        candidates = row.get(key)
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{where}: empty {'image' if direction == 'i2t' else 'text'}")
+        if not isinstance(candidates, list) or len(candidates) < 2 or not all(isinstance(c, str) and c.strip() for c in candidates):
+            raise DataError(f"{where}: \"{key}\" must be a list of at least 2 non-empty strings")
+        ranks = list(range(len(candidates)))
+        if ranked and "ranks" in row:
+            ranks = row["ranks"]
+            if (not isinstance(ranks, list) or len(ranks) != len(candidates)
+                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
+                raise DataError(f"{where}: \"ranks\" must be {len(candidates)} integers >= 0, got {ranks!r}")
+            if len(set(ranks)) < 2:
+                raise DataError(f"{where}: \"ranks\" are all equal: no preference to learn")
+        images = [query] if direction == "i2t" else candidates
+        for image in images:
+            if not os.path.isfile(os.path.join(folder, image)):
+                raise DataError(f"{where}: image {image} not found (paths are relative to {folder})")
+        absolute = lambda p: os.path.abspath(os.path.join(folder, p))  # noqa: E731
+        if direction == "i2t":
+            query = absolute(query)
+        else:
+            candidates = [absolute(c) for c in candidates]
+        out.append({"direction": direction, "query": query, "candidates": candidates, "ranks": ranks, "where": where})
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+# -----------------------------------------------------------------------------
 # CLIPS (Liu et al. 2024): a long synthetic caption is reduced before the text encoder sees it
 
 CAPTION_MASKS = ("none", "truncate", "random", "block", "subcaption")

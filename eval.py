@@ -11,13 +11,18 @@ Evaluation shared by every minclip script, and a CLI.
     python eval.py --model out/clip_hardneg/ckpt.pt --bench aro --data_root ~/data/aro     # also valse, vlchecklist
     python eval.py --model out/clip_hardneg/ckpt.pt --bench intrinsic --threshold 1.0      # HNC metrics, shapes world
     python eval.py --model out/clip_scratch/ckpt.pt --explain 7 --out explain.png          # which words match which patches
+    python eval.py --model out/clip_dpo/ckpt.pt --bench vsr --data_root ~/data/vsr [--vsr_split zeroshot]
+    python eval.py --model out/rm/ckpt.pt --rank candidates.jsonl --out rankings.jsonl   # a reward model ranks candidates
 
 Protocols: the unwrapped model in eval mode under no_grad, on the whole
 fixed split. Retrieval: image->text rank = best rank among the image's captions, text->image one
 rank per caption; i2t is CLIP_benchmark's `text_retrieval_recall@k`, t2i its
 `image_retrieval_recall@k`. Pairwise probes: correct iff the positive scores strictly higher.
 Ties count against the model everywhere (retrieval included), so a collapsed model whose
-embeddings cannot tell two captions apart never gets credit for either.
+embeddings cannot tell two captions apart never gets credit for either. VSR (and the shapes
+world's vsr/ keys): true/false statements scored two ways, accuracy and per-class / macro
+precision, recall and F1 -- contrast (True iff the caption beats the caption with its relation
+replaced by the contrast relation) and threshold (True iff cos > tau, tau fitted on dev).
 """
 import argparse
 import codecs
@@ -69,6 +74,32 @@ def retrieval_metrics(sim, text_to_image, ks=(1, 5, 10)):
 def pairwise_accuracy(pos_scores, neg_scores):
     """fraction where the positive scores strictly higher than the negative (ties are wrong)."""
     return (pos_scores > neg_scores).float().mean().item()
+
+def binary_metrics(pred, label):
+    """VSR's metrics for true/false predictions: pred, label bool [n] -> accuracy, and per class
+    (true, false) precision, recall and F1, and their macro means (macro F1 = the mean of the two
+    per-class F1s, not the F1 of the macro precision and recall). 0 where a denominator is 0."""
+    pred, label = torch.as_tensor(pred, dtype=torch.bool), torch.as_tensor(label, dtype=torch.bool)
+    out = {"acc": (pred == label).float().mean().item()}
+    for name, p, t in (("true", pred, label), ("false", ~pred, ~label)):
+        tp, n_pred, n_true = (p & t).sum().item(), p.sum().item(), t.sum().item()
+        precision, recall = tp / n_pred if n_pred else 0.0, tp / n_true if n_true else 0.0
+        out |= {f"{name}_precision": precision, f"{name}_recall": recall,
+                f"{name}_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+    for m in ("precision", "recall", "f1"):
+        out[f"macro_{m}"] = (out[f"true_{m}"] + out[f"false_{m}"]) / 2
+    return out
+
+
+def calibrate_threshold(scores, label):
+    """the threshold tau that maximises the accuracy of "true iff score > tau" on (scores, label),
+    float / bool [n]; candidates: below every score, and the midpoints between consecutive distinct
+    scores (the lowest tau among equally good ones)."""
+    s = torch.as_tensor(scores, dtype=torch.float64).unique()  # sorted
+    candidates = torch.cat([s[:1] - 1, (s[1:] + s[:-1]) / 2])
+    scores, label = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(label, dtype=torch.bool)
+    acc = ((scores[None, :] > candidates[:, None]) == label[None, :]).double().mean(1)
+    return candidates[acc.argmax()].item()  # argmax returns the first maximum
 
 # -----------------------------------------------------------------------------
 # encoding helpers
@@ -129,7 +160,74 @@ def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preproc
         out[f"probe/{kind}"] = pairwise_accuracy(pos, (img * neg).sum(-1))
         if kind == "relation":
             out["diag/relation_text_cos"] = (txt * neg).sum(-1).mean().item()
+    # VSR's contrast protocol on the scenes' true/false statements ("The red circle is left of the
+    # blue square."): two rows per scene, the true statement and its converse, balanced
+    rows = [(i, text, label, rel) for i, s in enumerate(scenes) for (text, label), rel in zip(data.statements(s), (s.relation(), data.CONVERSE[s.relation()]))]
+    index, texts, labels, relations = zip(*rows)
+    m = vsr_contrast(img[list(index)], encode_texts(model, tokenizer, list(texts), device),
+                     encode_texts(model, tokenizer, [data.contrast_caption(t, r) for t, r in zip(texts, relations)], device), labels)
+    out["vsr/acc"], out["vsr/macro_f1"] = m["acc"], m["macro_f1"]
     model.train(was_training)
+    return out
+
+
+def vsr_contrast(image, caption, contrast, label):
+    """VSR's contrast protocol: predict True iff the image scores its caption strictly higher than
+    the caption with the relation replaced by its contrast; the target is the row's label, whichever
+    string was edited, so a model that always prefers the unedited caption scores the fraction of
+    true rows (0.5 on a balanced set). image, caption, contrast: [n, D] normalised features; label
+    bool [n] -> binary_metrics."""
+    return binary_metrics((image * caption).sum(-1) > (image * contrast).sum(-1), label)
+
+
+@torch.no_grad()
+def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=128):
+    """VSR, both protocols, on rows (data.VSRRow) -> {"vsr/..." (contrast), "vsr_threshold/..."}.
+    - contrast: vsr_contrast on every row whose relation has a contrast (data.VSR_CONTRAST); rows
+      with a skipped relation are counted in vsr/skipped, vsr/n is the number scored;
+    - threshold: predict True iff cos(image, caption) > tau, tau = calibrate_threshold on calib_rows
+      (the dev split), applied to every row.
+    Each: accuracy, per-class precision/recall/F1 and the macro means (binary_metrics)."""
+    was_training = model.training
+    model.eval()
+    paths = sorted({r.image for r in [*rows, *calib_rows]})
+    where = {p: i for i, p in enumerate(paths)}
+    img = encode_pil(model, preprocess, paths, device, batch_size)
+    scored = [r for r in rows if data.VSR_CONTRAST[r.relation] is not None]
+    out = {}
+    if scored:
+        m = vsr_contrast(img[[where[r.image] for r in scored]],
+                         encode_texts(model, tokenizer, [r.caption for r in scored], device, batch_size),
+                         encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in scored], device, batch_size),
+                         [r.label for r in scored])
+        out |= {f"vsr/{k}": v for k, v in m.items()}
+    out |= {"vsr/n": len(scored), "vsr/skipped": len(rows) - len(scored)}
+
+    def cosines(rs):
+        return (img[[where[r.image] for r in rs]] * encode_texts(model, tokenizer, [r.caption for r in rs], device, batch_size)).sum(-1)
+    tau = calibrate_threshold(cosines(calib_rows), [r.label for r in calib_rows])
+    m = binary_metrics(cosines(rows) > tau, [r.label for r in rows])
+    out |= {f"vsr_threshold/{k}": v for k, v in m.items()} | {"vsr_threshold/tau": tau}
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def rank_candidates(model, preprocess, tokenizer, rows, device, batch_size=128):
+    """Score every candidate of data.read_rankings rows with a CLIP (a reward model trained by
+    clip_dpo.py --loss bt, or any CLIP): cosine of the query and the candidate. -> per row, (the
+    candidates' indices best first, their cosines in that order)."""
+    model.eval()
+    paths = sorted({p for r in rows for p in ([r["query"]] if r["direction"] == "i2t" else r["candidates"])})
+    texts = sorted({t for r in rows for t in (r["candidates"] if r["direction"] == "i2t" else [r["query"]])})
+    img = dict(zip(paths, encode_pil(model, preprocess, paths, device, batch_size)))
+    txt = dict(zip(texts, encode_texts(model, tokenizer, texts, device, batch_size)))
+    out = []
+    for r in rows:
+        query, cands = (img, txt) if r["direction"] == "i2t" else (txt, img)
+        scores = torch.stack([query[r["query"]] @ cands[c] for c in r["candidates"]])
+        order = scores.argsort(descending=True, stable=True)
+        out.append((order.tolist(), scores[order].tolist()))
     return out
 
 
@@ -1223,9 +1321,10 @@ def explain_cli(model, preprocess, tokenizer, args, image_size, native, device):
         print(f"{heat.sum().item():+.4f}  {word}")
     # a square view of the image, cropped like the preprocess crops it, so patches line up
     side = min(pil.size)
-    save_explanation(ImageOps.fit(pil, (side, side)), [(w, h.sum().item(), h) for w, h in heats], args.out,
+    out = args.out or "explain.png"
+    save_explanation(ImageOps.fit(pil, (side, side)), [(w, h.sum().item(), h) for w, h in heats], out,
                      note=f"score {terms['score']:+.3f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def main(argv=None):
@@ -1234,10 +1333,11 @@ def main(argv=None):
     # model
     p.add_argument("--model", required=True, help="ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
     # benchmark
-    p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco", *COMPOSITIONAL))
-    p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco, and the compositional benchmarks)")
+    p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco", "vsr", *COMPOSITIONAL))
+    p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco, vsr, and the compositional benchmarks)")
     p.add_argument("--image_root", default=None, help="sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
                    "the images, when not in the default place under --data_root (see README)")
+    p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"), help="vsr: which split's dev/test")
     p.add_argument("--n", type=int, default=1000, help="shapes: number of test scenes")
     p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the "
                    "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)")
@@ -1261,8 +1361,12 @@ def main(argv=None):
     p.add_argument("--span", default=None, help="with --explain: one panel for these words of the caption (default: one per word)")
     p.add_argument("--layer", type=int, default=-1, help="with --explain: the transformer block whose input is attributed (both towers)")
     p.add_argument("--steps", type=int, default=10, help="with --explain: interpolation steps of the integrated Jacobians")
-    p.add_argument("--out", default="explain.png", metavar="PNG", help="with --explain: where to write the picture")
+    # reward model: rank candidates (replaces the metrics)
+    p.add_argument("--rank", default=None, metavar="CANDIDATES.jsonl",
+                   help="score each row's candidates with --model and write them best first to --out (the input of clip_dpo.py --data rankings)")
     # output
+    p.add_argument("--out", default=None, metavar="FILE", help="with --explain: where to write the picture (default explain.png); "
+                   "with --rank: where to write the rankings (required)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the metrics as a flat JSON dict")
     p.add_argument("--export", default=None, metavar="DIR", help="write a minclip checkpoint as an open_clip hub directory, then stop")
     # system
@@ -1272,7 +1376,25 @@ def main(argv=None):
 
     if args.export and not is_checkpoint(args.model):
         raise SystemExit(f"error: --export needs a minclip checkpoint (*.pt), got --model {args.model}")
+    if args.rank and not args.out:
+        raise SystemExit("error: --rank needs --out RANKINGS.jsonl")
     model, preprocess, tokenizer = load_model(args.model, device)
+    if args.rank:
+        try:
+            rows = data.read_rankings(args.rank, ranked=False)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        rel = lambda p: os.path.relpath(p, folder)  # noqa: E731  (image paths relative to the output file, as read_rankings wants)
+        with open(f"{args.out}.tmp", "w") as f:
+            for r, (order, scores) in zip(rows, rank_candidates(model, preprocess, tokenizer, rows, device)):
+                ranked = [r["candidates"][i] for i in order]
+                line = ({"image": rel(r["query"]), "texts": ranked} if r["direction"] == "i2t" else
+                        {"text": r["query"], "images": [rel(p) for p in ranked]})
+                f.write(json.dumps(line | {"scores": [round(s, 6) for s in scores]}) + "\n")
+        os.replace(f"{args.out}.tmp", args.out)
+        print(f"ranked the candidates of {len(rows)} rows of {args.rank} with {args.model}; wrote {args.out}")
+        return
     if args.export:
         export_open_clip(model, model.model_cfg, args.export)
         print(f"wrote {args.export}: open_clip.create_model_and_transforms('local-dir:{args.export}')")
@@ -1321,7 +1443,11 @@ def main(argv=None):
         if args.data_root is None:
             raise SystemExit(f"error: --bench {args.bench} needs --data_root")
         try:
-            items = data.read_dataset(args.bench, args.data_root)["test"]
+            if args.bench == "vsr":
+                vsr = data.read_vsr(args.data_root, args.vsr_split)
+                items = [(r.image, [r.caption]) for r in vsr["test"]]
+            else:
+                items = data.read_dataset(args.bench, args.data_root)["test"]
         except data.DataError as e:
             raise SystemExit(f"error: {e}")
         images, labels = [path for path, _ in items], [f"{os.path.basename(path)}  {caps[0]}" for path, caps in items]
@@ -1339,6 +1465,8 @@ def main(argv=None):
     if args.bench == "shapes":
         metrics = eval_shapes(model, tokenizer, image_size, device, n=args.n, seed=args.seed,
                               preprocess=None if native else preprocess)
+    elif args.bench == "vsr":
+        metrics = eval_vsr(model, preprocess, tokenizer, vsr["test"], vsr["dev"], device)
     else:
         metrics = eval_retrieval(model, preprocess, tokenizer, items, device)
     report(args, metrics)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # the model: OpenAI/open_clip CLIP with open_clip's parameter names
@@ -69,10 +70,14 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, mlp_ratio=4.0, act=nn.GELU):
         super().__init__()
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
+        self.grad_checkpointing = False  # keep only each block's input; recompute the rest in backward
 
     def forward(self, x, causal=False, mask=None):
         for block in self.resblocks:
-            x = block(x, causal=causal, mask=mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, mask, use_reentrant=False)
+            else:
+                x = block(x, causal=causal, mask=mask)
         return x
 
 
@@ -159,6 +164,11 @@ class CLIP(nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         return (pooled, x) if return_tokens else pooled
+
+    def set_grad_checkpointing(self, enable=True):
+        """open_clip's switch: both towers recompute their blocks' activations in the backward pass
+        (about one extra forward of compute for activation memory of one tensor per block)."""
+        self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enable
 
     def forward(self, image=None, text=None):
         """-> (image features [B, D], text features [T, D], logit scale): open_clip.CLIP.forward's output."""

@@ -1,0 +1,591 @@
+"""
+Preference fine-tuning of CLIP: DPO and its relatives against a frozen copy of the starting model
+(Rafailov et al. 2023, "Direct Preference Optimization"), applied to CLIP's scores as CLIP-PO and
+the HNC thesis do: IPO, conservative / robust DPO, hinge, Plackett-Luce rankings, mixtures with the
+CLIP loss, and a reference-free Bradley-Terry reward model.
+
+Run it
+    python clip_dpo.py                                       # CPU: tunes out/clip_scratch/ckpt.pt on the shapes world
+    python clip_dpo.py --data vsr --data_root ~/data/vsr --init ViT-B-32:openai --device cuda
+    torchrun --standalone --nproc_per_node=8 clip_dpo.py --data vsr --data_root ~/data/vsr \\
+             --init ViT-H-14:laion2b_s32b_b79k --grad_checkpointing      # seed 000's setting (README: memory)
+    torchrun --standalone --nproc_per_node=2 clip_dpo.py --device cpu         # DDP on CPU (gloo)
+    python clip_dpo.py --loss bt --out_dir out/rm                             # a reward model ...
+    python eval.py --model out/rm/ckpt.pt --rank candidates.jsonl --out rankings.jsonl   # ... ranks candidates
+    python clip_dpo.py --data rankings --data_root rankings.jsonl --loss listwise        # ... and DPO learns them
+Then
+    python eval.py --model out/clip_dpo/ckpt.pt                                 # shapes (with vsr/acc)
+    python eval.py --model out/clip_dpo/ckpt.pt --bench vsr --data_root ~/data/vsr
+
+The method. A query x (an image, or a caption) has candidates y ranked by preference: captions for an
+image (--direction i2t), images for a caption (t2i), or both. The score is CLIP's logit
+z(x, y) = s * cos(f(x), g(y)) with the logit scale s frozen at the reference's (--train_logit_scale
+frees it: otherwise the loss could fall by inflating s instead of reordering candidates). The policy
+log-probability log pi(y | x) = z(x, y) - logsumexp of z over the query's candidate set; every loss
+here compares candidates of one set (a caption's candidates are images from its own group), so the
+normaliser cancels and z is used directly. Implicit reward r = beta (z_policy - z_ref); for y_w
+preferred to y_l, h = r(x, y_w) - r(x, y_l) (losses: preference_loss, listwise_loss). --alpha mixes
+in CLIP's contrastive loss on the true (image, caption) pairs (the dpo_clip mixture, alpha 0.5), and
+--l2sp adds lambda ||theta - theta_ref||^2. The reference is a deep copy of the --init weights made
+before any DDP/compile wrapping, in eval mode, under no_grad, never in the optimizer and never saved:
+the checkpoint records its spec (and a checksum that --resume verifies).
+
+Data (--data): shapes, the built-in world, whose scenes give exact graded preferences: a scene and its
+three twins (objects exchanged; colours exchanged; both) are captioned by the true caption and the
+captions with one and two wrong facts, so every image ranks the four captions and every caption ranks
+the four images (true > one wrong fact > two). vsr: VSR's true rows prefer the caption to the caption
+with the relation replaced by its contrast (i2t), and a caption true of some images and false of
+others prefers those images (t2i). rankings: a JSONL file of ranked candidates (README).
+
+Deviations from the papers
+1. Tiny models and the shapes world by default, so it runs on a laptop CPU.
+2. Scores are CLIP logits with the reference's scale, not a language model's sequence log-likelihood;
+   the normaliser over the candidate set cancels in every loss (see above).
+3. The shapes default mixes the CLIP loss in (dpo_clip, alpha 0.5) and the text tower learns at
+   0.1x lr: pure DPO reorders the candidates it is shown and collapses retrieval (README).
+4. VSR: the rejected caption replaces the relation's words by its contrast relation (whole words,
+   data.VSR_CONTRAST; 13 of the 66 relations have none and are skipped, counted), never inserts a
+   relation next to the true one; and the evaluation target is the row's label, so preferring the
+   unedited caption is not rewarded (CLIP-PO's two protocol flaws).
+5. The reward model (--loss bt) is a CLIP trained reference-free on score differences, so it ranks
+   candidates of either direction (eval.py --rank).
+6. No gradient accumulation; the global batch is batch_size groups x world size.
+
+The default run: see README ("Preference fine-tuning") for what it reaches and in how long.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import eval as ev
+from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, flops_per_pair, lr_at, param_groups, peak_flops,
+                   print0, save_checkpoint, set_trainable, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# the method: preference losses against a frozen reference
+
+PAIR_LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "bt")
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind="dpo", label_smoothing=0.0):
+    """Pairwise preference losses on the scores z of chosen and rejected candidates, all [P].
+    Rewards r = beta (z_policy - z_ref), h = r_chosen - r_rejected; per pair:
+      dpo     -log sigmoid(h)                                     (Rafailov et al. 2023)
+      cdpo    -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)      (conservative DPO: labels flipped w.p. eps)
+      robust  [-(1 - eps) log sigmoid(h) + eps log sigmoid(-h)] / (1 - 2 eps)   (Chowdhury et al. 2024: unbiased under that noise)
+      hinge   max(0, 1 - h)                                       (SLiC's calibration loss)
+      ipo     (h / beta - 1 / (2 beta))^2                         (Azar et al. 2023; h / beta is the log-ratio difference)
+      bt      -log sigmoid(beta (z_chosen - z_rejected))          (a Bradley-Terry reward model: no reference, ref_* unused)
+    eps = label_smoothing. Returns (loss [P] per pair, chosen rewards [P], rejected rewards [P]),
+    fp32 also under autocast; the rewards are detached."""
+    with torch.autocast(policy_chosen.device.type, enabled=False):
+        pc, pr = policy_chosen.float(), policy_rejected.float()
+        if kind == "bt":
+            chosen, rejected = beta * pc, beta * pr
+        else:
+            chosen, rejected = beta * (pc - ref_chosen.float()), beta * (pr - ref_rejected.float())
+        h, eps = chosen - rejected, label_smoothing
+        if kind in ("dpo", "bt"):
+            loss = -F.logsigmoid(h)
+        elif kind == "cdpo":
+            loss = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+        elif kind == "robust":
+            loss = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+        elif kind == "hinge":
+            loss = F.relu(1 - h)
+        elif kind == "ipo":
+            loss = (h / beta - 1 / (2 * beta)) ** 2
+        else:
+            raise ValueError(f"unknown preference loss {kind!r}")
+    return loss, chosen.detach(), rejected.detach()
+
+
+def listwise_loss(policy, ref, ranks, beta):
+    """Plackett-Luce over each query's ranked candidates (DPO paper, appendix A.3).
+    policy, ref: scores z [M, K]; ranks long [M, K]: 0 = best, equal = tied, -1 = padding.
+    With r = beta (z_policy - z_ref), per query: the sum over every candidate k ranked above some
+    other candidate of  logsumexp(r_j over j = k and every j ranked below k) - r_k.
+    For a strict ranking y_1 > ... > y_K that is PL's sum_{k<K} [logsumexp(r_k, ..., r_K) - r_k];
+    tied candidates are not each other's competitors (one best and the rest tied leaves only the
+    first term); K = 2 is DPO's -log sigmoid(r_1 - r_2). Returns (loss [M] per query, r [M, K]
+    detached), fp32 also under autocast."""
+    with torch.autocast(policy.device.type, enabled=False):
+        r = beta * (policy.float() - ref.float())
+        valid = ranks >= 0
+        below = (ranks[:, None, :] > ranks[:, :, None]) & valid[:, None, :] & valid[:, :, None]  # [M, k, j]: j ranked below k
+        own = torch.eye(r.shape[1], dtype=torch.bool, device=r.device).expand_as(below)  # k itself keeps every logsumexp finite
+        lse = torch.logsumexp(r[:, None, :].masked_fill(~(below | own), float("-inf")), dim=-1)  # [M, K]
+        loss = torch.where(below.any(-1), lse - r, torch.zeros_like(r)).sum(-1)
+    return loss, r.detach()
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE, L = 1/2 [CE(S, I) + CE(S^T, I)] with S = s * V T^T, as in clip_scratch.py:
+    [B, D] L2-normalised features, every rank gathers both sets with gradient and scores its B rows
+    against all world*B columns (labels offset by rank*B). Returns (loss, image->text accuracy), fp32."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+        all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+        offset = dist.get_rank() * image_features.shape[0] if all_image is not image_features else 0
+        logits_per_image = logit_scale * image_features @ all_text.T  # [B, world*B]
+        logits_per_text = logit_scale * text_features @ all_image.T   # [B, world*B]
+        labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
+        loss = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
+    return loss, acc.detach()
+
+
+def l2sp_penalty(model, reference):
+    """L2-SP: ||theta - theta_ref||^2 summed over the trainable parameters (the HNC thesis's anchor
+    toward the starting weights), in fp32. model and reference have the same parameter order."""
+    return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(model.parameters(), reference.parameters()) if p.requires_grad)
+
+
+def make_reference(model, dtype="float32"):
+    """The frozen reference: a deep copy of the starting model, made before any DDP / compile
+    wrapping, in eval mode and without gradients; step_loss calls it under no_grad, and it never
+    enters the optimizer or a checkpoint. dtype "bfloat16" stores its weight matrices in bf16 (half
+    the memory): exactly the values bf16 autocast feeds the policy's matmuls, so under that autocast
+    its outputs stay bit-identical to the policy's at step 0; norms, biases and embeddings, which
+    autocast leaves in fp32, stay fp32."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if dtype == "bfloat16":
+        for name, p in reference.named_parameters():
+            if p.ndim >= 2 and "embedding" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    return reference
+
+
+def global_mean(total, count, device):
+    """total / (count summed over ranks / world): DDP averages gradients over ranks, so this is the
+    mean over the global batch even when ranks hold different numbers of items."""
+    count = torch.tensor(float(count), device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count
+
+
+def step_loss(model, reference, batch, args):
+    """The method, one step. batch: (images [NI, 3, S, S], texts [NT, L], prefs) from make_batch.
+    prefs: query [M] and cand [M, K] index the concatenated features [image features; text
+    features] (an image query's candidates are texts, a text query's are images), rank [M, K]
+    (0 = best, -1 = padding), pairs [P, 3] (query, better candidate, worse candidate: every
+    strictly ordered pair), pos [N, 2] (index of an image, index of its true caption among the
+    texts) for the CLIP term.
+    The reference (None for a reward model without --l2sp) runs on the same batch under no_grad.
+    -> (loss, {name: detached scalar} to log)"""
+    images, texts, prefs = batch
+    image_features, text_features, logit_scale = model(images, texts)
+    features = torch.cat([image_features, text_features])  # [NI + NT, D]
+    scale = logit_scale if args.train_logit_scale else logit_scale.detach()
+    z = scale * torch.einsum("md,mkd->mk", features[prefs["query"]], features[prefs["cand"]])  # [M, K]
+    z_ref = torch.zeros_like(z)
+    if args.loss != "bt":
+        with torch.no_grad():
+            ref_image, ref_text, ref_scale = reference(images, texts)
+            ref_features = torch.cat([ref_image, ref_text])
+            z_ref = ref_scale * torch.einsum("md,mkd->mk", ref_features[prefs["query"]], ref_features[prefs["cand"]])
+    m, a, b = prefs["pairs"].unbind(1)
+    if args.loss == "listwise":
+        per_query, r = listwise_loss(z, z_ref, prefs["rank"], args.beta)
+        loss, chosen, rejected = global_mean(per_query.sum(), len(per_query), z.device), r[m, a], r[m, b]
+    else:
+        kind = "dpo" if args.loss == "dpo_clip" else args.loss
+        per_pair, chosen, rejected = preference_loss(z[m, a], z[m, b], z_ref[m, a], z_ref[m, b], args.beta, kind, args.label_smoothing)
+        loss = global_mean(per_pair.sum(), len(per_pair), z.device)
+    # reward accuracy counts ties as half: exactly 0.5 at step 0, where policy == reference
+    stats = {"pref": loss.detach(), "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
+             "chosen": chosen.mean(), "rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
+    if args.alpha:
+        pos = prefs["pos"]
+        contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
+        loss = args.alpha * contrastive + (1 - args.alpha) * loss
+        stats |= {"clip": contrastive.detach(), "acc": acc}
+    if args.l2sp:
+        penalty = l2sp_penalty(model, reference)
+        loss = loss + args.l2sp * penalty
+        stats["l2sp"] = penalty.detach()
+    return loss, stats
+
+# -----------------------------------------------------------------------------
+# the batches: groups of images and texts with ranked candidates
+
+# a group (one dataset item) is a dict: images (tensors [3, S, S]), texts (strings), queries
+# [(direction, query index, [candidate indices], [ranks])] with indices local to the group (an i2t
+# query is an image and its candidates texts, t2i the reverse), pos [(image, text)]: true pairs.
+
+
+def shapes_group(scene, image_size, with_statements):
+    """A training scene and its three twins (data.mirror: the objects exchange places, so the relation
+    is flipped; data.swap_colours: the colours are exchanged; and both), each with its caption. The
+    caption of twin j states popcount(i xor j) wrong facts about twin i, so every image ranks the four
+    captions and every caption ranks the four images: true (0) > one wrong fact (1) > two (2).
+    with_statements: also the twins' VSR-style statements ("The red circle is left of the blue
+    square.", data.statements), ranked the same way, as a second candidate set in both directions."""
+    twins = [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))]
+    wrong = [[bin(i ^ j).count("1") for j in range(4)] for i in range(4)]  # symmetric
+    texts = [t.caption() for t in twins]
+    queries = [("i2t", i, [0, 1, 2, 3], wrong[i]) for i in range(4)] + [("t2i", j, [0, 1, 2, 3], wrong[j]) for j in range(4)]
+    if with_statements:
+        texts += [data.statements(t)[0][0] for t in twins]  # each twin's true statement
+        queries += [("i2t", i, [4, 5, 6, 7], wrong[i]) for i in range(4)] + [("t2i", 4 + j, [0, 1, 2, 3], wrong[j]) for j in range(4)]
+    images = [data.to_tensor(data.render(t, image_size)) for t in twins]
+    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in range(4)]}
+
+
+class ShapesPreferences(torch.utils.data.Dataset):
+    """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
+
+    def __init__(self, image_size, seed=0, with_statements=True):
+        self.image_size, self.seed, self.with_statements = image_size, seed, with_statements
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, key):
+        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements)
+
+
+class ImageGroups(torch.utils.data.Dataset):
+    """Groups whose images are files (VSR, rankings): key -> the group with its images loaded by the
+    model's preprocess, or None if one is unreadable (make_batch drops and counts it). Keys may
+    exceed len (StepBatches: epoch * len + i)."""
+
+    def __init__(self, groups, preprocess):
+        self.groups, self.preprocess = groups, preprocess
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, key):
+        group, images = self.groups[key % len(self.groups)], []
+        for path in group["images"]:
+            try:
+                with Image.open(path) as im:
+                    images.append(self.preprocess(im.convert("RGB")))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                return None
+        return {**group, "images": images}
+
+
+def make_batch(groups, args):
+    """The DataLoader's collate_fn: groups (None = unreadable) -> (images [NI, 3, S, S], texts [NT, L],
+    prefs, n_skipped); see step_loss for prefs. Only queries of --direction are kept; candidate lists
+    are padded to the longest (rank -1). (None, None, None, n) if every group was unreadable."""
+    kept = [g for g in groups if g is not None]
+    if not kept:
+        return None, None, None, len(groups)
+    n_images = sum(len(g["images"]) for g in kept)
+    images, texts, rows, pos = [], [], [], []
+    for g in kept:
+        i0, t0 = len(images), n_images + len(texts)  # offsets into [image features; text features]
+        images += g["images"]
+        texts += g["texts"]
+        pos += [(i0 + i, len(texts) - len(g["texts"]) + t) for i, t in g["pos"]]
+        for direction, q, cands, ranks in g["queries"]:
+            if args.direction in ("both", direction):
+                q0, c0 = (i0, t0) if direction == "i2t" else (t0, i0)
+                rows.append((q0 + q, [c0 + c for c in cands], ranks))
+    K = max(len(c) for _, c, _ in rows)
+    query = torch.tensor([q for q, _, _ in rows])
+    cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
+    rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
+    pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
+    tokens = data.get_tokenizer(args.context_length)(texts)
+    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos)}
+    return torch.stack(images), tokens, prefs, len(groups) - len(kept)
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--data", default="shapes", help="shapes | vsr | rankings (hnc: not implemented yet)")
+    p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file")
+    p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
+    p.add_argument("--vsr_false_rows", action="store_true",
+                   help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
+    p.add_argument("--no_statements", dest="statements", action="store_false",
+                   help="shapes: leave out the VSR-style statements (shapes_group)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
+    # model
+    p.add_argument("--init", default="out/clip_scratch/ckpt.pt", help="the starting model and reference: ckpt.pt | local-dir:DIR | NAME:PRETRAINED")
+    p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
+    p.add_argument("--train_logit_scale", action="store_true", help="let the logit scale train (default: frozen at the reference's)")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the towers' activations in backward (large models)")
+    # method
+    p.add_argument("--loss", default="dpo_clip", choices=(*PAIR_LOSSES, "listwise", "dpo_clip"))
+    p.add_argument("--direction", default="both", choices=("i2t", "t2i", "both"),
+                   help="i2t: captions ranked for an image; t2i: images ranked for a caption")
+    p.add_argument("--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)")
+    p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the CLIP loss mixed in (default: 0.5 for dpo_clip, else 0)")
+    p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
+    # optim
+    p.add_argument("--max_steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=16, help="groups per process (shapes: a scene and its 3 twins)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, 1 real data)")
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    # eval / checkpoints
+    p.add_argument("--out_dir", default="out/clip_dpo")
+    p.add_argument("--eval_every", type=int, default=500, help="0 disables (a final eval always runs)")
+    p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
+    p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
+    p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
+    p.add_argument("--log_every", type=int, default=10)
+    # system
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args(argv)
+    real = args.data != "shapes"
+    args.workers = (4 if real else 0) if args.workers is None else args.workers
+    args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
+    args.alpha = (0.5 if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
+    if args.label_smoothing is None:
+        args.label_smoothing = 0.1 if args.loss in ("cdpo", "robust") else 0.0
+    elif args.loss not in ("cdpo", "robust"):
+        p.error(f"--label_smoothing is for --loss cdpo or robust, not {args.loss}")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
+    if not 0 <= args.alpha <= 1:
+        p.error(f"--alpha {args.alpha}: must be in [0, 1]")
+    if args.beta <= 0:
+        p.error(f"--beta {args.beta}: must be > 0")
+    return args
+
+
+def vsr_groups(rows, false_rows=False):
+    """VSR rows -> (groups, n_skipped). i2t: a true row prefers its caption to data.contrast_caption
+    (with --vsr_false_rows a false row prefers the contrast caption to its caption); t2i: a caption
+    true of some images and false of others prefers an image it is true of to one it is false of.
+    Rows whose relation has no contrast are skipped for i2t (counted). Image paths stand in the
+    groups' images until ImageGroups loads them."""
+    groups, skipped, by_caption = [], 0, {}
+    for r in rows:
+        by_caption.setdefault(r.caption, ([], []))[0 if r.label else 1].append(r.image)
+        contrast = data.contrast_caption(r.caption, r.relation)
+        if contrast is None:
+            skipped += 1
+        elif r.label or false_rows:
+            ranks = [0, 1] if r.label else [1, 0]
+            groups.append({"images": [r.image], "texts": [r.caption, contrast], "queries": [("i2t", 0, [0, 1], ranks)],
+                           "pos": [(0, ranks.index(0))]})
+    for caption, (true, false) in by_caption.items():
+        # one group per image of the longer side, paired round-robin with the shorter side: two images
+        # per group, so a popular caption (30 images in the random split) does not make one huge group
+        for k in range(max(len(true), len(false)) if true and false else 0):
+            groups.append({"images": [true[k % len(true)], false[k % len(false)]], "texts": [caption], "pos": [(0, 0)],
+                           "queries": [("t2i", 0, [0, 1], [0, 1])]})
+    return groups, skipped
+
+
+def ranking_groups(rows):
+    """data.read_rankings rows -> groups (the query's best candidate is its true pair for the CLIP term)"""
+    groups = []
+    for r in rows:
+        K, best = len(r["candidates"]), r["ranks"].index(min(r["ranks"]))
+        if r["direction"] == "i2t":
+            groups.append({"images": [r["query"]], "texts": r["candidates"], "queries": [("i2t", 0, list(range(K)), r["ranks"])], "pos": [(0, best)]})
+        else:
+            groups.append({"images": r["candidates"], "texts": [r["query"]], "queries": [("t2i", 0, list(range(K)), r["ranks"])], "pos": [(best, 0)]})
+    return groups
+
+
+def make_data(args, image_size, preprocess):
+    """-> (train dataset, number of groups or None for an infinite stream, VSR splits or None)."""
+    if args.data == "shapes":
+        return ShapesPreferences(image_size, args.seed, args.statements), None, None
+    if args.data == "hnc":
+        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (it needs data.read_hnc, being written for clip_hardneg.py)")
+    if args.data not in ("vsr", "rankings"):
+        raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings")
+    if args.data_root is None:
+        raise data.DataError(f"--data {args.data} needs --data_root")
+    splits = None
+    if args.data == "vsr":
+        splits = data.read_vsr(args.data_root, args.vsr_split)
+        groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows)
+        print0(f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "
+               f"({skipped} rows skipped: relation without a contrast)")
+    else:
+        groups = ranking_groups(data.read_rankings(args.data_root))
+    groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
+    if not groups:
+        raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
+    return ImageGroups(groups, preprocess), len(groups), splits
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    torch.manual_seed(args.seed)  # identical init on every rank
+
+    # model: the policy, and its frozen reference (a copy made before any wrapping)
+    if ev.is_checkpoint(args.init) and not os.path.isfile(args.init):
+        raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
+                         "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
+    clip, model_cfg, preprocess, _ = ev.load_clip(args.init, device)
+    clip.train()
+    image_size, args.context_length = clip.image_size, clip.context_length
+    set_trainable(clip, args.finetune)
+    clip.logit_scale.requires_grad_(args.train_logit_scale)
+    reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
+    if args.loss != "bt" or args.l2sp:
+        reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
+    ref_checksum = sum(p.double().sum().item() for p in clip.parameters())
+    if args.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+
+    # data
+    try:
+        dataset, n_items, splits = make_data(args, image_size, preprocess)
+        for split in ("dev", "test") if splits else ():  # fail now, not at an eval after hours of training
+            data.check_images([(r.image,) for r in splits[split]], f"--data vsr: the {split} split")
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    if n_items is not None and n_items < args.batch_size * world:
+        raise SystemExit(f"error: {n_items} preference groups < global batch {args.batch_size * world} (--batch_size)")
+    tokenizer = data.get_tokenizer(args.context_length)
+
+    optimizer = torch.optim.AdamW(param_groups(clip, args.weight_decay, args.text_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)
+    start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = ev.load_checkpoint(ckpt_path, clip, need=("optimizer", "step", "rng", "reference"))  # or one line on what is wrong
+        if ckpt["reference"]["spec"] != args.init:
+            raise SystemExit(f"error: --resume: {ckpt_path} was trained against --init {ckpt['reference']['spec']}, not {args.init}")
+        if ckpt["reference"]["checksum"] != ref_checksum:
+            raise SystemExit(f"error: --resume: the weights of --init {args.init} changed since {ckpt_path} was written (checksum)")
+        clip.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+    model = clip
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=data.StepBatches(n_items, args.batch_size, rank, world, args.seed, start_step, args.max_steps),
+        collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    def checkpoint(step):
+        if master:  # `model` loads into open_clip.CLIP with strict=True; the reference is never saved, only named
+            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": model_cfg, "optimizer": optimizer.state_dict(),
+                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
+                                        "reference": {"spec": args.init, "checksum": ref_checksum}})
+
+    def evaluate(step, split="dev"):
+        # rank 0 evaluates the unwrapped policy on the whole fixed split; the others wait
+        if master:
+            t = time.time()
+            if args.data == "shapes":
+                metrics = ev.eval_shapes(clip, tokenizer, image_size, device, n=args.eval_n)
+            elif splits is not None:  # vsr: both protocols, the threshold fitted on dev
+                metrics = ev.eval_vsr(clip, preprocess, tokenizer, splits[split], splits["dev"], device)
+            else:
+                metrics = None
+                print0(f"step {step}: --data rankings has no eval split; evaluate with eval.py --model {ckpt_path}")
+            if metrics is not None:
+                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        if world > 1:
+            dist.barrier()
+
+    def to_device(x):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()} if isinstance(x, dict) else x.to(device, non_blocking=True)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in clip.parameters())
+    n_train = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    print0(f"init {args.init}: {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained ({args.finetune}) | loss {args.loss} "
+           f"beta {args.beta} alpha {args.alpha} | data {args.data} {args.direction} | world {world} x batch {args.batch_size} groups "
+           f"| device {device} {dtype} | logit scale {clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
+    peak = peak_flops(device) * world
+    step, last_logged, t0, skipped = start_step, start_step, time.time(), 0
+    for images, texts, prefs, n_skipped in loader:
+        skipped += n_skipped  # groups with an unreadable image, dropped by make_batch
+        n = 0 if images is None else len(images)
+        if world > 1:  # a rank without a batch skips the step on every rank
+            n = torch.tensor([n], device=device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            n = int(n)
+        if n == 0:
+            step += 1
+            continue
+        if world > 1 and args.alpha:  # the CLIP term's all_gather needs equal pair counts: every rank cuts to the smallest
+            p = torch.tensor([len(prefs["pos"])], device=device)
+            dist.all_reduce(p, op=dist.ReduceOp.MIN)
+            prefs["pos"] = prefs["pos"][:int(p)]
+        batch = (to_device(images), to_device(texts), to_device(prefs))
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        with autocast_ctx(device, dtype):
+            loss, stats = step_loss(model, reference, batch, args)
+        if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
+            raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        if step % args.log_every == 0 or step == args.max_steps:
+            dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
+            last_logged = step
+            ips = n_steps * n * world / dt
+            text_len = int(texts.argmax(-1).max()) + 1  # up to the last EOT (see CLIP.encode_text)
+            # policy forward + backward (3 forwards) and the reference's forward (1 more)
+            flops = flops_per_pair(model_cfg, text_len, len(texts) / n) * (4 / 3 if reference is not None else 1)
+            mfu = flops * ips / peak if peak else 0.0
+            print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
+                   + f"lr {lr:.2e} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
+                   + (f" | skipped {skipped} groups with unreadable images" if skipped else ""))
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
+            checkpoint(step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            evaluate(step)
+            t0 = time.time()  # eval time is not training time
+    checkpoint(step)
+    if skipped:
+        print0(f"skipped {skipped} preference groups with an unreadable image in total (counted per group drawn)")
+    evaluate(step, "test")
+    if args.export and master:
+        ev.export_open_clip(clip, model_cfg, args.export)
+        print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+"""clip_dpo.py: each loss against a naive per-example loop, the step-0 sanity of DPO (policy ==
+reference), the shapes world's preferences against the scenes' geometry, gradients under 2 gloo
+processes, resume, the checkpoint in open_clip, and --data vsr / rankings end to end on files in
+their exact formats (tiny settings, CPU)."""
+import copy
+import json
+import math
+import os
+import random
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_dpo
+import data
+import eval as ev
+from conftest import ROOT, load_weights, run, run_and_kill
+from model import CLIP, model_config
+
+TINY = ["--batch_size", "2", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x)) if x > -30 else x
+
+
+def naive_preference(pc, pr, rc, rr, beta, kind, eps):
+    out = []
+    for a, b, c, d in zip(pc, pr, rc, rr):
+        if kind == "bt":
+            out.append(-logsig(beta * (a - b)))
+            continue
+        h = beta * (a - c) - beta * (b - d)
+        out.append({"dpo": -logsig(h), "cdpo": -(1 - eps) * logsig(h) - eps * logsig(-h),
+                    "robust": (-(1 - eps) * logsig(h) + eps * logsig(-h)) / (1 - 2 * eps),
+                    "hinge": max(0.0, 1 - h), "ipo": ((a - c) - (b - d) - 1 / (2 * beta)) ** 2}[kind])
+    return out
+
+
+@pytest.mark.parametrize("kind", clip_dpo.PAIR_LOSSES)
+def test_preference_losses_match_naive_formulas(kind):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (10 * torch.randn(9, generator=g, dtype=torch.float64) for _ in range(4))
+    loss, chosen, rejected = clip_dpo.preference_loss(pc, pr, rc, rr, 0.3, kind, 0.2)
+    assert torch.allclose(loss.double(), torch.tensor(naive_preference(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), 0.3, kind, 0.2),
+                                                      dtype=torch.float64), atol=1e-5)
+    if kind != "bt":
+        assert torch.allclose(chosen.double(), 0.3 * (pc - rc), atol=1e-5) and torch.allclose(rejected.double(), 0.3 * (pr - rr), atol=1e-5)
+
+
+def test_dpo_and_ipo_signs_on_hand_made_cases():
+    zero = torch.zeros(1)
+    # the policy likes the chosen caption more than the reference does: DPO below log 2, and its
+    # gradient still pushes the chosen score up and the rejected one down
+    pc, pr = torch.tensor([1.0], requires_grad=True), torch.tensor([0.0], requires_grad=True)
+    loss, _, _ = clip_dpo.preference_loss(pc, pr, zero, zero, 1.0, "dpo")
+    loss.sum().backward()
+    assert loss.item() < math.log(2) and pc.grad.item() < 0 < pr.grad.item()
+    # the opposite: above log 2
+    assert clip_dpo.preference_loss(torch.tensor([0.0]), torch.tensor([1.0]), zero, zero, 1.0, "dpo")[0].item() > math.log(2)
+    # IPO regresses the log-ratio difference to 1 / (2 beta): zero there, and past it the gradient
+    # pulls the margin back down (DPO would keep pushing it up)
+    beta = 0.5
+    assert clip_dpo.preference_loss(torch.tensor([1.0]), zero, zero, zero, beta, "ipo")[0].item() == pytest.approx(0.0)
+    pc = torch.tensor([3.0], requires_grad=True)
+    clip_dpo.preference_loss(pc, zero, zero, zero, beta, "ipo")[0].sum().backward()
+    assert pc.grad.item() > 0
+    pc = torch.tensor([0.0], requires_grad=True)
+    clip_dpo.preference_loss(pc, zero, zero, zero, beta, "ipo")[0].sum().backward()
+    assert pc.grad.item() < 0
+
+
+def naive_plackett_luce(r, ranks):
+    """sum over every candidate k that beats another of log sum_{j = k or below k} exp r_j - r_k"""
+    total = 0.0
+    for k in range(len(r)):
+        below = [j for j in range(len(r)) if ranks[j] > ranks[k] >= 0 and ranks[j] >= 0]
+        if below:
+            total += math.log(sum(math.exp(r[j]) for j in [k, *below])) - r[k]
+    return total
+
+
+def test_listwise_matches_naive_plackett_luce_and_k2_is_dpo():
+    g = torch.Generator().manual_seed(1)
+    policy, ref = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    ranks = torch.tensor([[0, 1, 2, 3], [3, 1, 0, 2], [0, 1, 1, 2], [0, 1, 1, 1], [1, 0, -1, -1]])  # strict, permuted, tiers, one best, padded
+    loss, r = clip_dpo.listwise_loss(policy, ref, ranks, 0.7)
+    for m in range(5):
+        assert loss[m].item() == pytest.approx(naive_plackett_luce((0.7 * (policy[m] - ref[m])).tolist(), ranks[m].tolist()), abs=1e-5)
+    # a strict ranking is exactly PL's sum_{k<K} [logsumexp(r_k..r_K) - r_k]
+    rr = 0.7 * (policy[0] - ref[0])
+    assert loss[0].item() == pytest.approx(sum((torch.logsumexp(rr[k:], 0) - rr[k]).item() for k in range(3)), abs=1e-5)
+    # K = 2 is DPO
+    dpo, _, _ = clip_dpo.preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], 0.7, "dpo")
+    k2, _ = clip_dpo.listwise_loss(policy[:, :2], ref[:, :2], torch.tensor([[0, 1]] * 5), 0.7)
+    assert torch.allclose(k2, dpo, atol=1e-6)
+    # padding gives finite gradients
+    p = policy.clone().requires_grad_()
+    clip_dpo.listwise_loss(p, ref, ranks, 0.7)[0].sum().backward()
+    assert torch.isfinite(p.grad).all() and (p.grad[4, 2:] == 0).all()
+
+
+def scene_facts(scene):
+    """ground truth from the geometry: for each (shape) its colour, and the relation the first-named
+    object really has to the second"""
+    return {o.shape: o for o in scene.objs}
+
+
+def wrong_facts(scene, caption):
+    """how many of the caption's two compositional claims (the relation, the colour binding) are false
+    of the scene, read off the objects' coordinates, independently of data.mirror / swap_colours"""
+    w = caption.split()  # a {size} {colour} {shape} {rel...} a {size} {colour} {shape} on a ...
+    rel = " ".join(w[4:w.index("a", 4)])
+    j = w.index("a", 4)
+    subj, obj = scene_facts(scene)[w[3]], scene_facts(scene)[w[j + 3]]
+    holds = {"left of": subj.x < obj.x, "right of": subj.x > obj.x, "above": subj.y < obj.y, "below": subj.y > obj.y}[rel]
+    colours_bound = subj.colour == w[2] and obj.colour == w[j + 2]
+    return int(not holds) + int(not colours_bound)
+
+
+def test_shapes_group_ranks_are_the_number_of_wrong_facts():
+    for key in range(20):
+        scene = data.sample_scene(data.scene_rng("dpo", 0, key))
+        twins = [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))]
+        g = clip_dpo.shapes_group(scene, 16, with_statements=True)
+        assert len(g["images"]) == 4 and len(set(g["texts"])) == 8
+        for i in range(4):
+            assert torch.equal(g["images"][i], data.to_tensor(data.render(twins[i], 16)))
+        for direction, q, cands, ranks in g["queries"]:
+            for c, r in zip(cands, ranks):
+                image, text = (q, c) if direction == "i2t" else (c, q)
+                if text < 4:  # a caption
+                    assert r == wrong_facts(twins[image], g["texts"][text]), (direction, q, c)
+                else:  # a statement: its own twin ranks it first, the others by the same wrong facts
+                    assert r == wrong_facts(twins[image], twins[text - 4].caption())
+        assert g["pos"] == [(i, i) for i in range(4)]
+
+
+def tiny_init(tmp_path, seed=0):
+    """a random tiny minclip checkpoint (image 32, context 32) standing in for out/clip_scratch/ckpt.pt"""
+    torch.manual_seed(seed)
+    cfg = model_config("tiny", 32, 32)
+    path = str(tmp_path / "init.pt")
+    torch.save({"model": CLIP(**cfg).state_dict(), "model_cfg": cfg}, path)
+    return path
+
+
+def batch_of(groups, direction="both"):
+    args = type("A", (), {"direction": direction, "context_length": 32})
+    images, texts, prefs, _ = clip_dpo.make_batch(groups, args)
+    return images, texts, prefs
+
+
+def args_for(loss="dpo", **kw):
+    a = clip_dpo.get_args(["--loss", loss])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_make_batch_indexes_the_concatenated_features():
+    g = [clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(3)]
+    images, texts, prefs = batch_of(g)
+    assert images.shape == (12, 3, 32, 32) and texts.shape[0] == 24
+    assert prefs["query"].shape == (3 * 16,) and prefs["cand"].shape == (48, 4)
+    # group 1's image 2 asks about group 1's four captions: features 12 + 8..11
+    m = 16 + 2
+    assert prefs["query"][m].item() == 4 + 2 and prefs["cand"][m].tolist() == [12 + 8 + j for j in range(4)]
+    # every pair is strictly ordered; 5 per ranking [0,1,1,2]-shaped query
+    q, a, b = prefs["pairs"].unbind(1)
+    assert (prefs["rank"][q, a] < prefs["rank"][q, b]).all() and len(q) == 48 * 5
+    assert prefs["pos"][5].tolist() == [5, 8 + 1]  # pos indexes images and texts themselves
+    _, _, only = batch_of(g, "t2i")
+    assert (only["query"] >= 12).all() and (only["cand"] < 12).all()
+
+
+def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip():
+    torch.manual_seed(0)
+    policy = CLIP(**model_config("tiny", 32, 32))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    batch = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    loss, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
+    assert stats["chosen"].item() == 0 and stats["rejected"].item() == 0  # policy == reference: every reward exactly 0
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and stats["reward_acc"].item() == 0.5
+    loss, stats = clip_dpo.step_loss(policy, reference, batch, args_for("listwise"))
+    # [0, 1, 1, 2]: the best among 4, then each middle one among itself and the worst
+    assert loss.item() == pytest.approx(math.log(4) + 2 * math.log(2), abs=1e-6) and stats["reward_acc"].item() == 0.5
+    # dpo_clip = alpha CLIP + (1 - alpha) DPO, the CLIP loss on the true (image, caption) pairs
+    mix, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo_clip", alpha=0.3))
+    images, texts, prefs = batch
+    v, t = policy.encode_image(images, normalize=True), policy.encode_text(texts, normalize=True)
+    pos = prefs["pos"]
+    contrastive, _ = clip_dpo.clip_loss(v[pos[:, 0]], t[pos[:, 1]], policy.logit_scale.exp())
+    assert mix.item() == pytest.approx(0.3 * contrastive.item() + 0.7 * math.log(2), abs=1e-5)
+    # l2sp is zero at the start and the squared distance after a change
+    with torch.no_grad():
+        policy.text_projection.add_(0.01)
+    l2, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo", l2sp=2.0))
+    assert stats["l2sp"].item() == pytest.approx(0.01 ** 2 * policy.text_projection.numel(), rel=1e-3)
+
+
+def test_reference_is_frozen_never_trained_and_bit_identical(tmp_path, monkeypatch):
+    """the real loop, in process: the reference step_loss sees is the --init weights, untouched and
+    without gradients after training, and the policy did move"""
+    init = tiny_init(tmp_path)
+    seen = []
+    real = clip_dpo.step_loss
+    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, reference, batch, args: (seen.append(reference), real(model, reference, batch, args))[1])
+    torch.set_num_threads(1)
+    clip_dpo.main(["--init", init, "--max_steps", "3", "--out_dir", str(tmp_path / "out"), "--lr", "1e-3", *TINY])
+    start = torch.load(init, weights_only=True)["model"]
+    reference = seen[-1]
+    assert all(r is reference for r in seen) and not reference.training
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, start[name]) and p.grad is None and not p.requires_grad, name
+    trained = load_weights(tmp_path / "out")["model"]
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert torch.equal(trained["logit_scale"], start["logit_scale"])  # frozen at the reference's
+
+
+def test_bf16_reference_matches_the_policy_under_autocast():
+    """the bf16 reference keeps fp32 norms and embeddings, so under bf16 autocast its outputs are
+    bit-identical to the fp32 policy's"""
+    torch.manual_seed(0)
+    policy = CLIP(**model_config("tiny", 32, 32)).eval()
+    reference = clip_dpo.make_reference(policy, "bfloat16")
+    assert reference.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
+    assert reference.positional_embedding.dtype == torch.float32 and reference.ln_final.weight.dtype == torch.float32
+    images, texts, _ = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, 0)), 32, False)])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        a, b = policy(images, texts), reference(images, texts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = CLIP(**model_config("tiny", 32, 32))
+    images, texts, prefs = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, 0)), 32, True)])
+    grads = []
+    for on in (False, True):
+        model.set_grad_checkpointing(on)
+        model.zero_grad()
+        v, t, s = model(images, texts)
+        clip_dpo.clip_loss(v, t[:4], s)[0].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def _ddp_worker(rank, init_file, path, groups, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = CLIP(**model_config("tiny", 32, 32))
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # move the policy off the reference so the loss has a non-trivial gradient
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for loss in ("dpo_clip", "listwise"):
+        model.zero_grad()
+        clip_dpo.step_loss(ddp, reference, batch_of(groups[rank]), args_for(loss, alpha=0.5))[0].backward()
+        torch.save([p.grad for p in model.parameters()], f"{out}.{loss}.{rank}")
+    dist.destroy_process_group()
+
+
+def ranking_group(rng, k):
+    """a synthetic i2t or t2i ranking group with k candidates (images as random tensors)"""
+    if rng.random() < 0.5:
+        return {"images": [torch.randn(3, 32, 32)], "texts": [f"a red circle number {rng.randrange(99)}" for _ in range(k)],
+                "queries": [("i2t", 0, list(range(k)), list(range(k)))], "pos": [(0, 0)]}
+    return {"images": [torch.randn(3, 32, 32) for _ in range(k)], "texts": [f"a blue ring number {rng.randrange(99)}"],
+            "queries": [("t2i", 0, list(range(k)), [0] + [1] * (k - 1))], "pos": [(0, 0)]}
+
+
+def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
+    """DDP property on the gradients themselves (AdamW would hide a constant factor in a weights
+    test): rank 0 holds more preference pairs than rank 1, and the averaged gradients equal one
+    process's on the whole batch, for the pairwise + CLIP mixture and for listwise."""
+    import torch.multiprocessing as mp
+    path = tiny_init(tmp_path)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    groups = [[ranking_group(rng, 4) for _ in range(3)], [ranking_group(rng, 2) for _ in range(3)]]
+    out = str(tmp_path / "grads")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init_file"), path, groups, out), nprocs=2, join=True)
+    model = CLIP(**model_config("tiny", 32, 32))
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for loss in ("dpo_clip", "listwise"):
+        model.zero_grad()
+        clip_dpo.step_loss(model, reference, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5))[0].backward()
+        g0, g1 = torch.load(f"{out}.{loss}.0"), torch.load(f"{out}.{loss}.1")
+        for p, a, b in zip(model.parameters(), g0, g1):
+            if p.grad is not None:
+                assert torch.allclose(a, b) and torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4), loss
+
+
+def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
+    """the CLI's DDP path end to end: 2 gloo ranks x 2 groups == 1 process x 4 groups"""
+    init = tiny_init(tmp_path)
+    common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1"]
+    single = run(["clip_dpo.py", "--batch_size", "4", "--out_dir", str(tmp_path / "one"), *common])
+    assert single.returncode == 0, single.stderr
+    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_dpo.py", "--device", "cpu",
+               "--batch_size", "2", "--out_dir", str(tmp_path / "two"), *common])
+    assert ddp.returncode == 0, ddp.stderr
+    a, b = load_weights(tmp_path / "one")["model"], load_weights(tmp_path / "two")["model"]
+    start = torch.load(init, weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
+    init = tiny_init(tmp_path)
+    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", *TINY]
+    ref = run([*args, "--out_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    # the first step's loss is computed with policy == reference
+    assert "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
+    assert "vsr/acc" in ref.stdout and "vsr/macro_f1" in ref.stdout
+    out = tmp_path / "killed"
+    run_and_kill([*args, "--out_dir", str(out)])
+    assert 2 <= load_weights(out)["step"] < 8
+    resumed = run([*args, "--out_dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = load_weights(tmp_path / "ref"), load_weights(out)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
+    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "reference"}
+    assert a["reference"] == {"spec": init, "checksum": sum(p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values())}
+    theirs = open_clip.CLIP(**a["model_cfg"])
+    theirs.load_state_dict(a["model"], strict=True)
+    # resuming against another reference is refused
+    torch.save({"model": CLIP(**model_config("tiny", 32, 32)).state_dict(), "model_cfg": model_config("tiny", 32, 32)}, init)
+    with pytest.raises(SystemExit, match="the weights of --init .* changed since"):
+        clip_dpo.main([*args[1:], "--out_dir", str(out), "--resume", "--max_steps", "9"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init", "/nonexistent/ckpt.pt"], "error: --init /nonexistent/ckpt.pt: no such checkpoint"),
+    (["--data", "hnc", "--data_root", "/x"], "error: --data hnc: not implemented"),
+    (["--data", "vsr"], "error: --data vsr needs --data_root"),
+    (["--data", "vsr", "--data_root", "/nonexistent/vsr"], "error: --data_root /nonexistent/vsr: no such directory"),
+    (["--label_smoothing", "0.1"], "--label_smoothing is for --loss cdpo or robust"),
+    (["--loss", "kto"], "argument --loss: invalid choice"),
+])
+def test_bad_flags_give_one_clear_error(tmp_path, capsys, argv, message):
+    # in process (SystemExit's message is the one line a user sees); the first case also through the CLI
+    with pytest.raises(SystemExit) as e:
+        clip_dpo.main(["--init", tiny_init(tmp_path), *argv, "--max_steps", "1", "--out_dir", str(tmp_path / "out")])
+    assert message in str(e.value.code) + capsys.readouterr().err
+    if argv[0] == "--init":
+        r = run(["clip_dpo.py", *argv, "--max_steps", "1"])
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+# -----------------------------------------------------------------------------
+# VSR: the contrast table, the reader on both splits' formats, the evaluation, the CLI
+
+# the 66 relations of VSR's random and zero-shot files
+VSR_66 = ["above", "across", "across from", "adjacent to", "against", "ahead of", "along", "alongside", "among", "around", "at",
+          "at the back of", "at the edge of", "at the left side of", "at the right side of", "at the side of", "attached to",
+          "away from", "behind", "below", "beneath", "beside", "between", "beyond", "by", "close to", "congruent", "connected to",
+          "consists of", "contains", "detached from", "down", "down from", "enclosed by", "facing", "facing away from",
+          "far away from", "far from", "has as a part", "in", "in front of", "in the middle of", "inside", "into", "left of", "near",
+          "next to", "off", "on", "on top of", "opposite to", "out of", "outside", "over", "parallel to", "part of", "past",
+          "perpendicular to", "right of", "surrounding", "through", "touching", "toward", "under", "with", "within"]
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vsr")
+
+
+def test_contrast_table_covers_all_66_relations_by_whole_word_replacement():
+    assert len(VSR_66) == 66 and set(data.VSR_CONTRAST) == set(VSR_66)
+    assert set(data.VSR_SKIPPED) == {r for r in VSR_66 if data.VSR_CONTRAST[r] is None} and len(data.VSR_SKIPPED) == 13
+    for rel, con in data.VSR_CONTRAST.items():
+        caption = f"The cat {data.relation_phrase(rel)} the dog."
+        if con is None:
+            assert data.contrast_caption(caption, rel) is None
+            continue
+        assert con in data.VSR_CONTRAST and con != rel
+        # replaced, not inserted: the same caption with the other relation's words
+        assert data.contrast_caption(caption, rel) == f"The cat {data.relation_phrase(con)} the dog."
+    assert data.contrast_caption("The bowl contains the apple.", "contains") == "The bowl is inside the apple."
+    assert data.contrast_caption("The bus is inside the house.", "inside") == "The bus is outside the house."
+    # whole words: "in" inside "bin" or "inside", "on" inside "onion", are never touched
+    assert data.contrast_caption("The onion is on the bin.", "on") == "The onion is under the bin."
+    assert data.contrast_caption("The cat is in the bin.", "in") == "The cat is outside the bin."
+    with pytest.raises(ValueError, match="exactly once"):
+        data.contrast_caption("The cat is near the dog.", "left of")
+
+
+@pytest.mark.parametrize("split, sizes", [("random", (6, 4, 6)), ("zeroshot", (3, 2, 4))])
+def test_read_vsr_both_split_formats(split, sizes):
+    splits = data.read_vsr(FIXTURE, split)
+    assert tuple(len(splits[p]) for p in ("train", "dev", "test")) == sizes
+    rows = [r for p in splits.values() for r in p]
+    assert all(os.path.isfile(r.image) for r in rows)
+    assert {os.path.basename(os.path.dirname(r.image)) for r in rows} == {"train2017", "val2017"}
+    first = splits["train"][0]
+    if split == "random":
+        assert first == data.VSRRow(os.path.join(FIXTURE, "train2017", "000000451431.jpg"), "The person is inside the refrigerator.", True,
+                                    "inside", os.path.join(FIXTURE, "splits", "random", "train.jsonl") + ":1")
+    assert [r.label for r in splits["test"]] == ([True, False] * 3 if split == "random" else [True, False, True, False])
+
+
+def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
+    import shutil
+    root = tmp_path / "vsr"
+    shutil.copytree(FIXTURE, root)
+    for part in ("train", "dev", "test"):
+        path = root / "splits" / "random" / f"{part}.jsonl"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    clean, dirty = data.read_vsr(FIXTURE, "random"), data.read_vsr(str(root), "random")
+    assert [(r.caption, r.label, r.relation) for r in clean["test"]] == [(r.caption, r.label, r.relation) for r in dirty["test"]]
+
+
+def broken_copy(tmp_path, line_no, edit):
+    root = tmp_path / "vsr"
+    import shutil
+    shutil.copytree(FIXTURE, root)
+    path = root / "splits" / "random" / "dev.jsonl"
+    lines = path.read_text().splitlines()
+    lines[line_no - 1] = edit(lines[line_no - 1])
+    path.write_text("\n".join(lines) + "\n")
+    return root, str(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s[:40], "malformed JSON"),
+    (lambda s: s.replace('"relation": "below"', '"relation": "beneath-ish"'), "unknown relation 'beneath-ish'"),
+    (lambda s: s.replace("000000461902.jpg", "000000999999.jpg"), "image 000000999999.jpg not found"),
+    (lambda s: s.replace('"[2, 9]"', '"[2, 9"'), "vote_true_validator_id"),
+    (lambda s: s.replace('"label": 1', '"label": "yes"'), "label must be 1 or 0"),
+    (lambda s: s.replace("is below the", "is under the"), "does not contain 'is below'"),
+])
+def test_read_vsr_bad_input_names_file_and_line(tmp_path, edit, message):
+    root, path = broken_copy(tmp_path, 3, edit)
+    with pytest.raises(data.DataError) as e:
+        data.read_vsr(str(root), "random")
+    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
+    # and through the CLI: one line, no traceback
+    if "JSON" in message:
+        r = run(["eval.py", "--model", tiny_init(tmp_path), "--bench", "vsr", "--data_root", str(root)])
+        assert r.returncode != 0 and r.stderr.strip() == f"error: {e.value}"
+    with pytest.raises(SystemExit, match=f"^error: {path}:3: "):
+        clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", tiny_init(tmp_path), "--out_dir", str(tmp_path / "out")])
+
+
+class Lookup(torch.nn.Module):
+    """a stub CLIP: texts (tokenised by index into a list) and images get fixed features, so the
+    evaluation's predictions are known exactly"""
+
+    def __init__(self, text_feature):
+        super().__init__()
+        self.text_feature = text_feature
+
+    def encode_image(self, x, normalize=True):
+        return F.normalize(torch.ones(len(x), 2), dim=-1)
+
+    def encode_text(self, ids, normalize=True):
+        return torch.stack([self.text_feature(TEXTS[i]) for i in ids.tolist()])
+
+
+TEXTS = []
+
+
+def index_tokenizer(texts):
+    for t in texts:
+        if t not in TEXTS:
+            TEXTS.append(t)
+    return torch.tensor([TEXTS.index(t) for t in texts])
+
+
+def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
+    """a model that always scores the unedited caption above its contrast predicts True for every
+    row: accuracy = the fraction of true rows (0.5 when balanced), not 1.0"""
+    splits = data.read_vsr(FIXTURE, "random")
+    originals = {r.caption for p in splits.values() for r in p}
+    e = F.normalize(torch.ones(2), dim=0)
+    model = Lookup(lambda t: e if t in originals else -e)
+    preprocess = lambda im: torch.zeros(3, 4, 4)  # noqa: E731
+    m = ev.eval_vsr(model, preprocess, index_tokenizer, splits["test"], splits["dev"], "cpu")
+    scored = [r for r in splits["test"] if data.VSR_CONTRAST[r.relation]]
+    assert m["vsr/n"] == 5 and m["vsr/skipped"] == 1  # "between" has no contrast
+    assert m["vsr/acc"] == pytest.approx(sum(r.label for r in scored) / 5) and m["vsr/true_recall"] == 1.0 and m["vsr/false_recall"] == 0.0
+    balanced = scored[:2] + scored[3:5]  # two true, two false
+    assert ev.eval_vsr(model, preprocess, index_tokenizer, balanced, splits["dev"], "cpu")["vsr/acc"] == 0.5
+    # a model that knows the answer: the true one of caption / contrast scores higher -> 1.0, and the
+    # threshold protocol separates the labels on dev and test alike
+    truth = {}
+    for r in [*splits["test"], *splits["dev"]]:
+        if data.VSR_CONTRAST[r.relation]:
+            truth[r.caption], truth[data.contrast_caption(r.caption, r.relation)] = r.label, not r.label
+    model = Lookup(lambda t: e if truth.get(t) else F.normalize(torch.tensor([1.0, -0.5]), dim=0))
+    m = ev.eval_vsr(model, preprocess, index_tokenizer, splits["test"], splits["dev"], "cpu")
+    assert m["vsr/acc"] == 1.0 and m["vsr/macro_f1"] == 1.0
+
+
+def test_binary_metrics_and_threshold_by_hand():
+    m = ev.binary_metrics([True, True, True, False, False], [True, False, True, False, True])
+    # true: tp 2 of 3 predicted, of 3 actual; false: tp 1 of 2 predicted, of 2 actual
+    assert m["acc"] == pytest.approx(3 / 5)
+    assert m["true_precision"] == pytest.approx(2 / 3) and m["true_recall"] == pytest.approx(2 / 3) and m["true_f1"] == pytest.approx(2 / 3)
+    assert m["false_precision"] == 0.5 and m["false_recall"] == 0.5 and m["false_f1"] == 0.5
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert ev.binary_metrics([True] * 4, [True, True, False, False])["false_precision"] == 0.0  # nothing predicted false
+    assert ev.calibrate_threshold([0.1, 0.4, 0.2, 0.3], [False, True, False, True]) == pytest.approx(0.25)
+    assert ev.calibrate_threshold([0.5, 0.6], [True, True]) < 0.5
+
+
+def write_shapes_vsr(root, n_train=48, n_eval=24, size=32):
+    """the shapes world's true/false statements as a VSR dataset on disk, in the random split's exact
+    format, images as COCO-named JPEGs in train2017/ (and the test ones in val2017/)"""
+    os.makedirs(root / "splits" / "random")
+    key = 0
+    for part, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
+        folder = "val2017" if part == "test" else "train2017"
+        os.makedirs(root / folder, exist_ok=True)
+        with open(root / "splits" / "random" / f"{part}.jsonl", "w") as f:
+            for i in range(n):
+                s = data.sample_scene(data.scene_rng(f"vsr-{part}", 0, i))
+                name = f"{key:012d}.jpg"
+                key += 1
+                Image.fromarray(data.render(s, size)).save(root / folder / name, quality=95)
+                text, label = data.statements(s)[i % 2]
+                f.write(json.dumps({"image": name, "image_link": f"http://images.cocodataset.org/{folder}/{name}", "caption": text,
+                                    "label": int(label), "relation": text.split(" is ")[1].split(" the ")[0], "annotator_id": 1,
+                                    "vote_true_validator_id": "[2]" if label else "[]", "vote_false_validator_id": "[]" if label else "[2]",
+                                    "reference_frame": None}) + "\n")
+
+
+def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
+    """--data vsr through the real loaders, both directions, then eval.py --bench vsr on the result"""
+    root = tmp_path / "vsr"
+    write_shapes_vsr(root)
+    init = tiny_init(tmp_path)
+    clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", init, "--max_steps", "3", "--workers", "1",
+                   "--out_dir", str(tmp_path / "out"), "--vsr_false_rows", *TINY])
+    out = capsys.readouterr().out
+    assert "48 train rows -> 48 preference groups (0 rows skipped" in out  # 48 i2t; no caption is both true and false here
+    assert "eval test step 3" in out and "vsr/acc" in out and "vsr_threshold/macro_f1" in out
+    ev.main(["--model", str(tmp_path / "out" / "ckpt.pt"), "--bench", "vsr", "--data_root", str(root), "--json", str(tmp_path / "m.json")])
+    m = json.load(open(tmp_path / "m.json"))
+    assert m["vsr/n"] == 24 and m["vsr/skipped"] == 0 and 0 <= m["vsr/acc"] <= 1 and "vsr_threshold/tau" in m
+
+
+def test_vsr_groups_i2t_and_t2i():
+    row = lambda img, cap, label, rel: data.VSRRow(img, cap, label, rel, "x:1")  # noqa: E731
+    rows = [row("a.jpg", "The cat is left of the dog.", True, "left of"), row("b.jpg", "The cat is left of the dog.", False, "left of"),
+            row("c.jpg", "The cat is left of the dog.", False, "left of"), row("d.jpg", "The cat is with the dog.", True, "with"),
+            row("e.jpg", "The cat is near the dog.", False, "near")]
+    groups, skipped = clip_dpo.vsr_groups(rows)
+    assert skipped == 1  # "with"
+    i2t = [g for g in groups if g["queries"][0][0] == "i2t"]
+    assert i2t == [{"images": ["a.jpg"], "texts": ["The cat is left of the dog.", "The cat is right of the dog."],
+                    "queries": [("i2t", 0, [0, 1], [0, 1])], "pos": [(0, 0)]}]
+    t2i = [g["images"] for g in groups if g["queries"][0][0] == "t2i"]
+    assert t2i == [["a.jpg", "b.jpg"], ["a.jpg", "c.jpg"]]
+    groups, _ = clip_dpo.vsr_groups(rows, false_rows=True)
+    assert {"images": ["e.jpg"], "texts": ["The cat is near the dog.", "The cat is far from the dog."],
+            "queries": [("i2t", 0, [0, 1], [1, 0])], "pos": [(0, 1)]} in groups
+
+# -----------------------------------------------------------------------------
+# rankings: the JSONL format, the reward model ranking candidates, DPO on the rankings
+
+
+def write_candidates(root, n=6, size=32):
+    os.makedirs(root / "imgs")
+    with open(root / "candidates.jsonl", "w") as f:
+        for i in range(n):
+            s = data.sample_scene(data.scene_rng("rank", 0, i))
+            twins = [s, data.mirror(s), data.swap_colours(s)]
+            for j, t in enumerate(twins):
+                Image.fromarray(data.render(t, size)).save(root / "imgs" / f"{i}_{j}.png")
+            if i % 2:
+                f.write(json.dumps({"image": f"imgs/{i}_0.png", "texts": [t.caption() for t in twins][::-1]}) + "\n")
+            else:
+                f.write(json.dumps({"text": s.caption(), "images": [f"imgs/{i}_{j}.png" for j in (2, 0, 1)]}) + "\n")
+
+
+def test_read_rankings_format_and_errors(tmp_path):
+    write_candidates(tmp_path)
+    path = tmp_path / "candidates.jsonl"
+    rows = data.read_rankings(str(path))
+    assert [r["direction"] for r in rows] == ["t2i", "i2t"] * 3 and rows[0]["ranks"] == [0, 1, 2]
+    assert rows[0]["candidates"][0] == str(tmp_path / "imgs" / "0_2.png") and rows[1]["query"] == str(tmp_path / "imgs" / "1_0.png")
+    bad = tmp_path / "bad.jsonl"
+    for line, message in [('{"image": "imgs/0_0.png", "texts": ["one"]}', "at least 2"),
+                          ('{"image": "imgs/0_0.png", "text": "x", "texts": ["a", "b"]}', "either"),
+                          ('{"image": "imgs/nope.png", "texts": ["a", "b"]}', "image imgs/nope.png not found"),
+                          ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [1, 1]}', "all equal"),
+                          ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0]}', "2 integers"),
+                          ('{"text": "x", "images": [', "malformed JSON")]:
+        bad.write_text('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0, 1]}\n' + line + "\n")
+        with pytest.raises(data.DataError, match=f"^{bad}:2: .*{message}"):
+            data.read_rankings(str(bad))
+
+
+def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, capsys):
+    """--loss bt trains a reward model; eval.py --rank orders each row's candidates by its cosine
+    (checked here against the model) and writes --data rankings' input; DPO trains on it."""
+    write_candidates(tmp_path)
+    init = tiny_init(tmp_path)
+    clip_dpo.main(["--loss", "bt", "--init", init, "--max_steps", "2", "--out_dir", str(tmp_path / "rm"), *TINY])
+    os.makedirs(tmp_path / "elsewhere")
+    out = tmp_path / "elsewhere" / "rankings.jsonl"
+    ev.main(["--model", str(tmp_path / "rm" / "ckpt.pt"), "--rank", str(tmp_path / "candidates.jsonl"), "--out", str(out)])
+    ranked = data.read_rankings(str(out))  # readable from its own folder: paths were rewritten relative to it
+    model, preprocess, tokenizer = ev.load_model(str(tmp_path / "rm" / "ckpt.pt"))
+    for line, row in zip(open(out), ranked):
+        scores = json.loads(line)["scores"]
+        assert scores == sorted(scores, reverse=True) and row["ranks"] == list(range(3))
+        with torch.no_grad():
+            if row["direction"] == "i2t":
+                q = ev.encode_pil(model, preprocess, [row["query"]], "cpu")
+                c = ev.encode_texts(model, tokenizer, row["candidates"], "cpu")
+            else:
+                q = ev.encode_texts(model, tokenizer, [row["query"]], "cpu")
+                c = ev.encode_pil(model, preprocess, row["candidates"], "cpu")
+        assert np.allclose((c @ q[0]).tolist(), scores, atol=1e-5)
+    capsys.readouterr()
+    clip_dpo.main(["--data", "rankings", "--data_root", str(out), "--loss", "listwise", "--init", init, "--max_steps", "3",
+                   "--workers", "0", "--out_dir", str(tmp_path / "dpo"), *TINY])
+    stdout = capsys.readouterr().out
+    assert "step 1/3 | loss" in stdout and "reward_acc 0.500" in stdout and load_weights(tmp_path / "dpo")["step"] == 3
