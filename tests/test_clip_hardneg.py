@@ -294,6 +294,22 @@ def test_shapes_batches_hold_scenes_and_their_twins():
     images, captions, negatives, valid = batch
     assert images.shape == (8, 3, 32, 32) and negatives.shape == (8, 2, 32) and valid.all()
 
+def test_negclip_samples_bring_one_of_their_neg_image_rows():
+    import data
+    rows = data.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))
+    ds = hn.HardNegatives([(p, [(c, [negs])], nr) for p, c, negs, nr in rows], 32, 0, None, True)
+    picked = set()
+    for key in range(16):  # 4 epochs of 4 items
+        i = key % 4
+        (image, cap, negs), (twin_image, twin_cap, twin_negs) = ds[key]
+        j = [r[1] for r in rows].index(twin_cap)
+        assert cap == rows[i][1] and negs[0] in rows[i][2] and j in rows[i][3] and twin_negs[0] in rows[j][2]
+        assert torch.equal(twin_image, data.to_tensor(data.load_image(rows[j][0], 32)))
+        assert ds[key][1][1] == twin_cap  # a pure function of (seed, key)
+        picked.add((i, j))
+    assert len(picked) > 4  # the neg image row is drawn per epoch
+
+
 # -----------------------------------------------------------------------------
 # the CLI, for real (tiny settings, CPU)
 

@@ -78,6 +78,19 @@ def test_replacements_are_whole_words():
     assert not words(data.caption_negative("a man sits", "verb_replace", random.Random(0)))[-1].endswith("ing")
 
 
+def test_articles_follow_a_replaced_word_and_an_unchanged_result_is_dropped(monkeypatch):
+    vowels = 0
+    for seed in range(30):
+        w = words(data.caption_negative("a cat sitting on an apple", "object_replace", random.Random(seed)))
+        for article, noun in ((w[0], w[1]), (w[4], w[5])):
+            assert article == ("an" if noun[0] in "aeiou" else "a"), w
+            vowels += noun[0] in "aeiou"
+    assert vowels > 0
+    # whatever a generator returns, a negative equal to the caption (by its lowercase words) is dropped
+    monkeypatch.setitem(data.CAPTION_NEGATIVES, "object_replace", lambda c, rng: c.upper() + " !")
+    assert data.caption_negative("a cat on a mat", "object_replace", random.Random(0)) is None
+
+
 @pytest.mark.parametrize("caption", ["", "   ", "dog", "Dogs.", "Un café à côté d'un chien", "a dog near a café"])
 def test_empty_one_word_and_non_ascii_captions_give_no_negative(caption):
     assert data.caption_negatives(caption, random.Random(0)) == [None] * len(data.NEGATIVE_TYPES)
