@@ -1,0 +1,553 @@
+"""
+Hard-negative fine-tuning of a CLIP: each image comes with K hard-negative captions (its caption
+minimally edited: a relation flipped, two attributes swapped, ...) that the loss must rank below
+the true caption. Three methods on one pattern: NegCLIP (Yuksekgonul et al. 2023, "When and why
+vision-language models behave like bags-of-words"), CE-CLIP (Zhang et al. 2023, "Contrasting
+Intra-Modal and Ranking Cross-Modal Hard Negatives") and the HNC thesis's variants (a weighted
+hard-negative term, L2-SP toward the initial weights, KL distillation from the initial model).
+
+Run it
+    python clip_scratch.py && python clip_hardneg.py          # CPU: fine-tunes out/clip_scratch/ckpt.pt
+    python clip_hardneg.py --loss ceclip --out_dir out/ceclip
+    python clip_hardneg.py --loss hnc --kl_weight 1 --out_dir out/hnc_kl
+    python clip_hardneg.py --init ViT-B-32:openai --data negclip --data_root ~/data/negclip/train.csv \\
+           --image_root ~/data --neg_images --lr 1e-6 --batch_size 128 --max_steps 5000
+    torchrun --standalone --nproc_per_node=8 clip_hardneg.py --init ViT-B-32:openai --data coco --data_root ~/data/coco
+    torchrun --standalone --nproc_per_node=2 clip_hardneg.py --device cpu          # DDP on CPU (gloo)
+Then
+    python eval.py --model out/clip_hardneg/ckpt.pt --bench shapes --seed 7
+
+Data: the built-in shapes world (exact negatives from the scene, and with --neg_images each batch
+holds scenes and their twins: the mirror image and the colour swap, captioned word for word by the
+original's negatives), COCO captions with negatives from data.py's rule-based generator
+(--data coco), NegCLIP's TSV (--data negclip, --neg_images uses its neg_image rows), CE-CLIP's
+pickled .npy (--data ceclip, only with --allow_pickle) or HNC's JSON (--data hnc).
+
+What makes the methods is the loss functions and `step_loss` (which texts and images, which
+loss) and `make_batch`; the loop below them is clip_scratch.py's, and the CLIP is model.py's.
+
+Deviations from the papers
+1. Tiny models and the shapes world by default; there the negatives are exact (data.NEGATIVES:
+   the relation flipped and the two colours swapped) and the hard-negative images are the twins.
+2. --batch_size counts images per process. With --neg_images half of them are the other half's
+   hard-negative images (NegCLIP appends them, doubling the batch), so with and without cost
+   the same per step. Each hard-negative image row brings its own caption and negatives.
+3. NegCLIP's TSV and HNC: one of the caption's negatives is drawn per sample (NegCLIP's choice,
+   K = 1); CE-CLIP's four typed negatives (K = 4) and the generator's five types (K = 5) are all
+   used. An invalid negative (missing, empty or equal to the caption) is masked out and counted.
+4. CE-CLIP's IMC: the coherent reading of a term the reference repo changed four times: per
+   image, the true caption's S(i, t_i) against its own hard negatives' text-text logits
+   s * t_i . n_ik, cross-entropy toward the caption.
+5. CE-CLIP's CMR is a mean over the valid (image, negative) pairs of the global batch, and the
+   adaptive thresholds are statistics of the global batch (so N ranks == 1 process); a negative
+   type with no valid item in a batch contributes 0 and keeps its threshold.
+6. HNC: the hard-negative weight w multiplies exp(S(i, n_ik)) of each image's own negatives in its
+   softmax (logit + log w; w = 1 is NegCLIP), where the thesis's code multiplied the logit itself
+   (so w = 0 left a logit of 0 instead of removing the term); the ramp from 0 to w is linear over
+   --hn_warmup_steps (the thesis: a staircase). The KL student term has a gradient (the thesis
+   computed it under no_grad, so it never trained), and each model uses its own exp(logit_scale)
+   (the thesis passed the log of the scale). L2-SP covers the trainable weights, not logit_scale.
+7. Shapes only: the text tower learns at lr x 0.1 (--text_lr_mult), as in clip_scratch.py: at
+   full lr it collapses back to blindness to the relation word.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import eval as ev
+from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, flops_per_pair, lr_at, param_groups, peak_flops,
+                   print0, save_checkpoint, set_trainable, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# the methods: losses on features. Shapes: image_features, text_features [B, D] (row i's image and
+# caption), neg_features [B, K, D] (row i's K hard-negative captions), neg_valid bool [B, K],
+# all L2-normalised, logit_scale already exp()'d. S(i, j) = logit_scale * v_i . t_j. Under
+# torch.distributed the candidate sets are the global batch: every rank all-gathers captions,
+# negatives and images with gradient and scores its own B rows (labels offset by rank * B).
+
+
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_sum(x):
+    """a detached tensor summed over ranks (statistics of the global batch)"""
+    x = x.detach().clone()
+    if _world() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def candidates(image_features, text_features, neg_features, neg_valid, logit_scale, hn_weight=1.0):
+    """NegCLIP's image->text candidate set: every caption and every valid hard negative of the
+    global batch. -> (logits [B, W*B + valid negatives], labels [B]); hn_weight multiplies
+    exp(S(i, n_ik)) of row i's own negatives (adds log hn_weight to their logits, HNC)."""
+    B, K, D = neg_features.shape
+    all_text, all_neg = all_gather_with_grad(text_features), all_gather_with_grad(neg_features.reshape(B * K, D))
+    keep = all_gather_with_grad(neg_valid.reshape(B * K).float()) > 0.5  # invalid negatives are dropped columns
+    offset = dist.get_rank() * B if _world() > 1 else 0
+    logits = logit_scale * image_features @ torch.cat([all_text, all_neg]).T  # [B, W*B + W*B*K]
+    if hn_weight != 1.0:
+        own = len(all_text) + (offset + torch.arange(B, device=logits.device))[:, None] * K + torch.arange(K, device=logits.device)
+        bias = torch.zeros_like(logits).scatter_(1, own, math.log(hn_weight) if hn_weight > 0 else float("-inf"))
+        logits = logits + bias
+    logits = logits[:, torch.cat([keep.new_ones(len(all_text)), keep])]
+    return logits, torch.arange(B, device=logits.device) + offset
+
+
+def negclip_loss(image_features, text_features, neg_features, neg_valid, logit_scale, hn_weight=1.0):
+    """NegCLIP: L = 1/2 [CE([S(v, T), S(v, N)], I) + CE(S(T, v), I)]: image->text over the global
+    batch's captions T and hard negatives N, text->image over the images only (a negative caption
+    has no image). hn_weight: see candidates (HNC's weighted hard-negative term; 1 = NegCLIP).
+    -> (loss, {acc: image->text argmax accuracy, hn_acc: fraction of valid (i, k) with
+    S(i, t_i) > S(i, n_ik)}), in fp32 also under autocast."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        v, t, n, s = image_features.float(), text_features.float(), neg_features.float(), logit_scale.float()
+        logits, labels = candidates(v, t, n, neg_valid, s, hn_weight)
+        logits_per_text = s * t @ all_gather_with_grad(v).T  # [B, W*B]
+        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits_per_text, labels))
+        pos, neg = (v * t).sum(-1), torch.einsum("bd,bkd->bk", v, n)
+        hn_acc = (pos[:, None] > neg)[neg_valid].float().mean() if neg_valid.any() else pos.new_tensor(float("nan"))
+    return loss, {"acc": (logits.argmax(1) == labels).float().mean().detach(), "hn_acc": hn_acc.detach()}
+
+
+def cmr_loss(pos, neg, neg_valid, threshold, upper_bound=10.0):
+    """CE-CLIP's cross-modal rank loss. pos [B] = S(i, t_i), neg [B, K] = S(i, n_ik), threshold [K].
+    L = sum over valid (i, k) of relu(tau_k + S(i, n_ik) - S(i, t_i)) / number of valid (i, k) in the
+    global batch (0 when there is none). Returns (loss, the adaptive thresholds for the next step):
+    tau_k = mean_i S(i, t_i) - mean over valid i of S(i, n_ik), detached, clamped to [0, upper_bound],
+    unchanged for a type with no valid item (so never NaN)."""
+    with torch.autocast(pos.device.type, enabled=False):
+        pos, neg, W = pos.float(), neg.float(), _world()
+        terms = F.relu(threshold.to(neg)[None, :] + neg - pos[:, None]) * neg_valid
+        stats = _global_sum(torch.cat([torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
+                                       (neg * neg_valid).sum(0), neg_valid.sum(0).to(neg)]))
+        K = neg.shape[1]
+        count = stats[2 + K:]
+        # each rank divides by (global count / W): DDP's gradient average then gives the global mean
+        loss = terms.sum() / (count.sum().clamp(min=1) / W)
+        gap = stats[0] / stats[1] - stats[2:2 + K] / count.clamp(min=1)
+        new = torch.where(count > 0, gap.clamp(0, upper_bound), threshold.to(gap))
+    return loss, new.detach()
+
+
+def imc_loss(image_features, text_features, neg_features, neg_valid, logit_scale):
+    """CE-CLIP's intra-modal contrastive loss (the coherent reading: deviation 4). Per row i, logits
+    [S(i, t_i), s * t_i . n_ik for valid k], cross-entropy with target 0: the caption must be closer to
+    its image than its own hard negatives are to it. A row without valid negatives contributes 0."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        v, t, n, s = image_features.float(), text_features.float(), neg_features.float(), logit_scale.float()
+        logits = torch.cat([s * (v * t).sum(-1, keepdim=True), s * torch.einsum("bd,bkd->bk", t, n)], dim=1)
+        logits = logits.masked_fill(torch.cat([neg_valid.new_ones(len(v), 1), neg_valid], dim=1) == 0, float("-inf"))
+        return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device))
+
+
+def kl_loss(student_logits, teacher_logits, temperature):
+    """HNC's distillation: T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)) over
+    a candidate set [B, C] (the same columns in both). Gradients reach the student only."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+        return temperature ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+
+
+def l2sp_loss(named_params, init):
+    """L2-SP: sum of ||theta - theta_0||^2 over the named parameters (init: name -> theta_0)."""
+    return sum(((p.float() - init[name].float()) ** 2).sum() for name, p in named_params)
+
+
+def hn_weight_at(step, args):
+    """HNC's hard-negative weight at a step: linear from 0 to --hn_weight over --hn_warmup_steps"""
+    return args.hn_weight * min(1.0, step / args.hn_warmup_steps) if args.hn_warmup_steps else args.hn_weight
+
+
+def step_loss(model, batch, args, state):
+    """The method, one step. batch: (images [B, 3, S, S], captions [B, L], negatives [B, K, L],
+    valid bool [B, K]) as make_batch builds it; one forward of the images and the B + B*K texts.
+    state: step, threshold (CE-CLIP, updated here), teacher and init_params (HNC).
+    -> (loss, {name: detached scalar} to log)."""
+    images, captions, negatives, valid = batch
+    B, K = valid.shape
+    image_features, text_features, logit_scale = model(images, torch.cat([captions, negatives.flatten(0, 1)]))
+    t, n = text_features[:B], text_features[B:].view(B, K, -1)
+    if args.loss == "negclip":
+        return negclip_loss(image_features, t, n, valid, logit_scale)
+    if args.loss == "ceclip":
+        itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
+        pos = logit_scale * (image_features * t).sum(-1)
+        neg = logit_scale * torch.einsum("bd,bkd->bk", image_features, n)
+        threshold = state.threshold if args.threshold == "adaptive" else pos.new_full((K,), args.fixed_threshold)
+        cmr, new = cmr_loss(pos, neg, valid, threshold, args.upper_bound)
+        if args.threshold == "adaptive":
+            state.threshold = new  # used at the next step
+        imc = imc_loss(image_features, t, n, valid, logit_scale)
+        stats |= {"cmr": cmr.detach(), "imc": imc.detach(), **{f"tau{k}": threshold[k] for k in range(K)}}
+        return itc + args.cmr_weight * cmr + args.imc_weight * imc, stats
+    # hnc
+    w = hn_weight_at(state.step, args)
+    loss, stats = negclip_loss(image_features, t, n, valid, logit_scale, hn_weight=w)
+    stats["w_hn"] = torch.tensor(w)
+    if args.kl_weight:
+        with torch.no_grad():
+            ti, tt, ts = state.teacher(images, torch.cat([captions, negatives.flatten(0, 1)]))
+            teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
+        with torch.autocast(images.device.type, enabled=False):
+            student_logits, _ = candidates(image_features.float(), t.float(), n.float(), valid, logit_scale.float())
+            kl = kl_loss(student_logits, teacher_logits, args.kl_temperature)
+        loss, stats["kl"] = loss + args.kl_weight * kl, kl.detach()
+    if args.l2sp:
+        reg = l2sp_loss(((name, p) for name, p in state.clip.named_parameters() if name in state.init_params), state.init_params)
+        loss, stats["l2sp"] = loss + args.l2sp * reg, reg.detach()
+    return loss, stats
+
+# -----------------------------------------------------------------------------
+# the batches: a sample is one image row (or, with --neg_images, an image row and its hard-negative
+# image row); each row = (image float [3, S, S], caption, K hard negatives, None where invalid)
+
+
+class ShapesHardNegatives(torch.utils.data.Dataset):
+    """The shapes world's fine-tuning stream, key = global sample index -> [row] or, with
+    neg_images, [row, twin row]: the twin is the scene's mirror image (even keys) or its colour swap
+    (odd keys), whose caption is word for word the original's relation / attribute negative. The
+    negatives are exact (data.NEGATIVES[kind] for each kind in types)."""
+
+    def __init__(self, image_size, seed, types, neg_images):
+        self.image_size, self.seed, self.types, self.neg_images = image_size, seed, types, neg_images
+
+    def __len__(self):
+        return 2 ** 62
+
+    def row(self, scene):
+        return (data.to_tensor(data.render(scene, self.image_size)), scene.caption(), [data.NEGATIVES[k](scene) for k in self.types])
+
+    def __getitem__(self, key):
+        s = data.sample_scene(data.scene_rng("hardneg", self.seed, key))
+        if not self.neg_images:
+            return [self.row(s)]
+        return [self.row(s), self.row(data.mirror(s) if key % 2 == 0 else data.swap_colours(s))]
+
+
+class HardNegatives(torch.utils.data.Dataset):
+    """Real image-caption data with hard negatives. items[i] = (image path, [(caption, slots)],
+    neg image rows or None); slots = K lists of candidate negatives, one drawn per slot per sample
+    (an empty list = no negative), or None to generate them with data.caption_negatives(types).
+    key = epoch * len + i (data.StepBatches): the caption, the negatives and the hard-negative
+    image row are drawn from a random.Random of (seed, epoch, i), so resume and DDP are exact.
+    -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
+
+    def __init__(self, items, image_size, seed, types, neg_images):
+        self.items, self.image_size, self.seed, self.types, self.neg_images = items, image_size, seed, types, neg_images
+
+    def __len__(self):
+        return len(self.items)
+
+    def row(self, i, epoch):
+        rng = random.Random(f"{self.seed},{epoch},{i}")
+        path, captions, neg_rows = self.items[i]
+        caption, slots = captions[rng.randrange(len(captions))]
+        negs = data.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
+        pixels = data.load_image(path, self.image_size)
+        return None if pixels is None else (data.to_tensor(pixels), caption, negs), rng, neg_rows
+
+    def __getitem__(self, key):
+        i, epoch = key % len(self.items), key // len(self.items)
+        row, rng, neg_rows = self.row(i, epoch)
+        if not self.neg_images or row is None or not neg_rows:
+            return row and [row]
+        twin = self.row(rng.choice(neg_rows), epoch)[0]
+        return twin and [row, twin]
+
+
+def make_batch(samples, args):
+    """The DataLoader's collate_fn: samples (lists of rows, None if unreadable) -> (images [R, 3, S, S],
+    caption tokens [R, L], negative tokens [R, K, L], valid bool [R, K], n_skipped samples,
+    n_dropped negatives). A negative that is missing, empty or equal to its caption (ignoring case)
+    is invalid: tokenised as "" and masked out of every loss."""
+    kept = [s for s in samples if s is not None]
+    rows = [r for s in kept for r in s]
+    if not rows:
+        return None, None, None, None, len(samples), 0
+    images, captions, negatives = zip(*rows)
+    valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in negs] for c, negs in zip(captions, negatives)])
+    tokenizer, K = data.get_tokenizer(args.context_length), valid.shape[1]
+    flat = [n if ok else "" for negs, oks in zip(negatives, valid.tolist()) for n, ok in zip(negs, oks)]
+    return (torch.stack(images), tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1), valid,
+            len(samples) - len(kept), int((~valid).sum()))
+
+# -----------------------------------------------------------------------------
+# config
+
+
+SHAPES_TYPES = ("relation", "attribute_swap")
+DEFAULT_INIT = "out/clip_scratch/ckpt.pt"
+
+
+def n_negatives(args):
+    """K, the hard negatives per caption: one per type (shapes, coco, ceclip's 4) or one drawn (negclip, hnc)"""
+    return {"negclip": 1, "ceclip": len(data.CECLIP_TYPES), "hnc": 1}.get(args.data, len(args.neg_types))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc"))
+    p.add_argument("--data_root", default=None, help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON")
+    p.add_argument("--image_root", default=None, help="negclip / ceclip: the folder image paths are relative to (default: the file's); hnc: the GQA images (default: the file's images/)")
+    p.add_argument("--allow_pickle", action="store_true", help="ceclip: unpickle the .npy files (this runs code stored in them)")
+    p.add_argument("--neg_types", default=None, help=f"comma list. shapes: of {', '.join(data.NEGATIVES)} (default "
+                   f"{','.join(SHAPES_TYPES)}); coco: of {', '.join(data.NEGATIVE_TYPES)} (default all)")
+    p.add_argument("--neg_images", action="store_true", help="half of each batch = the other half's hard-negative images (shapes: twins; negclip: neg_image)")
+    p.add_argument("--eval_data", default=None, choices=("coco", "flickr8k"), help="real data: retrieval eval set (default: coco for --data coco)")
+    p.add_argument("--eval_root", default=None, help="its folder (default: --data_root for --data coco)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
+    # model
+    p.add_argument("--init", default=DEFAULT_INIT, help="minclip ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
+    p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
+    # method
+    p.add_argument("--loss", default="negclip", choices=("negclip", "ceclip", "hnc"))
+    p.add_argument("--cmr_weight", type=float, default=0.2, help="ceclip: weight of the cross-modal rank loss")
+    p.add_argument("--imc_weight", type=float, default=0.3, help="ceclip: weight of the intra-modal contrastive loss")
+    p.add_argument("--threshold", default="adaptive", choices=("adaptive", "fixed"), help="ceclip: CMR's threshold per negative type")
+    p.add_argument("--upper_bound", type=float, default=10.0, help="ceclip: the adaptive threshold's upper clamp (logit units)")
+    p.add_argument("--fixed_threshold", type=float, default=1.0, help="ceclip, --threshold fixed: the threshold (logit units)")
+    p.add_argument("--hn_weight", type=float, default=1.0, help="hnc: weight of each image's own hard negatives in its softmax")
+    p.add_argument("--hn_warmup_steps", type=int, default=0, help="hnc: ramp the weight linearly from 0 over this many steps")
+    p.add_argument("--l2sp", type=float, default=0.0, help="hnc: lambda of lambda * ||theta - theta_0||^2")
+    p.add_argument("--kl_weight", type=float, default=0.0, help="hnc: weight of the KL distillation from the frozen initial model")
+    p.add_argument("--kl_temperature", type=float, default=4.0, help="hnc: the distillation temperature T")
+    # optim
+    p.add_argument("--max_steps", type=int, default=4500)
+    p.add_argument("--batch_size", type=int, default=64, help="images per process (with --neg_images, half are hard-negative images)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)")
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    # eval / checkpoints
+    p.add_argument("--out_dir", default="out/clip_hardneg")
+    p.add_argument("--eval_every", type=int, default=500, help="0 disables (a start and a final eval always run)")
+    p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
+    p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
+    p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
+    p.add_argument("--log_every", type=int, default=10)
+    # system
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args(argv)
+    real = args.data != "shapes"
+    args.workers = (4 if real else 0) if args.workers is None else args.workers
+    args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
+    if args.neg_types is not None and args.data not in ("shapes", "coco"):
+        p.error(f"--neg_types: --data {args.data} brings its own negatives")
+    known = data.NEGATIVES if args.data == "shapes" else data.NEGATIVE_TYPES
+    args.neg_types = (SHAPES_TYPES if args.data == "shapes" else tuple(known)) if args.neg_types is None else tuple(args.neg_types.split(","))
+    if not args.neg_types or any(t not in known for t in args.neg_types):
+        p.error(f"--neg_types {','.join(args.neg_types)}: choose from {', '.join(known)}")
+    if args.neg_images and args.data not in ("shapes", "negclip"):
+        p.error(f"--neg_images: --data {args.data} has no hard-negative images (shapes and negclip do)")
+    if args.neg_images and args.batch_size % 2:
+        p.error(f"--batch_size {args.batch_size}: must be even with --neg_images (samples and their hard-negative images)")
+    if args.hn_weight < 0 or args.l2sp < 0 or args.kl_weight < 0 or args.kl_temperature <= 0:
+        p.error("--hn_weight, --l2sp and --kl_weight must be >= 0 and --kl_temperature > 0")
+    if args.loss != "hnc" and (args.hn_weight != 1.0 or args.hn_warmup_steps or args.l2sp or args.kl_weight):
+        p.error("--hn_weight, --hn_warmup_steps, --l2sp and --kl_weight belong to --loss hnc")
+    return args
+
+
+def make_data(args, image_size):
+    """-> (train dataset, number of items or None for an infinite stream, eval splits or None)."""
+    if args.data == "shapes":
+        return ShapesHardNegatives(image_size, args.seed, args.neg_types, args.neg_images), None, None
+    if args.data_root is None:
+        raise data.DataError(f"--data {args.data} needs --data_root")
+    if args.data == "coco":
+        splits = data.read_dataset("coco", args.data_root)
+        items = [(path, [(c, None) for c in caps], None) for path, caps in splits["train"]]
+    elif args.data == "negclip":
+        rows = data.read_negclip(args.data_root, args.image_root)
+        items = [(path, [(caption, [negs])], neg_rows) for path, caption, negs, neg_rows in rows]
+    elif args.data == "ceclip":
+        rows = data.read_ceclip(args.data_root, args.image_root, args.allow_pickle)
+        items = [(path, [(caption, [[n] if n else [] for n in negs])], None) for path, caption, negs in rows]
+    else:
+        hnc = data.read_hnc(args.data_root, args.image_root)
+        if hnc.orphans:
+            print0(f"{args.data_root}: skipped {hnc.orphans} negative caption(s) whose positive is missing")
+        items = HNCItems(hnc)
+    if args.eval_data or args.data == "coco":
+        root = args.eval_root or args.data_root
+        splits = splits if args.data == "coco" and root == args.data_root else data.read_dataset(args.eval_data or "coco", root)
+    else:
+        splits = None
+    return HardNegatives(items, image_size, args.seed, args.neg_types, args.neg_images), len(items), splits
+
+
+class HNCItems:
+    """data.read_hnc's images as HardNegatives items: each positive with one slot of its negatives"""
+
+    def __init__(self, hnc):
+        self.hnc = hnc
+
+    def __len__(self):
+        return len(self.hnc)
+
+    def __getitem__(self, i):
+        path, pairs = self.hnc[i]
+        return path, [(pos, [negs]) for pos, negs in pairs], None
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    torch.manual_seed(args.seed)
+
+    # model: the initial weights are also the KL teacher and L2-SP's theta_0
+    if args.init == DEFAULT_INIT and not os.path.exists(args.init):
+        raise SystemExit(f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)")
+    clip, model_cfg, preprocess, _ = ev.load_clip(args.init, device)
+    clip.train()
+    args.image_size, args.context_length = clip.image_size, clip.context_length
+    teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
+    trainable = set_trainable(clip, args.finetune)
+    init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
+
+    # data
+    try:
+        dataset, n_items, splits = make_data(args, args.image_size)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    per_sample = 2 if args.neg_images else 1
+    if n_items is not None and n_items < args.batch_size // per_sample * world:
+        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_size // per_sample * world} (--batch_size)")
+    tokenizer = data.get_tokenizer(args.context_length)
+
+    # optimizer, resume
+    optimizer = torch.optim.AdamW(param_groups(clip, args.weight_decay, args.text_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    state = argparse.Namespace(step=0, threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
+                               teacher=teacher, init_params=init_params, clip=clip)
+    start_step, ckpt_path, start_metrics = 0, os.path.join(args.out_dir, "ckpt.pt"), None
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        clip.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, state.threshold, start_metrics = ckpt["step"], ckpt["threshold"].to(device), ckpt["start_metrics"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+    model = torch.compile(clip) if args.compile else clip
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=data.StepBatches(n_items, args.batch_size // per_sample, rank, world, args.seed, start_step, args.max_steps),
+        collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    def checkpoint(step):
+        if master:  # `model` loads into open_clip.CLIP with strict=True
+            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": model_cfg, "optimizer": optimizer.state_dict(),
+                                        "step": step, "args": vars(args), "threshold": state.threshold.cpu(),
+                                        "start_metrics": start_metrics, "rng": {"cpu": torch.get_rng_state()}})
+
+    def evaluate(step, split="val"):
+        # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics = None
+        if master:
+            t = time.time()
+            if args.data == "shapes":
+                metrics = ev.eval_shapes(clip, tokenizer, args.image_size, device, n=args.eval_n)
+            elif splits is not None:
+                metrics = ev.eval_retrieval(clip, preprocess, tokenizer, splits[split], device)
+            if metrics is not None:
+                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        if world > 1:
+            dist.barrier()
+        return metrics
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in clip.parameters())
+    print0(f"init {args.init}: {n_params / 1e6:.2f}M params ({sum(p.numel() for p in clip.parameters() if p.requires_grad) / 1e6:.2f}M "
+           f"trainable, --finetune {args.finetune}) | loss {args.loss} | data {args.data}, negatives {','.join(args.neg_types) if args.data in ('shapes', 'coco') else args.data}"
+           f"{' + hard-negative images' if args.neg_images else ''} | world {world} x batch {args.batch_size} | device {device} {dtype}")
+    if start_step == 0:
+        start_metrics = evaluate(0, "val" if args.data == "shapes" else "test")
+    peak = peak_flops(device) * world
+    step, last_logged, t0, skipped, dropped, negs_seen = start_step, start_step, time.time(), 0, 0, 0
+    for images, captions, negatives, valid, n_skipped, n_dropped in loader:
+        skipped, dropped, negs_seen = skipped + n_skipped, dropped + n_dropped, negs_seen + (0 if valid is None else valid.numel())
+        n = 0 if images is None else len(images)
+        if world > 1 and n_items is not None:  # all_gather needs equal batches: every rank cuts to the smallest
+            n = torch.tensor([n], device=device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            n = int(n)
+        if n == 0:  # a batch of unreadable images only
+            step += 1
+            continue
+        batch = tuple(x[:n].to(device, non_blocking=True) for x in (images, captions, negatives, valid))
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        state.step = step
+        with autocast_ctx(device, dtype):
+            loss, stats = step_loss(model, batch, args, state)
+        if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
+            raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        if step % args.log_every == 0 or step == args.max_steps:
+            dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
+            last_logged = step
+            ips = n_steps * args.batch_size * world / dt
+            text_len = int(torch.cat([batch[1], batch[2].flatten(0, 1)]).argmax(-1).max()) + 1  # up to the last EOT
+            mfu = flops_per_pair(model_cfg, text_len, 1 + valid.shape[1]) * ips / peak if peak else 0.0
+            print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
+                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
+                   + (f" | skipped {skipped} unreadable samples" if skipped else "")
+                   + (f" | {dropped} of {negs_seen} negatives invalid" if dropped else ""))
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
+            checkpoint(step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            evaluate(step)
+            t0 = time.time()  # eval time is not training time
+    checkpoint(step)
+    if skipped or dropped:
+        print0(f"skipped {skipped} unreadable samples; {dropped} hard negatives were invalid (missing, empty or equal to the "
+               "caption) and masked out, counted per sample drawn")
+    end_metrics = evaluate(step, "val" if splits is None else "test")
+    if master and end_metrics and start_metrics:
+        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
+        for k, v in end_metrics.items():
+            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
+    if args.export and master:
+        ev.export_open_clip(clip, model_cfg, args.export)
+        print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
