@@ -51,7 +51,8 @@ Deviations from the papers
    candidates of either direction (eval.py --rank).
 6. No gradient accumulation; the global batch is batch_size groups x world size.
 
-The default run: see README ("Preference fine-tuning") for what it reaches and in how long.
+The default run: not yet measured on the new default checkpoint (README, "Hard-negative and
+preference fine-tuning").
 """
 import argparse
 import copy
