@@ -328,7 +328,7 @@ TINY = ["--batch_size", "8", "--eval_every", "0", "--log_every", "1", "--eval_n"
 
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init):
     common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1",
-              "--loss", "ceclip", "--neg_images"]
+              "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images"]
     single = run(["clip_hardneg.py", "--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
     assert single.returncode == 0, single.stderr
     ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_hardneg.py", "--device", "cpu",
@@ -343,7 +343,7 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init)
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
-    args = ["clip_hardneg.py", "--init", init, "--max_steps", "10", "--ckpt_every", "2", "--loss", "ceclip", "--neg_images", *TINY]
+    args = ["clip_hardneg.py", "--init", init, "--max_steps", "10", "--ckpt_every", "2", "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images", *TINY]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
