@@ -423,7 +423,8 @@ def make_data(args, image_size, preprocess):
     if args.data == "shapes":
         return ShapesPreferences(image_size, args.seed, args.statements, args.twins), None, None
     if args.data == "hnc":
-        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (it needs data.read_hnc, being written for clip_hardneg.py)")
+        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (data.read_hnc reads the pairs; "
+                             "turning them into preference groups is still to do)")
     if args.data not in ("vsr", "rankings"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings")
     if args.data_root is None:
