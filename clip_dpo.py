@@ -227,35 +227,42 @@ def step_loss(model, reference, batch, args):
 # query is an image and its candidates texts, t2i the reverse), pos [(image, text)]: true pairs.
 
 
-def shapes_group(scene, image_size, with_statements):
-    """A training scene and its three twins (data.mirror: the objects exchange places, so the relation
-    is flipped; data.swap_colours: the colours are exchanged; and both), each with its caption. The
-    caption of twin j states popcount(i xor j) wrong facts about twin i, so every image ranks the four
-    captions and every caption ranks the four images: true (0) > one wrong fact (1) > two (2).
+TWINS = {"both": (0, 1, 2, 3), "mirror": (0, 1), "swap": (0, 2)}  # twin codes: bit 0 = objects exchanged, bit 1 = colours exchanged
+
+
+def shapes_group(scene, image_size, with_statements, twins="both"):
+    """A training scene and its twins, each with its caption: data.mirror (the objects exchange
+    places, so the relation flips: code bit 0), data.swap_colours (the colours are exchanged: bit 1),
+    and with twins="both" the two together (the default: four images). The caption of twin j states
+    popcount(code_i xor code_j) wrong facts about twin i, so every image ranks the group's captions
+    and every caption ranks the group's images: true (0) > one wrong fact (1) > two (2).
     with_statements: also the twins' VSR-style statements ("The red circle is left of the blue
     square.", data.statements), ranked the same way, as a second candidate set in both directions."""
-    twins = [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))]
-    wrong = [[bin(i ^ j).count("1") for j in range(4)] for i in range(4)]  # symmetric
-    texts = [t.caption() for t in twins]
-    queries = [("i2t", i, [0, 1, 2, 3], wrong[i]) for i in range(4)] + [("t2i", j, [0, 1, 2, 3], wrong[j]) for j in range(4)]
+    codes = TWINS[twins]
+    shown = [data.swap_colours(scene) if c & 2 else scene for c in codes]
+    shown = [data.mirror(t) if c & 1 else t for c, t in zip(codes, shown)]
+    n, idx = len(codes), list(range(len(codes)))
+    wrong = [[bin(a ^ b).count("1") for b in codes] for a in codes]  # symmetric
+    texts = [t.caption() for t in shown]
+    queries = [("i2t", i, idx, wrong[i]) for i in idx] + [("t2i", j, idx, wrong[j]) for j in idx]
     if with_statements:
-        texts += [data.statements(t)[0][0] for t in twins]  # each twin's true statement
-        queries += [("i2t", i, [4, 5, 6, 7], wrong[i]) for i in range(4)] + [("t2i", 4 + j, [0, 1, 2, 3], wrong[j]) for j in range(4)]
-    images = [data.to_tensor(data.render(t, image_size)) for t in twins]
-    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in range(4)]}
+        texts += [data.statements(t)[0][0] for t in shown]  # each twin's true statement
+        queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [("t2i", n + j, idx, wrong[j]) for j in idx]
+    images = [data.to_tensor(data.render(t, image_size)) for t in shown]
+    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx]}
 
 
 class ShapesPreferences(torch.utils.data.Dataset):
     """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
 
-    def __init__(self, image_size, seed=0, with_statements=True):
-        self.image_size, self.seed, self.with_statements = image_size, seed, with_statements
+    def __init__(self, image_size, seed=0, with_statements=True, twins="both"):
+        self.image_size, self.seed, self.with_statements, self.twins = image_size, seed, with_statements, twins
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, key):
-        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements)
+        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, self.twins)
 
 
 class ImageGroups(torch.utils.data.Dataset):
@@ -319,6 +326,7 @@ def get_args(argv=None):
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
     p.add_argument("--vsr_false_rows", action="store_true",
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
+    p.add_argument("--twins", default="both", choices=list(TWINS), help="shapes: each scene's twins (shapes_group)")
     p.add_argument("--no_statements", dest="statements", action="store_false",
                    help="shapes: leave out the VSR-style statements (shapes_group)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
@@ -413,9 +421,10 @@ def ranking_groups(rows):
 def make_data(args, image_size, preprocess):
     """-> (train dataset, number of groups or None for an infinite stream, VSR splits or None)."""
     if args.data == "shapes":
-        return ShapesPreferences(image_size, args.seed, args.statements), None, None
+        return ShapesPreferences(image_size, args.seed, args.statements, args.twins), None, None
     if args.data == "hnc":
-        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (it needs data.read_hnc, being written for clip_hardneg.py)")
+        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (data.read_hnc reads the pairs; "
+                             "turning them into preference groups is still to do)")
     if args.data not in ("vsr", "rankings"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings")
     if args.data_root is None:

@@ -122,22 +122,26 @@ def wrong_facts(scene, caption):
     return int(not holds) + int(not colours_bound)
 
 
-def test_shapes_group_ranks_are_the_number_of_wrong_facts():
+@pytest.mark.parametrize("which", ["both", "mirror", "swap"])
+def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
     for key in range(20):
         scene = data.sample_scene(data.scene_rng("dpo", 0, key))
-        twins = [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))]
-        g = clip_dpo.shapes_group(scene, 16, with_statements=True)
-        assert len(g["images"]) == 4 and len(set(g["texts"])) == 8
-        for i in range(4):
+        twins = {"both": [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))],
+                 "mirror": [scene, data.mirror(scene)], "swap": [scene, data.swap_colours(scene)]}[which]
+        n = len(twins)
+        g = clip_dpo.shapes_group(scene, 16, with_statements=True, twins=which)
+        assert len(g["images"]) == n and len(set(g["texts"])) == 2 * n and len(g["queries"]) == 4 * n
+        for i in range(n):
             assert torch.equal(g["images"][i], data.to_tensor(data.render(twins[i], 16)))
         for direction, q, cands, ranks in g["queries"]:
             for c, r in zip(cands, ranks):
                 image, text = (q, c) if direction == "i2t" else (c, q)
-                if text < 4:  # a caption
+                if text < n:  # a caption
                     assert r == wrong_facts(twins[image], g["texts"][text]), (direction, q, c)
                 else:  # a statement: its own twin ranks it first, the others by the same wrong facts
-                    assert r == wrong_facts(twins[image], twins[text - 4].caption())
-        assert g["pos"] == [(i, i) for i in range(4)]
+                    assert g["texts"][text] == data.statements(twins[text - n])[0][0]
+                    assert r == wrong_facts(twins[image], twins[text - n].caption())
+        assert g["pos"] == [(i, i) for i in range(n)]
 
 
 def tiny_init(tmp_path, seed=0):
