@@ -747,34 +747,28 @@ def read_negclip(path, image_root=None):
     -> [(absolute image path, caption, [negative captions], [neg image rows])], one per row"""
     import ast
     image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
-    rows = []
-    with open(_need(path), newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            header = next(reader, None) or []
-            cols = {name: header.index(name) for name in ("title", "filepath", "neg_caption", "neg_image") if name in header}
-            if len(cols) < 4:
-                raise DataError(f"{path}:1: expected the tab-separated columns title, filepath, neg_caption, neg_image; "
-                                f"got {header}")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if len(row) != len(header):
-                    raise DataError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)}")
-                parsed = {}
-                for name in ("neg_caption", "neg_image"):
-                    try:
-                        parsed[name] = ast.literal_eval(row[cols[name]])
-                    except (ValueError, SyntaxError, MemoryError, RecursionError):
-                        parsed[name] = None
-                negs, neg_rows = parsed["neg_caption"], parsed["neg_image"]
-                if not (isinstance(negs, list) and negs and all(isinstance(n, str) for n in negs)):
-                    raise DataError(f"{where}: neg_caption is not a list literal of strings: {row[cols['neg_caption']][:60]!r}")
-                if not (isinstance(neg_rows, list) and all(isinstance(n, int) for n in neg_rows)):
-                    raise DataError(f"{where}: neg_image is not a list literal of row numbers: {row[cols['neg_image']][:60]!r}")
-                image = _image(os.path.join(image_root, row[cols["filepath"]]), where)
-                rows.append((where, (image, _caption(row[cols["title"]], where), [n.strip() for n in negs], neg_rows)))
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: {e}") from None
+    rows, records = [], csv_rows(path, delimiter="\t")  # text_lines' rules: UTF-8 with or without a BOM, strict quoting
+    _, header = next(records, (1, []))
+    cols = {name: header.index(name) for name in ("title", "filepath", "neg_caption", "neg_image") if name in header}
+    if len(cols) < 4:
+        raise DataError(f"{path}:1: expected the tab-separated columns title, filepath, neg_caption, neg_image; got {header}")
+    for line, row in records:
+        where = f"{path}:{line}"
+        if len(row) != len(header):
+            raise DataError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)}")
+        parsed = {}
+        for name in ("neg_caption", "neg_image"):
+            try:
+                parsed[name] = ast.literal_eval(row[cols[name]])
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                parsed[name] = None
+        negs, neg_rows = parsed["neg_caption"], parsed["neg_image"]
+        if not (isinstance(negs, list) and negs and all(isinstance(n, str) for n in negs)):
+            raise DataError(f"{where}: neg_caption is not a list literal of strings: {row[cols['neg_caption']][:60]!r}")
+        if not (isinstance(neg_rows, list) and all(isinstance(n, int) for n in neg_rows)):
+            raise DataError(f"{where}: neg_image is not a list literal of row numbers: {row[cols['neg_image']][:60]!r}")
+        image = _image(os.path.join(image_root, row[cols["filepath"]]), where)
+        rows.append((where, (image, _caption(row[cols["title"]], where), [n.strip() for n in negs], neg_rows)))
     for where, (_, _, _, neg_rows) in rows:
         bad = [n for n in neg_rows if not 0 <= n < len(rows)]
         if bad:

@@ -151,6 +151,22 @@ def test_read_negclip_bad_rows_name_file_and_line(tmp_path, line, fn, message):
     with pytest.raises(DataError, match=re.escape(message)):
         data.read_negclip(path)
 
+def test_read_negclip_follows_the_text_file_rules(tmp_path):
+    """the TSV is read by data.csv_rows: a byte-order mark changes nothing, a latin-1 byte and a
+    stray quote are one error naming the file and line"""
+    root = fixture(tmp_path, "negclip")
+    path = os.path.join(root, "train_neg_clip.tsv")
+    raw = open(path, "rb").read()
+    open(path, "wb").write(b"\xef\xbb\xbf" + raw)
+    assert [r[1:] for r in data.read_negclip(path)] == [r[1:] for r in data.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))]
+    open(path, "wb").write(raw.replace("woman's bag".encode(), "woman\xe9s bag".encode("latin-1"), 1))
+    with pytest.raises(DataError, match=r"train_neg_clip\.tsv:3: .*UTF-8"):
+        data.read_negclip(path)
+    open(path, "w", encoding="utf-8").write(raw.decode().replace("\tA woman's bag", '\t"A woman\'s bag', 1))
+    with pytest.raises(DataError, match=r"train_neg_clip\.tsv:3: malformed CSV"):
+        data.read_negclip(path)
+
+
 # -----------------------------------------------------------------------------
 # CE-CLIP's pickled .npy
 
