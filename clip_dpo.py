@@ -146,6 +146,24 @@ def clip_loss(image_features, text_features, logit_scale):
     return loss, acc.detach()
 
 
+def imc_loss(query_features, cand_features, ranks, logit_scale):
+    """CE-CLIP's intra-modal contrastive term (clip_hardneg.py's imc_loss) on the i2t candidate sets:
+    per image query, logits [s * v . t_best, s * t_best . t_k for each candidate t_k ranked strictly
+    below t_best], cross-entropy with target 0: the best caption must be closer to its image than its
+    worse candidates are to it in text space. query_features [M, D] (the images), cand_features
+    [M, K, D] (their candidate captions), ranks [M, K] (-1 = padding). -> loss [M] per query (0 for a
+    query without worse candidates), fp32. Not DPO: the symmetry breaker of deviation 3."""
+    with torch.autocast(query_features.device.type, enabled=False):
+        v, t, s = query_features.float(), cand_features.float(), logit_scale.float()
+        rows = torch.arange(len(v), device=v.device)
+        best = ranks.masked_fill(ranks < 0, torch.iinfo(ranks.dtype).max).argmin(1)
+        t_best = t[rows, best]  # [M, D]
+        worse = (ranks > ranks[rows, best][:, None]) & (ranks >= 0)
+        text_text = (s * torch.einsum("md,mkd->mk", t_best, t)).masked_fill(~worse, float("-inf"))
+        logits = torch.cat([s * (v * t_best).sum(-1, keepdim=True), text_text], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device), reduction="none")
+
+
 def l2sp_penalty(model, reference):
     """L2-SP: ||theta - theta_ref||^2 summed over the trainable parameters (the HNC thesis's anchor
     toward the starting weights), in fp32. model and reference have the same parameter order."""
@@ -213,6 +231,12 @@ def step_loss(model, reference, batch, args):
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
         loss = args.alpha * contrastive + (1 - args.alpha) * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
+    if args.imc_weight:
+        i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
+        per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
+        imc = global_mean(per_query.sum(), len(per_query), z.device)
+        loss = loss + args.imc_weight * imc
+        stats["imc"] = imc.detach()
     if args.l2sp:
         penalty = l2sp_penalty(model, reference)
         loss = loss + args.l2sp * penalty
@@ -343,6 +367,8 @@ def get_args(argv=None):
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
     p.add_argument("--alpha", type=float, default=None, help="weight of the CLIP loss mixed in (default: 0.5 for dpo_clip, else 0)")
     p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
+    p.add_argument("--imc_weight", type=float, default=None,
+                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.3 shapes, 0 real data; deviation 3)")
     # optim
     p.add_argument("--max_steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=16, help="groups per process (shapes: a scene and its 3 twins)")
@@ -368,6 +394,7 @@ def get_args(argv=None):
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
     args.alpha = (0.5 if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
+    args.imc_weight = (0.0 if real or args.loss == "bt" else 0.3) if args.imc_weight is None else args.imc_weight
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.loss in ("cdpo", "robust") else 0.0
     elif args.loss not in ("cdpo", "robust"):
@@ -376,6 +403,8 @@ def get_args(argv=None):
         p.error(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha {args.alpha}: must be in [0, 1]")
+    if args.imc_weight < 0:
+        p.error(f"--imc_weight {args.imc_weight}: must be >= 0")
     if args.beta <= 0:
         p.error(f"--beta {args.beta}: must be > 0")
     return args

@@ -160,10 +160,44 @@ def batch_of(groups, direction="both"):
 
 
 def args_for(loss="dpo", **kw):
-    a = clip_dpo.get_args(["--loss", loss])
+    a = clip_dpo.get_args(["--loss", loss, "--imc_weight", "0"])  # the preference losses alone unless a test adds it
     for k, v in kw.items():
         setattr(a, k, v)
     return a
+
+
+def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
+    torch.manual_seed(0)
+    M, K, D, s = 5, 4, 8, 7.0
+    v = F.normalize(torch.randn(M, D), dim=-1)
+    t = F.normalize(torch.randn(M, K, D), dim=-1)
+    ranks = torch.tensor([[0, 1, 1, 2], [2, 0, 1, -1], [1, 1, 0, 0], [0, 0, -1, -1], [0, -1, -1, -1]])
+    loss = clip_dpo.imc_loss(v, t, ranks, torch.tensor(s))
+    for m in range(M):
+        valid = [k for k in range(K) if ranks[m, k] >= 0]
+        best = min(valid, key=lambda k: (ranks[m, k].item(), k))  # the first best on ties
+        worse = [k for k in valid if ranks[m, k] > ranks[m, best]]
+        logits = [s * float(v[m] @ t[m, best])] + [s * float(t[m, best] @ t[m, k]) for k in worse]
+        expected = math.log(sum(math.exp(x) for x in logits)) - logits[0]
+        assert loss[m].item() == pytest.approx(expected, abs=1e-5), m
+    assert loss[3].item() == 0 and loss[4].item() == 0  # tied best / a single candidate: nothing below the best
+
+
+def test_imc_weight_adds_the_term_on_image_queries_only():
+    torch.manual_seed(0)
+    policy = CLIP(**model_config("tiny", 32, 32))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    batch = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    base, _ = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
+    mixed, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo", imc_weight=0.5))
+    images, texts, prefs = batch
+    f = torch.cat([policy.encode_image(images, normalize=True), policy.encode_text(texts, normalize=True)])
+    i2t = prefs["query"] < len(images)
+    assert i2t.sum() == 16 and (~i2t).sum() == 16
+    expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
+    assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
+    assert clip_dpo.get_args([]).imc_weight == 0.3 and clip_dpo.get_args(["--data", "vsr"]).imc_weight == 0.0
 
 
 def test_make_batch_indexes_the_concatenated_features():
@@ -267,7 +301,7 @@ def _ddp_worker(rank, init_file, path, groups, out):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(ddp, reference, batch_of(groups[rank]), args_for(loss, alpha=0.5))[0].backward()
+        clip_dpo.step_loss(ddp, reference, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3))[0].backward()
         torch.save([p.grad for p in model.parameters()], f"{out}.{loss}.{rank}")
     dist.destroy_process_group()
 
@@ -300,7 +334,7 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(model, reference, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5))[0].backward()
+        clip_dpo.step_loss(model, reference, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5, imc_weight=0.3))[0].backward()
         g0, g1 = torch.load(f"{out}.{loss}.0"), torch.load(f"{out}.{loss}.1")
         for p, a, b in zip(model.parameters(), g0, g1):
             if p.grad is not None:
@@ -325,7 +359,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     init = tiny_init(tmp_path)
-    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", *TINY]
+    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     # the first step's loss is computed with policy == reference
