@@ -35,7 +35,9 @@ three twins (objects exchanged; colours exchanged; both) are captioned by the tr
 captions with one and two wrong facts, so every image ranks the four captions and every caption ranks
 the four images (true > one wrong fact > two). vsr: VSR's true rows prefer the caption to the caption
 with the relation replaced by its contrast (i2t), and a caption true of some images and false of
-others prefers those images (t2i). rankings: a JSONL file of ranked candidates (README).
+others prefers those images (t2i). rankings: a JSONL file of ranked candidates (README). hnc: HNC's
+JSON, read item by item (the train file is 8 GB): an image prefers one of its positive captions to
+that positive's hard negatives (pairs via cpt_p_id, data.read_hnc; i2t only).
 
 Deviations from the papers
 1. Tiny models and the shapes world by default, so it runs on a laptop CPU.
@@ -59,6 +61,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from functools import partial
 
@@ -311,6 +314,34 @@ class ImageGroups(torch.utils.data.Dataset):
         return {**group, "images": images}
 
 
+class HNCGroups(torch.utils.data.Dataset):
+    """HNC as preference groups, read item by item from data.read_hnc's index: key -> an image, one of
+    its positive captions (chosen per (seed, key), so each epoch may take another) ranked above that
+    positive's hard negatives (i2t). None (dropped and counted) if the image is unreadable or no
+    positive of it has a negative."""
+
+    def __init__(self, hnc, preprocess, seed=0):
+        self.hnc, self.preprocess, self.seed = hnc, preprocess, seed
+
+    def __len__(self):
+        return len(self.hnc)
+
+    def __getitem__(self, key):
+        path, pairs = self.hnc[key % len(self.hnc)]
+        pairs = [(p, negs) for p, negs in pairs if negs]
+        if not pairs:
+            return None
+        positive, negatives = random.Random(f"hnc:{self.seed}:{key}").choice(pairs)
+        try:
+            with Image.open(path) as im:
+                image = self.preprocess(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+        n = 1 + len(negatives)
+        return {"images": [image], "texts": [positive, *negatives], "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
+                "pos": [(0, 0)]}
+
+
 def make_batch(groups, args):
     """The DataLoader's collate_fn: groups (None = unreadable) -> (images [NI, 3, S, S], texts [NT, L],
     prefs, n_skipped); see step_loss for prefs. Only queries of --direction are kept; candidate lists
@@ -345,8 +376,9 @@ def make_batch(groups, args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default="shapes", help="shapes | vsr | rankings (hnc: not implemented yet)")
-    p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file")
+    p.add_argument("--data", default="shapes", help="shapes | vsr | rankings | hnc")
+    p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON")
+    p.add_argument("--image_root", default=None, help="hnc: the GQA images (default: the JSON's folder's images/)")
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
     p.add_argument("--vsr_false_rows", action="store_true",
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
@@ -451,13 +483,16 @@ def make_data(args, image_size, preprocess):
     """-> (train dataset, number of groups or None for an infinite stream, VSR splits or None)."""
     if args.data == "shapes":
         return ShapesPreferences(image_size, args.seed, args.statements, args.twins), None, None
-    if args.data == "hnc":
-        raise data.DataError("--data hnc: not implemented in clip_dpo.py yet (data.read_hnc reads the pairs; "
-                             "turning them into preference groups is still to do)")
-    if args.data not in ("vsr", "rankings"):
-        raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings")
+    if args.data not in ("vsr", "rankings", "hnc"):
+        raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings, hnc")
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
+    if args.data == "hnc":
+        if args.direction == "t2i":
+            raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
+        hnc = data.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
+        print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
+        return HNCGroups(hnc, preprocess, args.seed), len(hnc), None
     splits = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split)
@@ -550,7 +585,7 @@ def main(argv=None):
                 metrics = ev.eval_vsr(clip, preprocess, tokenizer, splits[split], splits["dev"], device)
             else:
                 metrics = None
-                print0(f"step {step}: --data rankings has no eval split; evaluate with eval.py --model {ckpt_path}")
+                print0(f"step {step}: --data {args.data} has no eval split here; evaluate with eval.py --model {ckpt_path} (--bench ...)")
             if metrics is not None:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:

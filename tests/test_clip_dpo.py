@@ -388,7 +388,7 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--init", "/nonexistent/ckpt.pt"], "error: --init /nonexistent/ckpt.pt: no such checkpoint"),
-    (["--data", "hnc", "--data_root", "/x"], "error: --data hnc: not implemented"),
+    (["--data", "hnc", "--data_root", "/x"], "error: missing file: /x"),
     (["--data", "vsr"], "error: --data vsr needs --data_root"),
     (["--data", "vsr", "--data_root", "/nonexistent/vsr"], "error: --data_root /nonexistent/vsr: no such directory"),
     (["--label_smoothing", "0.1"], "--label_smoothing is for --loss cdpo or robust"),
@@ -671,3 +671,29 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
                    "--workers", "0", "--out_dir", str(tmp_path / "dpo"), *TINY])
     stdout = capsys.readouterr().out
     assert "step 1/3 | loss" in stdout and "reward_acc 0.500" in stdout and load_weights(tmp_path / "dpo")["step"] == 3
+
+
+def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
+    """--data hnc: each image (read item by item from data.read_hnc's index) asks about one of its
+    positives with negatives, ranked above exactly those negatives; a positive without negatives is
+    never chosen; the pick is deterministic per (seed, key) and differs across keys"""
+    path = os.path.join(ROOT, "tests", "fixtures", "hnc", "hnc_clean_strict_train.json")
+    hnc = data.read_hnc(path)
+    groups = clip_dpo.HNCGroups(hnc, lambda im: torch.zeros(3, 32, 32), seed=0)
+    seen = set()
+    for key in range(16):
+        g = groups[key]
+        image, pairs = hnc[key % len(hnc)]
+        assert (g["texts"][0], g["texts"][1:]) in [(p, n) for p, n in pairs if n]
+        assert g["queries"] == [("i2t", 0, list(range(len(g["texts"]))), [0] + [1] * (len(g["texts"]) - 1))]
+        assert g["texts"] == groups[key]["texts"]  # deterministic
+        seen.add(g["texts"][0])
+    assert "the table is brown" in seen and "the cup is to the left of the plate" in seen and "a black dog" not in seen
+    init = tiny_init(tmp_path)
+    r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--max_steps", "2", "--batch_size", "2",
+             "--out_dir", str(tmp_path / "out"), "--eval_every", "0", "--workers", "0"])
+    assert r.returncode == 0, r.stderr
+    assert "hnc: 2 images with a positive caption (2 negatives without their positive dropped)" in r.stdout
+    assert "step 2/2" in r.stdout and "has no eval split here" in r.stdout
+    r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--direction", "t2i", "--out_dir", str(tmp_path / "o2")])
+    assert r.returncode != 0 and "--data hnc gives captions ranked for an image only" in r.stderr
