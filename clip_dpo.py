@@ -155,7 +155,8 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
     below t_best], cross-entropy with target 0: the best caption must be closer to its image than its
     worse candidates are to it in text space. query_features [M, D] (the images), cand_features
     [M, K, D] (their candidate captions), ranks [M, K] (-1 = padding). -> loss [M] per query (0 for a
-    query without worse candidates), fp32. Not DPO: the symmetry breaker of deviation 3."""
+    query without worse candidates), fp32. Not DPO: a symmetry breaker for a relation-blind text tower
+    (clip_hardneg.py's default uses it), off by default here (README, "Preference fine-tuning")."""
     with torch.autocast(query_features.device.type, enabled=False):
         v, t, s = query_features.float(), cand_features.float(), logit_scale.float()
         rows = torch.arange(len(v), device=v.device)
@@ -399,8 +400,8 @@ def get_args(argv=None):
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
     p.add_argument("--alpha", type=float, default=None, help="weight of the CLIP loss mixed in (default: 0.5 for dpo_clip, else 0)")
     p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
-    p.add_argument("--imc_weight", type=float, default=None,
-                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.3 shapes, 0 real data; deviation 3)")
+    p.add_argument("--imc_weight", type=float, default=0.0,
+                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (not DPO: a measured lever, README)")
     # optim
     p.add_argument("--max_steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=16, help="groups per process (shapes: a scene and its 3 twins)")
@@ -426,7 +427,6 @@ def get_args(argv=None):
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
     args.alpha = (0.5 if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
-    args.imc_weight = (0.0 if real or args.loss == "bt" else 0.3) if args.imc_weight is None else args.imc_weight
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.loss in ("cdpo", "robust") else 0.0
     elif args.loss not in ("cdpo", "robust"):

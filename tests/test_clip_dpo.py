@@ -160,7 +160,7 @@ def batch_of(groups, direction="both"):
 
 
 def args_for(loss="dpo", **kw):
-    a = clip_dpo.get_args(["--loss", loss, "--imc_weight", "0"])  # the preference losses alone unless a test adds it
+    a = clip_dpo.get_args(["--loss", loss])
     for k, v in kw.items():
         setattr(a, k, v)
     return a
@@ -197,7 +197,7 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
     assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
-    assert clip_dpo.get_args([]).imc_weight == 0.3 and clip_dpo.get_args(["--data", "vsr"]).imc_weight == 0.0
+    assert clip_dpo.get_args([]).imc_weight == 0.0  # off by default: a lever, not part of DPO
 
 
 def test_make_batch_indexes_the_concatenated_features():
@@ -359,7 +359,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     init = tiny_init(tmp_path)
-    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
+    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", *TINY]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     # the first step's loss is computed with policy == reference
