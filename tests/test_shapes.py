@@ -62,6 +62,7 @@ def test_twins_render_the_negative_caption():
             ring = 0.8 if o.shape == "ring" else 0.0  # a ring's centre is background
             assert pixel(img, o, ring) == COLOURS[o.colour]
             assert (om.x, om.y) == (o.x, o.y)  # a mirror keeps the positions and exchanges the objects
+            assert pixel(img_m, om, 0.8 if om.shape == "ring" else 0.0) == COLOURS[om.colour]
             assert pixel(img_w, ow, ring) == COLOURS[ow.colour] and ow.colour != o.colour
         assert {o.shape for o in m.objs} == {o.shape for o in s.objs} and m.objs[0] == data.Obj(**{**s.objs[1].__dict__, "x": s.objs[0].x, "y": s.objs[0].y})
         # the relation stays true of the rendered geometry
