@@ -51,9 +51,9 @@ Deviations from the papers
 7. Shapes only: the text tower learns at lr x 0.1 (--text_lr_mult), as in clip_scratch.py: at
    full lr it collapses back to blindness to the relation word.
 8. Shapes only: CE-CLIP's CMR term is off by default (--cmr_weight 0; CE-CLIP's 0.2 on real
-   data). It did not speed the relation's rise and cost 5.7 points of text->image R@1: its
-   attribute threshold sits at its upper bound from step ~600 on (README, "Hard-negative
-   fine-tuning"). The default run is therefore NegCLIP + IMC, and IMC is what shortens the
+   data). It did not speed the relation's rise and cost 5.7 points of text->image R@1 against
+   the start (7 against the default): its attribute threshold sits at its upper bound from step
+   ~600 on (README, "Hard-negative fine-tuning"). The default run is therefore NegCLIP + IMC, and IMC is what shortens the
    plateau: it separates each caption from its own negatives in text space, where both towers
    start blind to the relation word.
 
