@@ -166,6 +166,14 @@ def args_for(loss="dpo", **kw):
     return a
 
 
+def tiny_policy_and_batch():
+    """a random tiny policy, its reference (policy == reference), and a batch of two shapes groups"""
+    torch.manual_seed(0)
+    policy = CLIP(**model_config("tiny", 32, 32))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    return policy, reference, batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+
+
 def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
     torch.manual_seed(0)
     M, K, D, s = 5, 4, 8, 7.0
@@ -184,10 +192,7 @@ def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
 
 
 def test_imc_weight_adds_the_term_on_image_queries_only():
-    torch.manual_seed(0)
-    policy = CLIP(**model_config("tiny", 32, 32))
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    batch = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    policy, reference, batch = tiny_policy_and_batch()
     base, _ = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
     mixed, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo", imc_weight=0.5))
     images, texts, prefs = batch
@@ -217,10 +222,7 @@ def test_make_batch_indexes_the_concatenated_features():
 
 
 def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip():
-    torch.manual_seed(0)
-    policy = CLIP(**model_config("tiny", 32, 32))
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    batch = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    policy, reference, batch = tiny_policy_and_batch()
     loss, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
     assert stats["chosen"].item() == 0 and stats["rejected"].item() == 0  # policy == reference: every reward exactly 0
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and stats["reward_acc"].item() == 0.5
