@@ -3,11 +3,15 @@ bundle their logs and metrics into one archive.
 
     python bench/grid.py JOBS.txt --out_dir out/grid --jobs 16 --deadline 540
     python bench/grid.py bench/jobs/finetune_levers.txt --jobs 22     # README's fine-tuning tables (one GPU)
+    python bench/grid.py bench/jobs/dpo_table.txt --jobs 2 --out_dir out/dpo_table --table  # 2 CPU cores
 
 JOBS.txt: one job a line, `NAME  SCRIPT ARGS...` (blank lines and # comments skipped); each job runs
 as `python SCRIPT ARGS --out_dir OUT_DIR/NAME` with one CPU thread, its output in OUT_DIR/NAME.log.
-At --deadline seconds the jobs still running are stopped (their evals so far are kept). At the end
-OUT_DIR/grid.tar.gz holds every log and metrics.jsonl (no checkpoints) and a summary line per job.
+At --deadline seconds the jobs still running are stopped (their evals so far are kept). A job whose
+OUT_DIR/NAME/metrics.jsonl already holds its final test eval is not run again, so a stopped grid
+resumes. At the end OUT_DIR/grid.tar.gz holds every log and metrics.jsonl (no checkpoints) and a
+summary line per job; --table also prints the final test metrics as a markdown table, mean ± std
+over the jobs whose names differ only in a trailing _s<seed> (and writes OUT_DIR/table.json).
 On one H100, 22 of the shapes fine-tunes (3,000 steps each) ran side by side in ~5-7 minutes; the GPU
 was the bottleneck (100% busy with tiny kernels from 22 processes), so their wall clocks say nothing
 about one run's speed.
@@ -15,11 +19,46 @@ about one run's speed.
 import argparse
 import json
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
 import time
+
+COLUMNS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/rsum", "probe/relation", "probe/attribute_swap", "probe/colour_replace",
+           "probe/shape_replace", "probe/word_order", "diag/relation_text_cos", "vsr/acc", "vsr/macro_f1"]
+
+
+def final_test(out_dir, name):
+    """the job's last test-split eval (its final one), or None"""
+    path = os.path.join(out_dir, name, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if r.get("split", "test") == "test"]
+    return rows[-1] if rows else None
+
+
+def table(out_dir, jobs, wall):
+    """rows grouped by name without its _s<seed> -> (markdown lines, {row: {metric: [values]}})"""
+    groups = {}
+    for name, _ in jobs:
+        m = final_test(out_dir, name)
+        if m is not None:
+            groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((m, wall.get(name)))
+    cols = COLUMNS + ["wall_s"]
+    lines = ["| row | seeds | " + " | ".join(re.sub(r"^(retrieval|probe|diag)/", "", c) for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    values = {}
+    for row, runs in groups.items():
+        values[row] = {c: [m.get(c) if c != "wall_s" else w for m, w in runs] for c in cols}
+        cells = []
+        for c, v in values[row].items():
+            v = [x for x in v if x is not None]
+            fmt = ".1f" if c in ("retrieval/rsum", "wall_s") else ".3f"
+            cells.append("" if not v else f"{v[0]:{fmt}}" if len(v) == 1 else f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}")
+        lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines, values
+
 
 p = argparse.ArgumentParser()
 p.add_argument("jobs_file")
@@ -27,6 +66,7 @@ p.add_argument("--out_dir", default="out/grid")
 p.add_argument("--jobs", type=int, default=8, help="processes at a time")
 p.add_argument("--deadline", type=float, default=0, help="seconds; 0 = none")
 p.add_argument("--archive", default=None, help="default: OUT_DIR/grid.tar.gz")
+p.add_argument("--table", action="store_true", help="print the final test metrics, mean ± std over seeds")
 args = p.parse_args()
 
 jobs = []
@@ -37,7 +77,10 @@ for line in open(args.jobs_file):
         jobs.append((name, cmd))
 os.makedirs(args.out_dir, exist_ok=True)
 env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-t0, queue, running, done = time.time(), list(jobs), {}, {}
+summary_path = os.path.join(args.out_dir, "summary.json")
+done = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+t0, queue, running = time.time(), [(n, c) for n, c in jobs if final_test(args.out_dir, n) is None], {}
+print(f"{len(jobs) - len(queue)} of {len(jobs)} jobs already finished", flush=True)
 while queue or running:
     while queue and len(running) < args.jobs and not (args.deadline and time.time() - t0 > args.deadline):
         name, cmd = queue.pop(0)
@@ -59,8 +102,8 @@ while queue or running:
             del running[name]
     time.sleep(1)
 for name, _ in jobs:
-    done.setdefault(name, {"rc": "not started"})
-with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+    done.setdefault(name, {"rc": "not started" if final_test(args.out_dir, name) is None else "finished before"})
+with open(summary_path, "w") as f:
     json.dump(done, f, indent=1)
 archive = args.archive or os.path.join(args.out_dir, "grid.tar.gz")
 with tarfile.open(archive, "w:gz") as tar:
@@ -71,3 +114,8 @@ with tarfile.open(archive, "w:gz") as tar:
             if os.path.exists(path):
                 tar.add(path, rel)
 print(f"{len(jobs)} jobs in {time.time() - t0:.0f}s -> {archive}")
+if args.table:
+    lines, values = table(args.out_dir, jobs, {n: d.get("wall_s") for n, d in done.items() if d.get("rc") == 0})
+    print("\n".join(lines))
+    with open(os.path.join(args.out_dir, "table.json"), "w") as f:
+        json.dump(values, f, indent=1)
