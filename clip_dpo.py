@@ -138,19 +138,30 @@ def listwise_loss(policy, ref, ranks, beta):
 
 
 def clip_loss(image_features, text_features, logit_scale):
-    """Symmetric InfoNCE, L = 1/2 [CE(S, I) + CE(S^T, I)] with S = s * V T^T, as in clip_scratch.py:
-    [B, D] L2-normalised features, every rank gathers both sets with gradient and scores its B rows
-    against all world*B columns (labels offset by rank*B). Returns (loss, image->text accuracy), fp32."""
+    """Symmetric InfoNCE, L = 1/2 [CE(S, I) + CE(S^T, I)] with S = s * V T^T, as in clip_scratch.py, on
+    the true pairs of every rank: [N, D] L2-normalised features, N may differ between ranks (a group
+    holds 2 or 4 images, a VSR group 1 or 2). Each rank pads its pairs to the largest N, gathers both
+    sets with gradient, masks the padding out of the columns and scores its N rows against every
+    rank's pairs; the loss is the mean over all pairs of all ranks (global_mean). -> (loss, image->text
+    accuracy), fp32."""
     with torch.autocast(image_features.device.type, enabled=False):
         image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
-        all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
-        offset = dist.get_rank() * image_features.shape[0] if all_image is not image_features else 0
-        logits_per_image = logit_scale * image_features @ all_text.T  # [B, world*B]
-        logits_per_text = logit_scale * text_features @ all_image.T   # [B, world*B]
-        labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
-        loss = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        n, device = len(image_features), image_features.device
+        counts, rank = torch.tensor([n], device=device), 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, counts)
+            counts, rank = torch.cat(every), dist.get_rank()
+        N = int(counts.max())
+        pad = (0, 0, 0, N - n)
+        all_image, all_text = all_gather_with_grad(F.pad(image_features, pad)), all_gather_with_grad(F.pad(text_features, pad))
+        valid = (torch.arange(N, device=device)[None, :] < counts[:, None]).flatten()  # [world*N] real pairs
+        logits_per_image = (logit_scale * image_features @ all_text.T).masked_fill(~valid, float("-inf"))  # [n, world*N]
+        logits_per_text = (logit_scale * text_features @ all_image.T).masked_fill(~valid, float("-inf"))
+        labels = torch.arange(n, device=device) + rank * N
+        total = 0.5 * (F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(logits_per_text, labels, reduction="sum"))
         acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
-    return loss, acc.detach()
+    return global_mean(total, n, device), acc.detach()
 
 
 def imc_loss(query_features, cand_features, ranks, logit_scale):
@@ -203,7 +214,7 @@ def global_mean(total, count, device):
     return total / count
 
 
-def step_loss(model, reference, batch, args):
+def step_loss(model, reference, batch, args, imc_weight=None):
     """The method, one step. batch: (images [NI, 3, S, S], texts [NT, L], prefs) from make_batch.
     prefs: query [M] and cand [M, K] index the concatenated features [image features; text
     features] (an image query's candidates are texts, a text query's are images), rank [M, K]
@@ -211,7 +222,8 @@ def step_loss(model, reference, batch, args):
     strictly ordered pair), pos [N, 2] (index of an image, index of its true caption among the
     texts) for the CLIP term.
     The reference (None for a reward model without --l2sp) runs on the same batch under no_grad.
-    -> (loss, {name: detached scalar} to log)"""
+    imc_weight: this step's weight of the intra-modal term (default args.imc_weight; the loop passes
+    0 from step --imc_steps on). -> (loss, {name: detached scalar} to log)"""
     images, texts, prefs = batch
     image_features, text_features, logit_scale = model(images, texts)
     features = torch.cat([image_features, text_features])  # [NI + NT, D]
@@ -239,11 +251,12 @@ def step_loss(model, reference, batch, args):
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
         loss = args.alpha * contrastive + (1 - args.alpha) * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
-    if args.imc_weight:
+    imc_weight = args.imc_weight if imc_weight is None else imc_weight
+    if imc_weight:
         i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
         per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
         imc = global_mean(per_query.sum(), len(per_query), z.device)
-        loss = loss + args.imc_weight * imc
+        loss = loss + imc_weight * imc
         stats["imc"] = imc.detach()
     if args.l2sp:
         penalty = l2sp_penalty(model, reference)
@@ -294,7 +307,8 @@ class ShapesPreferences(torch.utils.data.Dataset):
         return 2 ** 62
 
     def __getitem__(self, key):
-        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, self.twins)
+        twins = ("both", "mirror", "mirror", "mirror")[key % 4] if self.twins == "mixed" else self.twins
+        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, twins)
 
 
 class ImageGroups(torch.utils.data.Dataset):
@@ -387,7 +401,8 @@ def get_args(argv=None):
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
     p.add_argument("--vsr_false_rows", action="store_true",
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
-    p.add_argument("--twins", default="both", choices=list(TWINS), help="shapes: each scene's twins (shapes_group)")
+    p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
+                   help="shapes: each scene's twins (shapes_group); mixed: one group in four both, three mirror")
     p.add_argument("--no_statements", dest="statements", action="store_false",
                    help="shapes: leave out the VSR-style statements (shapes_group)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
@@ -402,15 +417,18 @@ def get_args(argv=None):
                    help="i2t: captions ranked for an image; t2i: images ranked for a caption")
     p.add_argument("--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)")
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the CLIP loss mixed in (default: 0.5 for dpo_clip, else 0)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the CLIP loss mixed in (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
     p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
-    p.add_argument("--imc_weight", type=float, default=0.0,
-                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (not DPO: a measured lever, README)")
+    p.add_argument("--imc_weight", type=float, default=None,
+                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)")
+    p.add_argument("--imc_steps", type=int, default=None,
+                   help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
     p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=16, help="groups per process (shapes: a scene and its 3 twins)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, 1 real data)")
+    p.add_argument("--batch_size", type=int, default=26, help="groups per process (shapes: 26 mixed groups = ~64 images)")
+    p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
+    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--warmup_steps", type=int, default=50)
     # eval / checkpoints
@@ -429,8 +447,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     real = args.data != "shapes"
     args.workers = (4 if real else 0) if args.workers is None else args.workers
-    args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
-    args.alpha = (0.5 if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
+    args.lr = (1e-5 if real else 4e-4) if args.lr is None else args.lr
+    args.text_lr_mult = (1.0 if real else 0.3) if args.text_lr_mult is None else args.text_lr_mult
+    args.alpha = ((0.5 if real else 0.75) if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
+    args.imc_weight = (0.0 if real else 0.225) if args.imc_weight is None else args.imc_weight
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.loss in ("cdpo", "robust") else 0.0
     elif args.loss not in ("cdpo", "robust"):
@@ -439,6 +459,7 @@ def get_args(argv=None):
         p.error(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha {args.alpha}: must be in [0, 1]")
+    args.imc_steps = (args.max_steps if real else 1000) if args.imc_steps is None else args.imc_steps
     if args.imc_weight < 0:
         p.error(f"--imc_weight {args.imc_weight}: must be >= 0")
     if args.beta <= 0:
@@ -618,16 +639,12 @@ def main(argv=None):
         if n == 0:
             step += 1
             continue
-        if world > 1 and args.alpha:  # the CLIP term's all_gather needs equal pair counts: every rank cuts to the smallest
-            p = torch.tensor([len(prefs["pos"])], device=device)
-            dist.all_reduce(p, op=dist.ReduceOp.MIN)
-            prefs["pos"] = prefs["pos"][:int(p)]
         batch = (to_device(images), to_device(texts), to_device(prefs))
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         with autocast_ctx(device, dtype):
-            loss, stats = step_loss(model, reference, batch, args)
+            loss, stats = step_loss(model, reference, batch, args, args.imc_weight if step < args.imc_steps else 0.0)
         if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
             raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
                              f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")

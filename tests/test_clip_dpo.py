@@ -144,6 +144,14 @@ def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
         assert g["pos"] == [(i, i) for i in range(n)]
 
 
+def test_mixed_twins_are_one_full_group_in_four_and_three_mirror_groups():
+    mixed, both, mirror = (clip_dpo.ShapesPreferences(16, seed=3, twins=t) for t in ("mixed", "both", "mirror"))
+    for key in range(8):
+        g, expected = mixed[key], (both if key % 4 == 0 else mirror)[key]
+        assert g["texts"] == expected["texts"] and g["queries"] == expected["queries"]
+        assert len(g["images"]) == (4 if key % 4 == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
+
+
 def tiny_init(tmp_path, seed=0):
     """a random tiny minclip checkpoint (image 32, context 32) standing in for out/clip_scratch/ckpt.pt"""
     torch.manual_seed(seed)
@@ -161,7 +169,7 @@ def batch_of(groups, direction="both"):
 
 def args_for(loss="dpo", **kw):
     a = clip_dpo.get_args(["--loss", loss])
-    for k, v in kw.items():
+    for k, v in ({"imc_weight": 0.0} | kw).items():  # the losses alone, without the shapes default's intra-modal kick
         setattr(a, k, v)
     return a
 
@@ -202,7 +210,29 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
     assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
-    assert clip_dpo.get_args([]).imc_weight == 0.0  # off by default: a lever, not part of DPO
+    shapes, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr"])
+    assert (shapes.imc_weight, shapes.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
+    assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
+
+
+def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
+    """the real loop, in process: --imc_steps 2 gives the first two steps the term and the rest none,
+    and the loss of a step without it is the loss without --imc_weight"""
+    init, weights, losses = tiny_init(tmp_path), [], []
+    real = clip_dpo.step_loss
+
+    def spy(model, reference, batch, args, imc_weight=None):
+        loss, stats = real(model, reference, batch, args, imc_weight)
+        weights.append(imc_weight)
+        losses.append((loss.item(), real(model, reference, batch, args, 0.0)[0].item(), "imc" in stats))
+        return loss, stats
+    monkeypatch.setattr(clip_dpo, "step_loss", spy)
+    torch.set_num_threads(1)
+    clip_dpo.main(["--init", init, "--max_steps", "4", "--imc_weight", "0.5", "--imc_steps", "2", "--out_dir", str(tmp_path / "out"), *TINY])
+    assert weights == [0.5, 0.5, 0.0, 0.0]
+    assert [has for _, _, has in losses] == [True, True, False, False]
+    assert all(a > b for a, b, _ in losses[:2]) and all(a == b for a, b, _ in losses[2:])
+    assert clip_dpo.get_args(["--data", "vsr", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps == 7  # real data: every step
 
 
 def test_make_batch_indexes_the_concatenated_features():
@@ -249,7 +279,7 @@ def test_reference_is_frozen_never_trained_and_bit_identical(tmp_path, monkeypat
     init = tiny_init(tmp_path)
     seen = []
     real = clip_dpo.step_loss
-    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, reference, batch, args: (seen.append(reference), real(model, reference, batch, args))[1])
+    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, reference, *rest: (seen.append(reference), real(model, reference, *rest))[1])
     torch.set_num_threads(1)
     clip_dpo.main(["--init", init, "--max_steps", "3", "--out_dir", str(tmp_path / "out"), "--lr", "1e-3", *TINY])
     start = torch.load(init, weights_only=True)["model"]
@@ -319,13 +349,14 @@ def ranking_group(rng, k):
 
 def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
     """DDP property on the gradients themselves (AdamW would hide a constant factor in a weights
-    test): rank 0 holds more preference pairs than rank 1, and the averaged gradients equal one
-    process's on the whole batch, for the pairwise + CLIP mixture and for listwise."""
+    test): rank 0 holds more preference pairs and more true pairs (3 groups against 2) than rank 1,
+    and the averaged gradients equal one process's on the whole batch, for the pairwise + CLIP
+    mixture and for listwise."""
     import torch.multiprocessing as mp
     path = tiny_init(tmp_path)
     torch.manual_seed(0)
     rng = random.Random(0)
-    groups = [[ranking_group(rng, 4) for _ in range(3)], [ranking_group(rng, 2) for _ in range(3)]]
+    groups = [[ranking_group(rng, 4) for _ in range(3)], [ranking_group(rng, 2) for _ in range(2)]]
     out = str(tmp_path / "grads")
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init_file"), path, groups, out), nprocs=2, join=True)
     model = CLIP(**model_config("tiny", 32, 32))
@@ -361,7 +392,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     init = tiny_init(tmp_path)
-    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", *TINY]
+    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
     ref = run([*args, "--out_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     # the first step's loss is computed with policy == reference
