@@ -49,8 +49,8 @@ Deviations from the papers
    reorders the candidates it is shown and collapses retrieval), the text tower learns at 0.3x lr,
    and for the first 1,000 steps CE-CLIP's intra-modal term (imc_loss, --imc_weight 0.225
    --imc_steps 1000) pushes each caption away from its worse candidates in text space: a
-   symmetry breaker. The relation is a saddle of this world (both towers start blind to it, and
-   every cross-modal loss's gradient on one tower is proportional to the other's blindness), and
+   symmetry breaker. The relation is a saddle of this world (both towers start nearly blind to it,
+   and a cross-modal loss's gradient on one tower scales with the other tower's twin difference), and
    no preference loss, beta, alpha, lr or schedule we measured leaves it in the budget alone; after
    the kick, dpo_clip alone carries the relation from chance to 0.95 (README). Real data: plain
    dpo_clip (alpha 0.5, no intra-modal term).
@@ -434,7 +434,7 @@ def get_args(argv=None):
                    help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
     p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=26, help="groups per process (shapes: 26 mixed groups = ~64 images)")
+    p.add_argument("--batch_size", type=int, default=26, help="groups per process (shapes: 26 mixed groups = ~65 images)")
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)

@@ -213,6 +213,7 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     shapes, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr"])
     assert (shapes.imc_weight, shapes.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
     assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
+    assert (shapes.lr, shapes.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)  # a pretrained CLIP gets a fine-tuning lr
 
 
 def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
