@@ -47,7 +47,7 @@ static = {"weights + grads + AdamW (fp32)": 16 * n_params, "autocast bf16 weight
 # per-group activations, measured on shallow copies at full width: (vision, text) layers = (1, 1),
 # (2, 1), (1, 2) give each tower's bytes per layer and the depth-independent rest
 S, L = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
-dpo_args = clip_dpo.get_args(["--loss", "dpo"])
+dpo_args = clip_dpo.get_args(["--loss", "dpo", "--imc_weight", "0"])
 
 
 def saved_bytes(n_groups, v_layers, t_layers):

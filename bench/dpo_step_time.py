@@ -4,7 +4,7 @@ the towers (forward + backward + AdamW), the DPO step adding the frozen referenc
 and the preference loss. Timed interleaved (CLIP, DPO, DPO + CLIP, CLIP, ...) in one process, so
 machine noise hits all three.
 
-    python bench/dpo_step_time.py                                   # clip_dpo.py's shapes default batch
+    python bench/dpo_step_time.py                                   # 16 full shapes groups (the default's ~65 images)
     python bench/dpo_step_time.py --init out/clip_scratch/ckpt.pt --batch_size 32 --device cuda
 
 Prints a markdown table and the ratios to the CLIP step (the target is <= 1.4x: the reference
@@ -55,8 +55,8 @@ def clip_step(model, reference, batch, args):
     return clip_dpo.clip_loss(v[prefs["pos"][:, 0]], t[prefs["pos"][:, 1]], s)[0], {}
 
 
-kinds = {"clip": (clip_step, cfg), "dpo": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo"])),
-         "dpo_clip": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo_clip"]))}
+kinds = {"clip": (clip_step, cfg), "dpo": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo", "--imc_weight", "0"])),
+         "dpo_clip": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo_clip", "--imc_weight", "0"]))}
 times = {k: [] for k in kinds}
 for i in range(args.steps + 3):
     for name, (fn, a) in kinds.items():
