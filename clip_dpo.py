@@ -4,69 +4,37 @@ Preference fine-tuning of CLIP: DPO and its relatives against a frozen copy of t
 the HNC thesis do: IPO, conservative / robust DPO, hinge, Plackett-Luce rankings, mixtures with the
 CLIP loss, and a reference-free Bradley-Terry reward model.
 
-Run it
     python clip_dpo.py                                       # CPU: tunes out/clip_scratch/ckpt.pt on the shapes world
     python clip_dpo.py --data vsr --data_root ~/data/vsr --init ViT-B-32:openai --device cuda
-    torchrun --standalone --nproc_per_node=8 clip_dpo.py --data vsr --data_root ~/data/vsr \\
-             --init ViT-H-14:laion2b_s32b_b79k --grad_checkpointing      # seed 000's setting (README: memory)
+    torchrun --standalone --nproc_per_node=8 clip_dpo.py --data vsr --data_root ~/data/vsr --init ViT-B-32:openai
     torchrun --standalone --nproc_per_node=2 clip_dpo.py --device cpu         # DDP on CPU (gloo)
-    python clip_dpo.py --loss bt --out_dir out/rm                             # a reward model ...
-    python eval.py --model out/rm/ckpt.pt --rank candidates.jsonl --out rankings.jsonl   # ... ranks candidates
-    python clip_dpo.py --data rankings --data_root rankings.jsonl --loss listwise        # ... and DPO learns them
-Then
-    python eval.py --model out/clip_dpo/ckpt.pt                                 # shapes (with vsr/acc)
-    python eval.py --model out/clip_dpo/ckpt.pt --bench vsr --data_root ~/data/vsr
+    python clip_dpo.py --loss bt --out_dir out/rm                             # a reward model, then
+    python eval.py --model out/rm/ckpt.pt --rank candidates.jsonl --out rankings.jsonl   # it ranks candidates,
+    python clip_dpo.py --data rankings --data_root rankings.jsonl --loss listwise        # and DPO learns them
 
-The method. A query x (an image, or a caption) has candidates y ranked by preference: captions for an
-image (--direction i2t), images for a caption (t2i), or both. The score is CLIP's logit
-z(x, y) = s * cos(f(x), g(y)) with the logit scale s frozen at the reference's (--train_logit_scale
-frees it: otherwise the loss could fall by inflating s instead of reordering candidates). The policy
-log-probability log pi(y | x) = z(x, y) - logsumexp of z over the query's candidate set; every loss
-here compares candidates of one set (a caption's candidates are images from its own group), so the
-normaliser cancels and z is used directly. Implicit reward r = beta (z_policy - z_ref); for y_w
-preferred to y_l, h = r(x, y_w) - r(x, y_l) (losses: preference_loss, listwise_loss). --alpha mixes
-in CLIP's contrastive loss on the true (image, caption) pairs (the dpo_clip mixture), --imc_weight
-CE-CLIP's intra-modal term on the image queries' candidate sets (for --imc_steps steps), and
---l2sp adds lambda ||theta - theta_ref||^2. The reference is a deep copy of the --init weights made
-before any DDP/compile wrapping, in eval mode, under no_grad, never in the optimizer and never saved:
-the checkpoint records its spec (and a checksum that --resume verifies).
-
-Data (--data): shapes, the built-in world, whose scenes give exact graded preferences: a scene and its
-twins (objects exchanged, which flips the relation; colours exchanged; both) are captioned by the
-true caption and the captions with one and two wrong facts, so every image ranks the group's
-captions and every caption ranks its images (true > one wrong fact > two); by default one group in
-four has all three twins and three have the mirror twin only (--twins). vsr: VSR's true rows prefer the caption to the caption
-with the relation replaced by its contrast (i2t), and a caption true of some images and false of
-others prefers those images (t2i). rankings: a JSONL file of ranked candidates (README). hnc: HNC's
-JSON, read item by item (the train file is 8 GB): an image prefers one of its positive captions to
-that positive's hard negatives (pairs via cpt_p_id, data.read_hnc; i2t only).
+The method. A query x (an image, or a caption) has candidates y ranked by preference (--direction
+i2t: captions for an image; t2i: images for a caption; both). The score is CLIP's logit
+z(x, y) = s * cos(f(x), g(y)) with s frozen at the reference's; every loss compares candidates of
+one set, so the softmax normaliser over the set cancels and z is used directly. The reward is
+r = beta (z_policy - z_ref) and h = r(x, y_w) - r(x, y_l) (preference_loss, listwise_loss).
+--alpha mixes in CLIP's loss on the true pairs (dpo_clip), --imc_weight CE-CLIP's intra-modal term
+for the first --imc_steps steps, --l2sp lambda ||theta - theta_ref||^2 (outside the alpha mixture).
+The reference is a frozen deep copy of --init, never saved: the checkpoint records its spec and a
+checksum that --resume verifies. The loop at the bottom is the same text in the three scripts.
 
 Deviations from the papers
-1. Tiny models and the shapes world by default, so it runs on a laptop CPU.
-2. Scores are CLIP logits with the reference's scale, not a language model's sequence log-likelihood;
-   the normaliser over the candidate set cancels in every loss (see above).
-3. The shapes default is not pure DPO. It mixes the CLIP loss in (dpo_clip, alpha 0.75; pure DPO
-   reorders the candidates it is shown and collapses retrieval), the text tower learns at 0.3x lr,
-   and for the first 1,000 steps CE-CLIP's intra-modal term (imc_loss, --imc_weight 0.225
-   --imc_steps 1000) pushes each caption away from its worse candidates in text space: a
-   symmetry breaker. The relation is a saddle of this world (both towers start nearly blind to it,
-   and a cross-modal loss's gradient on one tower scales with the other tower's twin difference), and
-   no preference loss, beta, alpha, lr or schedule we measured leaves it in the budget alone; after
-   the kick, dpo_clip alone carries the relation from chance to 0.95 (README). Real data: plain
-   dpo_clip (alpha 0.5, no intra-modal term).
-4. VSR: the rejected caption replaces the relation's words by its contrast relation (whole words,
-   data.VSR_CONTRAST; 13 of the 66 relations have none and are skipped, counted), never inserts a
-   relation next to the true one; and the evaluation target is the row's label, so preferring the
-   unedited caption is not rewarded (CLIP-PO's two protocol flaws).
-5. The reward model (--loss bt) is a CLIP trained reference-free on score differences, so it ranks
-   candidates of either direction (eval.py --rank).
+1. Tiny models and the shapes world by default; its scenes give exact graded preferences: a scene
+   and its twins, captioned by the true caption and the captions with one and two wrong facts.
+2. Scores are CLIP logits with the reference's scale, not a language model's log-likelihood; beta
+   is therefore in units of that scale (CLIP-PO's rewards are raw cosines: beta 0.5 here ~ 50 there).
+3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
+   CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
+   blind to the relation (bench/NOTES.md has the runs and the controls). Real data: plain dpo_clip.
+4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
+   relations without one are skipped, counted), never inserts one; the evaluation target is the
+   row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
+5. The reward model (--loss bt) is a CLIP trained reference-free on score differences.
 6. No gradient accumulation; the global batch is batch_size groups x world size.
-
-The default run (3,000 steps x 26 groups, ~21 minutes on one thread of a 2-core CPU that ran the
-scratch default in 9 minutes) from the default scratch checkpoint, seed 0: relation 0.50 -> 0.955,
-attribute swap 0.59 -> 0.99, t2i R@1 0.828 -> 0.866, i2t 0.818 -> 0.890, vsr/acc 0.50 -> 0.82:
-the relation and retrieval goals are met, the statements' 0.90 is not (mirror-only groups reach
-vsr/acc 0.95 at t2i R@1 -2.1 points; README, "Preference fine-tuning").
 """
 import argparse
 import copy
@@ -84,13 +52,17 @@ from PIL import Image
 
 import data
 import eval as ev
-from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, flops_per_pair, lr_at, param_groups, peak_flops,
-                   print0, save_checkpoint, set_trainable, setup_distributed)
+import negatives
+import shapes
+from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
+                   is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+                   set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
 
 PAIR_LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "bt")
+EQUAL_BATCHES = False  # groups hold different numbers of images: the losses handle unequal counts across ranks
 
 
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind="dpo", label_smoothing=0.0):
@@ -169,7 +141,7 @@ def clip_loss(image_features, text_features, logit_scale):
         labels = torch.arange(n, device=device) + rank * N
         total = 0.5 * (F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(logits_per_text, labels, reduction="sum"))
         acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
-    return global_mean(total, n, device), acc.detach()
+    return global_mean(total, n), acc.detach()
 
 
 def imc_loss(query_features, cand_features, ranks, logit_scale):
@@ -212,27 +184,17 @@ def make_reference(model, dtype="float32"):
     return reference
 
 
-def global_mean(total, count, device):
-    """total / (count summed over ranks / world): DDP averages gradients over ranks, so this is the
-    mean over the global batch even when ranks hold different numbers of items."""
-    count = torch.tensor(float(count), device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return total / count
-
-
-def step_loss(model, reference, batch, args, imc_weight=None):
+def step_loss(model, batch, args, state):
     """The method, one step. batch: (images [NI, 3, S, S], texts [NT, L], prefs) from make_batch.
     prefs: query [M] and cand [M, K] index the concatenated features [image features; text
     features] (an image query's candidates are texts, a text query's are images), rank [M, K]
     (0 = best, -1 = padding), pairs [P, 3] (query, better candidate, worse candidate: every
     strictly ordered pair), pos [N, 2] (index of an image, index of its true caption among the
     texts) for the CLIP term.
-    The reference (None for a reward model without --l2sp) runs on the same batch under no_grad.
-    imc_weight: this step's weight of the intra-modal term (default args.imc_weight; the loop passes
-    0 from step --imc_steps on). -> (loss, {name: detached scalar} to log)"""
+    state: reference (None for a reward model without --l2sp), run on the same batch under no_grad,
+    and step (the intra-modal term is on for steps < --imc_steps). -> (loss, {name: detached scalar})"""
     images, texts, prefs = batch
+    reference = state.reference
     image_features, text_features, logit_scale = model(images, texts)
     features = torch.cat([image_features, text_features])  # [NI + NT, D]
     scale = logit_scale if args.train_logit_scale else logit_scale.detach()
@@ -246,11 +208,11 @@ def step_loss(model, reference, batch, args, imc_weight=None):
     m, a, b = prefs["pairs"].unbind(1)
     if args.loss == "listwise":
         per_query, r = listwise_loss(z, z_ref, prefs["rank"], args.beta)
-        loss, chosen, rejected = global_mean(per_query.sum(), len(per_query), z.device), r[m, a], r[m, b]
+        loss, chosen, rejected = global_mean(per_query.sum(), len(per_query)), r[m, a], r[m, b]
     else:
         kind = "dpo" if args.loss == "dpo_clip" else args.loss
         per_pair, chosen, rejected = preference_loss(z[m, a], z[m, b], z_ref[m, a], z_ref[m, b], args.beta, kind, args.label_smoothing)
-        loss = global_mean(per_pair.sum(), len(per_pair), z.device)
+        loss = global_mean(per_pair.sum(), len(per_pair))
     # reward accuracy counts ties as half: exactly 0.5 at step 0, where policy == reference
     stats = {"pref": loss.detach(), "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
              "chosen": chosen.mean(), "rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
@@ -259,11 +221,11 @@ def step_loss(model, reference, batch, args, imc_weight=None):
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
         loss = args.alpha * contrastive + (1 - args.alpha) * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
-    imc_weight = args.imc_weight if imc_weight is None else imc_weight
+    imc_weight = args.imc_weight if state.step < args.imc_steps else 0.0
     if imc_weight:
         i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
         per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
-        imc = global_mean(per_query.sum(), len(per_query), z.device)
+        imc = global_mean(per_query.sum(), len(per_query))
         loss = loss + imc_weight * imc
         stats["imc"] = imc.detach()
     if args.l2sp:
@@ -284,24 +246,24 @@ TWINS = {"both": (0, 1, 2, 3), "mirror": (0, 1), "swap": (0, 2)}  # twin codes: 
 
 
 def shapes_group(scene, image_size, with_statements, twins="both"):
-    """A training scene and its twins, each with its caption: data.mirror (the objects exchange
-    places, so the relation flips: code bit 0), data.swap_colours (the colours are exchanged: bit 1),
+    """A training scene and its twins, each with its caption: shapes.mirror (the objects exchange
+    places, so the relation flips: code bit 0), shapes.swap_colours (the colours are exchanged: bit 1),
     and with twins="both" the two together (the default: four images). The caption of twin j states
     popcount(code_i xor code_j) wrong facts about twin i, so every image ranks the group's captions
     and every caption ranks the group's images: true (0) > one wrong fact (1) > two (2).
     with_statements: also the twins' VSR-style statements ("The red circle is left of the blue
-    square.", data.statements), ranked the same way, as a second candidate set in both directions."""
+    square.", shapes.statements), ranked the same way, as a second candidate set in both directions."""
     codes = TWINS[twins]
-    shown = [data.swap_colours(scene) if c & 2 else scene for c in codes]
-    shown = [data.mirror(t) if c & 1 else t for c, t in zip(codes, shown)]
+    shown = [shapes.swap_colours(scene) if c & 2 else scene for c in codes]
+    shown = [shapes.mirror(t) if c & 1 else t for c, t in zip(codes, shown)]
     n, idx = len(codes), list(range(len(codes)))
     wrong = [[bin(a ^ b).count("1") for b in codes] for a in codes]  # symmetric
     texts = [t.caption() for t in shown]
     queries = [("i2t", i, idx, wrong[i]) for i in idx] + [("t2i", j, idx, wrong[j]) for j in idx]
     if with_statements:
-        texts += [data.statements(t)[0][0] for t in shown]  # each twin's true statement
+        texts += [shapes.statements(t)[0][0] for t in shown]  # each twin's true statement
         queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [("t2i", n + j, idx, wrong[j]) for j in idx]
-    images = [data.to_tensor(data.render(t, image_size)) for t in shown]
+    images = [data.to_tensor(shapes.render(t, image_size)) for t in shown]
     return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx]}
 
 
@@ -316,7 +278,7 @@ class ShapesPreferences(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         twins = ("both", "mirror", "mirror", "mirror")[key % 4] if self.twins == "mixed" else self.twins
-        return shapes_group(data.sample_scene(data.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, twins)
+        return shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, twins)
 
 
 class ImageGroups(torch.utils.data.Dataset):
@@ -342,7 +304,7 @@ class ImageGroups(torch.utils.data.Dataset):
 
 
 class HNCGroups(torch.utils.data.Dataset):
-    """HNC as preference groups, read item by item from data.read_hnc's index: key -> an image, one of
+    """HNC as preference groups, read item by item from negatives.read_hnc's index: key -> an image, one of
     its positive captions (chosen per (seed, key), so each epoch may take another) ranked above that
     positive's hard negatives (i2t). None (dropped and counted) if the image is unreadable or no
     positive of it has a negative."""
@@ -372,10 +334,11 @@ class HNCGroups(torch.utils.data.Dataset):
 def make_batch(groups, args):
     """The DataLoader's collate_fn: groups (None = unreadable) -> (images [NI, 3, S, S], texts [NT, L],
     prefs, n_skipped); see step_loss for prefs. Only queries of --direction are kept; candidate lists
-    are padded to the longest (rank -1). (None, None, None, n) if every group was unreadable."""
+    are padded to the longest (rank -1). -> ((images, texts, prefs) or None if every group was
+    unreadable, {"unreadable groups": n})."""
     kept = [g for g in groups if g is not None]
     if not kept:
-        return None, None, None, len(groups)
+        return None, {"unreadable groups": len(groups)}
     n_images = sum(len(g["images"]) for g in kept)
     images, texts, rows, pos = [], [], [], []
     for g in kept:
@@ -394,7 +357,7 @@ def make_batch(groups, args):
     pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
     tokens = data.get_tokenizer(args.context_length)(texts)
     prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos)}
-    return torch.stack(images), tokens, prefs, len(groups) - len(kept)
+    return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
 # -----------------------------------------------------------------------------
 # config
@@ -453,7 +416,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-    real = args.data != "shapes"
+    real, args.batch_items = args.data != "shapes", args.batch_size  # groups per process per step
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.lr = (1e-5 if real else 4e-4) if args.lr is None else args.lr
     args.text_lr_mult = (1.0 if real else 0.3) if args.text_lr_mult is None else args.text_lr_mult
@@ -473,6 +436,49 @@ def get_args(argv=None):
     if args.beta <= 0:
         p.error(f"--beta {args.beta}: must be > 0")
     return args
+
+
+def make_model(args, device):
+    """-> (clip, the module that trains (the policy), preprocess, AdamW parameter groups, state):
+    the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping."""
+    if is_checkpoint(args.init) and not os.path.isfile(args.init):
+        raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
+                         "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
+    clip, _, preprocess, _ = load_clip(args.init, device)
+    clip.train()
+    args.image_size, args.context_length = clip.image_size, clip.context_length
+    set_trainable(clip, args.finetune)
+    clip.logit_scale.requires_grad_(args.train_logit_scale)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
+    if args.loss != "bt" or args.l2sp:
+        reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
+    checksum = sum(p.double().sum().item() for p in clip.parameters())
+    if args.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    what = f"{args.data} (twins {args.twins})" if args.data == "shapes" else args.data
+    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum,
+                               summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
+                               f"imc {args.imc_weight} x {args.imc_steps} steps | {what}, direction {args.direction} | logit scale "
+                               f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
+    return clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state
+
+
+def save_state(state):
+    """the checkpoint's method part: which reference it was trained against (never its weights)"""
+    return {"reference": {"spec": state.spec, "checksum": state.checksum}}
+
+
+def resume(path, clip, state):
+    """load a checkpoint into this run's policy if it was trained against this reference, or one line
+    on what does not fit -> the checkpoint"""
+    ckpt = load_checkpoint(path, clip, need=("optimizer", "step", "rng", "reference"))
+    if ckpt["reference"]["spec"] != state.spec:
+        raise SystemExit(f"error: --resume: {path} was trained against --init {ckpt['reference']['spec']}, not {state.spec}")
+    if ckpt["reference"]["checksum"] != state.checksum:
+        raise SystemExit(f"error: --resume: the weights of --init {state.spec} changed since {path} was written (checksum)")
+    clip.load_state_dict(ckpt["model"])
+    return ckpt
 
 
 def vsr_groups(rows, false_rows=False):
@@ -512,10 +518,11 @@ def ranking_groups(rows):
     return groups
 
 
-def make_data(args, image_size, preprocess):
-    """-> (train dataset, number of groups or None for an infinite stream, VSR splits or None)."""
+def make_data(args, preprocess, rank, world):
+    """-> (train dataset, number of groups or None for an infinite stream, what to evaluate on:
+    "shapes", VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
     if args.data == "shapes":
-        return ShapesPreferences(image_size, args.seed, args.statements, args.twins), None, None
+        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins), None, "shapes"
     if args.data not in ("vsr", "rankings", "hnc"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings, hnc")
     if args.data_root is None:
@@ -523,13 +530,14 @@ def make_data(args, image_size, preprocess):
     if args.data == "hnc":
         if args.direction == "t2i":
             raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
-        hnc = data.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
+        hnc = negatives.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
         print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
         return HNCGroups(hnc, preprocess, args.seed), len(hnc), None
-    splits = None
+    evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split)
         groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows)
+        evalset = {"val": splits["dev"], "test": splits["test"], "calib": splits["dev"]}
         print0(f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "
                f"({skipped} rows skipped: relation without a contrast)")
     else:
@@ -537,10 +545,10 @@ def make_data(args, image_size, preprocess):
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
-    return ImageGroups(groups, preprocess), len(groups), splits
+    return ImageGroups(groups, preprocess), len(groups), evalset
 
 # -----------------------------------------------------------------------------
-# training
+# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
 
 
 def main(argv=None):
@@ -550,116 +558,88 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
 
-    # model: the policy, and its frozen reference (a copy made before any wrapping)
-    if ev.is_checkpoint(args.init) and not os.path.isfile(args.init):
-        raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
-                         "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
-    clip, model_cfg, preprocess, _ = ev.load_clip(args.init, device)
-    clip.train()
-    image_size, args.context_length = clip.image_size, clip.context_length
-    set_trainable(clip, args.finetune)
-    clip.logit_scale.requires_grad_(args.train_logit_scale)
-    reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
-    if args.loss != "bt" or args.l2sp:
-        reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
-    ref_checksum = sum(p.double().sum().item() for p in clip.parameters())
-    if args.grad_checkpointing:
-        clip.set_grad_checkpointing(True)
-
-    # data
+    # model, data
+    clip, model, preprocess, groups, state = make_model(args, device)
     try:
-        dataset, n_items, splits = make_data(args, image_size, preprocess)
-        for split in ("dev", "test") if splits else ():  # fail now, not at an eval after hours of training
-            data.check_images([(r.image,) for r in splits[split]], f"--data vsr: the {split} split")
+        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+            data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    if n_items is not None and n_items < args.batch_size * world:
-        raise SystemExit(f"error: {n_items} preference groups < global batch {args.batch_size * world} (--batch_size)")
+    if n_items is not None and n_items < args.batch_items * world:
+        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
     tokenizer = data.get_tokenizer(args.context_length)
 
-    optimizer = torch.optim.AdamW(param_groups(clip, args.weight_decay, args.text_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=True)
-    start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
+    # optimizer, resume
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = ev.load_checkpoint(ckpt_path, clip, need=("optimizer", "step", "rng", "reference"))  # or one line on what is wrong
-        if ckpt["reference"]["spec"] != args.init:
-            raise SystemExit(f"error: --resume: {ckpt_path} was trained against --init {ckpt['reference']['spec']}, not {args.init}")
-        if ckpt["reference"]["checksum"] != ref_checksum:
-            raise SystemExit(f"error: --resume: the weights of --init {args.init} changed since {ckpt_path} was written (checksum)")
-        clip.load_state_dict(ckpt["model"])
+        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
+        start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    model = clip
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_size, rank, world, args.seed, start_step, args.max_steps),
+        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def checkpoint(step):
-        if master:  # `model` loads into open_clip.CLIP with strict=True; the reference is never saved, only named
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": model_cfg, "optimizer": optimizer.state_dict(),
+        if master:  # "model" loads into open_clip.CLIP with strict=True
+            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
-                                        "reference": {"spec": args.init, "checksum": ref_checksum}})
+                                        "start_metrics": start_metrics, **save_state(state)})
 
-    def evaluate(step, split="dev"):
-        # rank 0 evaluates the unwrapped policy on the whole fixed split; the others wait
+    def evaluate(step, split):
+        # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics = None
         if master:
             t = time.time()
-            if args.data == "shapes":
-                metrics = ev.eval_shapes(clip, tokenizer, image_size, device, n=args.eval_n)
-            elif splits is not None:  # vsr: both protocols, the threshold fitted on dev
-                metrics = ev.eval_vsr(clip, preprocess, tokenizer, splits[split], splits["dev"], device)
+            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            if metrics is None:
+                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
-                metrics = None
-                print0(f"step {step}: --data {args.data} has no eval split here; evaluate with eval.py --model {ckpt_path} (--bench ...)")
-            if metrics is not None:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         if world > 1:
             dist.barrier()
-
-    def to_device(x):
-        return {k: v.to(device, non_blocking=True) for k, v in x.items()} if isinstance(x, dict) else x.to(device, non_blocking=True)
+        return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in clip.parameters())
-    n_train = sum(p.numel() for p in clip.parameters() if p.requires_grad)
-    what = f"{args.data} (twins {args.twins})" if args.data == "shapes" else args.data
-    print0(f"init {args.init}: {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained ({args.finetune}) | loss {args.loss} "
-           f"beta {args.beta} alpha {args.alpha} imc {args.imc_weight} x {args.imc_steps} steps | data {what}, direction {args.direction} "
-           f"| world {world} x batch {args.batch_size} groups "
-           f"| device {device} {dtype} | logit scale {clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
-    peak = peak_flops(device) * world
-    step, last_logged, t0, skipped = start_step, start_step, time.time(), 0
-    for images, texts, prefs, n_skipped in loader:
-        skipped += n_skipped  # groups with an unreadable image, dropped by make_batch
-        n = 0 if images is None else len(images)
-        if world > 1:  # a rank without a batch skips the step on every rank
-            n = torch.tensor([n], device=device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            n = int(n)
-        if n == 0:
+    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
+           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
+    if start_step == 0:
+        start_metrics = evaluate(0, "test")
+    peak, flops = peak_flops(device) * world, None
+    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    for batch, counts in loader:
+        for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
+            skipped[k] = skipped.get(k, 0) + v
+        n = global_min(0 if batch is None else len(batch[0]), device)
+        if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = (to_device(images), to_device(texts), to_device(prefs))
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        with autocast_ctx(device, dtype):
-            loss, stats = step_loss(model, reference, batch, args, args.imc_weight if step < args.imc_steps else 0.0)
-        if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-            raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        state.step = step
+        with count_flops(peak and flops is None) as counter:
+            with autocast_ctx(device, dtype):
+                loss, stats = step_loss(model, batch, args, state)
+            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
+                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
+                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -667,26 +647,26 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged = step
-            ips = n_steps * n * world / dt
-            text_len = int(texts.argmax(-1).max()) + 1  # up to the last EOT (see CLIP.encode_text)
-            # policy forward + backward (3 forwards) and the reference's forward (1 more)
-            flops = flops_per_pair(model_cfg, text_len, len(texts) / n) * (4 / 3 if reference is not None else 1)
-            mfu = flops * ips / peak if peak else 0.0
+            last_logged, ips, n_images = step, n_images * world / dt, 0
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
-                   + (f" | skipped {skipped} groups with unreadable images" if skipped else ""))
+                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
+                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
+                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            evaluate(step)
+            evaluate(step, "val")
             t0 = time.time()  # eval time is not training time
     checkpoint(step)
-    if skipped:
-        print0(f"skipped {skipped} preference groups with an unreadable image in total (counted per group drawn)")
-    evaluate(step, "test")
+    if any(skipped.values()):
+        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    end_metrics = evaluate(step, "test")
+    if master and end_metrics and start_metrics:
+        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
+        for k, v in end_metrics.items():
+            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
     if args.export and master:
-        ev.export_open_clip(clip, model_cfg, args.export)
+        export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()

@@ -1,66 +1,38 @@
 """
 Hard-negative fine-tuning of a CLIP: each image comes with K hard-negative captions (its caption
 minimally edited: a relation flipped, two attributes swapped, ...) that the loss must rank below
-the true caption. Three methods on one pattern: NegCLIP (Yuksekgonul et al. 2023, "When and why
-vision-language models behave like bags-of-words"), CE-CLIP (Zhang et al. 2023, "Contrasting
-Intra-Modal and Ranking Cross-Modal Hard Negatives") and the HNC thesis's variants (a weighted
-hard-negative term, L2-SP toward the initial weights, KL distillation from the initial model).
+the true caption. NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models behave
+like bags-of-words"), CE-CLIP (Zhang et al. 2023, "Contrasting Intra-Modal and Ranking Cross-Modal
+Hard Negatives") and the HNC thesis's variants (a weighted hard-negative term, L2-SP toward the
+initial weights, KL distillation from the initial model).
 
-Run it
-    python clip_scratch.py && python clip_hardneg.py          # CPU: fine-tunes out/clip_scratch/ckpt.pt, ~7.5 min
-    python clip_hardneg.py --cmr_weight 0.2 --out_dir out/ceclip       # CE-CLIP with its CMR term
-    python clip_hardneg.py --loss negclip --out_dir out/negclip
-    python clip_hardneg.py --loss hnc --kl_weight 1 --out_dir out/hnc_kl
-    python clip_hardneg.py --init ViT-B-32:openai --data negclip --data_root ~/data/negclip/train.csv \\
-           --image_root ~/data --neg_images --lr 1e-6 --batch_size 128 --max_steps 5000
+    python clip_scratch.py && python clip_hardneg.py          # CPU: fine-tunes out/clip_scratch/ckpt.pt
+    python clip_hardneg.py --loss negclip --out_dir out/negclip        # also: --cmr_weight 0.2, --loss hnc --kl_weight 1
+    python clip_hardneg.py --init ViT-B-32:openai --data negclip --data_root ~/data/negclip/train.csv --image_root ~/data --device cuda
     torchrun --standalone --nproc_per_node=8 clip_hardneg.py --init ViT-B-32:openai --data coco --data_root ~/data/coco
     torchrun --standalone --nproc_per_node=2 clip_hardneg.py --device cpu          # DDP on CPU (gloo)
-Then
-    python eval.py --model out/clip_hardneg/ckpt.pt --bench shapes --seed 7
 
-Data: the built-in shapes world (exact negatives from the scene, and with --neg_images each batch
-holds scenes and their twins: the mirror image and the colour swap, captioned word for word by the
-original's negatives), COCO captions with negatives from data.py's rule-based generator
-(--data coco), NegCLIP's TSV (--data negclip, --neg_images uses its neg_image rows), CE-CLIP's
-pickled .npy (--data ceclip, only with --allow_pickle) or HNC's JSON (--data hnc).
-
-What makes the methods is the loss functions and `step_loss` (which texts and images, which
-loss) and `make_batch`; the loop below them is clip_scratch.py's, and the CLIP is model.py's.
+Data: the shapes world (exact negatives; with --neg_images each batch holds scenes and their twins,
+the mirror image and the colour swap), COCO with negatives from negatives.py's generator, NegCLIP's
+TSV, CE-CLIP's .npy (--allow_pickle) or HNC's JSON. The method is the loss functions, `step_loss`
+and `make_batch`; the loop at the bottom is the same text in the three scripts.
 
 Deviations from the papers
-1. Tiny models and the shapes world by default; there the negatives are exact (data.NEGATIVES:
-   the relation flipped and the two colours swapped) and the hard-negative images are the twins.
-2. --batch_size counts images per process. With --neg_images half of them are the other half's
-   hard-negative images (NegCLIP appends them, doubling the batch), so with and without cost
-   the same per step. Each hard-negative image row brings its own caption and negatives.
-3. NegCLIP's TSV and HNC: one of the caption's negatives is drawn per sample (NegCLIP's choice,
-   K = 1); CE-CLIP's four typed negatives (K = 4) and the generator's five types (K = 5) are all
-   used. An invalid negative (missing, empty or equal to the caption) is masked out and counted.
-4. CE-CLIP's IMC: the coherent reading of a term the reference repo changed four times: per
-   image, the true caption's S(i, t_i) against its own hard negatives' text-text logits
-   s * t_i . n_ik, cross-entropy toward the caption.
-5. CE-CLIP's CMR is a mean over the valid (image, negative) pairs of the global batch, and the
-   adaptive thresholds are statistics of the global batch (so N ranks == 1 process); a negative
-   type with no valid item in a batch contributes 0 and keeps its threshold.
-6. HNC: the hard-negative weight w multiplies exp(S(i, n_ik)) of each image's own negatives in its
-   softmax (logit + log w; w = 1 is NegCLIP), where the thesis's code multiplied the logit itself
-   (so w = 0 left a logit of 0 instead of removing the term); the ramp from 0 to w is linear over
-   --hn_warmup_steps (the thesis: a staircase). The KL student term has a gradient (the thesis
-   computed it under no_grad, so it never trained), and each model uses its own exp(logit_scale)
-   (the thesis passed the log of the scale). L2-SP covers the trainable weights, not logit_scale.
-7. Shapes only: the text tower learns at lr x 0.1 (--text_lr_mult), as in clip_scratch.py: at
-   full lr it collapses back to blindness to the relation word.
-8. Shapes only: CE-CLIP's CMR term is off by default (--cmr_weight 0; CE-CLIP's 0.2 on real
-   data). It did not speed the relation's rise and cost 5.7 points of text->image R@1 against
-   the start (7 against the default): its attribute threshold sits at its upper bound from step
-   ~600 on (README, "Hard-negative fine-tuning"). The default run is therefore NegCLIP + IMC, and IMC is what shortens the
-   plateau: it separates each caption from its own negatives in text space, where both towers
-   start blind to the relation word.
-
-The default run (3,000 steps x 64 images, lr 3e-4) takes the default scratch checkpoint from
-relation 0.52 / attribute swap 0.58 / text->image R@1 0.846 to 0.94 / 0.97 / 0.861 (seed 0's
-fine-tune, on the fixed test scenes; over seeds 0-2: 0.931 ± 0.005 / 0.964 ± 0.007 / 0.868 ± 0.009,
-relation >= 0.90 from step 2,000-2,500), in 7:33 on a 2-core CPU (1.2 GB RSS).
+1. Tiny models and the shapes world by default; there the negatives are exact and the hard-negative
+   images are the twins.
+2. --batch_size counts images per process; with --neg_images half of them are the other half's
+   hard-negative images (NegCLIP appends them, doubling the batch).
+3. NegCLIP's TSV and HNC: one negative drawn per sample (K = 1); CE-CLIP's four typed negatives and
+   the generator's five types are all used. An invalid negative is masked out and counted.
+4. CE-CLIP's IMC is the coherent reading of a term the reference repo changed four times: per image,
+   S(i, t_i) against its own negatives' text-text logits s * t_i . n_ik, cross-entropy to the caption.
+5. CMR is a mean over the valid (image, negative) pairs of the global batch, and its adaptive
+   thresholds are global-batch statistics (N ranks == 1 process); a type with no valid item keeps its threshold.
+6. HNC: the weight w multiplies exp(S(i, n_ik)) (logit + log w; the thesis's code multiplied the logit,
+   so w = 0 left a logit of 0); the ramp to w is linear (the thesis: a staircase); the KL student
+   term has a gradient (the thesis computed it under no_grad) and each model uses its own exp(logit_scale).
+7. Shapes only: the text tower learns at 0.1x lr, and CE-CLIP's CMR is off (--cmr_weight 0; 0.2 on
+   real data): the default is NegCLIP + IMC (bench/NOTES.md has the runs behind both).
 """
 import argparse
 import copy
@@ -77,8 +49,11 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, flops_per_pair, lr_at, param_groups, peak_flops,
-                   print0, save_checkpoint, set_trainable, setup_distributed)
+import negatives
+import shapes
+from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
+                   load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+                   set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the methods: losses on features. Shapes: image_features, text_features [B, D] (row i's image and
@@ -87,17 +62,11 @@ from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, flops_per
 # torch.distributed the candidate sets are the global batch: every rank all-gathers captions,
 # negatives and images with gradient and scores its own B rows (labels offset by rank * B).
 
+EQUAL_BATCHES = True  # every rank's batch holds the same number of rows (all_gather_with_grad needs it)
+
 
 def _world():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _global_sum(x):
-    """a detached tensor summed over ranks (statistics of the global batch)"""
-    x = x.detach().clone()
-    if _world() > 1:
-        dist.all_reduce(x)
-    return x
 
 
 def candidates(image_features, text_features, neg_features, neg_valid, logit_scale, hn_weight=1.0):
@@ -142,7 +111,7 @@ def cmr_loss(pos, neg, neg_valid, threshold, upper_bound=10.0):
     with torch.autocast(pos.device.type, enabled=False):
         pos, neg, W = pos.float(), neg.float(), _world()
         terms = F.relu(threshold.to(neg)[None, :] + neg - pos[:, None]) * neg_valid
-        stats = _global_sum(torch.cat([torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
+        stats = global_sum(torch.cat([torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
                                        (neg * neg_valid).sum(0), neg_valid.sum(0).to(neg)]))
         K = neg.shape[1]
         count = stats[2 + K:]
@@ -186,7 +155,7 @@ def hn_weight_at(step, args):
 def step_loss(model, batch, args, state):
     """The method, one step. batch: (images [B, 3, S, S], captions [B, L], negatives [B, K, L],
     valid bool [B, K]) as make_batch builds it; one forward of the images and the B + B*K texts.
-    state: step, threshold (CE-CLIP, updated here), teacher and init_params (HNC).
+    state: step, threshold (CE-CLIP, updated here), teacher, init_params and clip (HNC).
     -> (loss, {name: detached scalar} to log)."""
     images, captions, negatives, valid = batch
     B, K = valid.shape
@@ -231,7 +200,7 @@ class ShapesHardNegatives(torch.utils.data.Dataset):
     """The shapes world's fine-tuning stream, key = global sample index -> [row] or, with
     neg_images, [row, twin row]: the twin is the scene's mirror image (even keys) or its colour swap
     (odd keys), whose caption is word for word the original's relation / attribute negative. The
-    negatives are exact (data.NEGATIVES[kind] for each kind in types)."""
+    negatives are exact (shapes.NEGATIVES[kind] for each kind in types)."""
 
     def __init__(self, image_size, seed, types, neg_images):
         self.image_size, self.seed, self.types, self.neg_images = image_size, seed, types, neg_images
@@ -240,19 +209,19 @@ class ShapesHardNegatives(torch.utils.data.Dataset):
         return 2 ** 62
 
     def row(self, scene):
-        return (data.to_tensor(data.render(scene, self.image_size)), scene.caption(), [data.NEGATIVES[k](scene) for k in self.types])
+        return (data.to_tensor(shapes.render(scene, self.image_size)), scene.caption(), [shapes.NEGATIVES[k](scene) for k in self.types])
 
     def __getitem__(self, key):
-        s = data.sample_scene(data.scene_rng("hardneg", self.seed, key))
+        s = shapes.sample_scene(shapes.scene_rng("hardneg", self.seed, key))
         if not self.neg_images:
             return [self.row(s)]
-        return [self.row(s), self.row(data.mirror(s) if key % 2 == 0 else data.swap_colours(s))]
+        return [self.row(s), self.row(shapes.mirror(s) if key % 2 == 0 else shapes.swap_colours(s))]
 
 
 class HardNegatives(torch.utils.data.Dataset):
     """Real image-caption data with hard negatives. items[i] = (image path, [(caption, slots)],
     neg image rows or None); slots = K lists of candidate negatives, one drawn per slot per sample
-    (an empty list = no negative), or None to generate them with data.caption_negatives(types).
+    (an empty list = no negative), or None to generate them with negatives.caption_negatives(types).
     key = epoch * len + i (data.StepBatches): the caption, the negatives and the hard-negative
     image row are drawn from a random.Random of (seed, epoch, i), so resume and DDP are exact.
     -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
@@ -267,7 +236,7 @@ class HardNegatives(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed},{epoch},{i}")
         path, captions, neg_rows = self.items[i]
         caption, slots = captions[rng.randrange(len(captions))]
-        negs = data.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
+        negs = negatives.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
         pixels = data.load_image(path, self.image_size)
         return None if pixels is None else (data.to_tensor(pixels), caption, negs), rng, neg_rows
 
@@ -281,20 +250,20 @@ class HardNegatives(torch.utils.data.Dataset):
 
 
 def make_batch(samples, args):
-    """The DataLoader's collate_fn: samples (lists of rows, None if unreadable) -> (images [R, 3, S, S],
-    caption tokens [R, L], negative tokens [R, K, L], valid bool [R, K], n_skipped samples,
-    n_dropped negatives). A negative that is missing, empty or equal to its caption (ignoring case)
+    """The DataLoader's collate_fn: samples (lists of rows, None if unreadable) -> ((images [R, 3, S, S],
+    caption tokens [R, L], negative tokens [R, K, L], valid bool [R, K]) or None, {"unreadable
+    samples": n, "invalid negatives": n}). A negative that is missing, empty or equal to its caption (ignoring case)
     is invalid: tokenised as "" and masked out of every loss."""
     kept = [s for s in samples if s is not None]
     rows = [r for s in kept for r in s]
     if not rows:
-        return None, None, None, None, len(samples), 0
-    images, captions, negatives = zip(*rows)
-    valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in negs] for c, negs in zip(captions, negatives)])
+        return None, {"unreadable samples": len(samples), "invalid negatives": 0}
+    images, captions, negs = zip(*rows)
+    valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in ns] for c, ns in zip(captions, negs)])
     tokenizer, K = data.get_tokenizer(args.context_length), valid.shape[1]
-    flat = [n if ok else "" for negs, oks in zip(negatives, valid.tolist()) for n, ok in zip(negs, oks)]
-    return (torch.stack(images), tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1), valid,
-            len(samples) - len(kept), int((~valid).sum()))
+    flat = [n if ok else "" for ns, oks in zip(negs, valid.tolist()) for n, ok in zip(ns, oks)]
+    batch = (torch.stack(images), tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1), valid)
+    return batch, {"unreadable samples": len(samples) - len(kept), "invalid negatives": int((~valid).sum())}
 
 # -----------------------------------------------------------------------------
 # config
@@ -306,7 +275,7 @@ DEFAULT_INIT = "out/clip_scratch/ckpt.pt"
 
 def n_negatives(args):
     """K, the hard negatives per caption: one per type (shapes, coco, ceclip's 4) or one drawn (negclip, hnc)"""
-    return {"negclip": 1, "ceclip": len(data.CECLIP_TYPES), "hnc": 1}.get(args.data, len(args.neg_types))
+    return {"negclip": 1, "ceclip": len(negatives.CECLIP_TYPES), "hnc": 1}.get(args.data, len(args.neg_types))
 
 
 def get_args(argv=None):
@@ -316,8 +285,8 @@ def get_args(argv=None):
     p.add_argument("--data_root", default=None, help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON")
     p.add_argument("--image_root", default=None, help="negclip / ceclip: the folder image paths are relative to (default: the file's); hnc: the GQA images (default: the file's images/)")
     p.add_argument("--allow_pickle", action="store_true", help="ceclip: unpickle the .npy files (this runs code stored in them)")
-    p.add_argument("--neg_types", default=None, help=f"comma list. shapes: of {', '.join(data.NEGATIVES)} (default "
-                   f"{','.join(SHAPES_TYPES)}); coco: of {', '.join(data.NEGATIVE_TYPES)} (default all)")
+    p.add_argument("--neg_types", default=None, help=f"comma list. shapes: of {', '.join(shapes.NEGATIVES)} (default "
+                   f"{','.join(SHAPES_TYPES)}); coco: of {', '.join(negatives.NEGATIVE_TYPES)} (default all)")
     p.add_argument("--neg_images", action=argparse.BooleanOptionalAction, default=None,
                    help="half of each batch = the other half's hard-negative images (shapes: twins; negclip: neg_image rows); "
                    "default: on for shapes, off for real data")
@@ -365,11 +334,12 @@ def get_args(argv=None):
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
     args.neg_images = not real if args.neg_images is None else args.neg_images
+    args.batch_items = args.batch_size // 2 if args.neg_images else args.batch_size  # samples (an image and its twin) per process
     args.cmr_weight = (0.2 if real else 0.0) if args.cmr_weight is None else args.cmr_weight
     args.lr = (1e-5 if real else 3e-4) if args.lr is None else args.lr
     if args.neg_types is not None and args.data not in ("shapes", "coco"):
         p.error(f"--neg_types: --data {args.data} brings its own negatives")
-    known = data.NEGATIVES if args.data == "shapes" else data.NEGATIVE_TYPES
+    known = shapes.NEGATIVES if args.data == "shapes" else negatives.NEGATIVE_TYPES
     args.neg_types = (SHAPES_TYPES if args.data == "shapes" else tuple(known)) if args.neg_types is None else tuple(args.neg_types.split(","))
     if not args.neg_types or any(t not in known for t in args.neg_types):
         p.error(f"--neg_types {','.join(args.neg_types)}: choose from {', '.join(known)}")
@@ -384,23 +354,56 @@ def get_args(argv=None):
     return args
 
 
-def make_data(args, image_size):
-    """-> (train dataset, number of items or None for an infinite stream, eval splits or None)."""
+def make_model(args, device):
+    """-> (clip, the module that trains (the same CLIP), preprocess, AdamW parameter groups, state):
+    the --init CLIP, whose initial weights are also the KL teacher and L2-SP's theta_0."""
+    if args.init == DEFAULT_INIT and not os.path.exists(args.init):
+        raise SystemExit(f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)")
+    clip, _, preprocess, _ = load_clip(args.init, device)
+    clip.train()
+    args.image_size, args.context_length = clip.image_size, clip.context_length
+    teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
+    trainable = set_trainable(clip, args.finetune)
+    init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
+    negs = ",".join(args.neg_types) if args.data in ("shapes", "coco") else args.data
+    state = argparse.Namespace(step=0, threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
+                               teacher=teacher, init_params=init_params, clip=clip,
+                               summary=f"init {args.init} ({args.finetune}) | loss {args.loss} | negatives {negs}"
+                               + (" + hard-negative images" if args.neg_images else ""))
+    return clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state
+
+
+def save_state(state):
+    """the checkpoint's method part: CE-CLIP's adaptive thresholds"""
+    return {"threshold": state.threshold.cpu()}
+
+
+def resume(path, clip, state):
+    """load a checkpoint into this run's model, or one line on what does not fit -> the checkpoint"""
+    ckpt = load_checkpoint(path, clip, need=("optimizer", "step", "rng", "threshold"))
+    clip.load_state_dict(ckpt["model"])
+    state.threshold = ckpt["threshold"].to(state.threshold.device)
+    return ckpt
+
+
+def make_data(args, preprocess, rank, world):
+    """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
+    "shapes", the splits of --eval_data, or None)."""
     if args.data == "shapes":
-        return ShapesHardNegatives(image_size, args.seed, args.neg_types, args.neg_images), None, None
+        return ShapesHardNegatives(args.image_size, args.seed, args.neg_types, args.neg_images), None, "shapes"
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     if args.data == "coco":
         splits = data.read_dataset("coco", args.data_root)
         items = [(path, [(c, None) for c in caps], None) for path, caps in splits["train"]]
     elif args.data == "negclip":
-        rows = data.read_negclip(args.data_root, args.image_root)
+        rows = negatives.read_negclip(args.data_root, args.image_root)
         items = [(path, [(caption, [negs])], neg_rows) for path, caption, negs, neg_rows in rows]
     elif args.data == "ceclip":
-        rows = data.read_ceclip(args.data_root, args.image_root, args.allow_pickle)
+        rows = negatives.read_ceclip(args.data_root, args.image_root, args.allow_pickle)
         items = [(path, [(caption, [[n] if n else [] for n in negs])], None) for path, caption, negs in rows]
     else:
-        hnc = data.read_hnc(args.data_root, args.image_root)
+        hnc = negatives.read_hnc(args.data_root, args.image_root)
         if hnc.orphans:
             print0(f"{args.data_root}: skipped {hnc.orphans} negative caption(s) whose positive is missing")
         items = HNCItems(hnc)
@@ -409,11 +412,11 @@ def make_data(args, image_size):
         splits = splits if args.data == "coco" and root == args.data_root else data.read_dataset(args.eval_data or "coco", root)
     else:
         splits = None
-    return HardNegatives(items, image_size, args.seed, args.neg_types, args.neg_images), len(items), splits
+    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images), len(items), splits
 
 
 class HNCItems:
-    """data.read_hnc's images as HardNegatives items: each positive with one slot of its negatives"""
+    """negatives.read_hnc's images as HardNegatives items: each positive with one slot of its negatives"""
 
     def __init__(self, hnc):
         self.hnc = hnc
@@ -426,7 +429,7 @@ class HNCItems:
         return path, [(pos, [negs]) for pos, negs in pairs], None
 
 # -----------------------------------------------------------------------------
-# training
+# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
 
 
 def main(argv=None):
@@ -434,65 +437,53 @@ def main(argv=None):
     rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # identical init on every rank
 
-    # model: the initial weights are also the KL teacher and L2-SP's theta_0
-    if args.init == DEFAULT_INIT and not os.path.exists(args.init):
-        raise SystemExit(f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)")
-    clip, model_cfg, preprocess, _ = ev.load_clip(args.init, device)
-    clip.train()
-    args.image_size, args.context_length = clip.image_size, clip.context_length
-    teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
-    trainable = set_trainable(clip, args.finetune)
-    init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
-
-    # data
+    # model, data
+    clip, model, preprocess, groups, state = make_model(args, device)
     try:
-        dataset, n_items, splits = make_data(args, args.image_size)
+        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+            data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    per_sample = 2 if args.neg_images else 1
-    if n_items is not None and n_items < args.batch_size // per_sample * world:
-        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_size // per_sample * world} (--batch_size)")
+    if n_items is not None and n_items < args.batch_items * world:
+        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume
-    optimizer = torch.optim.AdamW(param_groups(clip, args.weight_decay, args.text_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    state = argparse.Namespace(step=0, threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
-                               teacher=teacher, init_params=init_params, clip=clip)
-    start_step, ckpt_path, start_metrics = 0, os.path.join(args.out_dir, "ckpt.pt"), None
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        clip.load_state_dict(ckpt["model"])
+        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, state.threshold, start_metrics = ckpt["step"], ckpt["threshold"].to(device), ckpt["start_metrics"]
+        start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    model = torch.compile(clip) if args.compile else clip
+    if args.compile:
+        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_size // per_sample, rank, world, args.seed, start_step, args.max_steps),
+        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def checkpoint(step):
-        if master:  # `model` loads into open_clip.CLIP with strict=True
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": model_cfg, "optimizer": optimizer.state_dict(),
-                                        "step": step, "args": vars(args), "threshold": state.threshold.cpu(),
-                                        "start_metrics": start_metrics, "rng": {"cpu": torch.get_rng_state()}})
+        if master:  # "model" loads into open_clip.CLIP with strict=True
+            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
+                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
+                                        "start_metrics": start_metrics, **save_state(state)})
 
-    def evaluate(step, split="val"):
+    def evaluate(step, split):
         # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
         metrics = None
         if master:
             t = time.time()
-            if args.data == "shapes":
-                metrics = ev.eval_shapes(clip, tokenizer, args.image_size, device, n=args.eval_n)
-            elif splits is not None:
-                metrics = ev.eval_retrieval(clip, preprocess, tokenizer, splits[split], device)
-            if metrics is not None:
+            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            if metrics is None:
+                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
+            else:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
@@ -501,36 +492,35 @@ def main(argv=None):
         return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in clip.parameters())
-    print0(f"init {args.init}: {n_params / 1e6:.2f}M params ({sum(p.numel() for p in clip.parameters() if p.requires_grad) / 1e6:.2f}M "
-           f"trainable, --finetune {args.finetune}) | loss {args.loss} | data {args.data}, negatives {','.join(args.neg_types) if args.data in ('shapes', 'coco') else args.data}"
-           f"{' + hard-negative images' if args.neg_images else ''} | world {world} x batch {args.batch_size} | device {device} {dtype}")
+    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
+           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
     if start_step == 0:
-        start_metrics = evaluate(0, "val" if args.data == "shapes" else "test")
-    peak = peak_flops(device) * world
-    step, last_logged, t0, skipped, dropped, negs_seen = start_step, start_step, time.time(), 0, 0, 0
-    for images, captions, negatives, valid, n_skipped, n_dropped in loader:
-        skipped, dropped, negs_seen = skipped + n_skipped, dropped + n_dropped, negs_seen + (0 if valid is None else valid.numel())
-        n = 0 if images is None else len(images)
-        if world > 1 and n_items is not None:  # all_gather needs equal batches: every rank cuts to the smallest
-            n = torch.tensor([n], device=device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            n = int(n)
-        if n == 0:  # a batch of unreadable images only
+        start_metrics = evaluate(0, "test")
+    peak, flops = peak_flops(device) * world, None
+    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    for batch, counts in loader:
+        for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
+            skipped[k] = skipped.get(k, 0) + v
+        n = global_min(0 if batch is None else len(batch[0]), device)
+        if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = tuple(x[:n].to(device, non_blocking=True) for x in (images, captions, negatives, valid))
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with autocast_ctx(device, dtype):
-            loss, stats = step_loss(model, batch, args, state)
-        if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-            raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        with count_flops(peak and flops is None) as counter:
+            with autocast_ctx(device, dtype):
+                loss, stats = step_loss(model, batch, args, state)
+            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
+                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
+                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -538,30 +528,26 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged = step
-            ips = n_steps * args.batch_size * world / dt
-            text_len = int(torch.cat([batch[1], batch[2].flatten(0, 1)]).argmax(-1).max()) + 1  # up to the last EOT
-            mfu = flops_per_pair(model_cfg, text_len, 1 + valid.shape[1]) * ips / peak if peak else 0.0
+            last_logged, ips, n_images = step, n_images * world / dt, 0
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
-                   + (f" | skipped {skipped} unreadable samples" if skipped else "")
-                   + (f" | {dropped} of {negs_seen} negatives invalid" if dropped else ""))
+                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
+                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
+                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            evaluate(step)
+            evaluate(step, "val")
             t0 = time.time()  # eval time is not training time
     checkpoint(step)
-    if skipped or dropped:
-        print0(f"skipped {skipped} unreadable samples; {dropped} hard negatives were invalid (missing, empty or equal to the "
-               "caption) and masked out, counted per sample drawn")
-    end_metrics = evaluate(step, "val" if splits is None else "test")
+    if any(skipped.values()):
+        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    end_metrics = evaluate(step, "test")
     if master and end_metrics and start_metrics:
         print0(f"\n| metric | start | step {step} |\n|---|---|---|")
         for k, v in end_metrics.items():
             print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
     if args.export and master:
-        ev.export_open_clip(clip, model_cfg, args.export)
+        export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()

@@ -1,63 +1,32 @@
 """
 CLIP trained from scratch: a ViT image tower and a causal text Transformer pulled together by the
-symmetric InfoNCE loss over the (global) batch (Radford et al. 2021, "Learning Transferable Visual
-Models From Natural Language Supervision").
+symmetric InfoNCE loss over the global batch (Radford et al. 2021, "Learning Transferable Visual
+Models From Natural Language Supervision"). CLIPS (Liu et al. 2024, synthetic captions) is built in
+and off by default: `--caption_mask subcaption` trains on (web caption, reduced synthetic caption)
+pairs with `clips_loss`, `--captioner_weight 2` adds the captioner (model.Captioner).
 
-Run it
-    python clip_scratch.py                                   # CPU, built-in shapes world, ~5 min
-    python clip_scratch.py --data flickr8k --data_root ~/data/flickr8k --model_size small
+    python clip_scratch.py                                   # CPU, the built-in shapes world
+    python clip_scratch.py --data flickr8k --data_root ~/data/flickr8k --model_size small --device cuda
     torchrun --standalone --nproc_per_node=8 clip_scratch.py --data coco --data_root ~/data/coco
     torchrun --standalone --nproc_per_node=2 clip_scratch.py --device cpu     # DDP on CPU (gloo)
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
-             --nproc_per_node=8 clip_scratch.py ...                          # multi-node
-Then
-    python eval.py --model out/clip_scratch/ckpt.pt --bench shapes
-
-CLIPS (Liu et al. 2024, synthetic captions) is built in and off by default. `--caption_mask M`
-trains on (web caption, long synthetic caption) pairs with the dual-caption loss `clips_loss`;
-the text encoder sees the synthetic caption reduced to --mask_len tokens by data.reduce_caption
-(M = subcaption | block | random | truncate). `--captioner_weight 2` adds model.Captioner, which
-predicts the whole synthetic caption from the image and the web caption.
-
-What makes the method is `step_loss` (which texts, which loss) and `make_batch` (the batches);
-the loop below them is mechanics only, and the CLIP itself is in model.py.
     python clip_scratch.py --caption_mask subcaption --captioner_weight 2 --caption_style partial --out_dir out/clips
-    torchrun --standalone --nproc_per_node=8 clip_scratch.py --data recap --data_root ~/data/recap.jsonl \\
-             --caption_mask subcaption --captioner_weight 2        # a CSV/JSONL of image, caption, re_caption
-    python eval.py --model out/clips/ckpt.pt --caption 7            # the captioner on shapes test scene 7
+    python eval.py --model out/clip_scratch/ckpt.pt                          # the shapes benchmark
 
-The default run (2-core CPU, ~5 min, 1,750 steps x 128 at lr 2e-3) reaches shapes retrieval R@1
-0.82-0.85 both ways (4 runs, 3 seeds) while the relation and attribute-swap probes stay at chance
-(0.50 / 0.52-0.58): CLIP's bag-of-words failure, reproduced from scratch. A hard-negative
-fine-tune of this checkpoint lifts them to 0.94 / 0.97 (clip_hardneg.py). README "The shapes
-world" has the calibration behind this, and README "Speed" what made the run twice as fast.
+The method is `clip_loss` / `clips_loss` / `caption_loss`, `step_loss` and `make_batch`; the loop at
+the bottom is the same text in the three scripts. The checkpoint loads into open_clip.CLIP.
 
-The checkpoint is open_clip-compatible: `open_clip.CLIP(**ckpt["model_cfg"])` loads
-`ckpt["model"]` with strict=True, and `--export DIR` writes an open_clip hub directory
-(`open_clip.create_model_and_transforms("local-dir:DIR")`).
-
-Deviations from the paper
-1. Tiny models and the built-in synthetic shapes world by default, so it runs on a laptop CPU.
-2. No random crops or flips: images are resized + center-cropped (a flip would turn "left of"
-   into a wrong caption), which also makes resume exact.
-3. Shapes only: `--text_lr_mult 0.1`, the text tower learns 10x slower. At full lr it becomes
-   *exactly* blind to the relation word within ~100 steps (relation-flip cosine 1.000), and no
-   hard-negative fine-tune we tried brought it back; at 0.1x it ends nearly blind (0.999) and
-   fails the probes as CLIP does, but a fine-tune with grouped twin images taught the previous
-   default checkpoint the relation (README, "The shapes world").
-4. The text tower runs only up to the longest caption in the batch: with a causal mask the
-   tokens after the last EOT cannot influence it, so the features are unchanged, only cheaper.
-5. No gradient accumulation: the global batch is batch_size x world_size (loss / N
-   accumulation would shrink the set of negatives each step sees).
-6. CLIPS on the shapes world: the web caption is the usual (colour-misbinding) caption, or with
-   `--caption_style partial` a terse one that leaves facts out (data.partial_caption; the setting
-   of bench/clips_study.py); the synthetic one is the scene's always-true six-sentence description
-   (data.description). The captioner's output layer covers only the 47 token ids the world's
-   texts use (data.shapes_vocab): a 49,408-way output layer would cost ~10x the FLOPs of the rest
-   of the step (6 x 128 captions x 60 tokens x 128 x 49,408 = 291 GFLOP vs 31). Real data: all.
-7. CLIPS on coco / flickr8k without a recaption file: the image's other captions, joined, are the
-   synthetic caption (so a sub-caption is one other human caption).
-8. The captioner is as wide and deep as the text tower, and its queries never read predicted
+Deviations from the papers
+1. Tiny models and the built-in shapes world by default, so it runs on a laptop CPU.
+2. No random crops or flips: a flip turns "left of" into a wrong caption (and resume stays exact).
+3. Shapes only: the text tower learns at 0.1x lr (--text_lr_mult); at full lr it turns blind to the
+   relation word for good (bench/NOTES.md).
+4. The text tower runs only up to the longest caption of the batch (causal mask: the same features).
+5. No gradient accumulation: the global batch is batch_size x world size.
+6. CLIPS on shapes: the web caption misbinds colours (or, --caption_style partial, leaves facts
+   out); the synthetic caption is the scene's always-true description; the captioner's output
+   layer covers only the world's token ids (shapes.shapes_vocab). On coco / flickr8k without a
+   recaption file, the image's other captions joined are the synthetic caption.
+7. The captioner is as wide and deep as the text tower, and its queries never read predicted
    tokens, so greedy captioning is one forward pass (eval.py --caption).
 """
 import argparse
@@ -75,11 +44,15 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from model import (CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, flops_per_pair, lr_at, model_config,
-                   param_groups, peak_flops, print0, save_checkpoint, setup_distributed)
+import shapes
+from model import (CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean,
+                   global_min, load_checkpoint, lr_at, model_config, param_groups, peak_flops, print0, save_checkpoint,
+                   setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: the contrastive loss
+
+EQUAL_BATCHES = True  # every rank's batch holds the same number of pairs (all_gather_with_grad needs it)
 
 
 def clip_loss(image_features, text_features, logit_scale):
@@ -134,11 +107,7 @@ def caption_loss(logits, caption, vocab=None):
             raise ValueError("caption_loss: a caption token is outside the captioner's vocab")
         target = index
     total = F.cross_entropy(logits.float().flatten(0, 1), target.masked_fill(pad, -100).flatten(), ignore_index=-100, reduction="sum")
-    count = (~pad).sum().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return total / count
+    return global_mean(total, (~pad).sum())
 
 
 class CLIPWithCaptioner(nn.Module):
@@ -160,10 +129,10 @@ class CLIPWithCaptioner(nn.Module):
         return image_features, text_features, self.clip.logit_scale.exp(), caption_loss(logits, synthetic, self.captioner.vocab)
 
 
-def step_loss(model, batch, args):
+def step_loss(model, batch, args, state):
     """The method, one step: CLIP's loss on (image, caption) pairs, or with CLIPS the dual-caption
-    loss (+ the captioner's). batch: (images [B, 3, S, S], texts) as make_batch builds it
-    -> (loss, {name: detached scalar} to log)."""
+    loss (+ the captioner's). batch: (images [B, 3, S, S], texts) as make_batch builds it; state:
+    unused here (the fine-tunes keep their reference models in it) -> (loss, {name: detached scalar})."""
     images, texts = batch
     if args.caption_mask == "none":  # plain CLIP
         image_features, text_features, logit_scale = model(images, texts)
@@ -185,18 +154,21 @@ def step_loss(model, batch, args):
 
 def make_batch(samples, args):
     """The DataLoader's collate_fn (so it runs in the loader workers): samples (image, caption,
-    synthetic caption, rng), None for an unreadable image -> (images [B, 3, S, S], texts, n_skipped).
+    synthetic caption, rng), None for an unreadable image -> ((images [B, 3, S, S], texts) or None if
+    every image was unreadable, {"unreadable images": n}).
     texts: the captions' tokens [B, L]; with CLIPS, ([B, 2, L] the web caption and its image's
     synthetic caption reduced to --mask_len tokens, [B, captioner_len] the whole synthetic caption).
     Each reduction draws from its sample's own rng, so resume and DDP see the same reductions."""
     images, captions, synthetic, rngs, skipped = data.collate(samples)
-    tokenizer = data.get_tokenizer(args.context_length)
-    if images is None or args.caption_mask == "none":
-        return images, tokenizer(captions) if captions else None, skipped
+    tokenizer, counts = data.get_tokenizer(args.context_length), {"unreadable images": skipped}
+    if images is None:
+        return None, counts
+    if args.caption_mask == "none":
+        return (images, tokenizer(captions)), counts
     reduced = [data.reduce_caption(syn, args.caption_mask, args.mask_len, args.context_length, rng, fallback=web)
                for web, syn, rng in zip(captions, synthetic, rngs)]
     pair = torch.stack([tokenizer(captions), torch.stack(reduced)], dim=1)  # [B, 2, L]
-    return images, (pair, data.get_tokenizer(args.captioner_len)(synthetic)), skipped
+    return (images, (pair, data.get_tokenizer(args.captioner_len)(synthetic))), counts
 
 # -----------------------------------------------------------------------------
 # config
@@ -211,9 +183,9 @@ def get_args(argv=None):
     p.add_argument("--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
-    p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (data.ShapesDataset)")
-    p.add_argument("--caption_style", default="full", choices=data.CAPTION_STYLES,
-                   help="shapes: full captions, or terse partial ones (data.partial_caption; the CLIPS setting)")
+    p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (shapes.ShapesDataset)")
+    p.add_argument("--caption_style", default="full", choices=shapes.CAPTION_STYLES,
+                   help="shapes: full captions, or terse partial ones (shapes.partial_caption; the CLIPS setting)")
     p.add_argument("--image_key", default="image", help="recap: the image column")
     p.add_argument("--caption_key", default="caption", help="recap: the web caption column")
     p.add_argument("--recap_key", default="re_caption", help="recap: the synthetic caption column")
@@ -246,7 +218,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-    real = args.data != "shapes"
+    real, args.batch_items = args.data != "shapes", args.batch_size  # dataset items per process per step
     args.image_size = args.image_size or (224 if real else 64)
     args.context_length = args.context_length or (77 if real else 32)
     args.workers = (4 if real else 0) if args.workers is None else args.workers
@@ -261,10 +233,47 @@ def get_args(argv=None):
     return args
 
 
-def make_data(args, rank, world):
-    """-> (train dataset, number of items or None for an infinite stream, eval split items or None)."""
+def make_model(args, device):
+    """-> (clip, the module that trains (the CLIP, or the CLIP and its captioner), preprocess for eval,
+    AdamW parameter groups, state): a fresh CLIP of --model_size, and with --captioner_weight the
+    CLIPS captioner, as wide and deep as the text tower."""
+    model_cfg = model_config(args.model_size, args.image_size, args.context_length)
+    clip, captioner, captioner_cfg = CLIP(**model_cfg).to(device), None, None
+    clip.model_cfg = model_cfg
+    groups = param_groups(clip, args.weight_decay, args.text_lr_mult)
+    if args.captioner_weight:
+        v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+        captioner_cfg = dict(vision_width=v["width"], text_width=t["width"], width=t["width"], layers=t["layers"],
+                             heads=t["heads"], n_query=args.captioner_len - 1, vocab_size=t["vocab_size"],
+                             vocab=shapes.shapes_vocab() if args.data == "shapes" else None)  # deviation 6
+        captioner = Captioner(**captioner_cfg).to(device)
+        groups += param_groups(captioner, args.weight_decay)  # full lr: it is not the text tower
+    preprocess = open_clip.transform.image_transform(args.image_size, is_train=False)
+    model = clip if captioner is None else CLIPWithCaptioner(clip, captioner)
+    state = argparse.Namespace(step=0, captioner=captioner, captioner_cfg=captioner_cfg,
+                               summary=f"model {args.model_size}" + (f" | CLIPS {args.caption_mask} {args.mask_len}" if args.caption_mask != "none" else ""))
+    return clip, model, preprocess, groups, state
+
+
+def save_state(state):
+    """the checkpoint's method part: the CLIPS captioner (open_clip's CLIP has no place for it)"""
+    return {"captioner": state.captioner and state.captioner.state_dict(), "captioner_cfg": state.captioner_cfg}
+
+
+def resume(path, clip, state):
+    """load a checkpoint into this run's models, or one line on what does not fit -> the checkpoint"""
+    ckpt = load_checkpoint(path, clip, state.captioner, need=("optimizer", "step", "rng"))
+    clip.load_state_dict(ckpt["model"])
+    if state.captioner is not None:
+        state.captioner.load_state_dict(ckpt["captioner"])
+    return ckpt
+
+
+def make_data(args, preprocess, rank, world):
+    """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
+    "shapes" or the dataset's splits)."""
     if args.data == "shapes":
-        return data.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style), None, None
+        return shapes.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style), None, "shapes"
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
@@ -278,7 +287,7 @@ def make_data(args, rank, world):
     return train, len(train), splits
 
 # -----------------------------------------------------------------------------
-# training
+# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
 
 
 def main(argv=None):
@@ -288,101 +297,88 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
 
-    # data
+    # model, data
+    clip, model, preprocess, groups, state = make_model(args, device)
     try:
-        dataset, n_items, splits = make_data(args, rank, world)
-        for split in ("val", "test") if splits else ():  # fail now, not at an eval after hours of training
-            data.check_images(splits[split], f"--data {args.data}: the {split} split")
+        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+            data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    if n_items is not None and n_items < args.batch_size * world:
-        raise SystemExit(f"error: {n_items} training images < global batch {args.batch_size * world} (--batch_size)")
+    if n_items is not None and n_items < args.batch_items * world:
+        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
     tokenizer = data.get_tokenizer(args.context_length)
 
-    # model + optimizer
-    model_cfg = model_config(args.model_size, args.image_size, args.context_length)
-    clip, captioner, captioner_cfg = CLIP(**model_cfg).to(device), None, None
-    groups = param_groups(clip, args.weight_decay, args.text_lr_mult)
-    if args.captioner_weight:  # CLIPS: the optional captioner head, as wide and deep as the text tower
-        v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-        captioner_cfg = dict(vision_width=v["width"], text_width=t["width"], width=t["width"], layers=t["layers"],
-                             heads=t["heads"], n_query=args.captioner_len - 1, vocab_size=t["vocab_size"],
-                             vocab=data.shapes_vocab() if args.data == "shapes" else None)  # deviation 6
-        captioner = Captioner(**captioner_cfg).to(device)
-        groups += param_groups(captioner, args.weight_decay)  # full lr: it is not the text tower
+    # optimizer, resume
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    start_step, ckpt_path = 0, os.path.join(args.out_dir, "ckpt.pt")
+    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = ev.load_checkpoint(ckpt_path, clip, captioner, need=("optimizer", "step", "rng"))  # or one line on what is wrong
-        clip.load_state_dict(ckpt["model"])
-        if captioner is not None:
-            captioner.load_state_dict(ckpt["captioner"])
+        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
+        start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    model = clip if captioner is None else CLIPWithCaptioner(clip, captioner)
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_size, rank, world, args.seed, start_step, args.max_steps),
+        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def checkpoint(step):
-        if master:  # `model` loads into open_clip.CLIP with strict=True; open_clip has no place for the captioner
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": model_cfg,
-                                        "captioner": captioner and captioner.state_dict(), "captioner_cfg": captioner_cfg,
-                                        "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
-                                        "rng": {"cpu": torch.get_rng_state()}})
+        if master:  # "model" loads into open_clip.CLIP with strict=True
+            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
+                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
+                                        "start_metrics": start_metrics, **save_state(state)})
 
-    def evaluate(step, split="val"):
+    def evaluate(step, split):
         # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics = None
         if master:
             t = time.time()
-            if splits is None:
-                metrics = ev.eval_shapes(clip, tokenizer, args.image_size, device, n=args.eval_n)
+            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            if metrics is None:
+                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
-                preprocess = open_clip.transform.image_transform(args.image_size, is_train=False)
-                metrics = ev.eval_retrieval(clip, preprocess, tokenizer, splits[split], device)
-            print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         if world > 1:
             dist.barrier()
-
-    def to_device(x, n):  # the first n samples of a batch (a tensor or a tuple of them) on the device
-        return tuple(to_device(y, n) for y in x) if isinstance(x, tuple) else x[:n].to(device, non_blocking=True)
+        return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in clip.parameters())
-    print0(f"model {args.model_size}: {n_params / 1e6:.2f}M params | data {args.data} | world {world} x batch {args.batch_size} | device {device} {dtype}")
-    peak = peak_flops(device) * world
-    step, last_logged, t0, skipped = start_step, start_step, time.time(), 0
-    for images, texts, n_skipped in loader:
-        skipped += n_skipped  # unreadable images, dropped by data.collate
-        n = 0 if images is None else len(images)
-        if world > 1 and splits is not None:  # all_gather needs equal batches: every rank cuts to the smallest
-            n = torch.tensor([n], device=device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            n = int(n)
-        if n == 0:  # a batch of unreadable images only
+    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
+           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
+    if start_step == 0:
+        start_metrics = evaluate(0, "test")
+    peak, flops = peak_flops(device) * world, None
+    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    for batch, counts in loader:
+        for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
+            skipped[k] = skipped.get(k, 0) + v
+        n = global_min(0 if batch is None else len(batch[0]), device)
+        if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = (to_device(images, n), to_device(texts, n))
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        with autocast_ctx(device, dtype):
-            loss, stats = step_loss(model, batch, args)
-        if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-            raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        state.step = step
+        with count_flops(peak and flops is None) as counter:
+            with autocast_ctx(device, dtype):
+                loss, stats = step_loss(model, batch, args, state)
+            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
+                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
+                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -390,25 +386,26 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged = step
-            ips = n_steps * args.batch_size * world / dt
-            tokens = batch[1][0] if isinstance(batch[1], tuple) else batch[1]  # what the text tower ran: [B, (2,) L]
-            text_len = int(tokens.argmax(-1).max()) + 1  # up to the last EOT (see CLIP.encode_text)
-            mfu = flops_per_pair(model_cfg, text_len, tokens.numel() // (n * tokens.shape[-1])) * ips / peak if peak else 0.0
+            last_logged, ips, n_images = step, n_images * world / dt, 0
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s | mfu {mfu * 100:.1f}%"
-                   + (f" | skipped {skipped} unreadable images" if skipped else ""))
+                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
+                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
+                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            evaluate(step)
+            evaluate(step, "val")
             t0 = time.time()  # eval time is not training time
     checkpoint(step)
-    if skipped:
-        print0(f"skipped {skipped} unreadable training images in total (counted per sample drawn)")
-    evaluate(step, "val" if splits is None else "test")
+    if any(skipped.values()):
+        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    end_metrics = evaluate(step, "test")
+    if master and end_metrics and start_metrics:
+        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
+        for k, v in end_metrics.items():
+            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
     if args.export and master:
-        ev.export_open_clip(clip, model_cfg, args.export)
+        export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()

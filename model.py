@@ -12,9 +12,13 @@ The CLIP model and the system helpers every minclip script shares: what nanoGPT'
 
 Method scripts import this module; it imports none of them.
 """
+import codecs
+import difflib
+import json
 import math
 import os
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -340,6 +344,45 @@ def all_gather_with_grad(x):
     return _AllGather.apply(x)
 
 
+def to_device(x, device, n=None):
+    """a batch (a tensor, or tuples / dicts of them) on the device; n: keep the first n rows of each tensor"""
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(y, device, n) for y in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device, n) for k, v in x.items()}
+    return (x if n is None else x[:n]).to(device, non_blocking=True)
+
+
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_sum(x):
+    """a detached tensor summed over ranks (a statistic of the global batch)"""
+    x = x.detach().clone()
+    if _world() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def global_min(n, device):
+    """an int, the smallest over ranks"""
+    if _world() == 1:
+        return n
+    n = torch.tensor([n], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return int(n)
+
+
+def global_mean(total, count):
+    """total / (count summed over ranks / world), count >= 1: DDP averages gradients over ranks, so
+    this is the mean over the items of the global batch even when ranks hold different numbers"""
+    count = torch.as_tensor(count, dtype=torch.float32, device=total.device)
+    if _world() > 1:
+        count = global_sum(count)
+    return total / (count.clamp(min=1) / _world())
+
+
 def save_checkpoint(path, obj):
     """atomic: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -359,6 +402,17 @@ def peak_flops(device):
     return next((f for k, f in PEAK_FLOPS.items() if k in name), 0.0)
 
 
+
+@contextmanager
+def count_flops(enabled):
+    """torch's FLOP counter over a block (-> the counter) when enabled, else nothing (-> None)"""
+    if not enabled:
+        yield None
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        yield counter
+
 def flops_per_pair(model_cfg, text_len, texts_per_image=1):
     """training FLOPs (fwd + bwd = 3x fwd) for one image and its texts: 6 x params x tokens for the
     matmuls + 12 x layers x width x tokens^2 for attention, per tower (the CLIPS captioner is not counted)."""
@@ -369,3 +423,231 @@ def flops_per_pair(model_cfg, text_len, texts_per_image=1):
         return 6 * layers * (4 + 2 * mlp_ratio) * width * width * n + 12 * layers * width * n * n
     return tower(v["width"], v["layers"], n_img) + texts_per_image * tower(t["width"], t["layers"], text_len)
 
+# -----------------------------------------------------------------------------
+# loading: minclip checkpoints, open_clip models (hub names, local-dir: folders), export
+
+
+CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def is_checkpoint(spec):
+    """a file path (an existing file, or a name like ckpt.pt), not local-dir:DIR or NAME:PRETRAINED"""
+    return os.path.isfile(spec) or (":" not in spec and spec.endswith(CKPT_SUFFIXES))
+
+
+def _refuse(path, why):
+    raise SystemExit(f"error: {path}: {why}")
+
+
+def load_checkpoint(path, clip=None, captioner=None, need=()):
+    """A minclip training checkpoint -> its dict: "model" (the open_clip towers' state dict),
+    "model_cfg" (open_clip's config for them), "captioner" + "captioner_cfg" (CLIPS, else None),
+    "optimizer", "step", "args", "rng", loaded on the CPU with weights_only=True. Its weights are
+    checked against `clip` and `captioner` if given (a resumed run: the models its flags build),
+    else against the models its own configs build (on the meta device, no memory). need: keys the
+    caller needs too (resume: optimizer, step, rng). Anything else exits with one line naming the
+    file and what is wrong with it: missing, empty, cut short, text, unreadable by torch, a
+    .safetensors file, a bare state dict, no model_cfg, weights that do not fit, a missing key."""
+    if not os.path.isfile(path):
+        _refuse(path, "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if path.endswith(".safetensors") or (head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < size):
+        _refuse(path, "a .safetensors file holds weights without the config that builds them: give its folder "
+                f"as local-dir:{os.path.dirname(path) or '.'} (an open_clip hub folder, open_clip_config.json beside it)")
+    if size == 0:
+        _refuse(path, "empty (0 bytes): copied before the checkpoint was written?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... by the damage
+        _refuse(path, _unreadable(path, e))
+    if not isinstance(ckpt, dict):
+        _refuse(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+    tensors = lambda d: isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
+    if "model_cfg" not in ckpt:  # not written by minclip: say what it is and how to load it
+        if ckpt and tensors(ckpt) or "state_dict" in ckpt:  # open_clip loads both kinds as NAME:FILE
+            what = "an open_clip training checkpoint" if "state_dict" in ckpt else f"a bare state dict ({len(ckpt)} tensors)"
+            _refuse(path, f"{what} without the model_cfg that says which model it is: give it as NAME:{path} with its "
+                    "open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size")
+        if "model" in ckpt:
+            _refuse(path, "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the "
+                    "model_cfg of its --model_size")
+        _refuse(path, f"not a minclip checkpoint: no 'model' and 'model_cfg' (keys: {', '.join(map(str, list(ckpt)[:6]))})")
+    for key in ("model", *need):
+        if key not in ckpt:
+            _refuse(path, f"no '{key}' in the checkpoint (keys: {', '.join(map(str, ckpt))})")
+    if not tensors(ckpt["model"]) or not tensors(ckpt.get("captioner") or {}):
+        _refuse(path, "its 'model' or 'captioner' is not a state dict of tensors")
+    # the towers and the captioner as one key space, so a captioner too many or too few is named like any key
+    state = ckpt["model"] | {f"captioner.{k}": v for k, v in (ckpt.get("captioner") or {}).items()}
+    against = "the model this run builds from its flags" if clip is not None else "its model_cfg"
+    if clip is None:
+        with torch.device("meta"):  # shapes only: a base model costs nothing to build here
+            clip = _build(path, CLIP, ckpt["model_cfg"], "model_cfg")
+            if ckpt.get("captioner_cfg"):
+                captioner = _build(path, Captioner, ckpt["captioner_cfg"], "captioner_cfg")
+    own = clip.state_dict() | {f"captioner.{k}": v for k, v in (captioner.state_dict() if captioner is not None else {}).items()}
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model)")
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if problems:
+        _refuse(path, f"its weights do not fit {against}: " + "; ".join(problems))
+    return ckpt
+
+
+def _build(path, cls, cfg, name):
+    """cls(**cfg) (CLIP or Captioner) with fresh weights, or one line: the file's config is not one minclip builds"""
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        _refuse(path, f"its {name} does not describe a model minclip builds ({type(e).__name__}: {e})")
+
+
+def _unreadable(path, error):
+    """why torch.load failed on path, from the file itself: torch's own errors name no cause"""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):  # torch's zip format, its end missing
+        return f"cut short ({size:,} bytes, the end of its zip archive is missing): copied while it was being written?"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 64 is fine
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"a text file, not a torch checkpoint (it begins {text.strip()[:40]!r})"
+    except UnicodeDecodeError:
+        pass
+    if "Weights only load failed" in str(error):
+        return ("it holds Python objects besides tensors, numbers and containers, which are not loaded "
+                "(weights_only=True): not a minclip checkpoint")
+    message = str(error).strip().splitlines()[0][:120] if str(error).strip() else "no message"
+    return f"not a checkpoint torch can read ({type(error).__name__}: {message})"
+
+
+def load_model(spec, device="cpu"):
+    """spec: a minclip checkpoint (*.pt), 'local-dir:DIR' (open_clip hub directory) or
+    'NAME:PRETRAINED' (open_clip, e.g. ViT-B-32:openai; PRETRAINED may be a file) -> (model,
+    preprocess, tokenizer), eval mode. model.image_size is the native resolution; minclip models
+    also carry model.model_cfg."""
+    import open_clip
+    if is_checkpoint(spec):
+        ckpt = load_checkpoint(spec)
+        model = _build(spec, CLIP, ckpt["model_cfg"], "model_cfg")
+        model.load_state_dict(ckpt["model"], strict=True)
+        model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+        preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
+        return model.to(device).eval(), preprocess, tokenizer
+    kwargs = {}
+    if spec.startswith("local-dir:"):
+        d, name = spec[len("local-dir:"):], spec
+        # open_clip itself only logs a warning and returns a *randomly initialised* model when the
+        # directory has a config but no weights file, so check for both here
+        if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
+            raise SystemExit(f"error: --model {spec}: no open_clip_config.json in {d}")
+        if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(d)):
+            raise SystemExit(f"error: --model {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
+        from data import DataError, read_json  # model.py imports no other minclip module at the top
+        try:
+            config = read_json(os.path.join(d, "open_clip_config.json"))
+        except DataError as err:
+            raise SystemExit(f"error: --model {spec}: {err}")
+        if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+            raise SystemExit(f"error: --model {spec}: {d}/open_clip_config.json has no \"model_cfg\" object")
+        model_cfg = config["model_cfg"]
+    else:
+        name, _, pretrained = spec.partition(":") if not spec.startswith("hf-hub:") else (spec, "", "")
+        arch, known = name.replace("/", "-"), open_clip.list_models()
+        # open_clip's own error for an unknown name lists every config it has (~3,000 characters)
+        if not name.startswith("hf-hub:") and arch not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise SystemExit(f"error: --model {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
+                             "NAME:PRETRAINED" + (f" (close names: {', '.join(close)})" if close else "")
+                             + (f"; an open_clip hub folder is given as local-dir:{spec}" if os.path.isdir(spec) else ""))
+        # pitfall: OpenAI's ViT-B-32 (and any *-quickgelu tag) was trained with QuickGELU. open_clip
+        # 3.x builds plain `ViT-B-32` with GELU and only *warns* about the mismatch, and a fine-tuned
+        # checkpoint passed as a file path gets no warning at all: every score silently changes.
+        # so follow the tag's flag here; for a file path, name the model ViT-B-32-quickgelu yourself.
+        tag = open_clip.pretrained.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+        if pretrained and not tag and not os.path.isfile(pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            close = difflib.get_close_matches(pretrained.lower().replace("-", "_"), tags, n=3)
+            raise SystemExit(f"error: --model {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
+                             + (f" (close tags: {', '.join(close)})" if close else f" ({len(tags)} tags: open_clip.list_pretrained())"))
+        kwargs["pretrained"] = pretrained or None
+        kwargs["force_quick_gelu"] = bool(tag.get("quick_gelu", False))
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is not None and kwargs["force_quick_gelu"]:
+            model_cfg = {**model_cfg, "quick_gelu": True}
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        weights = kwargs.get("pretrained") or ""
+        if os.path.isfile(weights):
+            try:
+                torch.load(weights, map_location="cpu", weights_only=True)
+                why = f"the weights in {weights} do not fit open_clip's {name} ({why})"
+            except Exception as load_error:
+                why = f"{weights}: {_unreadable(weights, load_error)}"
+        raise SystemExit(f"error: --model {spec}: {why}")
+    size = model.visual.image_size
+    model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def load_clip(spec, device="cpu"):
+    """The --init of the fine-tuning scripts: any spec load_model accepts -> (minclip CLIP with its
+    weights, model_cfg, preprocess, tokenizer). open_clip's weights load into minclip's CLIP with
+    strict=True (same names, same maths), so every script trains one model class; a model that is not
+    the standard ViT + text Transformer CLIP is one clear error."""
+    model, preprocess, tokenizer = load_model(spec, device)
+    if isinstance(model, CLIP):
+        return model, model.model_cfg, preprocess, tokenizer
+    try:
+        ours = CLIP(**model.model_cfg)
+        ours.load_state_dict(model.state_dict(), strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: --init {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
+    ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
+    return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
+
+
+def load_captioner(path, device="cpu"):
+    """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("captioner_cfg"):
+        raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
+                         "clip_scratch.py --captioner_weight 2")
+    captioner = Captioner(**ckpt["captioner_cfg"])
+    captioner.load_state_dict(ckpt["captioner"], strict=True)
+    return captioner.to(device).eval()
+
+
+def export_open_clip(model, model_cfg, out_dir):
+    """Write an open_clip hub directory: open_clip_config.json + open_clip_model.safetensors, which
+    `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads with strict=True."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
+                                 "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous tensors
+    # weights first: a crash between the two writes must not leave a config without weights, which
+    # open_clip would load as a random model (see load_model)
+    weights, cfg_path = os.path.join(out_dir, "open_clip_model.safetensors"), os.path.join(out_dir, "open_clip_config.json")
+    save_file(state, f"{weights}.tmp")
+    os.replace(f"{weights}.tmp", weights)
+    with open(f"{cfg_path}.tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(f"{cfg_path}.tmp", cfg_path)
