@@ -540,7 +540,7 @@ def main(argv=None):
             t0 = time.time()  # eval time is not training time
     checkpoint(step)
     if any(skipped.values()):
-        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
     end_metrics = evaluate(step, "test")
     if master and end_metrics and start_metrics:
         print0(f"\n| metric | start | step {step} |\n|---|---|---|")

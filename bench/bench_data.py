@@ -49,7 +49,7 @@ def epoch_seconds(ds):
     for _ in range(args.repeats):
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
         t0 = time.perf_counter()
-        seen = sum(len(images) for images, _, _ in loader)
+        seen = sum(len(images) for images, *_ in loader)  # collate: (images, captions, synthetic, rngs, n_skipped)
         best = min(best, time.perf_counter() - t0)
         assert seen == len(ds)
     return best

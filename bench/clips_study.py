@@ -15,7 +15,7 @@ ablation, for the block strategy only). All
 synthetic rows use the dual-caption loss (web + synthetic), so the rows differ only in what the
 text encoder sees of the synthetic caption (and, in the last row, the captioner). Every run uses
 --context_length 77, so that the 59-66-token descriptions fit whole in the "full" row, and the
-same web captions: terse, partial ones by default (data.partial_caption), as CLIPS assumes.
+same web captions: terse, partial ones by default (shapes.partial_caption), as CLIPS assumes.
 """
 import argparse
 import json
@@ -42,10 +42,22 @@ METRICS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieva
            "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "diag/relation_text_cos"]
 
 
+def final_eval(metrics, steps):
+    """the run's final shapes eval, or None if it has not finished: clip_scratch.py writes a "test"
+    line at step 0 and at its last step, "val" lines only in between (runs of older versions wrote
+    their final shapes eval as "val": also found, so their study folders resume)"""
+    if not os.path.exists(metrics):
+        return None
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r.get("split") in ("test", "val") and r.get("step") == steps]
+    return rows[-1] if rows else None
+
+
 def run(row, seed, args):
     out = os.path.join(args.out_dir, f"{ROWS[row][0]}_s{seed}")
     metrics = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(metrics):  # finished runs are reused, so the study can be resumed
+    if final_eval(metrics, args.steps) is None:  # finished runs are reused, so the study can be resumed
         cmd = [sys.executable, "clip_scratch.py", "--context_length", "77", "--max_steps", str(args.steps),
                "--warmup_steps", str(args.warmup), "--eval_every", "0", "--ckpt_every", "0", "--log_every", "100",
                "--seed", str(seed), "--out_dir", out, "--caption_style", args.caption_style, *ROWS[row][1]]
@@ -54,8 +66,10 @@ def run(row, seed, args):
         if r.returncode != 0:
             raise SystemExit(f"{row} seed {seed} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         print(f"{row:34s} seed {seed}: {time.time() - t:.0f}s", flush=True)
-    with open(metrics) as f:
-        return json.loads(f.readlines()[-1])
+    final = final_eval(metrics, args.steps)
+    if final is None:
+        raise SystemExit(f"{row} seed {seed}: no final test eval at step {args.steps} in {metrics}")
+    return final
 
 
 def main():

@@ -69,7 +69,7 @@ def saved_bytes(n_groups, v_layers, t_layers):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        clip_dpo.step_loss(policy, reference, (images, texts, prefs), dpo_args)
+        clip_dpo.step_loss(policy, (images, texts, prefs), dpo_args, argparse.Namespace(reference=reference, step=0))
     return sum(storages.values())
 
 

@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_dpo  # noqa: E402
-import data  # noqa: E402
-import eval as ev  # noqa: E402
-from model import CLIP, model_config, param_groups  # noqa: E402
+import shapes  # noqa: E402
+from model import CLIP, load_clip, model_config, param_groups  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--init", default="out/clip_scratch/ckpt.pt", help="a random tiny model at 64 px if this file is missing")
@@ -33,7 +32,7 @@ args = p.parse_args()
 
 device = torch.device(args.device)
 if os.path.isfile(args.init):
-    model, _, _, _ = ev.load_clip(args.init, device)
+    model, _, _, _ = load_clip(args.init, device)
     source = args.init
 else:
     model, source = CLIP(**model_config("tiny", 64, 32)).to(device), "random tiny (64 px)"
@@ -41,14 +40,15 @@ else:
 model.train().logit_scale.requires_grad_(False)
 reference = clip_dpo.make_reference(model)
 optimizer = torch.optim.AdamW(param_groups(model, 0.1, 0.1), lr=1e-6)
-groups = [clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), model.image_size, True) for k in range(args.batch_size)]
+groups = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), model.image_size, True) for k in range(args.batch_size)]
 cfg = clip_dpo.get_args([])
 cfg.context_length = model.context_length
-images, texts, prefs, _ = clip_dpo.make_batch(groups, cfg)
+(images, texts, prefs), _ = clip_dpo.make_batch(groups, cfg)
 batch = (images.to(device), texts.to(device), {k: v.to(device) for k, v in prefs.items()})
+state = argparse.Namespace(reference=reference, step=0)  # clip_dpo.step_loss's: the frozen reference, the step (the IMC term is off: --imc_weight 0)
 
 
-def clip_step(model, reference, batch, args):
+def clip_step(model, batch, args, state):
     """the plain CLIP step on the same batch: every image and text through the towers, CLIP's loss on the true pairs"""
     images, texts, prefs = batch
     v, t, s = model(images, texts)
@@ -61,7 +61,7 @@ times = {k: [] for k in kinds}
 for i in range(args.steps + 3):
     for name, (fn, a) in kinds.items():
         t0 = time.perf_counter()
-        loss, _ = fn(model, reference, batch, a)
+        loss, _ = fn(model, batch, a, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -8,15 +8,18 @@ bundle their logs and metrics into one archive.
 JOBS.txt: one job a line, `NAME  SCRIPT ARGS...` (blank lines and # comments skipped); each job runs
 as `python SCRIPT ARGS --out_dir OUT_DIR/NAME` with one CPU thread, its output in OUT_DIR/NAME.log.
 At --deadline seconds the jobs still running are stopped (their evals so far are kept). A job whose
-OUT_DIR/NAME/metrics.jsonl already holds its final test eval is not run again, so a stopped grid
-resumes. At the end OUT_DIR/grid.tar.gz holds every log and metrics.jsonl (no checkpoints) and a
-summary line per job; --table also prints the final test metrics as a markdown table, mean ± std
-over the jobs whose names differ only in a trailing _s<seed> (and writes OUT_DIR/table.json).
+OUT_DIR/NAME/metrics.jsonl already holds its final test eval (split "test" at the job's --max_steps:
+the training scripts also write a "test" line at step 0, and "val" lines in between) is not run
+again, so a stopped grid resumes. At the end OUT_DIR/grid.tar.gz holds every log and metrics.jsonl
+(no checkpoints) and a summary line per job; --table also prints the final test metrics as a
+markdown table, mean ± std over the jobs whose names differ only in a trailing _s<seed> (and writes
+OUT_DIR/table.json).
 On one H100, 22 of the shapes fine-tunes (3,000 steps each) ran side by side in ~5-7 minutes; the GPU
 was the bottleneck (100% busy with tiny kernels from 22 processes), so their wall clocks say nothing
 about one run's speed.
 """
 import argparse
+import ast
 import json
 import os
 import re
@@ -31,19 +34,39 @@ COLUMNS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/rsum", "probe/rela
            "probe/shape_replace", "probe/word_order", "diag/relation_text_cos", "vsr/acc", "vsr/macro_f1"]
 
 
-def final_test(out_dir, name):
-    """the job's last test-split eval (its final one), or None"""
+def max_steps(cmd):
+    """the job's --max_steps: from its arguments, else the default in its script's argparse (read
+    from the source, nothing imported); None if neither says"""
+    script, *argv = cmd
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--max_steps", type=int)
+    given = p.parse_known_args(argv)[0].max_steps
+    if given is not None or not os.path.isfile(script):
+        return given
+    for node in ast.walk(ast.parse(open(script).read())):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--max_steps"):
+            default = next((k.value for k in node.keywords if k.arg == "default"), None)
+            return ast.literal_eval(default) if default is not None else None
+    return None
+
+
+def final_test(out_dir, name, cmd):
+    """the job's final test-split eval, or None: the last "test" line at the job's last step,
+    max_steps(cmd) (the training scripts also write one at step 0, before training; with the last
+    step unknown, any "test" line after step 0)"""
     path = os.path.join(out_dir, name, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r.get("split", "test") == "test"]
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    last = max_steps(cmd)
+    rows = [r for r in rows if r.get("split", "test") == "test" and (r.get("step") == last if last is not None else r.get("step", 1) > 0)]
     return rows[-1] if rows else None
 
 
 def table(out_dir, jobs, wall):
     """rows grouped by name without its _s<seed> -> (markdown lines, {row: {metric: [values]}})"""
     groups = {}
-    for name, _ in jobs:
-        m = final_test(out_dir, name)
+    for name, cmd in jobs:
+        m = final_test(out_dir, name, cmd)
         if m is not None:
             groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((m, wall.get(name)))
     cols = COLUMNS + ["wall_s"]
@@ -79,7 +102,7 @@ os.makedirs(args.out_dir, exist_ok=True)
 env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 summary_path = os.path.join(args.out_dir, "summary.json")
 done = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-t0, queue, running = time.time(), [(n, c) for n, c in jobs if final_test(args.out_dir, n) is None], {}
+t0, queue, running = time.time(), [(n, c) for n, c in jobs if final_test(args.out_dir, n, c) is None], {}
 print(f"{len(jobs) - len(queue)} of {len(jobs)} jobs already finished", flush=True)
 while queue or running:
     while queue and len(running) < args.jobs and not (args.deadline and time.time() - t0 > args.deadline):
@@ -101,8 +124,8 @@ while queue or running:
             print(f"[{time.time() - t0:6.0f}s] {name}: rc {proc.returncode}, {done[name]['wall_s']} s", flush=True)
             del running[name]
     time.sleep(1)
-for name, _ in jobs:
-    done.setdefault(name, {"rc": "not started" if final_test(args.out_dir, name) is None else "finished before"})
+for name, cmd in jobs:
+    done.setdefault(name, {"rc": "not started" if final_test(args.out_dir, name, cmd) is None else "finished before"})
 with open(summary_path, "w") as f:
     json.dump(done, f, indent=1)
 archive = args.archive or os.path.join(args.out_dir, "grid.tar.gz")

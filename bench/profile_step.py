@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_scratch  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
+import shapes  # noqa: E402
 from model import CLIP, model_config, param_groups  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -30,7 +31,7 @@ if args.threads:
 cfg_args = clip_scratch.get_args(rest)  # the default run's settings (or whatever flags follow)
 torch.manual_seed(0)
 model = CLIP(**model_config(cfg_args.model_size, cfg_args.image_size, cfg_args.context_length))
-dataset = data.ShapesDataset(cfg_args.image_size, 0, cfg_args.swap_noise, cfg_args.caption_style)
+dataset = shapes.ShapesDataset(cfg_args.image_size, 0, cfg_args.swap_noise, cfg_args.caption_style)
 B = cfg_args.batch_size
 
 
@@ -50,11 +51,11 @@ samples = [dataset[k] for k in range(B)]
 rows = {}
 rows["render + caption 128 scenes (dataset[key])"] = timed(lambda: [dataset[next(step) * B + j] for j in range(B)])
 rows["collate + tokenize (make_batch)"] = timed(lambda: clip_scratch.make_batch(samples, cfg_args))
-images, texts, _ = clip_scratch.make_batch(samples, cfg_args)
+batch, _ = clip_scratch.make_batch(samples, cfg_args)  # ((images, texts), {"unreadable images": 0})
 
 
 def fwd():
-    return clip_scratch.step_loss(model, (images, texts), cfg_args)[0]
+    return clip_scratch.step_loss(model, batch, cfg_args, None)[0]  # clip_scratch's step_loss leaves its state unused
 
 
 rows["forward + loss"] = timed(fwd)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_scratch  # noqa: E402
-import data  # noqa: E402
+import shapes  # noqa: E402
 from model import CLIP, autocast_ctx, model_config, param_groups  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -33,7 +33,7 @@ args, rest = p.parse_known_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 run = clip_scratch.get_args(rest)
-dataset = data.ShapesDataset(run.image_size, 0, run.swap_noise, run.caption_style)
+dataset = shapes.ShapesDataset(run.image_size, 0, run.swap_noise, run.caption_style)
 cpu = torch.device("cpu")
 
 ROWS = {  # name: (dtype, AdamW kwargs)
@@ -52,9 +52,9 @@ for name, (dtype, kw) in ROWS.items():
 
 def step(name, i):
     model, opt, dtype = state[name]
-    batch = clip_scratch.make_batch([dataset[i * run.batch_size + j] for j in range(run.batch_size)], run)
+    batch, _ = clip_scratch.make_batch([dataset[i * run.batch_size + j] for j in range(run.batch_size)], run)
     with autocast_ctx(cpu, dtype):
-        loss, _ = clip_scratch.step_loss(model, batch[:2], run)
+        loss, _ = clip_scratch.step_loss(model, batch, run, None)  # clip_scratch's step_loss leaves its state unused
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -2,6 +2,7 @@
 reference), the shapes world's preferences against the scenes' geometry, gradients under 2 gloo
 processes, resume, the checkpoint in open_clip, and --data vsr / rankings end to end on files in
 their exact formats (tiny settings, CPU)."""
+import argparse
 import copy
 import json
 import math
@@ -20,6 +21,9 @@ import data
 import eval as ev
 from conftest import ROOT, load_weights, run, run_and_kill
 from model import CLIP, model_config
+import negatives
+import shapes
+from model import load_model
 
 TINY = ["--batch_size", "2", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
@@ -112,7 +116,7 @@ def scene_facts(scene):
 
 def wrong_facts(scene, caption):
     """how many of the caption's two compositional claims (the relation, the colour binding) are false
-    of the scene, read off the objects' coordinates, independently of data.mirror / swap_colours"""
+    of the scene, read off the objects' coordinates, independently of shapes.mirror / swap_colours"""
     w = caption.split()  # a {size} {colour} {shape} {rel...} a {size} {colour} {shape} on a ...
     rel = " ".join(w[4:w.index("a", 4)])
     j = w.index("a", 4)
@@ -125,21 +129,21 @@ def wrong_facts(scene, caption):
 @pytest.mark.parametrize("which", ["both", "mirror", "swap"])
 def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
     for key in range(20):
-        scene = data.sample_scene(data.scene_rng("dpo", 0, key))
-        twins = {"both": [scene, data.mirror(scene), data.swap_colours(scene), data.mirror(data.swap_colours(scene))],
-                 "mirror": [scene, data.mirror(scene)], "swap": [scene, data.swap_colours(scene)]}[which]
+        scene = shapes.sample_scene(shapes.scene_rng("dpo", 0, key))
+        twins = {"both": [scene, shapes.mirror(scene), shapes.swap_colours(scene), shapes.mirror(shapes.swap_colours(scene))],
+                 "mirror": [scene, shapes.mirror(scene)], "swap": [scene, shapes.swap_colours(scene)]}[which]
         n = len(twins)
         g = clip_dpo.shapes_group(scene, 16, with_statements=True, twins=which)
         assert len(g["images"]) == n and len(set(g["texts"])) == 2 * n and len(g["queries"]) == 4 * n
         for i in range(n):
-            assert torch.equal(g["images"][i], data.to_tensor(data.render(twins[i], 16)))
+            assert torch.equal(g["images"][i], data.to_tensor(shapes.render(twins[i], 16)))
         for direction, q, cands, ranks in g["queries"]:
             for c, r in zip(cands, ranks):
                 image, text = (q, c) if direction == "i2t" else (c, q)
                 if text < n:  # a caption
                     assert r == wrong_facts(twins[image], g["texts"][text]), (direction, q, c)
                 else:  # a statement: its own twin ranks it first, the others by the same wrong facts
-                    assert g["texts"][text] == data.statements(twins[text - n])[0][0]
+                    assert g["texts"][text] == shapes.statements(twins[text - n])[0][0]
                     assert r == wrong_facts(twins[image], twins[text - n].caption())
         assert g["pos"] == [(i, i) for i in range(n)]
 
@@ -163,8 +167,13 @@ def tiny_init(tmp_path, seed=0):
 
 def batch_of(groups, direction="both"):
     args = type("A", (), {"direction": direction, "context_length": 32})
-    images, texts, prefs, _ = clip_dpo.make_batch(groups, args)
-    return images, texts, prefs
+    batch, _ = clip_dpo.make_batch(groups, args)
+    return batch
+
+
+def state_of(reference, step=0):
+    """the loop's state as step_loss sees it"""
+    return argparse.Namespace(reference=reference, step=step)
 
 
 def args_for(loss="dpo", **kw):
@@ -179,7 +188,7 @@ def tiny_policy_and_batch():
     torch.manual_seed(0)
     policy = CLIP(**model_config("tiny", 32, 32))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return policy, reference, batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    return policy, reference, batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
 
 
 def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
@@ -201,8 +210,8 @@ def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
 
 def test_imc_weight_adds_the_term_on_image_queries_only():
     policy, reference, batch = tiny_policy_and_batch()
-    base, _ = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
-    mixed, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo", imc_weight=0.5))
+    base, _ = clip_dpo.step_loss(policy, batch, args_for("dpo"), state_of(reference))
+    mixed, stats = clip_dpo.step_loss(policy, batch, args_for("dpo", imc_weight=0.5), state_of(reference))
     images, texts, prefs = batch
     f = torch.cat([policy.encode_image(images, normalize=True), policy.encode_text(texts, normalize=True)])
     i2t = prefs["query"] < len(images)
@@ -210,10 +219,10 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
     assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
-    shapes, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr"])
-    assert (shapes.imc_weight, shapes.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
+    world, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr"])
+    assert (world.imc_weight, world.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
     assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
-    assert (shapes.lr, shapes.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)  # a pretrained CLIP gets a fine-tuning lr
+    assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)  # a pretrained CLIP gets a fine-tuning lr
 
 
 def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
@@ -222,10 +231,11 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
     init, weights, losses = tiny_init(tmp_path), [], []
     real = clip_dpo.step_loss
 
-    def spy(model, reference, batch, args, imc_weight=None):
-        loss, stats = real(model, reference, batch, args, imc_weight)
-        weights.append(imc_weight)
-        losses.append((loss.item(), real(model, reference, batch, args, 0.0)[0].item(), "imc" in stats))
+    def spy(model, batch, args, state):
+        loss, stats = real(model, batch, args, state)
+        weights.append(args.imc_weight if state.step < args.imc_steps else 0.0)
+        without = real(model, batch, argparse.Namespace(**{**vars(args), "imc_weight": 0.0}), state)[0].item()
+        losses.append((loss.item(), without, "imc" in stats))
         return loss, stats
     monkeypatch.setattr(clip_dpo, "step_loss", spy)
     torch.set_num_threads(1)
@@ -237,7 +247,7 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
 
 
 def test_make_batch_indexes_the_concatenated_features():
-    g = [clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, k)), 32, True) for k in range(3)]
+    g = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(3)]
     images, texts, prefs = batch_of(g)
     assert images.shape == (12, 3, 32, 32) and texts.shape[0] == 24
     assert prefs["query"].shape == (3 * 16,) and prefs["cand"].shape == (48, 4)
@@ -254,14 +264,14 @@ def test_make_batch_indexes_the_concatenated_features():
 
 def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip():
     policy, reference, batch = tiny_policy_and_batch()
-    loss, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo"))
+    loss, stats = clip_dpo.step_loss(policy, batch, args_for("dpo"), state_of(reference))
     assert stats["chosen"].item() == 0 and stats["rejected"].item() == 0  # policy == reference: every reward exactly 0
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and stats["reward_acc"].item() == 0.5
-    loss, stats = clip_dpo.step_loss(policy, reference, batch, args_for("listwise"))
+    loss, stats = clip_dpo.step_loss(policy, batch, args_for("listwise"), state_of(reference))
     # [0, 1, 1, 2]: the best among 4, then each middle one among itself and the worst
     assert loss.item() == pytest.approx(math.log(4) + 2 * math.log(2), abs=1e-6) and stats["reward_acc"].item() == 0.5
     # dpo_clip = alpha CLIP + (1 - alpha) DPO, the CLIP loss on the true (image, caption) pairs
-    mix, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo_clip", alpha=0.3))
+    mix, stats = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", alpha=0.3), state_of(reference))
     images, texts, prefs = batch
     v, t = policy.encode_image(images, normalize=True), policy.encode_text(texts, normalize=True)
     pos = prefs["pos"]
@@ -270,7 +280,7 @@ def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip()
     # l2sp is zero at the start and the squared distance after a change
     with torch.no_grad():
         policy.text_projection.add_(0.01)
-    l2, stats = clip_dpo.step_loss(policy, reference, batch, args_for("dpo", l2sp=2.0))
+    l2, stats = clip_dpo.step_loss(policy, batch, args_for("dpo", l2sp=2.0), state_of(reference))
     assert stats["l2sp"].item() == pytest.approx(0.01 ** 2 * policy.text_projection.numel(), rel=1e-3)
 
 
@@ -280,7 +290,7 @@ def test_reference_is_frozen_never_trained_and_bit_identical(tmp_path, monkeypat
     init = tiny_init(tmp_path)
     seen = []
     real = clip_dpo.step_loss
-    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, reference, *rest: (seen.append(reference), real(model, reference, *rest))[1])
+    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, batch, args, state: (seen.append(state.reference), real(model, batch, args, state))[1])
     torch.set_num_threads(1)
     clip_dpo.main(["--init", init, "--max_steps", "3", "--out_dir", str(tmp_path / "out"), "--lr", "1e-3", *TINY])
     start = torch.load(init, weights_only=True)["model"]
@@ -301,7 +311,7 @@ def test_bf16_reference_matches_the_policy_under_autocast():
     reference = clip_dpo.make_reference(policy, "bfloat16")
     assert reference.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
     assert reference.positional_embedding.dtype == torch.float32 and reference.ln_final.weight.dtype == torch.float32
-    images, texts, _ = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, 0)), 32, False)])
+    images, texts, _ = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, False)])
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         a, b = policy(images, texts), reference(images, texts)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -310,7 +320,7 @@ def test_bf16_reference_matches_the_policy_under_autocast():
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = CLIP(**model_config("tiny", 32, 32))
-    images, texts, prefs = batch_of([clip_dpo.shapes_group(data.sample_scene(data.scene_rng("dpo", 0, 0)), 32, True)])
+    images, texts, prefs = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, True)])
     grads = []
     for on in (False, True):
         model.set_grad_checkpointing(on)
@@ -334,7 +344,7 @@ def _ddp_worker(rank, init_file, path, groups, out):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(ddp, reference, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3))[0].backward()
+        clip_dpo.step_loss(ddp, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference))[0].backward()
         torch.save([p.grad for p in model.parameters()], f"{out}.{loss}.{rank}")
     dist.destroy_process_group()
 
@@ -368,7 +378,7 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(model, reference, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5, imc_weight=0.3))[0].backward()
+        clip_dpo.step_loss(model, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference))[0].backward()
         g0, g1 = torch.load(f"{out}.{loss}.0"), torch.load(f"{out}.{loss}.1")
         for p, a, b in zip(model.parameters(), g0, g1):
             if p.grad is not None:
@@ -410,7 +420,7 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
-    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "reference"}
+    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference"}
     assert a["reference"] == {"spec": init, "checksum": sum(p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values())}
     theirs = open_clip.CLIP(**a["model_cfg"])
     theirs.load_state_dict(a["model"], strict=True)
@@ -600,11 +610,11 @@ def write_shapes_vsr(root, n_train=48, n_eval=24, size=32):
         os.makedirs(root / folder, exist_ok=True)
         with open(root / "splits" / "random" / f"{part}.jsonl", "w") as f:
             for i in range(n):
-                s = data.sample_scene(data.scene_rng(f"vsr-{part}", 0, i))
+                s = shapes.sample_scene(shapes.scene_rng(f"vsr-{part}", 0, i))
                 name = f"{key:012d}.jpg"
                 key += 1
-                Image.fromarray(data.render(s, size)).save(root / folder / name, quality=95)
-                text, label = data.statements(s)[i % 2]
+                Image.fromarray(shapes.render(s, size)).save(root / folder / name, quality=95)
+                text, label = shapes.statements(s)[i % 2]
                 f.write(json.dumps({"image": name, "image_link": f"http://images.cocodataset.org/{folder}/{name}", "caption": text,
                                     "label": int(label), "relation": text.split(" is ")[1].split(" the ")[0], "annotator_id": 1,
                                     "vote_true_validator_id": "[2]" if label else "[]", "vote_false_validator_id": "[]" if label else "[2]",
@@ -650,10 +660,10 @@ def write_candidates(root, n=6, size=32):
     os.makedirs(root / "imgs")
     with open(root / "candidates.jsonl", "w") as f:
         for i in range(n):
-            s = data.sample_scene(data.scene_rng("rank", 0, i))
-            twins = [s, data.mirror(s), data.swap_colours(s)]
+            s = shapes.sample_scene(shapes.scene_rng("rank", 0, i))
+            twins = [s, shapes.mirror(s), shapes.swap_colours(s)]
             for j, t in enumerate(twins):
-                Image.fromarray(data.render(t, size)).save(root / "imgs" / f"{i}_{j}.png")
+                Image.fromarray(shapes.render(t, size)).save(root / "imgs" / f"{i}_{j}.png")
             if i % 2:
                 f.write(json.dumps({"image": f"imgs/{i}_0.png", "texts": [t.caption() for t in twins][::-1]}) + "\n")
             else:
@@ -688,7 +698,7 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
     out = tmp_path / "elsewhere" / "rankings.jsonl"
     ev.main(["--model", str(tmp_path / "rm" / "ckpt.pt"), "--rank", str(tmp_path / "candidates.jsonl"), "--out", str(out)])
     ranked = data.read_rankings(str(out))  # readable from its own folder: paths were rewritten relative to it
-    model, preprocess, tokenizer = ev.load_model(str(tmp_path / "rm" / "ckpt.pt"))
+    model, preprocess, tokenizer = load_model(str(tmp_path / "rm" / "ckpt.pt"))
     for line, row in zip(open(out), ranked):
         scores = json.loads(line)["scores"]
         assert scores == sorted(scores, reverse=True) and row["ranks"] == list(range(3))
@@ -708,11 +718,11 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
 
 
 def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
-    """--data hnc: each image (read item by item from data.read_hnc's index) asks about one of its
+    """--data hnc: each image (read item by item from negatives.read_hnc's index) asks about one of its
     positives with negatives, ranked above exactly those negatives; a positive without negatives is
     never chosen; the pick is deterministic per (seed, key) and differs across keys"""
     path = os.path.join(ROOT, "tests", "fixtures", "hnc", "hnc_clean_strict_train.json")
-    hnc = data.read_hnc(path)
+    hnc = negatives.read_hnc(path)
     groups = clip_dpo.HNCGroups(hnc, lambda im: torch.zeros(3, 32, 32), seed=0)
     seen = set()
     for key in range(16):

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import clip_hardneg as hn
 from conftest import ROOT, load_weights, run, run_and_kill
 from model import CLIP, model_config, param_groups, set_trainable
+import negatives
+import shapes
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -196,7 +198,7 @@ def tiny_setup(loss="ceclip", **kw):
     args = hn.get_args(["--loss", loss, *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
     args.context_length = 32
     ds = hn.ShapesHardNegatives(32, 0, args.neg_types, True)
-    batch = hn.make_batch([ds[i] for i in range(4)], args)[:4]
+    batch, _ = hn.make_batch([ds[i] for i in range(4)], args)
     state = argparse.Namespace(step=0, threshold=torch.zeros(2), teacher=None, init_params=None, clip=clip)
     return clip, args, batch, state
 
@@ -282,13 +284,12 @@ def test_hn_weight_ramps_linearly():
 
 
 def test_shapes_batches_hold_scenes_and_their_twins():
-    import data
     clip, args, batch, state = tiny_setup("negclip")
     ds = hn.ShapesHardNegatives(32, 0, ("relation", "attribute_swap"), True)
     for key in range(4):
         (_, cap, negs), (_, twin_cap, twin_negs) = ds[key]
-        s = data.sample_scene(data.scene_rng("hardneg", 0, key))
-        assert cap == s.caption() and negs == [data.relation_flip(s), data.attribute_swap(s)]
+        s = shapes.sample_scene(shapes.scene_rng("hardneg", 0, key))
+        assert cap == s.caption() and negs == [shapes.relation_flip(s), shapes.attribute_swap(s)]
         assert twin_cap == negs[key % 2]  # the mirror's caption is the relation negative, the colour swap's the attribute one
         assert twin_negs[key % 2] == cap
     images, captions, negatives, valid = batch
@@ -296,7 +297,7 @@ def test_shapes_batches_hold_scenes_and_their_twins():
 
 def test_negclip_samples_bring_one_of_their_neg_image_rows():
     import data
-    rows = data.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))
+    rows = negatives.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))
     ds = hn.HardNegatives([(p, [(c, [negs])], nr) for p, c, negs, nr in rows], 32, 0, None, True)
     picked = set()
     for key in range(16):  # 4 epochs of 4 items
@@ -391,7 +392,7 @@ def test_checkpoint_loads_strict_in_open_clip_and_export(tmp_path, init):
 @pytest.mark.parametrize("argv, expect", [
     (["--data", "coco", "--data_root", f"{FIX}/coco", "--batch_size", "2"], "eval test step 2"),
     (["--data", "negclip", "--data_root", f"{FIX}/negclip/train_neg_clip.tsv", "--neg_images", "--batch_size", "4"], "step 2/2"),
-    (["--data", "ceclip", "--data_root", f"{FIX}/ceclip", "--allow_pickle", "--loss", "ceclip", "--batch_size", "4"], "negatives invalid"),
+    (["--data", "ceclip", "--data_root", f"{FIX}/ceclip", "--allow_pickle", "--loss", "ceclip", "--batch_size", "4"], "invalid negatives"),
     (["--data", "hnc", "--data_root", f"{FIX}/hnc/hnc_clean_strict_train.json", "--batch_size", "2"], "skipped 2 negative caption(s)"),
 ])
 def test_real_data_readers_through_the_cli(tmp_path, init, argv, expect):

@@ -18,6 +18,8 @@ from clip_scratch import caption_loss, clip_loss, clips_loss
 from conftest import TINY, load_weights, run, run_and_kill
 from model import CLIP, Captioner, model_config, param_groups, prefix_lm_mask
 from test_clip_scratch import naive_clip_loss
+import shapes
+from model import load_captioner, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECAP = os.path.join(ROOT, "tests", "fixtures", "recap")
@@ -88,24 +90,25 @@ def clips_args(*argv):
 
 
 def test_shapes_clips_batch_adds_only_the_synthetic_caption():
-    plain, args = data.ShapesDataset(32, seed=3), clips_args()
+    plain, args = shapes.ShapesDataset(32, seed=3), clips_args()
     keys = (0, 5, 123)
-    images, tokens, _ = clip_scratch.make_batch([plain[k] for k in keys], clip_scratch.get_args(["--image_size", "32"]))
-    images2, (pair, full), skipped = clip_scratch.make_batch([plain[k] for k in keys], args)
-    alone = [clip_scratch.make_batch([plain[k]], args)[1][0][0] for k in keys]
+    (images, tokens), _ = clip_scratch.make_batch([plain[k] for k in keys], clip_scratch.get_args(["--image_size", "32"]))
+    (images2, (pair, full)), counts = clip_scratch.make_batch([plain[k] for k in keys], args)
+    texts = lambda samples: clip_scratch.make_batch(samples, args)[0][1]  # noqa: E731  (pair, full)
+    alone = [texts([plain[k]])[0][0] for k in keys]
     assert torch.equal(torch.stack(alone), pair)  # per-sample randomness: DDP shards reduce as one process would
-    assert images.equal(images2) and pair[:, 0].equal(tokens) and skipped == 0  # the web caption is plain CLIP's caption
+    assert images.equal(images2) and pair[:, 0].equal(tokens) and counts == {"unreadable images": 0}  # the web caption is plain CLIP's caption
     for i, key in enumerate(keys):
-        s = data.sample_scene(data.scene_rng("train", 3, key))
-        assert plain[key][2] == data.description(s)
-        assert full[i].equal(data.get_tokenizer(77)([data.description(s)])[0])  # the captioner's target: all of it
-        assert len(content(pair[i, 1])) <= 14 and is_subsequence(content(pair[i, 1]), TOK.encode(data.description(s)))
-    assert clip_scratch.make_batch([plain[k] for k in keys], args)[1][0].equal(pair)  # a resumed run reduces the same way
-    other = data.ShapesDataset(32, seed=4)
-    assert not clip_scratch.make_batch([other[k] for k in keys], args)[1][0][:, 1].equal(pair[:, 1])  # ... per seed
+        s = shapes.sample_scene(shapes.scene_rng("train", 3, key))
+        assert plain[key][2] == shapes.description(s)
+        assert full[i].equal(data.get_tokenizer(77)([shapes.description(s)])[0])  # the captioner's target: all of it
+        assert len(content(pair[i, 1])) <= 14 and is_subsequence(content(pair[i, 1]), TOK.encode(shapes.description(s)))
+    assert texts([plain[k] for k in keys])[0].equal(pair)  # a resumed run reduces the same way
+    other = shapes.ShapesDataset(32, seed=4)
+    assert not texts([other[k] for k in keys])[0][:, 1].equal(pair[:, 1])  # ... per seed
 
 
-PHRASE = re.compile(rf"a (?:(small|large) )?(?:({'|'.join(data.COLOURS)}) )?({'|'.join(data.SHAPES)})")
+PHRASE = re.compile(rf"a (?:(small|large) )?(?:({'|'.join(shapes.COLOURS)}) )?({'|'.join(shapes.SHAPES)})")
 
 
 def claims_hold(caption, s):
@@ -116,14 +119,14 @@ def claims_hold(caption, s):
     by_shape = {o.shape: (i, o) for i, o in enumerate(s.objs)}
     phrases = PHRASE.findall(caption)
     form = PHRASE.sub("X", caption)
-    assert re.fullmatch(rf"X(?: (?:and|{'|'.join(data.CONVERSE)}) X)?(?: on a {s.background} background)?", form), (caption, s)
+    assert re.fullmatch(rf"X(?: (?:and|{'|'.join(shapes.CONVERSE)}) X)?(?: on a {s.background} background)?", form), (caption, s)
     for size, colour, shape in phrases:
         o = by_shape[shape][1]
         assert size in ("", o.size) and colour in ("", o.colour), (caption, s)
-    rel = [r for r in data.CONVERSE if f" {r} " in caption]
+    rel = [r for r in shapes.CONVERSE if f" {r} " in caption]
     if rel:  # "A rel B": objs[0] is left of / above objs[1]
         (i, _), (j, _) = by_shape[phrases[0][2]], by_shape[phrases[1][2]]
-        assert rel[0] == data.RELATIONS[s.axis][i] and i != j, (caption, s)
+        assert rel[0] == shapes.RELATIONS[s.axis][i] and i != j, (caption, s)
     stated = sum(bool(x) for p in phrases for x in p) + bool(rel) + ("background" in caption)
     return 8 - stated
 
@@ -131,8 +134,8 @@ def claims_hold(caption, s):
 def test_partial_captions_are_true_terse_and_varied():
     forms = set()
     for i in range(300):
-        s = data.sample_scene(data.scene_rng("train", 0, i))
-        caption = data.partial_caption(s, random.Random(i))
+        s = shapes.sample_scene(shapes.scene_rng("train", 0, i))
+        caption = shapes.partial_caption(s, random.Random(i))
         assert claims_hold(s.caption(), s) == 0  # the checker accepts the full caption, all 8 facts
         assert claims_hold(caption, s) >= 3  # true, and at least 3 of the 8 facts left out
         forms.add(re.sub(r"\w+", "w", PHRASE.sub("X", caption)))
@@ -140,36 +143,36 @@ def test_partial_captions_are_true_terse_and_varied():
 
 
 def test_shapes_partial_web_captions_in_the_dataset():
-    full = data.ShapesDataset(32, seed=3)
-    noisy = data.ShapesDataset(32, seed=3, caption_style="partial")
-    clean = data.ShapesDataset(32, seed=3, swap_noise=0.0, caption_style="partial")
+    full = shapes.ShapesDataset(32, seed=3)
+    noisy = shapes.ShapesDataset(32, seed=3, caption_style="partial")
+    clean = shapes.ShapesDataset(32, seed=3, swap_noise=0.0, caption_style="partial")
     swapped, coloured = 0, 0
     for key in range(60):
-        s = data.sample_scene(data.scene_rng("train", 3, key))
+        s = shapes.sample_scene(shapes.scene_rng("train", 3, key))
         image, text, synthetic, _ = noisy[key]
         image2, text2, _, _ = clean[key]
         assert image.equal(full[key][0]) and image.equal(image2)  # same scenes; only the caption differs
         assert claims_hold(text2, s) >= 3
-        assert synthetic == data.description(s)  # the synthetic caption is complete
+        assert synthetic == shapes.description(s)  # the synthetic caption is complete
         if PHRASE.search(text).group(2):  # a caption naming colours: the noisy one is true or exactly colour-swapped
             coloured += 1
             try:
                 claims_hold(text, s)
             except AssertionError:
-                claims_hold(text, data.swap_colours(s))
+                claims_hold(text, shapes.swap_colours(s))
                 swapped += 1
     assert 0.25 < swapped / coloured < 0.75  # swap_noise 0.5 applies to the partial captions too
     with pytest.raises(ValueError, match="caption_style"):
-        data.ShapesDataset(32, caption_style="short")
-    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1)
+        shapes.ShapesDataset(32, caption_style="short")
+    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), None, 0, 1)
     assert all(cli[key][1] == noisy[key][1] for key in range(10))  # the flag reaches the dataset
 
 
 def test_shapes_vocab_covers_every_text_of_the_world():
-    vocab, tok = set(data.shapes_vocab()), data.get_tokenizer(77)
+    vocab, tok = set(shapes.shapes_vocab()), data.get_tokenizer(77)
     for i in range(300):
-        s = data.sample_scene(data.scene_rng("train", 0, i))
-        texts = [s.caption(), data.description(s), *(f(s) for f in data.NEGATIVES.values()), *(t for t, _ in data.statements(s))]
+        s = shapes.sample_scene(shapes.scene_rng("train", 0, i))
+        texts = [s.caption(), shapes.description(s), *(f(s) for f in shapes.NEGATIVES.values()), *(t for t, _ in shapes.statements(s))]
         for t in texts:
             assert set(tok.encode(t)) <= vocab, t
 
@@ -214,7 +217,7 @@ def test_read_recap_errors_and_skips(tmp_path, capsys):
 def test_image_text_dataset_synthetic_caption(tmp_path):
     items = data.read_recap(os.path.join(RECAP, "recap.jsonl"))["train"]
     ds = data.ImageTextDataset(items, 32)
-    _, (pair, full), _ = clip_scratch.make_batch([ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40"))
+    (_, (pair, full)), _ = clip_scratch.make_batch([ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40"))
     web, synthetic = items[1][1][0], items[1][2]
     assert ds[1][1:3] == (web, synthetic)
     assert pair[0, 0].equal(TOK([web])[0]) and full[0].equal(data.get_tokenizer(40)([synthetic])[0])
@@ -308,7 +311,7 @@ def test_captioner_ignores_web_caption_padding():
     """the captioner's output for an image does not depend on the other captions in the batch,
     although they set how many text positions (padding included) the text tower runs"""
     torch.manual_seed(0)
-    model = clip_scratch.CLIPWithCaptioner(CLIP(**model_config("tiny", 32, 32)), Captioner(128, 128, 128, 1, 4, n_query=6, vocab=data.shapes_vocab())).eval()
+    model = clip_scratch.CLIPWithCaptioner(CLIP(**model_config("tiny", 32, 32)), Captioner(128, 128, 128, 1, 4, n_query=6, vocab=shapes.shapes_vocab())).eval()
     images = torch.randn(2, 3, 32, 32)
     short, long_ = TOK(["a red circle"]), TOK(["a small red circle left of a large blue square on a dotted background"])
     logits = []
@@ -318,7 +321,7 @@ def test_captioner_ignores_web_caption_padding():
         model(images[:1], short, target[:1])
         # CLIPS's layout: 2B texts, the B web captions first; the second image's long caption pads the first
         model(images, torch.cat([short, long_, long_, long_]), target)
-    assert logits[1].shape[1] == 6 and logits[1].shape[2] == len(data.shapes_vocab())
+    assert logits[1].shape[1] == 6 and logits[1].shape[2] == len(shapes.shapes_vocab())
     torch.testing.assert_close(logits[1][:1], logits[0], atol=1e-5, rtol=0)
 
 
@@ -379,7 +382,7 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     captioner.load_state_dict(ckpt["captioner"], strict=True)  # two state dicts, no key prefixes
     theirs = open_clip.CLIP(**ckpt["model_cfg"]).eval()
     theirs.load_state_dict(ckpt["model"], strict=True)  # the towers, as always
-    ours, _, tokenizer = ev.load_model(str(tmp_path / "ckpt.pt"))
+    ours, _, tokenizer = load_model(str(tmp_path / "ckpt.pt"))
     hub, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     images, tokens = torch.randn(2, 3, 32, 32), tokenizer(["a small red circle", "a ring"])
     with torch.no_grad():
@@ -387,18 +390,18 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
             torch.testing.assert_close(ours.encode_image(images), other.encode_image(images), atol=1e-5, rtol=0)
             torch.testing.assert_close(ours.encode_text(tokens), other.encode_text(tokens), atol=1e-5, rtol=0)
     # eval.py --caption: the greedy caption is the per-position argmax, cut at the first EOT
-    scene = data.test_scenes(4)[3]
-    image = data.to_tensor(data.render(scene, 32))
+    scene = shapes.test_scenes(4)[3]
+    image = data.to_tensor(shapes.render(scene, 32))
     web = tokenizer([scene.caption()])
     with torch.no_grad():
         logits = captioner(ours.encode_image(image[None], return_tokens=True)[1], ours.encode_text(web, return_tokens=True)[1], web)
     ids = captioner.vocab[logits[0].argmax(-1)].tolist()
     ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     want = tokenizer.decode(ids).strip()
-    assert ev.generate_caption(ours, ev.load_captioner(str(tmp_path / "ckpt.pt")), image, scene.caption(), tokenizer) == want
+    assert ev.generate_caption(ours, load_captioner(str(tmp_path / "ckpt.pt")), image, scene.caption(), tokenizer) == want
     out = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "3"])
     assert out.returncode == 0, out.stderr
-    assert f"caption:     {want}" in out.stdout and data.description(scene) in out.stdout
+    assert f"caption:     {want}" in out.stdout and shapes.description(scene) in out.stdout
     plain = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "nowhere.jpg"])
     assert plain.returncode != 0 and "nowhere.jpg" in plain.stderr and "Traceback" not in plain.stderr
 

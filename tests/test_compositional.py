@@ -20,6 +20,9 @@ sys.path.insert(0, ROOT)
 from model import CLIP, model_config  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
+import shapes
+from tasks import aro, common, intrinsic, sugarcrepe, valse, vlchecklist
+from model import export_open_clip
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 # the fixture images are solid colours from this list (a stub recognises an image by its colour)
@@ -56,7 +59,7 @@ class ScoreStub(torch.nn.Module):
 
 def run(bench, score, **kwargs):
     stub = ScoreStub(score)
-    return ev.COMPOSITIONAL[bench](stub, stub.preprocess, stub.tokenizer, "cpu", **kwargs)
+    return ev.task(bench).evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", **kwargs)
 
 
 def fake_tools(nouns=(), adjectives=()):
@@ -83,7 +86,7 @@ def fixture_copy(tmp_path, name):
 
 
 def sugarcrepe_items():
-    return {s: [(f, c) for f, c in items] for s, items in ev.read_sugarcrepe(os.path.join(FIX, "sugarcrepe")).items()}
+    return {s: [(f, c) for f, c in items] for s, items in sugarcrepe.read_sugarcrepe(os.path.join(FIX, "sugarcrepe")).items()}
 
 # -----------------------------------------------------------------------------
 # the scoring helper
@@ -99,25 +102,25 @@ def test_choice_scores_hand_computed_ties_and_batching(tmp_path):
     items = [(paths[0], ["a", "b"]), (paths[1], ["a", "b"]), (paths[2], ["c", "a"]), (paths[2], ["b", "c"]),
              (paths[0], ["b", "a"])]
     for bs in (1, 2, 128):  # one pass however the batches fall
-        scores, readable = ev.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu", batch_size=bs)
+        scores, readable = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu", batch_size=bs)
         assert readable.all()
         torch.testing.assert_close(scores, torch.tensor([[0.9, 0.2], [0.5, 0.5], [0.3, 0.1], [0.7, 0.3], [0.2, 0.9]]))
         # item 1 ties (0.5 = 0.5): wrong
-        assert ev.choice_correct(scores).tolist() == [True, False, True, True, False]
+        assert common.choice_correct(scores).tolist() == [True, False, True, True, False]
     # a wrong caption identical to the right one is no distractor; with no other, the item is wrong
-    three, _ = ev.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a", "b"])], "cpu")
-    two, _ = ev.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a"])], "cpu")
+    three, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a", "b"])], "cpu")
+    two, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a"])], "cpu")
     assert three[0, 1].isnan() and two[0, 1].isnan()
-    assert ev.choice_correct(three).tolist() == [True] and ev.choice_correct(two).tolist() == [False]
+    assert common.choice_correct(three).tolist() == [True] and common.choice_correct(two).tolist() == [False]
     # a missing image leaves its item unscored, the others untouched
-    scores, readable = ev.choice_scores(stub, stub.preprocess, stub.tokenizer, items + [(str(tmp_path / "no.png"), ["a", "b"])], "cpu")
+    scores, readable = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items + [(str(tmp_path / "no.png"), ["a", "b"])], "cpu")
     assert readable.tolist() == [True] * 5 + [False] and scores[5].isnan().all()
 
 
 def test_choice_correct_needs_strictly_highest():
     scores = torch.tensor([[1.0, 0.5, 0.9, 0.2, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0], [0.4, 0.5, 0.0, 0.0, 0.0],
                            [0.0, -1.0, -2.0, -3.0, -4.0]])
-    assert ev.choice_correct(scores).tolist() == [True, False, False, True]
+    assert common.choice_correct(scores).tolist() == [True, False, False, True]
 
 
 @pytest.mark.parametrize("k", [2, 5])
@@ -129,9 +132,9 @@ def test_blind_model_gets_exactly_chance_over_the_right_captions_position(k):
     hits = []
     for shift in range(k):
         items = [(Image.new("RGB", (2, 2), PALETTE[0]), caps[shift:] + caps[:shift]) for caps in captions]
-        scores, _ = ev.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu")
+        scores, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu")
         assert len(set(scores[0].tolist())) == k  # no ties in this draw
-        hits.append(ev.choice_correct(scores).float())
+        hits.append(common.choice_correct(scores).float())
     assert (torch.stack(hits).sum(0) == 1).all()
     assert torch.stack(hits).mean().item() == pytest.approx(1 / k)
 
@@ -140,7 +143,7 @@ def test_blind_model_gets_exactly_chance_over_the_right_captions_position(k):
 
 
 def test_read_sugarcrepe_release_layout(tmp_path):
-    sets = ev.read_sugarcrepe(os.path.join(FIX, "sugarcrepe"))
+    sets = sugarcrepe.read_sugarcrepe(os.path.join(FIX, "sugarcrepe"))
     assert [len(sets[s]) for s in ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")] \
         == [3, 2, 2, 3, 1, 2, 1]
     # swap_obj's ids skip "2" (the released file skips "108"): all three items are read, in file order
@@ -151,17 +154,17 @@ def test_read_sugarcrepe_release_layout(tmp_path):
     # the subset files directly in the root, images elsewhere
     flat = tmp_path / "flat"
     shutil.copytree(os.path.join(FIX, "sugarcrepe", "data"), flat)
-    sets2 = ev.read_sugarcrepe(str(flat), image_root="/coco/val2017")
+    sets2 = sugarcrepe.read_sugarcrepe(str(flat), image_root="/coco/val2017")
     assert sets2["add_att"][0][0] == "/coco/val2017/000000331352.jpg"
 
 
 @pytest.mark.parametrize("bench, read", [
-    ("sugarcrepe", lambda root: ev.read_sugarcrepe(os.path.join(root, "sugarcrepe"))),
-    ("aro", lambda root: ev.read_aro_vg(os.path.join(root, "aro", "visual_genome_relation.json"), "/img", "relation")),
-    ("aro", lambda root: ev.read_karpathy_test(os.path.join(root, "aro", "coco_karpathy_test.json"), "/coco")),
-    ("valse", lambda root: ev.read_valse(os.path.join(root, "valse"))),
-    ("vlchecklist", lambda root: ev.read_vlchecklist_file(os.path.join(root, "vlchecklist", "data/Relation/swig_action.json"), "/swig")),
-    ("hnc", lambda root: ev.read_hnc_test(os.path.join(root, "hnc", "hnc_clean_strict_test.json"), "/gqa")),
+    ("sugarcrepe", lambda root: sugarcrepe.read_sugarcrepe(os.path.join(root, "sugarcrepe"))),
+    ("aro", lambda root: aro.read_aro_vg(os.path.join(root, "aro", "visual_genome_relation.json"), "/img", "relation")),
+    ("aro", lambda root: aro.read_karpathy_test(os.path.join(root, "aro", "coco_karpathy_test.json"), "/coco")),
+    ("valse", lambda root: valse.read_valse(os.path.join(root, "valse"))),
+    ("vlchecklist", lambda root: vlchecklist.read_vlchecklist_file(os.path.join(root, "vlchecklist", "data/Relation/swig_action.json"), "/swig")),
+    ("hnc", lambda root: intrinsic.read_hnc_test(os.path.join(root, "hnc", "hnc_clean_strict_test.json"), "/gqa")),
 ])
 def test_every_reader_reads_a_file_with_a_bom_as_the_clean_file(tmp_path, bench, read):
     root = tmp_path / "fixtures"
@@ -209,7 +212,7 @@ def test_sugarcrepe_blind_model_sums_to_one_over_swapped_roles(tmp_path):
         rows = {k: r | {"caption": r["negative_caption"], "negative_caption": r["caption"]} for k, r in rows.items()}
         json.dump(rows, open(root / "data" / f, "w"))
     after = run("sugarcrepe", blind, root=str(root))
-    for s in ev.SUGARCREPE["replace"] + ev.SUGARCREPE["swap"] + ev.SUGARCREPE["add"]:
+    for s in sugarcrepe.SUGARCREPE["replace"] + sugarcrepe.SUGARCREPE["swap"] + sugarcrepe.SUGARCREPE["add"]:
         assert before[f"sugarcrepe/{s}"] + after[f"sugarcrepe/{s}"] == pytest.approx(1.0)
 
 # -----------------------------------------------------------------------------
@@ -217,17 +220,17 @@ def test_sugarcrepe_blind_model_sums_to_one_over_swapped_roles(tmp_path):
 
 
 def test_read_aro_vg_boxes_and_groups():
-    items, groups = ev.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_relation.json"), "/img", "relation")
+    items, groups = aro.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_relation.json"), "/img", "relation")
     assert groups == ["on", "on", "on", "next to", "next to", "behind"]
     assert items[0] == (("/img/2315855.jpg", (2.0, 1.0, 12.0, 9.0)), ["the man is on the horse", "the horse is on the man"])
-    items, groups = ev.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_attribution.json"), "/img", "attribution")
+    items, groups = aro.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_attribution.json"), "/img", "attribution")
     assert groups.count("white_black") == 25 and groups.count("red_blue") == 2
 
 
 def test_aro_crop_past_the_border_is_padded_black():
     # the last relation box (10, 6, 20, 16) runs past the 16 x 12 image, as ARO's loader allows
-    items, _ = ev.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_relation.json"), os.path.join(FIX, "aro", "images"), "relation")
-    im = np.asarray(ev._open_choice_image(items[5][0]))
+    items, _ = aro.read_aro_vg(os.path.join(FIX, "aro", "visual_genome_relation.json"), os.path.join(FIX, "aro", "images"), "relation")
+    im = np.asarray(common._open_choice_image(items[5][0]))
     assert im.shape == (10, 10, 3)
     assert (im[:6, :6] != 0).all() and (im[6:] == 0).all() and (im[:, 6:] == 0).all()
 
@@ -235,7 +238,7 @@ def test_aro_crop_past_the_border_is_padded_black():
 def order_tools_monkeypatch(monkeypatch):
     tag, tokenize = fake_tools(nouns={"man", "helmet", "moped", "road", "bike", "woman", "cake", "hat", "glasses"},
                                adjectives={"red", "small", "dirt", "orange", "large", "white"})
-    monkeypatch.setattr(ev, "aro_text_tools", lambda: ((tag, tokenize), None))
+    monkeypatch.setattr(aro, "aro_text_tools", lambda: ((tag, tokenize), None))
     return tag, tokenize
 
 
@@ -249,8 +252,8 @@ def test_eval_aro_hand_computed(monkeypatch):
     # attribution: the 25-item pair right on 20, the 2-item pair (under 25: out of the macro) on 0
     right |= {att[i]["true_caption"] for i in range(20)}
     # coco order: the first image's two captions right, the second image's wrong; flickr all right
-    originals = {ev.pre_caption(c) for c in coco[0]["caption"]}
-    flickr = {ev.pre_caption(c) for c in json.load(open(os.path.join(FIX, "aro", "flickr30k_test.json")))[0]["caption"]}
+    originals = {aro.pre_caption(c) for c in coco[0]["caption"]}
+    flickr = {aro.pre_caption(c) for c in json.load(open(os.path.join(FIX, "aro", "flickr30k_test.json")))[0]["caption"]}
 
     def score(c, text):
         if text in right or text in originals or text in flickr:
@@ -263,7 +266,7 @@ def test_eval_aro_hand_computed(monkeypatch):
     assert m["aro/attribution_micro"] == pytest.approx(20 / 27)
     assert m["aro/coco_order"] == pytest.approx(2 / 4)
     assert m["aro/flickr30k_order"] == 1.0
-    for p in ev.ARO_PERTURBATIONS:
+    for p in aro.ARO_PERTURBATIONS:
         assert m[f"aro/flickr30k_order/{p}"] == 1.0
     assert m["aro/n_items"] == 6 + 27 + 4 + 2 and m["aro/unreadable_images"] == 0
 
@@ -271,7 +274,7 @@ def test_eval_aro_hand_computed(monkeypatch):
 def test_aro_parts_missing_or_without_text_tools(tmp_path, monkeypatch, capsys):
     root = fixture_copy(tmp_path, "aro")
     os.remove(root / "visual_genome_attribution.json")
-    monkeypatch.setattr(ev, "aro_text_tools", lambda: (None, "needs spaCy"))
+    monkeypatch.setattr(aro, "aro_text_tools", lambda: (None, "needs spaCy"))
     m = run("aro", lambda c, t: 0.0, root=str(root))
     out = capsys.readouterr().out
     assert m["aro/attribution"] is None and "attribution missing" in out
@@ -285,11 +288,11 @@ def test_aro_parts_missing_or_without_text_tools(tmp_path, monkeypatch, capsys):
 
 
 def test_pre_caption_matches_aros_normalisation():
-    assert ev.pre_caption("A man (left) rides: a *red* bike!!  ") == "a man left rides a red bike"
-    assert ev.pre_caption("Two\tdogs.") == "two\tdogs"  # a single tab is not a run of whitespace
+    assert aro.pre_caption("A man (left) rides: a *red* bike!!  ") == "a man left rides a red bike"
+    assert aro.pre_caption("Two\tdogs.") == "two\tdogs"  # a single tab is not a run of whitespace
     words = " ".join(f"w{i}" for i in range(35))
-    assert ev.pre_caption(words) == " ".join(f"w{i}" for i in range(30))
-    assert ev.pre_caption(words, max_words=50) == words
+    assert aro.pre_caption(words) == " ".join(f"w{i}" for i in range(30))
+    assert aro.pre_caption(words, max_words=50) == words
 
 
 def test_order_perturbations_follow_aros_recipe():
@@ -298,8 +301,8 @@ def test_order_perturbations_follow_aros_recipe():
     # which would shift the word positions this test compares
     caption = "A man with a red helmet on a small moped on a dirt road"
     words = [w for w, _ in tag(caption)]
-    p = ev.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
-    assert len(p) == 4 and all(x == ev.pre_caption(x) for x in p)
+    p = aro.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
+    assert len(p) == 4 and all(x == aro.pre_caption(x) for x in p)
     a, b, c, d = (x.split(" ") for x in p)
     lower = [w.lower() for w in words]
     noun_pos = [i for i, w in enumerate(lower) if w in {"man", "helmet", "moped", "road"}]
@@ -325,15 +328,15 @@ def test_order_perturbations_follow_aros_recipe():
     caption += "."
     tokens = tokenize(caption)
     tri = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
-    got_all = ev.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
+    got_all = aro.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
     got = got_all[2]
     expect_within = [w for t in tri for w in sorted(t)]
-    assert sorted(got.split()) == sorted(ev.pre_caption(" ".join(expect_within)).split())
+    assert sorted(got.split()) == sorted(aro.pre_caption(" ".join(expect_within)).split())
     flat = " ".join(tokens).lower().replace(".", " ").split()
     assert sorted(d) == sorted(flat)
     # seeded: same seeds same captions, other seeds others
-    again = ev.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
-    assert again == got_all and again != ev.order_perturbations(caption, tag, tokenize, np.random.RandomState(2), random.Random(2))
+    again = aro.order_perturbations(caption, tag, tokenize, np.random.RandomState(1), random.Random(1))
+    assert again == got_all and again != aro.order_perturbations(caption, tag, tokenize, np.random.RandomState(2), random.Random(2))
 
 
 def test_order_trigram_shuffles_hand_computed():
@@ -347,7 +350,7 @@ def test_order_trigram_shuffles_hand_computed():
     # then the trigrams themselves, with the same generator
     trigrams = [["a", "b", "c"], ["d", "e", "f"], ["g"]]
     rng.shuffle(trigrams)
-    got = ev.order_perturbations("a b c d e f g", tag, tokenize, np.random.RandomState(0), random.Random(0))
+    got = aro.order_perturbations("a b c d e f g", tag, tokenize, np.random.RandomState(0), random.Random(0))
     assert got[2] == " ".join(expect) and got[3] == " ".join(w for t in trigrams for w in t)
 
 # -----------------------------------------------------------------------------
@@ -355,8 +358,8 @@ def test_order_trigram_shuffles_hand_computed():
 
 
 def test_read_valse_validity_and_image_lookup():
-    pieces = ev.read_valse(os.path.join(FIX, "valse"))
-    assert list(pieces) == list(ev.VALSE_PIECES)
+    pieces = valse.read_valse(os.path.join(FIX, "valse"))
+    assert list(pieces) == list(valse.VALSE_PIECES)
     # items with fewer than 2 caption votes are dropped: 1 of 2 in existence, counting-small-quant, action-replacement
     assert {p: (len(items), n) for p, (items, n) in pieces.items() if len(items) != n} == \
         {"existence": (1, 2), "counting-small-quant": (1, 2), "action-replacement": (1, 2)}
@@ -368,7 +371,7 @@ def test_read_valse_validity_and_image_lookup():
 
 
 def test_eval_valse_filter_and_categories():
-    rows = {p: json.load(open(os.path.join(FIX, "valse", "data", f"{p}.json"))) for p in ev.VALSE_PIECES}
+    rows = {p: json.load(open(os.path.join(FIX, "valse", "data", f"{p}.json"))) for p in valse.VALSE_PIECES}
     invalid = {r["caption"] for rs in rows.values() for r in rs.values() if r["mturk"]["caption"] < 2}
     hard = {r["caption"] for r in rows["counting-hard"].values()}
     foils = {r["foil"] for rs in rows.values() for r in rs.values()}
@@ -389,13 +392,13 @@ def test_eval_valse_filter_and_categories():
 def test_valse_blind_model_sums_to_one_over_swapped_roles(tmp_path):
     root = fixture_copy(tmp_path, "valse")
     before = run("valse", blind, root=str(root))
-    for p in ev.VALSE_PIECES:
+    for p in valse.VALSE_PIECES:
         path = root / "data" / f"{p}.json"
         rows = json.load(open(path))
         json.dump({k: r | {"caption": r["foil"], "foil": r["caption"]} for k, r in rows.items()}, open(path, "w"))
     after = run("valse", blind, root=str(root))
-    for p, c in ev.VALSE_PIECES.items():
-        items = ev.read_valse(str(root))[p][0]
+    for p, c in valse.VALSE_PIECES.items():
+        items = valse.read_valse(str(root))[p][0]
         same = sum(cands[0] == cands[1] for _, cands in items) / len(items)  # wrong either way
         assert before[f"valse/{c}/{p}"] + after[f"valse/{c}/{p}"] == pytest.approx(1.0 - same)
 
@@ -404,7 +407,7 @@ def test_valse_blind_model_sums_to_one_over_swapped_roles(tmp_path):
 
 
 def test_vlchecklist_file_list_matches_the_release():
-    files = ev.vlchecklist_files()
+    files = vlchecklist.vlchecklist_files()
     assert len(files) == 56 and len({f[4] for f in files}) == 56
     assert ("object", "location_center", "swig", "swig_agent",
             "data/Object/Location/swig_location/swig_agent/swig_agent_center.json", "swig") in files
@@ -413,9 +416,9 @@ def test_vlchecklist_file_list_matches_the_release():
 
 
 def test_read_vlchecklist_first_texts_only_as_written():
-    items = ev.read_vlchecklist_file(os.path.join(FIX, "vlchecklist", "data/Object/Size/vg_size/vg_obj_small.json"), "/vg")
+    items = vlchecklist.read_vlchecklist_file(os.path.join(FIX, "vlchecklist", "data/Object/Size/vg_size/vg_obj_small.json"), "/vg")
     assert items[0] == ("/vg/VG_100K/2361911.jpg", ["plant IN pot size_small vg", " customers size_small vg"])
-    items = ev.read_vlchecklist_file(os.path.join(FIX, "vlchecklist", "data/Relation/swig_action.json"), "/swig")
+    items = vlchecklist.read_vlchecklist_file(os.path.join(FIX, "vlchecklist", "data/Relation/swig_action.json"), "/swig")
     assert items == [("/swig/dialing_8.jpg", ["an individual dials on a phone at action", "a bird of prey dials on a phone at action"])]
 
 
@@ -447,19 +450,19 @@ def test_intrinsic_metrics_hand_computed():
     pos = torch.tensor([0.30, 0.20, -0.10, 0.25])
     neg = torch.tensor([0.10, 0.20, -0.20, 0.30])
     rand = torch.tensor([0.05, 0.15])
-    m = ev.intrinsic_metrics(pos, neg, rand, threshold=1.0)
+    m = intrinsic.intrinsic_metrics(pos, neg, rand, threshold=1.0)
     assert m["pos_cos"] == pytest.approx(0.1625) and m["hard_neg_cos"] == pytest.approx(0.1)
     assert m["margin"] == pytest.approx(0.0625) and m["rand_neg_cos"] == pytest.approx(0.1)
     # ratios 3, 0.99999995 (a tie: under 1), 0.5 (pos > neg, but negative: the thesis's quirk), 0.833
     assert m["distinguish_acc"] == pytest.approx(1 / 4)
     assert m["pairwise_acc"] == pytest.approx(2 / 4)
-    assert ev.intrinsic_metrics(pos, neg, rand, threshold=0.6)["distinguish_acc"] == pytest.approx(3 / 4)
-    assert ev.intrinsic_metrics(pos, neg, rand, threshold=0.5)["distinguish_acc"] == 1.0  # -0.1 / (-0.2 + 1e-8) > 0.5
-    assert ev.intrinsic_metrics(pos, neg, rand, threshold=2.0)["distinguish_acc"] == pytest.approx(1 / 4)
+    assert intrinsic.intrinsic_metrics(pos, neg, rand, threshold=0.6)["distinguish_acc"] == pytest.approx(3 / 4)
+    assert intrinsic.intrinsic_metrics(pos, neg, rand, threshold=0.5)["distinguish_acc"] == 1.0  # -0.1 / (-0.2 + 1e-8) > 0.5
+    assert intrinsic.intrinsic_metrics(pos, neg, rand, threshold=2.0)["distinguish_acc"] == pytest.approx(1 / 4)
 
 
 def test_read_hnc_test_pairs_by_type_in_id_order():
-    triplets, skipped = ev.read_hnc_test(os.path.join(FIX, "hnc", "hnc_clean_strict_test.json"), "/gqa")
+    triplets, skipped = intrinsic.read_hnc_test(os.path.join(FIX, "hnc", "hnc_clean_strict_test.json"), "/gqa")
     assert triplets == [("/gqa/n100552.jpg", "the cup is on the table", "the cup is under the table", "relation"),
                         ("/gqa/n100552.jpg", "the cup is white", "the cup is black", "attribute"),
                         ("/gqa/n100553.jpg", "a dog left of a car", "a dog right of a car", "relation")]
@@ -486,7 +489,7 @@ class ShapesStub(torch.nn.Module):
     def __init__(self, scenes, size, text_key=lambda t: t):
         super().__init__()
         self.ids, self.text_key = {}, text_key
-        self.image_ids = {data.render(s, size).tobytes(): self.id(text_key(s.caption())) for s in scenes}
+        self.image_ids = {shapes.render(s, size).tobytes(): self.id(text_key(s.caption())) for s in scenes}
 
     def id(self, key):
         return self.ids.setdefault(key, len(self.ids))
@@ -505,22 +508,22 @@ class ShapesStub(torch.nn.Module):
 
 
 def test_eval_intrinsic_shapes_perfect_and_relation_blind():
-    scenes = data.test_scenes(40)
+    scenes = shapes.test_scenes(40)
     stub = ShapesStub(scenes, 16)
-    m = ev.eval_intrinsic(stub, stub.preprocess, stub.tokenizer, "cpu", n=40, image_size=16)
+    m = intrinsic.evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", n=40, image_size=16)
     assert (m["intrinsic/pos_cos"], m["intrinsic/hard_neg_cos"], m["intrinsic/rand_neg_cos"]) == (1, 0, 0)
     assert m["intrinsic/distinguish_acc"] == 1 and m["intrinsic/pairwise_acc"] == 1
-    assert m["intrinsic/n_items"] == 40 * len(data.NEGATIVES)
+    assert m["intrinsic/n_items"] == 40 * len(shapes.NEGATIVES)
 
     def blind(t):
-        for r in data.CONVERSE:
+        for r in shapes.CONVERSE:
             t = t.replace(f" {r} ", " REL ")
         return t
     stub = ShapesStub(scenes, 16, blind)
-    m = ev.eval_intrinsic(stub, stub.preprocess, stub.tokenizer, "cpu", n=40, image_size=16)
+    m = intrinsic.evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", n=40, image_size=16)
     assert m["intrinsic/relation/hard_neg_cos"] == 1 and m["intrinsic/relation/distinguish_acc"] == 0
     assert m["intrinsic/relation/pairwise_acc"] == 0 and m["intrinsic/attribute_swap/pairwise_acc"] == 1
-    k = len(data.NEGATIVES)
+    k = len(shapes.NEGATIVES)
     assert m["intrinsic/hard_neg_cos"] == pytest.approx(1 / k) and m["intrinsic/pairwise_acc"] == pytest.approx((k - 1) / k)
 
 # -----------------------------------------------------------------------------
@@ -568,7 +571,7 @@ def test_unreadable_images_are_counted_not_dropped_silently(tmp_path, capsys):
 
 def test_bad_input_names_the_file_and_item(tmp_path):
     stub = ScoreStub(lambda c, t: 0.0)
-    go = lambda bench, **kw: ev.COMPOSITIONAL[bench](stub, stub.preprocess, stub.tokenizer, "cpu", **kw)  # noqa: E731
+    go = lambda bench, **kw: ev.task(bench).evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", **kw)  # noqa: E731
     with pytest.raises(data.DataError, match="--data_root None is not a folder; it should hold the 7 subset files"):
         go("sugarcrepe", root=None)
     root = fixture_copy(tmp_path, "sugarcrepe")
@@ -623,7 +626,7 @@ def models(tmp_path_factory):
     import open_clip
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    ev.export_open_clip(open_clip.CLIP(**TINY), TINY, str(d / "hub"))
+    export_open_clip(open_clip.CLIP(**TINY), TINY, str(d / "hub"))
     model_cfg = model_config("tiny", 32, 32)
     torch.save({"model": CLIP(**model_cfg).state_dict(), "model_cfg": model_cfg, "optimizer": {},
                 "step": 0, "args": {}}, d / "ckpt.pt")
@@ -659,7 +662,7 @@ def test_cli_runs_every_benchmark(kind, models, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_missing_part_is_null_in_json_and_errors_are_one_line(models, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ev, "aro_text_tools", lambda: (None, "needs spaCy"))
+    monkeypatch.setattr(aro, "aro_text_tools", lambda: (None, "needs spaCy"))
     out = tmp_path / "aro.json"
     ev.main(["--model", models["minclip"], "--bench", "aro", "--data_root", os.path.join(FIX, "aro"), "--json", str(out)])
     m = json.load(open(out))

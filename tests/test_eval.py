@@ -17,6 +17,8 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import data  # noqa: E402
 from model import CLIP, model_config  # noqa: E402
+import shapes
+from model import export_open_clip, load_checkpoint, load_model
 
 EXPECTED_KEYS = ["retrieval/i2t_r1", "retrieval/i2t_r5", "retrieval/t2i_r1", "retrieval/t2i_r5",
                  "probe/relation", "probe/attribute_swap", "diag/relation_text_cos"]
@@ -119,8 +121,8 @@ class Stub(torch.nn.Module):
 
 
 def shapes_stub(n, size, text_key=lambda t: t):
-    scenes = data.test_scenes(n)
-    images = [data.to_tensor(data.render(s, size)) for s in scenes]
+    scenes = shapes.test_scenes(n)
+    images = [data.to_tensor(shapes.render(s, size)) for s in scenes]
     return Stub(images, [text_key(s.caption()) for s in scenes], text_key)
 
 
@@ -128,7 +130,7 @@ def test_eval_shapes_perfect_stub():
     model = shapes_stub(50, 16)
     m = ev.eval_shapes(model, model.tokenizer, 16, "cpu", n=50)
     assert m["retrieval/i2t_r1"] == 1 and m["retrieval/t2i_r1"] == 1 and m["retrieval/rsum"] == 600
-    assert all(m[f"probe/{kind}"] == 1 for kind in data.NEGATIVES)
+    assert all(m[f"probe/{kind}"] == 1 for kind in shapes.NEGATIVES)
     assert m["diag/relation_text_cos"] == 0
 
 
@@ -136,7 +138,7 @@ def test_eval_shapes_relation_blind_stub():
     # a text tower that cannot read the relation word: the relation probe is all ties -> 0, the
     # caption and its flip have cosine 1; the attribute probes are untouched
     def blind(t):
-        for r in data.CONVERSE:
+        for r in shapes.CONVERSE:
             t = t.replace(f" {r} ", " REL ")
         return t
     model = shapes_stub(50, 16, blind)
@@ -153,7 +155,7 @@ def test_eval_shapes_random_clip_is_near_chance():
     assert model.training  # restored
     assert all(0 <= m[k] <= 1 for k in m if "/" in k and "medr" not in k and "rsum" not in k and "cos" not in k)
     assert m["retrieval/i2t_r1"] <= 0.2 and m["retrieval/t2i_r1"] <= 0.2  # chance is 1/50
-    assert all(0.2 <= m[f"probe/{k}"] <= 0.8 for k in data.NEGATIVES)
+    assert all(0.2 <= m[f"probe/{k}"] <= 0.8 for k in shapes.NEGATIVES)
 
 
 def test_find_matches_and_eval_retrieval_with_stub(tmp_path):
@@ -208,7 +210,7 @@ def embeddings(model, size=64):
 def test_checkpoint_loads_strict_in_minclip_and_open_clip(tmp_path):
     import open_clip
     model, cfg = tiny_model()
-    loaded, preprocess, tokenizer = ev.load_model(save_ckpt(tmp_path / "ckpt.pt", model, cfg))
+    loaded, preprocess, tokenizer = load_model(save_ckpt(tmp_path / "ckpt.pt", model, cfg))
     assert not loaded.training and loaded.image_size == 64 and loaded.model_cfg == cfg
     assert tokenizer.context_length == 32
     assert preprocess(Image.new("RGB", (100, 80))).shape == (3, 64, 64)
@@ -222,7 +224,7 @@ def test_checkpoint_loads_strict_in_minclip_and_open_clip(tmp_path):
 def test_export_loads_with_open_clip_local_dir(tmp_path):
     import open_clip
     model, cfg = tiny_model()
-    ev.export_open_clip(model, cfg, str(tmp_path / "hub"))
+    export_open_clip(model, cfg, str(tmp_path / "hub"))
     assert sorted(os.listdir(tmp_path / "hub")) == ["open_clip_config.json", "open_clip_model.safetensors"]
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     oc.eval()
@@ -231,21 +233,21 @@ def test_export_loads_with_open_clip_local_dir(tmp_path):
     tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'hub'}")
     assert tok.context_length == 32
     # its preprocess is ours: a shapes render at native size goes through unchanged
-    img = data.render(data.test_scenes(1)[0], 64)
+    img = shapes.render(shapes.test_scenes(1)[0], 64)
     torch.testing.assert_close(preprocess(Image.fromarray(img)), data.to_tensor(img), atol=1e-5, rtol=0)
     # and load_model takes the directory too
-    loaded, _, _ = ev.load_model(f"local-dir:{tmp_path / 'hub'}")
+    loaded, _, _ = load_model(f"local-dir:{tmp_path / 'hub'}")
     assert loaded.image_size == 64
 
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(SystemExit, match="nowhere/ckpt.pt"):
-        ev.load_model(str(tmp_path / "nowhere/ckpt.pt"))
+        load_model(str(tmp_path / "nowhere/ckpt.pt"))
     with pytest.raises(SystemExit, match="no open_clip_config.json"):
-        ev.load_model(f"local-dir:{tmp_path}")
+        load_model(f"local-dir:{tmp_path}")
     (tmp_path / "open_clip_config.json").write_text("{}")
     with pytest.raises(SystemExit, match="no weights"):  # open_clip alone would return a random model
-        ev.load_model(f"local-dir:{tmp_path}")
+        load_model(f"local-dir:{tmp_path}")
 
 # damaged and foreign checkpoints: one line each, naming the file and what is wrong with it
 
@@ -317,7 +319,7 @@ N_TENSORS = len(tiny_model()[0].state_dict())
 def test_damaged_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, case, why):
     path = checkpoint_file(tmp_path, case)
     with pytest.raises(SystemExit) as e:
-        ev.load_model(path)
+        load_model(path)
     assert e.value.code == f"error: {path}: " + why.replace("PATH", path).replace("DIR", str(tmp_path))
 
 
@@ -338,26 +340,26 @@ def test_bare_state_dict_loads_as_name_colon_file_as_the_message_says(tmp_path):
     with open(tmp_path / "configs" / "minclip-tiny-test.json", "w") as f:
         json.dump(cfg, f)
     open_clip.add_model_config(str(tmp_path / "configs"))  # an open_clip architecture of that name
-    loaded, _, _ = ev.load_model(f"minclip-tiny-test:{path}")
+    loaded, _, _ = load_model(f"minclip-tiny-test:{path}")
     for a, b in zip(embeddings(model), embeddings(loaded)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     with pytest.raises(SystemExit) as e:  # the wrong architecture: one line too
-        ev.load_model(f"minclip-tiny-test:{checkpoint_file(tmp_path, 'text')}")
+        load_model(f"minclip-tiny-test:{checkpoint_file(tmp_path, 'text')}")
     assert e.value.code.startswith(f"error: --model minclip-tiny-test:{tmp_path / 'text.pt'}: {tmp_path / 'text.pt'}: a text file")
 
 
 def test_load_checkpoint_for_a_resumed_run(tmp_path):
     model, cfg = tiny_model()
     path = save_ckpt(tmp_path / "ckpt.pt", model, cfg)
-    ckpt = ev.load_checkpoint(path, model, need=("optimizer", "step"))
+    ckpt = load_checkpoint(path, model, need=("optimizer", "step"))
     assert ckpt["step"] == 0 and all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
     with pytest.raises(SystemExit) as e:
-        ev.load_checkpoint(path, model, need=("optimizer", "rng"))
+        load_checkpoint(path, model, need=("optimizer", "rng"))
     assert e.value.code == f"error: {path}: no 'rng' in the checkpoint (keys: model, model_cfg, optimizer, step, args)"
     # the run's flags build another model: 32 px images have 2 x 2 + 1 patch positions, 64 px 4 x 4 + 1
     other = CLIP(**model_config("tiny", 32, 32))
     with pytest.raises(SystemExit) as e:
-        ev.load_checkpoint(path, other)
+        load_checkpoint(path, other)
     assert e.value.code == (f"error: {path}: its weights do not fit the model this run builds from its flags: 1 of another "
                             "shape (e.g. visual.positional_embedding: [17, 128] in the file, [5, 128] in the model)")
     # a CLIPS checkpoint resumed without its captioner (--captioner_weight 0), and the other way round
@@ -367,13 +369,13 @@ def test_load_checkpoint_for_a_resumed_run(tmp_path):
     n = len(captioner.state_dict())
     torch.save({"model": model.state_dict(), "model_cfg": cfg, "captioner": captioner.state_dict(),
                 "captioner_cfg": captioner_cfg}, tmp_path / "clips.pt")
-    assert ev.load_checkpoint(str(tmp_path / "clips.pt"))["captioner_cfg"] == captioner_cfg  # fits its own configs
-    assert ev.load_checkpoint(str(tmp_path / "clips.pt"), model, captioner)["captioner_cfg"] == captioner_cfg
+    assert load_checkpoint(str(tmp_path / "clips.pt"))["captioner_cfg"] == captioner_cfg  # fits its own configs
+    assert load_checkpoint(str(tmp_path / "clips.pt"), model, captioner)["captioner_cfg"] == captioner_cfg
     with pytest.raises(SystemExit) as e:
-        ev.load_checkpoint(str(tmp_path / "clips.pt"), model)
+        load_checkpoint(str(tmp_path / "clips.pt"), model)
     assert e.value.code.endswith(f"do not fit the model this run builds from its flags: {n} unexpected (e.g. captioner.queries)")
     with pytest.raises(SystemExit) as e:
-        ev.load_checkpoint(path, model, captioner)
+        load_checkpoint(path, model, captioner)
     assert e.value.code.endswith(f"do not fit the model this run builds from its flags: {n} missing (e.g. captioner.queries)")
 
 
@@ -384,7 +386,7 @@ def test_unknown_model_spec_is_one_short_line(tmp_path):
              ("ViT-B-32:laion2b", "'laion2b' is neither a pretrained tag of ViT-B-32 nor a file (close tags: laion2b_")]
     for spec, why in cases:
         with pytest.raises(SystemExit) as e:
-            ev.load_model(spec)
+            load_model(spec)
         assert e.value.code.startswith(f"error: --model {spec}: {why}"), e.value.code
         # open_clip's own error lists ~3,000 characters of names
         assert len(e.value.code.replace(spec, "")) < 200 and "\n" not in e.value.code
@@ -401,7 +403,7 @@ def test_openai_tags_are_built_with_quick_gelu(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
     for spec in ("ViT-B-32:openai", "ViT-B/32:openai", "ViT-B-32:laion2b_s34b_b79k"):
         with pytest.raises(SystemExit, match="offline"):
-            ev.load_model(spec)
+            load_model(spec)
     assert [k["force_quick_gelu"] for _, k in seen] == [True, True, False]
     assert [k["pretrained"] for _, k in seen] == ["openai", "openai", "laion2b_s34b_b79k"]
 
@@ -446,7 +448,7 @@ def test_cli_query_grid(ckpt, tmp_path, capsys):
     assert scores == sorted(scores, reverse=True)
     with Image.open(grid) as im:  # 2 x 2 cells, 64 px renders upscaled to 128, a score strip under each
         assert im.size == (2 * 128, 2 * (128 + ev.LABEL_H))
-        top = data.render(next(s for s in data.test_scenes(50) if s.caption() == lines[0].split(None, 1)[1]), 64)
+        top = shapes.render(next(s for s in shapes.test_scenes(50) if s.caption() == lines[0].split(None, 1)[1]), 64)
         cell = np.asarray(im.convert("RGB"))[:128, :128]
         assert (cell == top.repeat(2, 0).repeat(2, 1)).all()  # nearest-neighbour upscale of the best match
     ev.main(["--model", ckpt, "--n", "50", "--query", query, "--top", "4", "--seed", "7"])

@@ -1,4 +1,4 @@
-"""eval.explain and eval.py --explain: second-order caption-image attributions against a naive
+"""explain.explain and eval.py --explain: second-order caption-image attributions against a naive
 reference that forms every Jacobian and the full (S F) x (P F) matrix, the exact bilinear
 attribution of a hand-built model that is linear after the hooked block, completeness as the
 number of steps grows, minclip == open_clip on the same weights, and the picture from the CLI."""
@@ -18,6 +18,9 @@ from PIL import Image
 import data
 import eval as ev
 from model import CLIP
+import shapes
+from tasks import explain
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a small CLIP: a 4 x 4 patch grid, 16-dim embeddings, so the naive reference's matrices stay small
@@ -85,7 +88,7 @@ def naive_explain(model, image, text, layer, steps):
 def test_explain_matches_naive_full_jacobians(which, layer, steps):
     model = dict(zip(("minclip", "open_clip"), mini_models()))[which]
     image, text = inputs()
-    A = ev.explain(model, image, text, layer=layer, steps=steps)
+    A = explain.explain(model, image, text, layer=layer, steps=steps)
     ref = naive_explain(model, image, text, layer, steps)
     assert A.shape == ref.shape == (int(text[0].argmax()) + 1, 4, 4)
     assert A.abs().max() > 1e-4  # not trivially zero
@@ -99,19 +102,19 @@ def test_minclip_and_open_clip_agree_shapes_determinism():
     mc.train()
     modes = []
     mc.visual.register_forward_pre_hook(lambda m, args: modes.append(mc.training))
-    A = ev.explain(mc, image, text)
+    A = explain.explain(mc, image, text)
     assert modes == [False] and mc.training  # eval mode inside (dropout would break the path), restored after
     assert A.shape == (len(CAPTION.split()) + 2, 4, 4) and A.dtype == torch.float32  # sot, 10 words, eot
     assert all(p.grad is None for p in mc.parameters())  # only the path's gradients are taken
     assert not mc.visual.transformer.resblocks[-1]._forward_pre_hooks and not mc.transformer.resblocks[-1]._forward_pre_hooks
     with torch.no_grad():  # callers under no_grad get the same, bit for bit, and again
-        assert torch.equal(ev.explain(mc, image, text), A)
-    torch.testing.assert_close(ev.explain(oc, image, text), A, atol=1e-7, rtol=1e-4)
+        assert torch.equal(explain.explain(mc, image, text), A)
+    torch.testing.assert_close(explain.explain(oc, image, text), A, atol=1e-7, rtol=1e-4)
     # the start token sees only itself in a causal tower: its input is the reference's, so its row is zero
     assert A[0].abs().max() == 0
     # a different caption, image or layer changes the picture
-    assert not torch.allclose(ev.explain(mc, image, text, layer=0), A)
-    assert not torch.allclose(ev.explain(mc, *inputs(seed=2)), A)
+    assert not torch.allclose(explain.explain(mc, image, text, layer=0), A)
+    assert not torch.allclose(explain.explain(mc, *inputs(seed=2)), A)
 
 
 @pytest.mark.parametrize("which", ["minclip", "open_clip"])
@@ -120,7 +123,7 @@ def test_completeness_approaches_the_score(which):
     image, text = inputs()
     gaps = []
     for steps in (8, 32, 128):
-        A, t = ev.explain(model, image, text, steps=steps, return_terms=True)
+        A, t = explain.explain(model, image, text, steps=steps, return_terms=True)
         gaps.append(abs(t["score"] - (A.sum().item() + t["class_token"] + t["reference"])))
     with torch.no_grad():
         score = torch.cosine_similarity(model.encode_image(image), model.encode_text(text)).item()
@@ -209,7 +212,7 @@ def test_linear_toy_gives_the_exact_bilinear_attribution_for_any_steps(layer, ba
         e_i, e_t = toy.encode_image(image)[0], toy.encode_text(text)[0]
         exact = (U_t @ U_i.T / (e_t.norm() * e_i.norm()))  # [5, 1 + 9]
     for steps in (1, 2, 7):
-        A, t = ev.explain(toy, image, text, layer=layer, steps=steps, return_terms=True)
+        A, t = explain.explain(toy, image, text, layer=layer, steps=steps, return_terms=True)
         torch.testing.assert_close(A, exact[:, 1:].reshape(5, 3, 3), atol=1e-6, rtol=1e-5)
         assert t["class_token"] == pytest.approx(exact[:, 0].sum().item(), abs=1e-6)
         # and completeness holds exactly, whatever the number of steps
@@ -220,14 +223,14 @@ def test_explain_errors():
     toy = LinearToy()
     image, text = torch.randn(1, 3, 12, 12), torch.tensor([[48, 7, 49, 0]])
     with pytest.raises(SystemExit, match="--layer 2: the image tower has 2 blocks"):
-        ev.explain(toy, image, text, layer=2)
+        explain.explain(toy, image, text, layer=2)
     with pytest.raises(SystemExit, match="--steps 0"):
-        ev.explain(toy, image, text, steps=0)
+        explain.explain(toy, image, text, steps=0)
     with pytest.raises(ValueError, match="one image"):
-        ev.explain(toy, torch.cat([image, image]), text)
+        explain.explain(toy, torch.cat([image, image]), text)
     toy.visual = nn.Conv2d(3, 5, 3)  # a ResNet-like image tower
     with pytest.raises(SystemExit, match="needs a ViT.*Conv2d without transformer.resblocks"):
-        ev.explain(toy, image, text)
+        explain.explain(toy, image, text)
 
 # -----------------------------------------------------------------------------
 # words, spans and the picture
@@ -235,15 +238,15 @@ def test_explain_errors():
 
 def test_caption_words_and_spans():
     ids = TOK(["a pinkish-orange circle, left of a checkered square"])[0]
-    words = ev.caption_words(TOK, ids)
+    words = explain.caption_words(TOK, ids)
     assert [w for w, _ in words] == ["a", "pinkish", "-", "orange", "circle", ",", "left", "of", "a", "checkered", "square"]
     assert [s for _, pos in words for s in pos] == list(range(1, int(ids.argmax())))  # every token, once, in order
     assert [len(words[k][1]) for k in (1, 9)] == [2, 2]  # pink|ish, chec|kered: two bpe pieces each
-    assert ev.span_positions(TOK, ids, "left of") == words[6][1] + words[7][1]
-    assert ev.span_positions(TOK, ids, "Checkered  square") == words[9][1] + words[10][1]  # the tokenizer lowercases
+    assert explain.span_positions(TOK, ids, "left of") == words[6][1] + words[7][1]
+    assert explain.span_positions(TOK, ids, "Checkered  square") == words[9][1] + words[10][1]  # the tokenizer lowercases
     for bad in ("right of", "of left", "pink", "kered", ""):  # not a run of whole words
         with pytest.raises(SystemExit, match="is not a run of words of the caption 'a pinkish - orange"):
-            ev.span_positions(TOK, ids, bad)
+            explain.span_positions(TOK, ids, bad)
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +273,11 @@ def test_cli_draws_one_panel_per_word(ckpt, tmp_path, capsys):
     ev.main(["--model", ckpt, "--explain", "7", "--out", str(png), "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == f"wrote {png}"
-    scene = data.test_scenes(8)[-1]
-    words = ev.caption_words(TOK, TOK([scene.caption()])[0])
-    model, _, _ = ev.load_model(ckpt)
-    image, text = data.to_tensor(data.render(scene, 32))[None], TOK([scene.caption()])
-    A, t = ev.explain(model, image, text, return_terms=True)
+    scene = shapes.test_scenes(8)[-1]
+    words = explain.caption_words(TOK, TOK([scene.caption()])[0])
+    model, _, _ = load_model(ckpt)
+    image, text = data.to_tensor(shapes.render(scene, 32))[None], TOK([scene.caption()])
+    A, t = explain.explain(model, image, text, return_terms=True)
     # the printed numbers are the model's
     assert printed(out, "score (cosine)") == pytest.approx(t["score"], abs=1e-4)
     assert printed(out, "sum of attributions") == pytest.approx(A.sum().item(), abs=1e-4)
@@ -286,7 +289,7 @@ def test_cli_draws_one_panel_per_word(ckpt, tmp_path, capsys):
         assert im.size == (cols * 128, math.ceil((len(words) + 1) / cols) * (128 + 2 * ev.LABEL_H))
         pixels = np.asarray(im.convert("RGB")).astype(int)
     # the first cell is the scene as the model saw it, upscaled 4x with nearest neighbour
-    assert (pixels[:128, :128] == data.render(scene, 32).repeat(4, 0).repeat(4, 1)).all()
+    assert (pixels[:128, :128] == shapes.render(scene, 32).repeat(4, 0).repeat(4, 1)).all()
     # panel of word k: each patch's centre is red where its value is positive, blue where negative,
     # and the strongest patch of all panels is the most saturated
     m = max(A[pos].sum(0).abs().max() for _, pos in words)
@@ -301,7 +304,7 @@ def test_cli_draws_one_panel_per_word(ckpt, tmp_path, capsys):
 
 
 def test_cli_span_and_image_file(ckpt, tmp_path, capsys):
-    relation = data.test_scenes(8)[-1].relation()  # "left of", "right of", "above" or "below"
+    relation = shapes.test_scenes(8)[-1].relation()  # "left of", "right of", "above" or "below"
     ev.main(["--model", ckpt, "--explain", "7", "--out", str(tmp_path / "all.png"), "--device", "cpu"])
     words = dict((title, value) for value, title in panel_rows(capsys.readouterr().out))
     ev.main(["--model", ckpt, "--explain", "7", "--span", relation, "--out", str(tmp_path / "s.png"), "--device", "cpu"])

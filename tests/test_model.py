@@ -1,4 +1,4 @@
-"""model.py's fine-tuning helpers and eval.load_clip (--init): which parameters each fine-tune mode
+"""model.py's fine-tuning helpers and load_clip (--init): which parameters each fine-tune mode
 trains, by name, and open_clip models turned into minclip's CLIP with identical embeddings."""
 import json
 
@@ -6,8 +6,9 @@ import open_clip
 import pytest
 import torch
 
-import eval as ev
+import model
 from model import CLIP, FINETUNE_MODES, model_config, param_groups, set_trainable
+from model import export_open_clip, load_clip, load_model
 
 TEXT = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"}
 
@@ -44,8 +45,8 @@ def test_load_clip_turns_an_open_clip_model_into_minclip(tmp_path, quick_gelu):
         for p in theirs.parameters():
             p.add_(0.02 * torch.randn_like(p))
     hub = tmp_path / "hub"
-    ev.export_open_clip(theirs, cfg, str(hub))
-    ours, model_cfg, _, tokenizer = ev.load_clip(f"local-dir:{hub}")
+    export_open_clip(theirs, cfg, str(hub))
+    ours, model_cfg, _, tokenizer = load_clip(f"local-dir:{hub}")
     assert isinstance(ours, CLIP) and model_cfg == json.load(open(hub / "open_clip_config.json"))["model_cfg"]
     images, tokens = torch.randn(2, 3, 32, 32), tokenizer(["a small red circle left of a blue ring", "a"])
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_load_clip_turns_an_open_clip_model_into_minclip(tmp_path, quick_gelu):
     # a minclip checkpoint comes back as itself
     path = tmp_path / "ckpt.pt"
     torch.save({"model": ours.state_dict(), "model_cfg": model_cfg}, path)
-    again, cfg2, _, _ = ev.load_clip(str(path))
+    again, cfg2, _, _ = load_clip(str(path))
     assert cfg2 == model_cfg and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
@@ -72,9 +73,9 @@ def test_load_clip_refuses_in_one_line(monkeypatch):
     cfg = model_config("tiny", 32, 32)
     theirs = open_clip.CLIP(**cfg)
     theirs.model_cfg, theirs.image_size = {**cfg, "text_cfg": {**cfg["text_cfg"], "pool_type": "last"}}, 32
-    monkeypatch.setattr(ev, "load_model", lambda spec, device="cpu": (theirs, None, None))
+    monkeypatch.setattr(model, "load_model", lambda spec, device="cpu": (theirs, None, None))
     with pytest.raises(SystemExit, match=r"^error: --init x: minclip's CLIP cannot hold this model \(unsupported open_clip options"):
-        ev.load_clip("x")
+        load_clip("x")
 
 
 @pytest.mark.parametrize("config, message", [("{\n  \"model_cfg\": {,\n}", r"open_clip_config.json:2: malformed JSON"),
@@ -83,4 +84,4 @@ def test_a_broken_hub_config_is_one_line(tmp_path, config, message):
     (tmp_path / "open_clip_config.json").write_text(config)
     (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match=message):
-        ev.load_model(f"local-dir:{tmp_path}")
+        load_model(f"local-dir:{tmp_path}")

@@ -11,6 +11,7 @@ import pytest
 
 import data
 from data import DataError
+import negatives
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 CAPTIONS = [
@@ -32,14 +33,14 @@ def test_every_negative_differs_from_its_caption_and_is_deterministic_per_seed()
     made = 0
     for seed in range(5):
         for c in CAPTIONS:
-            for kind in data.CAPTION_NEGATIVES:
-                neg = data.caption_negative(c, kind, random.Random(seed))
+            for kind in negatives.CAPTION_NEGATIVES:
+                neg = negatives.caption_negative(c, kind, random.Random(seed))
                 assert neg is None or (neg != c and words(neg) != words(c)), (kind, c, neg)
-                assert neg == data.caption_negative(c, kind, random.Random(seed))  # same seed, same negative
+                assert neg == negatives.caption_negative(c, kind, random.Random(seed))  # same seed, same negative
                 made += neg is not None
     assert made > 400  # most kinds apply to most captions
-    by_seed = [[data.caption_negatives(c, random.Random(seed)) for c in CAPTIONS] for seed in (0, 1)]
-    assert by_seed[0] == [data.caption_negatives(c, random.Random(0)) for c in CAPTIONS]
+    by_seed = [[negatives.caption_negatives(c, random.Random(seed)) for c in CAPTIONS] for seed in (0, 1)]
+    assert by_seed[0] == [negatives.caption_negatives(c, random.Random(0)) for c in CAPTIONS]
     assert by_seed[0] != by_seed[1]  # the seed matters
 
 
@@ -60,42 +61,42 @@ def test_every_negative_differs_from_its_caption_and_is_deterministic_per_seed()
     ("a small dog", "attribute_replace", "a large dog"),
 ])
 def test_converses_swaps_and_replacements(caption, kind, want):
-    assert data.caption_negative(caption, kind, random.Random(0)) == want
+    assert negatives.caption_negative(caption, kind, random.Random(0)) == want
 
 
 def test_replacements_are_whole_words():
     # "man" is a list word; it must never be edited inside "woman", "snowman" or "manhole"
     caption = "a woman and a snowman near a manhole"
     for seed in range(20):
-        neg = data.caption_negative(caption, "object_replace", random.Random(seed))
+        neg = negatives.caption_negative(caption, "object_replace", random.Random(seed))
         w = words(neg)
         assert w[1] != "woman" and w[1:] != words(caption)[1:] and w[4:] == ["snowman", "near", "a", "manhole"], neg
     # plural kept: "dogs" -> another object's plural
-    neg = data.caption_negative("two dogs on the grass", "object_replace", random.Random(0))
-    assert words(neg)[1] in {data._plural(o) for o in data.NEG_OBJECTS if o != "dog"}
+    neg = negatives.caption_negative("two dogs on the grass", "object_replace", random.Random(0))
+    assert words(neg)[1] in {negatives._plural(o) for o in negatives.NEG_OBJECTS if o != "dog"}
     # a verb keeps its form
-    assert words(data.caption_negative("a man sitting", "verb_replace", random.Random(0)))[-1].endswith("ing")
-    assert not words(data.caption_negative("a man sits", "verb_replace", random.Random(0)))[-1].endswith("ing")
+    assert words(negatives.caption_negative("a man sitting", "verb_replace", random.Random(0)))[-1].endswith("ing")
+    assert not words(negatives.caption_negative("a man sits", "verb_replace", random.Random(0)))[-1].endswith("ing")
 
 
 def test_articles_follow_a_replaced_word_and_an_unchanged_result_is_dropped(monkeypatch):
     vowels = 0
     for seed in range(30):
-        w = words(data.caption_negative("a cat sitting on an apple", "object_replace", random.Random(seed)))
+        w = words(negatives.caption_negative("a cat sitting on an apple", "object_replace", random.Random(seed)))
         for article, noun in ((w[0], w[1]), (w[4], w[5])):
             assert article == ("an" if noun[0] in "aeiou" else "a"), w
             vowels += noun[0] in "aeiou"
     assert vowels > 0
     # whatever a generator returns, a negative equal to the caption (by its lowercase words) is dropped
-    monkeypatch.setitem(data.CAPTION_NEGATIVES, "object_replace", lambda c, rng: c.upper() + " !")
-    assert data.caption_negative("a cat on a mat", "object_replace", random.Random(0)) is None
+    monkeypatch.setitem(negatives.CAPTION_NEGATIVES, "object_replace", lambda c, rng: c.upper() + " !")
+    assert negatives.caption_negative("a cat on a mat", "object_replace", random.Random(0)) is None
 
 
 @pytest.mark.parametrize("caption", ["", "   ", "dog", "Dogs.", "Un café à côté d'un chien", "a dog near a café"])
 def test_empty_one_word_and_non_ascii_captions_give_no_negative(caption):
-    assert data.caption_negatives(caption, random.Random(0)) == [None] * len(data.NEGATIVE_TYPES)
-    for kind in data.CAPTION_NEGATIVES:
-        assert data.caption_negative(caption, kind, random.Random(0)) is None
+    assert negatives.caption_negatives(caption, random.Random(0)) == [None] * len(negatives.NEGATIVE_TYPES)
+    for kind in negatives.CAPTION_NEGATIVES:
+        assert negatives.caption_negative(caption, kind, random.Random(0)) is None
 
 
 def test_missing_negatives_are_masked_and_counted_in_the_batch():
@@ -104,13 +105,13 @@ def test_missing_negatives_are_masked_and_counted_in_the_batch():
     args = hn.get_args(["--data", "coco", "--data_root", "x"])
     args.context_length = 32
     image = torch.zeros(3, 32, 32)
-    rows = [[(image, c, data.caption_negatives(c, random.Random(0), args.neg_types))] for c in ("dog", "a cat on a table")]
+    rows = [[(image, c, negatives.caption_negatives(c, random.Random(0), args.neg_types))] for c in ("dog", "a cat on a table")]
     rows.append([(image, "a cat", ["a cat", "A CAT ", "", None, "a dog"])])  # equal to the caption (any case), empty, missing
-    images, captions, negatives, valid, skipped, dropped = hn.make_batch(rows + [None], args)
+    (images, captions, negs, valid), counts = hn.make_batch(rows + [None], args)
     assert valid.tolist()[0] == [False] * 5 and valid.tolist()[2] == [False, False, False, False, True]
-    assert dropped == int((~valid).sum()) and skipped == 1 and images.shape[0] == 3
+    assert counts == {"unreadable samples": 1, "invalid negatives": int((~valid).sum())} and images.shape[0] == 3
     empty = data.get_tokenizer(32)([""])[0]
-    assert all(torch.equal(negatives[i, k], empty) for i, k in (~valid).nonzero().tolist())
+    assert all(torch.equal(negs[i, k], empty) for i, k in (~valid).nonzero().tolist())
 
 # -----------------------------------------------------------------------------
 # NegCLIP's TSV
@@ -128,7 +129,7 @@ def edit_line(path, n, fn):
 
 def test_read_negclip_fixture():
     path = os.path.join(FIX, "negclip", "train_neg_clip.tsv")
-    rows = data.read_negclip(path)
+    rows = negatives.read_negclip(path)
     assert [r[3] for r in rows] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
     assert rows[0][0] == os.path.join(FIX, "negclip", "coco", "val2014", "COCO_val2014_000000184613.jpg")
     assert rows[1][1:3] == ("A woman's bag sitting on a wooden bench.", ["A wooden bag sitting on a woman's bench."])
@@ -149,7 +150,7 @@ def test_read_negclip_bad_rows_name_file_and_line(tmp_path, line, fn, message):
     path = os.path.join(fixture(tmp_path, "negclip"), "train_neg_clip.tsv")
     edit_line(path, line, fn)
     with pytest.raises(DataError, match=re.escape(message)):
-        data.read_negclip(path)
+        negatives.read_negclip(path)
 
 def test_read_negclip_follows_the_text_file_rules(tmp_path):
     """the TSV is read by data.csv_rows: a byte-order mark changes nothing, a latin-1 byte and a
@@ -158,13 +159,13 @@ def test_read_negclip_follows_the_text_file_rules(tmp_path):
     path = os.path.join(root, "train_neg_clip.tsv")
     raw = open(path, "rb").read()
     open(path, "wb").write(b"\xef\xbb\xbf" + raw)
-    assert [r[1:] for r in data.read_negclip(path)] == [r[1:] for r in data.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))]
+    assert [r[1:] for r in negatives.read_negclip(path)] == [r[1:] for r in negatives.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))]
     open(path, "wb").write(raw.replace("woman's bag".encode(), "woman\xe9s bag".encode("latin-1"), 1))
     with pytest.raises(DataError, match=r"train_neg_clip\.tsv:3: .*UTF-8"):
-        data.read_negclip(path)
+        negatives.read_negclip(path)
     open(path, "w", encoding="utf-8").write(raw.decode().replace("\tA woman's bag", '\t"A woman\'s bag', 1))
     with pytest.raises(DataError, match=r"train_neg_clip\.tsv:3: malformed CSV"):
-        data.read_negclip(path)
+        negatives.read_negclip(path)
 
 
 # -----------------------------------------------------------------------------
@@ -173,8 +174,8 @@ def test_read_negclip_follows_the_text_file_rules(tmp_path):
 
 def test_read_ceclip_needs_allow_pickle_and_masks_invalid_negatives(tmp_path):
     with pytest.raises(DataError, match=r"train_neg_0\.npy: .* pass --allow_pickle"):
-        data.read_ceclip(os.path.join(FIX, "ceclip"))
-    rows = data.read_ceclip(os.path.join(FIX, "ceclip"), allow_pickle=True)
+        negatives.read_ceclip(os.path.join(FIX, "ceclip"))
+    rows = negatives.read_ceclip(os.path.join(FIX, "ceclip"), allow_pickle=True)
     assert rows[0][0].endswith("train2014/COCO_train2014_000000000009.jpg")
     assert rows[0][2] == [None, "A white bus parked next to a red car.", "A red truck parked next to a white car.",
                           "A red bus driving next to a white car."]  # '###' with valid 0
@@ -186,31 +187,31 @@ def test_read_ceclip_needs_allow_pickle_and_masks_invalid_negatives(tmp_path):
     recs[3]["image_id"] = 77
     np.save(os.path.join(root, "train_neg_0.npy"), recs, allow_pickle=True)
     with pytest.raises(DataError, match=r"train_neg_0\.npy: record 3: missing image .*COCO_train2014_000000000077\.jpg"):
-        data.read_ceclip(root, allow_pickle=True)
+        negatives.read_ceclip(root, allow_pickle=True)
     recs[3]["image_id"] = 42
     del recs[2]["caption"]
     np.save(os.path.join(root, "train_neg_0.npy"), recs, allow_pickle=True)
     with pytest.raises(DataError, match=r"record 2: missing or malformed field 'caption'"):
-        data.read_ceclip(root, allow_pickle=True)
+        negatives.read_ceclip(root, allow_pickle=True)
 
 # -----------------------------------------------------------------------------
 # HNC's JSON
 
 
 def test_read_hnc_train_pairs_negatives_with_their_positive_by_cpt_p_id():
-    hnc = data.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_train.json"))
+    hnc = negatives.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_train.json"))
     assert hnc.items is None  # not held in memory: each item is read from disk by its byte offset
     assert len(hnc) == 2 and hnc.orphans == 2  # "5" names a missing positive; image 2400001 has no positive
     assert hnc[0] == (os.path.join(FIX, "hnc", "images", "2354786.jpg"),
                       [("the cup is to the left of the plate", ["the cup is to the right of the plate", "the plate is to the right of the cup"]),
                        ("the table is brown", ["the table is white"])])
     assert hnc[1][1] == [("the dog is under the table", ["the dog is on the table"]), ("a black dog", [])]  # cpt_p_id 7 (an int)
-    in_memory = data.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_train.json"), in_memory=True)
+    in_memory = negatives.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_train.json"), in_memory=True)
     assert [in_memory[i] for i in range(2)] == [hnc[i] for i in range(2)]
 
 
 def test_read_hnc_test_format_pairs_a_negative_with_the_latest_positive_of_its_type():
-    hnc = data.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_test.json"))
+    hnc = negatives.read_hnc(os.path.join(FIX, "hnc", "hnc_clean_strict_test.json"))
     images = os.path.join(FIX, "hnc", "images")
     assert [hnc[i] for i in range(len(hnc))] == [
         (os.path.join(images, "n100552.jpg"), [("the cup is on the table", ["the cup is under the table"]),
@@ -225,7 +226,7 @@ def test_json_streaming_matches_json_load_at_any_chunk_size(tmp_path, chunk):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2).replace("\n", "\r\n"), encoding="utf-8")
     raw = path.read_bytes()
-    got = list(data._json_object_items(str(path), chunk=chunk))
+    got = list(negatives._json_object_items(str(path), chunk=chunk))
     assert {k: v for k, v, _, _ in got} == obj
     assert all(json.loads(raw[s:s + n]) == v for _, v, s, n in got)  # exact byte offsets, multi-byte text included
 
@@ -238,7 +239,7 @@ def test_read_hnc_bad_input_names_the_file(tmp_path, text, message):
     path = tmp_path / "hnc.json"
     path.write_text(text)
     with pytest.raises(DataError, match=re.escape(message)) as e:
-        data.read_hnc(str(path))
+        negatives.read_hnc(str(path))
     assert str(path) in str(e.value)
 
 
@@ -246,4 +247,4 @@ def test_read_hnc_missing_image_names_the_image(tmp_path):
     root = fixture(tmp_path, "hnc")
     os.remove(os.path.join(root, "images", "2368310.jpg"))
     with pytest.raises(DataError, match=r"hnc_clean_strict_train\.json: image 2368310: missing image .*2368310\.jpg"):
-        data.read_hnc(os.path.join(root, "hnc_clean_strict_train.json"))
+        negatives.read_hnc(os.path.join(root, "hnc_clean_strict_train.json"))
