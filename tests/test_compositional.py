@@ -402,6 +402,33 @@ def test_valse_blind_model_sums_to_one_over_swapped_roles(tmp_path):
         same = sum(cands[0] == cands[1] for _, cands in items) / len(items)  # wrong either way
         assert before[f"valse/{c}/{p}"] + after[f"valse/{c}/{p}"] == pytest.approx(1.0 - same)
 
+def test_valse_evaluates_the_pieces_that_are_there_and_names_the_missing(tmp_path, capsys):
+    """a user with some pieces' files, or some sources' images, gets those pieces scored and one line
+    naming the rest; the mean and the categories are over the evaluated pieces"""
+    score = lambda c, text: len(text) % 7  # noqa: E731  (any fixed scorer: the kept pieces must score as in a full run)
+    full = run("valse", score, root=os.path.join(FIX, "valse"))
+    root = fixture_copy(tmp_path, "valse")
+    for p in ("counting-hard", "foil-it"):
+        os.remove(root / "data" / f"{p}.json")
+    shutil.rmtree(root / "images" / "actant-swap")  # swig's images not downloaded
+    capsys.readouterr()
+    m = run("valse", score, root=str(root))
+    line = capsys.readouterr().out
+    assert "valse: evaluated 8 of 11 pieces; missing: counting-hard (no file); actant-swap (no image on disk (first: " in line
+    assert line.rstrip().endswith("exercising_255.jpg)); foil-it (no file)") and line.count("\n") == 1
+    gone = {"counting-hard", "foil-it", "actant-swap"}
+    for p, c in valse.VALSE_PIECES.items():
+        assert m[f"valse/{c}/{p}"] == (None if p in gone else full[f"valse/{c}/{p}"]), p
+    kept = [full[f"valse/{c}/{p}"] for p, c in valse.VALSE_PIECES.items() if p not in gone]
+    assert m["valse/mean"] == pytest.approx(sum(kept) / 8) and m["valse/n_pieces"] == 8 and full["valse/n_pieces"] == 11
+    assert m["valse/noun_phrases"] is None  # foil-it was the only noun-phrase piece
+    assert m["valse/actions"] == full["valse/actions/action-replacement"]
+    for p in valse.VALSE_PIECES:
+        if (root / "data" / f"{p}.json").exists():
+            os.remove(root / "data" / f"{p}.json")
+    with pytest.raises(data.DataError, match="valse: none of VALSE's piece files in .*: expected <piece>.json for existence, plurals"):
+        run("valse", score, root=str(root))
+
 # -----------------------------------------------------------------------------
 # VL-CheckList
 
@@ -535,7 +562,7 @@ ALL = {"sugarcrepe": dict(root=os.path.join(FIX, "sugarcrepe")), "aro": dict(roo
 
 
 def accuracies(m):
-    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "_groups"))}
+    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "n_pieces", "_groups"))}
 
 
 @pytest.mark.parametrize("bench", list(ALL))
