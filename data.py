@@ -113,6 +113,20 @@ def csv_rows(path, delimiter=","):
         if row:
             yield start, row
 
+def jsonl_rows(path):
+    """a JSON-lines file (text_lines' rules) -> (line number, object) per non-blank line; a line that
+    is not a JSON object -> DataError with file:line"""
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        yield n, row
+
 def read_json(path):
     """a whole JSON file (text_lines' rules) -> its value; malformed JSON -> DataError with file:line"""
     text = "".join(text_lines(path))
@@ -261,12 +275,7 @@ def read_recap(path, image_key="image", caption_key="caption", recap_key="re_cap
                 raise DataError(f"{path}:{n}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
             rows.append((n, dict(zip(header, row))))
     else:
-        for n, line in enumerate(text_lines(path), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        rows = list(jsonl_rows(path))
     root, items, skipped = os.path.dirname(os.path.abspath(path)), {}, []
     for n, row in rows:
         where = f"{path}:{n}"
@@ -397,16 +406,8 @@ def read_vsr(root, split="random"):
     out = {}
     for part in VSR_SPLIT_FILES:
         path, rows, missing = _vsr_file(root, split, part), [], []
-        for n, line in enumerate(text_lines(path), 1):
-            if not line.strip():
-                continue
+        for n, row in jsonl_rows(path):
             where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
             for key in ("image", "caption", "relation"):
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise DataError(f"{where}: missing or empty field {key!r}")
@@ -444,15 +445,9 @@ def read_rankings(path, ranked=True):
     -> [{"direction": "i2t" | "t2i", "query": text or absolute image path, "candidates": [...],
     "ranks": [int], "where": "file:line"}]"""
     folder, out = os.path.dirname(os.path.abspath(path)), []
-    for n, line in enumerate(text_lines(path), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_rows(path):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or ("image" in row) == ("text" in row):
+        if ("image" in row) == ("text" in row):
             raise DataError(f"{where}: expected an object with either \"image\" + \"texts\" or \"text\" + \"images\"")
         direction = "i2t" if "image" in row else "t2i"
         query, key = (row["image"], "texts") if direction == "i2t" else (row["text"], "images")
