@@ -7,10 +7,13 @@ The CLIP model and the system helpers every minclip script shares: what nanoGPT'
 - Captioner: CLIPS's prefix-LM caption head (trained by clip_scratch.py, run by eval.py --caption).
 - MODEL_SIZES / model_config: the named sizes (tiny is the CPU default).
 - System helpers: DDP setup, print0, autocast, the lr schedule, AdamW parameter groups, the
-  fine-tune modes (set_trainable), the autograd all-gather of the contrastive losses, atomic
-  checkpoints, the FLOPs / peak table for MFU.
+  fine-tune modes (set_trainable), the autograd all-gather of the contrastive losses, sums / means
+  / minima over ranks, to_device, FLOP counting and the peak table for MFU.
+- Checkpoints: save_checkpoint (atomic) and load_checkpoint (one line on what is wrong with a
+  file); load_model takes a minclip ckpt.pt, an open_clip hub folder (local-dir:DIR) or an
+  open_clip NAME:PRETRAINED; load_clip puts any of them into this file's CLIP; export_open_clip.
 
-Method scripts import this module; it imports none of them.
+Method scripts import this module; it imports none of them (data.py's JSON reader, lazily).
 """
 import codecs
 import difflib
