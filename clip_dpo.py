@@ -48,20 +48,20 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import eval as ev
 import negatives
 import shapes
-from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
+                   init_geometry, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
                    set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
 
 PAIR_LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "bt")
+DEFAULT_INIT = "out/clip_scratch/ckpt.pt"  # clip_scratch.py's default run
 EQUAL_BATCHES = False  # groups hold different numbers of images: the losses handle unequal counts across ranks
 
 
@@ -283,24 +283,20 @@ class ShapesPreferences(torch.utils.data.Dataset):
 
 class ImageGroups(torch.utils.data.Dataset):
     """Groups whose images are files (VSR, rankings): key -> the group with its images loaded by the
-    model's preprocess, or None if one is unreadable (make_batch drops and counts it). Keys may
+    image_size (data.load_image: resize, center crop, CLIP's normalisation), or None if one is
+    unreadable (make_batch drops and counts it). Keys may
     exceed len (StepBatches: epoch * len + i)."""
 
-    def __init__(self, groups, preprocess):
-        self.groups, self.preprocess = groups, preprocess
+    def __init__(self, groups, image_size):
+        self.groups, self.image_size = groups, image_size
 
     def __len__(self):
         return len(self.groups)
 
     def __getitem__(self, key):
-        group, images = self.groups[key % len(self.groups)], []
-        for path in group["images"]:
-            try:
-                with Image.open(path) as im:
-                    images.append(self.preprocess(im.convert("RGB")))
-            except (OSError, ValueError, Image.DecompressionBombError):
-                return None
-        return {**group, "images": images}
+        group = self.groups[key % len(self.groups)]
+        pixels = [data.load_image(path, self.image_size) for path in group["images"]]
+        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p) for p in pixels]}
 
 
 class HNCGroups(torch.utils.data.Dataset):
@@ -309,8 +305,8 @@ class HNCGroups(torch.utils.data.Dataset):
     positive's hard negatives (i2t). None (dropped and counted) if the image is unreadable or no
     positive of it has a negative."""
 
-    def __init__(self, hnc, preprocess, seed=0):
-        self.hnc, self.preprocess, self.seed = hnc, preprocess, seed
+    def __init__(self, hnc, image_size, seed=0):
+        self.hnc, self.image_size, self.seed = hnc, image_size, seed
 
     def __len__(self):
         return len(self.hnc)
@@ -321,11 +317,10 @@ class HNCGroups(torch.utils.data.Dataset):
         if not pairs:
             return None
         positive, negatives = random.Random(f"hnc:{self.seed}:{key}").choice(pairs)
-        try:
-            with Image.open(path) as im:
-                image = self.preprocess(im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        pixels = data.load_image(path, self.image_size)
+        if pixels is None:
             return None
+        image = data.to_tensor(pixels)
         n = 1 + len(negatives)
         return {"images": [image], "texts": [positive, *negatives], "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
                 "pos": [(0, 0)]}
@@ -364,9 +359,9 @@ def make_batch(groups, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     # data
-    p.add_argument("--data", default="shapes", help="shapes | vsr | rankings | hnc")
+    p.add_argument("--data", default="shapes", choices=("shapes", "vsr", "rankings", "hnc"))
     p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON")
     p.add_argument("--image_root", default=None, help="hnc: the GQA images (default: the JSON's folder's images/)")
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
@@ -374,11 +369,12 @@ def get_args(argv=None):
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
     p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
                    help="shapes: each scene's twins (shapes_group); mixed: one group in four both, three mirror")
-    p.add_argument("--no_statements", dest="statements", action="store_false",
-                   help="shapes: leave out the VSR-style statements (shapes_group)")
+    p.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
+                   help="shapes: the VSR-style statements as a second candidate set (shapes_group)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     # model
-    p.add_argument("--init", default="out/clip_scratch/ckpt.pt", help="the starting model and reference: ckpt.pt | local-dir:DIR | NAME:PRETRAINED")
+    p.add_argument("--init", default=None, help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
+                   f"default {DEFAULT_INIT} on shapes, required on real data")
     p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
     p.add_argument("--train_logit_scale", action="store_true", help="let the logit scale train (default: frozen at the reference's)")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute the towers' activations in backward (large models)")
@@ -396,8 +392,9 @@ def get_args(argv=None):
     p.add_argument("--imc_steps", type=int, default=None,
                    help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
-    p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=26, help="groups per process (shapes: 26 mixed groups = ~65 images)")
+    p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 5: 5)")
+    p.add_argument("--batch_size", type=int, default=None, help="groups per process (shapes: 26 mixed groups = ~65 images (default: 26 shapes, 64 real data)")
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -407,6 +404,8 @@ def get_args(argv=None):
     p.add_argument("--eval_every", type=int, default=500, help="0 disables (a final eval always runs)")
     p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
@@ -416,6 +415,16 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.init is None and args.data != "shapes":
+        p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
+                "local-dir:DIR or a minclip ckpt.pt")
+    args.init = DEFAULT_INIT if args.init is None else args.init
+    args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    if args.data == "shapes" and args.epochs is not None:
+        p.error("--epochs: the shapes world is an endless stream; give --max_steps")
+    args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
+    args.epochs = (None if args.data == "shapes" else 5) if args.epochs is None else args.epochs
+    args.batch_size = (26 if args.data == "shapes" else 64) if args.batch_size is None else args.batch_size
     real, args.batch_items = args.data != "shapes", args.batch_size  # groups per process per step
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.lr = (1e-5 if real else 4e-4) if args.lr is None else args.lr
@@ -446,7 +455,8 @@ def make_model(args, device):
                          "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
     clip, _, preprocess, _ = load_clip(args.init, device)
     clip.train()
-    args.image_size, args.context_length = clip.image_size, clip.context_length
+    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
+        raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
     set_trainable(clip, args.finetune)
     clip.logit_scale.requires_grad_(args.train_logit_scale)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
@@ -518,7 +528,7 @@ def ranking_groups(rows):
     return groups
 
 
-def make_data(args, preprocess, rank, world):
+def make_data(args, rank, world):
     """-> (train dataset, number of groups or None for an infinite stream, what to evaluate on:
     "shapes", VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
     if args.data == "shapes":
@@ -532,7 +542,7 @@ def make_data(args, preprocess, rank, world):
             raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
         hnc = negatives.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
         print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
-        return HNCGroups(hnc, preprocess, args.seed), len(hnc), None
+        return HNCGroups(hnc, args.image_size, args.seed), len(hnc), None
     evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split)
@@ -545,7 +555,7 @@ def make_data(args, preprocess, rank, world):
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
-    return ImageGroups(groups, preprocess), len(groups), evalset
+    return ImageGroups(groups, args.image_size), len(groups), evalset
 
 # -----------------------------------------------------------------------------
 # training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
@@ -557,22 +567,27 @@ def main(argv=None):
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
+        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
 
-    # model, data
-    clip, model, preprocess, groups, state = make_model(args, device)
+    # data first: a missing or bad file is one line before any model is built or downloaded
     try:
-        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        dataset, n_items, evalset = make_data(args, rank, world)
         for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
         raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
+    if args.max_steps is None:  # real data: --epochs passes over the training items
+        args.max_steps = math.ceil(args.epochs * n_items / (args.batch_items * world))
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
+    start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
         ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -594,6 +609,13 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
+    def log(record):  # metrics.jsonl (and wandb) on rank 0
+        if master:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if args.wandb:
+                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
+
     def evaluate(step, split):
         # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
         metrics = None
@@ -604,16 +626,27 @@ def main(argv=None):
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+                log({"step": step, "split": split, **metrics})
         if world > 1:
             dist.barrier()
         return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(kept)
+    if master and args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
+        wandb.init(project=args.wandb, config=vars(args), resume="allow")
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
-           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
+           f"| world {world} x batch {args.batch_size} | {args.max_steps} steps"
+           + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device) * world, None
@@ -648,10 +681,12 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
+            eta = int((args.max_steps - step) * dt / n_steps)
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
                    + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
                    + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:

@@ -51,8 +51,8 @@ import data
 import eval as ev
 import negatives
 import shapes
-from model import (FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
-                   load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
+                   init_geometry, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
                    set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
@@ -167,9 +167,9 @@ def step_loss(model, batch, args, state):
         itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
         pos = logit_scale * (image_features * t).sum(-1)
         neg = logit_scale * torch.einsum("bd,bkd->bk", image_features, n)
-        threshold = state.threshold if args.threshold == "adaptive" else pos.new_full((K,), args.fixed_threshold)
-        cmr, new = cmr_loss(pos, neg, valid, threshold, args.upper_bound)
-        if args.threshold == "adaptive":
+        threshold = state.threshold if args.cmr_threshold == "adaptive" else pos.new_full((K,), args.cmr_fixed_threshold)
+        cmr, new = cmr_loss(pos, neg, valid, threshold, args.cmr_upper_bound)
+        if args.cmr_threshold == "adaptive":
             state.threshold = new  # used at the next step
         imc = imc_loss(image_features, t, n, valid, logit_scale)
         stats |= {"cmr": cmr.detach(), "imc": imc.detach(), **{f"tau{k}": threshold[k] for k in range(K)}}
@@ -279,7 +279,7 @@ def n_negatives(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc"))
     p.add_argument("--data_root", default=None, help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON")
@@ -294,24 +294,26 @@ def get_args(argv=None):
     p.add_argument("--eval_root", default=None, help="its folder (default: --data_root for --data coco)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     # model
-    p.add_argument("--init", default=DEFAULT_INIT, help="minclip ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
+    p.add_argument("--init", default=None, help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
+                   f"default {DEFAULT_INIT} on shapes, required on real data")
     p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
     # method
     p.add_argument("--loss", default="ceclip", choices=("negclip", "ceclip", "hnc"))
     p.add_argument("--cmr_weight", type=float, default=None, help="ceclip: weight of the cross-modal rank loss (default: 0 shapes, "
                    "see deviation 8; 0.2 real data)")
     p.add_argument("--imc_weight", type=float, default=0.3, help="ceclip: weight of the intra-modal contrastive loss")
-    p.add_argument("--threshold", default="adaptive", choices=("adaptive", "fixed"), help="ceclip: CMR's threshold per negative type")
-    p.add_argument("--upper_bound", type=float, default=10.0, help="ceclip: the adaptive threshold's upper clamp (logit units)")
-    p.add_argument("--fixed_threshold", type=float, default=1.0, help="ceclip, --threshold fixed: the threshold (logit units)")
+    p.add_argument("--cmr_threshold", default="adaptive", choices=("adaptive", "fixed"), help="ceclip: CMR's threshold per negative type")
+    p.add_argument("--cmr_upper_bound", type=float, default=10.0, help="ceclip: the adaptive threshold's upper clamp (logit units)")
+    p.add_argument("--cmr_fixed_threshold", type=float, default=1.0, help="ceclip, --cmr_threshold fixed: the threshold (logit units)")
     p.add_argument("--hn_weight", type=float, default=1.0, help="hnc: weight of each image's own hard negatives in its softmax")
     p.add_argument("--hn_warmup_steps", type=int, default=0, help="hnc: ramp the weight linearly from 0 over this many steps")
     p.add_argument("--l2sp", type=float, default=0.0, help="hnc: lambda of lambda * ||theta - theta_0||^2")
     p.add_argument("--kl_weight", type=float, default=0.0, help="hnc: weight of the KL distillation from the frozen initial model")
     p.add_argument("--kl_temperature", type=float, default=4.0, help="hnc: the distillation temperature T")
     # optim
-    p.add_argument("--max_steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=64, help="images per process (with --neg_images, half are hard-negative images)")
+    p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 5: NegCLIP's 5)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per process (with --neg_images, half are hard-negative images (default: 64 shapes, 256 real data)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -321,6 +323,8 @@ def get_args(argv=None):
     p.add_argument("--eval_every", type=int, default=500, help="0 disables (a start and a final eval always run)")
     p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
@@ -330,6 +334,16 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.init is None and args.data != "shapes":
+        p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
+                "local-dir:DIR or a minclip ckpt.pt")
+    args.init = DEFAULT_INIT if args.init is None else args.init
+    args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    if args.data == "shapes" and args.epochs is not None:
+        p.error("--epochs: the shapes world is an endless stream; give --max_steps")
+    args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
+    args.epochs = (None if args.data == "shapes" else 5) if args.epochs is None else args.epochs
+    args.batch_size = (64 if args.data == "shapes" else 256) if args.batch_size is None else args.batch_size
     real = args.data != "shapes"
     args.workers = (4 if real else 0) if args.workers is None else args.workers
     args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
@@ -361,7 +375,8 @@ def make_model(args, device):
         raise SystemExit(f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)")
     clip, _, preprocess, _ = load_clip(args.init, device)
     clip.train()
-    args.image_size, args.context_length = clip.image_size, clip.context_length
+    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
+        raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
     teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
     trainable = set_trainable(clip, args.finetune)
     init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
@@ -386,7 +401,7 @@ def resume(path, clip, state):
     return ckpt
 
 
-def make_data(args, preprocess, rank, world):
+def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
     "shapes", the splits of --eval_data, or None)."""
     if args.data == "shapes":
@@ -438,22 +453,27 @@ def main(argv=None):
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
+        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
 
-    # model, data
-    clip, model, preprocess, groups, state = make_model(args, device)
+    # data first: a missing or bad file is one line before any model is built or downloaded
     try:
-        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        dataset, n_items, evalset = make_data(args, rank, world)
         for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
         raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
+    if args.max_steps is None:  # real data: --epochs passes over the training items
+        args.max_steps = math.ceil(args.epochs * n_items / (args.batch_items * world))
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
+    start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
         ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -475,6 +495,13 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
+    def log(record):  # metrics.jsonl (and wandb) on rank 0
+        if master:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if args.wandb:
+                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
+
     def evaluate(step, split):
         # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
         metrics = None
@@ -485,16 +512,27 @@ def main(argv=None):
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+                log({"step": step, "split": split, **metrics})
         if world > 1:
             dist.barrier()
         return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(kept)
+    if master and args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
+        wandb.init(project=args.wandb, config=vars(args), resume="allow")
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
-           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
+           f"| world {world} x batch {args.batch_size} | {args.max_steps} steps"
+           + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device) * world, None
@@ -529,10 +567,12 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
+            eta = int((args.max_steps - step) * dt / n_steps)
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
                    + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
                    + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import shapes
-from model import (CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean,
+from model import (Parser, CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean,
                    global_min, load_checkpoint, lr_at, model_config, param_groups, peak_flops, print0, save_checkpoint,
                    setup_distributed, to_device)
 
@@ -175,9 +175,9 @@ def make_batch(samples, args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     # data
-    p.add_argument("--data", default="shapes", help="shapes | flickr8k | coco | recap")
+    p.add_argument("--data", default="shapes", choices=("shapes", "flickr8k", "coco", "recap"))
     p.add_argument("--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file")
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, 224 for real data")
     p.add_argument("--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data")
@@ -198,7 +198,8 @@ def get_args(argv=None):
     # model
     p.add_argument("--model_size", default="tiny", choices=list(MODEL_SIZES))
     # optim
-    p.add_argument("--max_steps", type=int, default=1750)
+    p.add_argument("--max_steps", type=int, default=None, help="default: 1750 on shapes; real data: from --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 32: CLIP's 32)")
     p.add_argument("--batch_size", type=int, default=128, help="per process; global batch = batch_size x world size")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: 2e-3 shapes, 1e-3 real data)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 3; 1 real data)")
@@ -209,6 +210,8 @@ def get_args(argv=None):
     p.add_argument("--eval_every", type=int, default=500, help="0 disables (a final eval always runs)")
     p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
@@ -218,6 +221,10 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.data == "shapes" and args.epochs is not None:
+        p.error("--epochs: the shapes world is an endless stream; give --max_steps")
+    args.max_steps = (1750 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
+    args.epochs = (None if args.data == "shapes" else 32) if args.epochs is None else args.epochs
     real, args.batch_items = args.data != "shapes", args.batch_size  # dataset items per process per step
     args.image_size = args.image_size or (224 if real else 64)
     args.context_length = args.context_length or (77 if real else 32)
@@ -269,7 +276,7 @@ def resume(path, clip, state):
     return ckpt
 
 
-def make_data(args, preprocess, rank, world):
+def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
     "shapes" or the dataset's splits)."""
     if args.data == "shapes":
@@ -296,22 +303,27 @@ def main(argv=None):
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
+        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
 
-    # model, data
-    clip, model, preprocess, groups, state = make_model(args, device)
+    # data first: a missing or bad file is one line before any model is built or downloaded
     try:
-        dataset, n_items, evalset = make_data(args, preprocess, rank, world)
+        dataset, n_items, evalset = make_data(args, rank, world)
         for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
         raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
+    if args.max_steps is None:  # real data: --epochs passes over the training items
+        args.max_steps = math.ceil(args.epochs * n_items / (args.batch_items * world))
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    start_step, start_metrics, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
+    start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
         ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -333,6 +345,13 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
+    def log(record):  # metrics.jsonl (and wandb) on rank 0
+        if master:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if args.wandb:
+                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
+
     def evaluate(step, split):
         # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
         metrics = None
@@ -343,16 +362,27 @@ def main(argv=None):
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
                 print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+                log({"step": step, "split": split, **metrics})
         if world > 1:
             dist.barrier()
         return metrics
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(kept)
+    if master and args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
+        wandb.init(project=args.wandb, config=vars(args), resume="allow")
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
-           f"| world {world} x batch {args.batch_size} | device {device} {dtype}")
+           f"| world {world} x batch {args.batch_size} | {args.max_steps} steps"
+           + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device) * world, None
@@ -387,10 +417,12 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
+            eta = int((args.max_steps - step) * dt / n_steps)
             print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
                    + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
                    + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
+            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:

@@ -22,7 +22,6 @@ replaced by the contrast relation) and threshold (True iff cos > tau, tau fitted
 accuracy and per-class / macro precision, recall and F1. The compositional benchmarks are one file
 each in tasks/.
 """
-import argparse
 import importlib
 import json
 import math
@@ -33,7 +32,7 @@ import torch
 
 import data
 import shapes
-from model import export_open_clip, is_checkpoint, load_captioner, load_model
+from model import Parser, export_open_clip, is_checkpoint, load_captioner, load_model
 
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
 LABEL_H = 16      # height of the score strip under each image of a --grid
@@ -317,8 +316,7 @@ def tasks():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = Parser(__doc__)
     # model
     p.add_argument("--model", required=True, help="ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
     # benchmark
@@ -327,7 +325,7 @@ def main(argv=None):
     p.add_argument("--image_root", default=None, help="sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
                    "the images, when not in the default place under --data_root (see README)")
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"), help="vsr: which split's dev/test")
-    p.add_argument("--n", type=int, default=1000, help="shapes: number of test scenes")
+    p.add_argument("--eval_n", "--n", type=int, default=1000, help="shapes: number of test scenes")
     p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the "
                    "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)")
     p.add_argument("--data", default="shapes", choices=("shapes", "hnc"), help="intrinsic: the shapes world's test "
@@ -420,7 +418,7 @@ def main(argv=None):
     # the bench's test images (PIL images or paths) with one caption each, for the demo
     if args.bench == "shapes":
         from PIL import Image
-        scenes = shapes.test_scenes(args.n, shapes.TEST_SEED if args.seed is None else args.seed) if args.query else []
+        scenes = shapes.test_scenes(args.eval_n, shapes.TEST_SEED if args.seed is None else args.seed) if args.query else []
         images, labels = [Image.fromarray(shapes.render(s, image_size)) for s in scenes], [s.caption() for s in scenes]
     else:
         if args.data_root is None:
@@ -446,7 +444,7 @@ def main(argv=None):
         return
 
     if args.bench == "shapes":
-        metrics = eval_shapes(model, tokenizer, image_size, device, n=args.n, seed=args.seed,
+        metrics = eval_shapes(model, tokenizer, image_size, device, n=args.eval_n, seed=args.seed,
                               preprocess=None if native else preprocess)
     elif args.bench == "vsr":
         metrics = eval_vsr(model, preprocess, tokenizer, vsr["test"], vsr["dev"], device)

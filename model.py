@@ -15,6 +15,7 @@ The CLIP model and the system helpers every minclip script shares: what nanoGPT'
 
 Method scripts import this module; it imports none of them (data.py's JSON reader, lazily).
 """
+import argparse
 import codecs
 import difflib
 import json
@@ -246,6 +247,19 @@ def model_config(size, image_size, context_length=77, vocab_size=49408):
 
 # -----------------------------------------------------------------------------
 # system helpers shared by the training scripts (DDP, precision, schedule, checkpoints)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help and a bad flag or value refused in one line"""
+
+    def __init__(self, doc):
+        class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+            pass
+        super().__init__(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+                         formatter_class=Help)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help)\n")
 
 
 def setup_distributed(device_flag):
@@ -535,11 +549,12 @@ def _unreadable(path, error):
     return f"not a checkpoint torch can read ({type(error).__name__}: {message})"
 
 
-def load_model(spec, device="cpu"):
+def load_model(spec, device="cpu", flag="--model"):
     """spec: a minclip checkpoint (*.pt), 'local-dir:DIR' (open_clip hub directory) or
     'NAME:PRETRAINED' (open_clip, e.g. ViT-B-32:openai; PRETRAINED may be a file) -> (model,
     preprocess, tokenizer), eval mode. model.image_size is the native resolution; minclip models
-    also carry model.model_cfg."""
+    also carry model.model_cfg. A NAME without PRETRAINED (random weights) is refused, and weights
+    that are neither cached nor downloadable fail at once; every error is one line naming `flag`."""
     import open_clip
     if is_checkpoint(spec):
         ckpt = load_checkpoint(spec)
@@ -555,16 +570,16 @@ def load_model(spec, device="cpu"):
         # open_clip itself only logs a warning and returns a *randomly initialised* model when the
         # directory has a config but no weights file, so check for both here
         if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
-            raise SystemExit(f"error: --model {spec}: no open_clip_config.json in {d}")
+            raise SystemExit(f"error: {flag} {spec}: no open_clip_config.json in {d}")
         if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(d)):
-            raise SystemExit(f"error: --model {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
+            raise SystemExit(f"error: {flag} {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
         from data import DataError, read_json  # model.py imports no other minclip module at the top
         try:
             config = read_json(os.path.join(d, "open_clip_config.json"))
         except DataError as err:
-            raise SystemExit(f"error: --model {spec}: {err}")
+            raise SystemExit(f"error: {flag} {spec}: {err}")
         if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-            raise SystemExit(f"error: --model {spec}: {d}/open_clip_config.json has no \"model_cfg\" object")
+            raise SystemExit(f"error: {flag} {spec}: {d}/open_clip_config.json has no \"model_cfg\" object")
         model_cfg = config["model_cfg"]
     else:
         name, _, pretrained = spec.partition(":") if not spec.startswith("hf-hub:") else (spec, "", "")
@@ -572,7 +587,7 @@ def load_model(spec, device="cpu"):
         # open_clip's own error for an unknown name lists every config it has (~3,000 characters)
         if not name.startswith("hf-hub:") and arch not in known:
             close = difflib.get_close_matches(name, known, n=3)
-            raise SystemExit(f"error: --model {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
+            raise SystemExit(f"error: {flag} {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
                              "NAME:PRETRAINED" + (f" (close names: {', '.join(close)})" if close else "")
                              + (f"; an open_clip hub folder is given as local-dir:{spec}" if os.path.isdir(spec) else ""))
         # pitfall: OpenAI's ViT-B-32 (and any *-quickgelu tag) was trained with QuickGELU. open_clip
@@ -583,8 +598,15 @@ def load_model(spec, device="cpu"):
         if pretrained and not tag and not os.path.isfile(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(arch)
             close = difflib.get_close_matches(pretrained.lower().replace("-", "_"), tags, n=3)
-            raise SystemExit(f"error: --model {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
+            raise SystemExit(f"error: {flag} {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
                              + (f" (close tags: {', '.join(close)})" if close else f" ({len(tags)} tags: open_clip.list_pretrained())"))
+        if not pretrained and not name.startswith("hf-hub:"):
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise SystemExit(f"error: {flag} {spec}: no PRETRAINED tag, so its weights would be random: give NAME:PRETRAINED"
+                             + (f", one of {', '.join(f'{name}:{t}' for t in tags[:4])}" + (f" ({len(tags)} tags)" if len(tags) > 4 else "")
+                                if tags else " (open_clip has no pretrained tag for it: a weights file as NAME:PATH)"))
+        if pretrained and not os.path.isfile(pretrained):
+            _check_download(open_clip, arch, pretrained, spec, flag)
         kwargs["pretrained"] = pretrained or None
         kwargs["force_quick_gelu"] = bool(tag.get("quick_gelu", False))
         model_cfg = open_clip.get_model_config(name)
@@ -594,7 +616,7 @@ def load_model(spec, device="cpu"):
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        why = _first_line(e)
         weights = kwargs.get("pretrained") or ""
         if os.path.isfile(weights):
             try:
@@ -602,25 +624,76 @@ def load_model(spec, device="cpu"):
                 why = f"the weights in {weights} do not fit open_clip's {name} ({why})"
             except Exception as load_error:
                 why = f"{weights}: {_unreadable(weights, load_error)}"
-        raise SystemExit(f"error: --model {spec}: {why}")
+        raise SystemExit(f"error: {flag} {spec}: {why}")
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
     return model.to(device).eval(), preprocess, tokenizer
 
 
-def load_clip(spec, device="cpu"):
+def _first_line(error, n=200):
+    """an exception's first line, cut at a word boundary under n characters"""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
+
+
+def _check_download(open_clip, arch, tag, spec, flag, timeout=3.0):
+    """fail at once, in one line, when the weights of arch:tag are not in the local cache and their
+    hub cannot be reached: open_clip would otherwise retry for about a minute and end in a traceback"""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
+    repo = (cfg.get("hf_hub") or "").rstrip("/")
+    if not repo:
+        return  # a plain url: let open_clip try it
+    names = [n for n in (cfg.get("hf_filename"), "open_clip_model.safetensors", "open_clip_pytorch_model.bin") if n]
+    if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        raise SystemExit(f"error: {flag} {spec}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) and {host} "
+                         f"cannot be reached (offline?): fetch them once where there is a network, or give a weights file as "
+                         f"{arch}:PATH") from None
+
+
+def init_geometry(spec):
+    """(image size, context length) of the model a spec names, from its config alone (no weights are
+    loaded or downloaded), so a script can check its data first; None where the spec cannot be read
+    that way (load_model then says what is wrong with it)."""
+    try:
+        if is_checkpoint(spec):
+            cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)["model_cfg"]
+        elif spec.startswith("local-dir:"):
+            with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
+                cfg = json.load(f)["model_cfg"]
+        elif spec.startswith("hf-hub:"):
+            from open_clip.factory import _get_hf_config  # a small download: the weights come later
+            cfg = _get_hf_config(spec[len("hf-hub:"):])["model_cfg"]
+        else:
+            import open_clip
+            cfg = open_clip.get_model_config(spec.partition(":")[0])
+        size = cfg["vision_cfg"]["image_size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size), int(cfg["text_cfg"].get("context_length", 77))
+    except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
+        return None
+
+
+def load_clip(spec, device="cpu", flag="--init"):
     """The --init of the fine-tuning scripts: any spec load_model accepts -> (minclip CLIP with its
     weights, model_cfg, preprocess, tokenizer). open_clip's weights load into minclip's CLIP with
     strict=True (same names, same maths), so every script trains one model class; a model that is not
     the standard ViT + text Transformer CLIP is one clear error."""
-    model, preprocess, tokenizer = load_model(spec, device)
+    model, preprocess, tokenizer = load_model(spec, device, flag)
     if isinstance(model, CLIP):
         return model, model.model_cfg, preprocess, tokenizer
     try:
         ours = CLIP(**model.model_cfg)
         ours.load_state_dict(model.state_dict(), strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: --init {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
+        raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
     ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
     return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
 

@@ -97,4 +97,4 @@ def evaluate(model, preprocess, tokenizer, device, source="shapes", root=None, i
 
 def run(model, preprocess, tokenizer, device, args):
     return evaluate(model, preprocess, tokenizer, device, source=args.data, root=args.data_root, image_root=args.image_root,
-                    threshold=args.threshold, n=args.n, seed=args.seed, image_size=args.image_size)
+                    threshold=args.threshold, n=args.eval_n, seed=args.seed, image_size=args.image_size)
