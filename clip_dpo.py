@@ -221,7 +221,7 @@ def step_loss(model, batch, args, state):
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
         loss = args.alpha * contrastive + (1 - args.alpha) * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
-    imc_weight = args.imc_weight if state.step < args.imc_steps else 0.0
+    imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
     if imc_weight:
         i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
         per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
@@ -469,7 +469,7 @@ def make_model(args, device):
     what = f"{args.data} (twins {args.twins})" if args.data == "shapes" else args.data
     state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum,
                                summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
-                               f"imc {args.imc_weight} x {args.imc_steps} steps | {what}, direction {args.direction} | logit scale "
+                               f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
                                f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
     return clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state
 

@@ -1,0 +1,60 @@
+"""bench/export_shapes.py: the shapes world written in Flickr8k's and VSR's layouts round-trips
+through the real readers, the image loader, and the scripts' real-data path."""
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+import data
+import shapes
+from conftest import ROOT, run
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import export_shapes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    export_shapes.main(["--out", str(out), "--flickr8k", "300", "--vsr", "200", "--image_size", "48", "--seed", "3"])
+    return out
+
+
+def test_flickr8k_export_reads_back_scene_for_scene(export):
+    splits = data.read_flickr8k(str(export / "flickr8k"))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 226, "val": 37, "test": 37}  # 1000 / 8091 of 300 each
+    by_name = {os.path.basename(path): caps for items in splits.values() for path, caps in items}
+    for i in (0, 40, 299):
+        rng = shapes.scene_rng("export-flickr8k", 3, i)
+        scene = shapes.sample_scene(rng)
+        assert by_name[f"{i:010d}_shapes.jpg"] == export_shapes.five_captions(scene, rng)
+        pixels = data.load_image(str(export / "flickr8k" / "Images" / f"{i:010d}_shapes.jpg"), 48)
+        assert np.abs(pixels.astype(float) - shapes.render(scene, 48)).mean() < 6  # jpeg, quality 95
+
+
+def test_vsr_export_reads_back_with_true_and_false_rows(export):
+    vsr = data.read_vsr(str(export / "vsr"))
+    assert {k: len(v) for k, v in vsr.items()} == {"train": 140, "dev": 20, "test": 40}
+    for split, rows in vsr.items():
+        assert sum(r.label for r in rows) * 2 == len(rows)  # a true statement and its false converse per scene
+        assert all(os.path.dirname(r.image).endswith("train2017" if split == "train" else "val2017") for r in rows)
+    row = random.Random(0).choice(vsr["test"])
+    i = int(os.path.basename(row.image)[:-4])
+    scene = shapes.sample_scene(shapes.scene_rng("export-vsr", 3, i))
+    assert (row.caption, row.label) in shapes.statements(scene)
+    assert data.contrast_caption(row.caption, row.relation) == [t for t, _ in shapes.statements(scene) if t != row.caption][0]
+
+
+def test_the_scripts_run_on_the_export(export, tmp_path):
+    r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", str(export / "flickr8k"), "--image_size", "32",
+             "--batch_size", "64", "--max_steps", "2", "--cache_images", "--workers", "0", "--log_every", "1",
+             "--out_dir", str(tmp_path / "scratch")])
+    assert r.returncode == 0, r.stderr
+    assert "eval test step 2" in r.stdout and os.path.exists(tmp_path / "scratch" / "cache_flickr8k_train_32.u8")
+    r = run(["clip_dpo.py", "--data", "vsr", "--data_root", str(export / "vsr"), "--init", str(tmp_path / "scratch" / "ckpt.pt"),
+             "--epochs", "1", "--batch_size", "32", "--workers", "0", "--log_every", "1", "--out_dir", str(tmp_path / "dpo")])
+    assert r.returncode == 0, r.stderr
+    groups = int(r.stdout.split(" train rows -> ")[1].split(" preference groups")[0])
+    assert f"{-(-groups // 32)} steps = 1 epochs of {groups} items" in r.stdout and "vsr_threshold/acc" in r.stdout
