@@ -270,15 +270,16 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
 class ShapesPreferences(torch.utils.data.Dataset):
     """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
 
-    def __init__(self, image_size, seed=0, with_statements=True, twins="both"):
-        self.image_size, self.seed, self.with_statements, self.twins = image_size, seed, with_statements, twins
+    def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None):
+        self.image_size, self.seed, self.with_statements, self.twins, self.held = image_size, seed, with_statements, twins, held
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, key):
         twins = ("both", "mirror", "mirror", "mirror")[key % 4] if self.twins == "mixed" else self.twins
-        return shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", self.seed, key)), self.image_size, self.with_statements, twins)
+        scene, _ = shapes.training_scene("dpo", self.seed, key, self.held)
+        return shapes_group(scene, self.image_size, self.with_statements, twins)
 
 
 class ImageGroups(torch.utils.data.Dataset):
@@ -369,6 +370,8 @@ def get_args(argv=None):
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
     p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
                    help="shapes: each scene's twins (shapes_group); mixed: one group in four both, three mirror")
+    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
+                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
     p.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
                    help="shapes: the VSR-style statements as a second candidate set (shapes_group)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
@@ -415,6 +418,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.holdout != "none" and args.data != "shapes":
+        p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
         p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
                 "local-dir:DIR or a minclip ckpt.pt")
@@ -530,9 +535,10 @@ def ranking_groups(rows):
 
 def make_data(args, rank, world):
     """-> (train dataset, number of groups or None for an infinite stream, what to evaluate on:
-    "shapes", VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
+    "shapes-none" | "shapes-combos" (--holdout), VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
     if args.data == "shapes":
-        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins), None, "shapes"
+        held = shapes.holdout_combos() if args.holdout == "combos" else None
+        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins, held), None, f"shapes-{args.holdout}"
     if args.data not in ("vsr", "rankings", "hnc"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings, hnc")
     if args.data_root is None:

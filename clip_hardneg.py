@@ -202,8 +202,8 @@ class ShapesHardNegatives(torch.utils.data.Dataset):
     (odd keys), whose caption is word for word the original's relation / attribute negative. The
     negatives are exact (shapes.NEGATIVES[kind] for each kind in types)."""
 
-    def __init__(self, image_size, seed, types, neg_images):
-        self.image_size, self.seed, self.types, self.neg_images = image_size, seed, types, neg_images
+    def __init__(self, image_size, seed, types, neg_images, held=None):
+        self.image_size, self.seed, self.types, self.neg_images, self.held = image_size, seed, types, neg_images, held
 
     def __len__(self):
         return 2 ** 62
@@ -212,7 +212,7 @@ class ShapesHardNegatives(torch.utils.data.Dataset):
         return (data.to_tensor(shapes.render(scene, self.image_size)), scene.caption(), [shapes.NEGATIVES[k](scene) for k in self.types])
 
     def __getitem__(self, key):
-        s = shapes.sample_scene(shapes.scene_rng("hardneg", self.seed, key))
+        s, _ = shapes.training_scene("hardneg", self.seed, key, self.held, self.types)
         if not self.neg_images:
             return [self.row(s)]
         return [self.row(s), self.row(shapes.mirror(s) if key % 2 == 0 else shapes.swap_colours(s))]
@@ -290,6 +290,8 @@ def get_args(argv=None):
     p.add_argument("--neg_images", action=argparse.BooleanOptionalAction, default=None,
                    help="half of each batch = the other half's hard-negative images (shapes: twins; negclip: neg_image rows); "
                    "default: on for shapes, off for real data")
+    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
+                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
     p.add_argument("--eval_data", default=None, choices=("coco", "flickr8k"), help="real data: retrieval eval set (default: coco for --data coco)")
     p.add_argument("--eval_root", default=None, help="its folder (default: --data_root for --data coco)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
@@ -334,6 +336,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.holdout != "none" and args.data != "shapes":
+        p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
         p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
                 "local-dir:DIR or a minclip ckpt.pt")
@@ -403,9 +407,10 @@ def resume(path, clip, state):
 
 def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
-    "shapes", the splits of --eval_data, or None)."""
+    "shapes-none" | "shapes-combos" (--holdout), the splits of --eval_data, or None)."""
     if args.data == "shapes":
-        return ShapesHardNegatives(args.image_size, args.seed, args.neg_types, args.neg_images), None, "shapes"
+        held = shapes.holdout_combos() if args.holdout == "combos" else None
+        return ShapesHardNegatives(args.image_size, args.seed, args.neg_types, args.neg_images, held), None, f"shapes-{args.holdout}"
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     if args.data == "coco":

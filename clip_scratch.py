@@ -184,6 +184,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
     p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
     p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (shapes.ShapesDataset)")
+    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
+                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
     p.add_argument("--caption_style", default="full", choices=shapes.CAPTION_STYLES,
                    help="shapes: full captions, or terse partial ones (shapes.partial_caption; the CLIPS setting)")
     p.add_argument("--image_key", default="image", help="recap: the image column")
@@ -221,6 +223,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.holdout != "none" and args.data != "shapes":
+        p.error("--holdout: held-out combinations are the shapes world's")
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (1750 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
@@ -278,9 +282,10 @@ def resume(path, clip, state):
 
 def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
-    "shapes" or the dataset's splits)."""
+    "shapes-none" | "shapes-combos" (--holdout), or the dataset's splits)."""
     if args.data == "shapes":
-        return shapes.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style), None, "shapes"
+        held = shapes.holdout_combos() if args.holdout == "combos" else None
+        return shapes.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style, held), None, f"shapes-{args.holdout}"
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))

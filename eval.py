@@ -133,12 +133,26 @@ def encode_pil(model, preprocess, images, device, batch_size=128):
 
 
 @torch.no_grad()
-def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preprocess=None):
-    """The built-in shapes benchmark: retrieval over n test scenes with unique content, and one
-    pairwise probe per hard-negative kind (the scene's own caption vs the negative)."""
+def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preprocess=None, holdout=False):
+    """The built-in shapes benchmark on n test scenes with unique content: retrieval, one pairwise
+    probe per hard-negative kind (the scene's own caption vs the negative) and the statements. With
+    holdout, every metric twice: seen/... over the scenes that show no held-out combination
+    (shapes.holdout_combos), unseen/... over the others, each a retrieval pool of its own."""
+    scenes = shapes.test_scenes(n, shapes.TEST_SEED if seed is None else seed)
+    if not holdout:
+        return _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess)
+    held = shapes.holdout_combos()
+    out = {}
+    for name, part in (("seen", [s for s in scenes if not shapes.unseen(s, held)]), ("unseen", [s for s in scenes if shapes.unseen(s, held)])):
+        out |= {f"{name}/{k}": v for k, v in _shapes_metrics(model, tokenizer, part, image_size, device, preprocess).items()}
+        out[f"{name}/n"] = len(part)
+    return out
+
+
+def _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess):
     was_training = model.training
     model.eval()
-    scenes = shapes.test_scenes(n, shapes.TEST_SEED if seed is None else seed)
+    n = len(scenes)
     if preprocess is None:  # minclip models: the world renders at the model's resolution
         images = torch.stack([data.to_tensor(shapes.render(s, image_size)) for s in scenes])
     else:  # external models: render, then their own preprocessing
@@ -288,11 +302,12 @@ def generate_caption(model, captioner, image, web_caption, tokenizer, device="cp
 
 def evaluate(model, preprocess, tokenizer, device, evalset, split, image_size, n=1000):
     """The training scripts' evaluation of `model` -> metrics, or None when there is nothing to score.
-    evalset: "shapes" (the shapes benchmark, n test scenes at image_size), splits of image-caption
+    evalset: "shapes-none" or "shapes-combos" (the shapes benchmark, n test scenes at image_size; its
+    seen and unseen scenes apart, --holdout combos), splits of image-caption
     items {"val", "test"} (retrieval on evalset[split]), VSR rows {"val", "test", "calib"} (both
     protocols, the threshold fitted on "calib", VSR's dev split), or None."""
-    if evalset == "shapes":
-        return eval_shapes(model, tokenizer, image_size, device, n=n)
+    if evalset in ("shapes-none", "shapes-combos"):
+        return eval_shapes(model, tokenizer, image_size, device, n=n, holdout=evalset == "shapes-combos")
     if evalset is None:
         return None
     if "calib" in evalset:
@@ -328,6 +343,8 @@ def main(argv=None):
     p.add_argument("--eval_n", "--n", type=int, default=1000, help="shapes: number of test scenes")
     p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the "
                    "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)")
+    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: every metric on the scenes "
+                   "that show no held-out combination (seen/) and on the others (unseen/)")
     p.add_argument("--data", default="shapes", choices=("shapes", "hnc"), help="intrinsic: the shapes world's test "
                    "scenes, or HNC's test file under --data_root")
     p.add_argument("--threshold", type=float, default=1.0, help="intrinsic: distinguishing accuracy counts "
@@ -445,7 +462,7 @@ def main(argv=None):
 
     if args.bench == "shapes":
         metrics = eval_shapes(model, tokenizer, image_size, device, n=args.eval_n, seed=args.seed,
-                              preprocess=None if native else preprocess)
+                              preprocess=None if native else preprocess, holdout=args.holdout == "combos")
     elif args.bench == "vsr":
         metrics = eval_vsr(model, preprocess, tokenizer, vsr["test"], vsr["dev"], device)
     else:

@@ -14,6 +14,7 @@ calibration behind these choices (colour misbinding, sizes, backgrounds).
 """
 import functools
 import random
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -81,6 +82,16 @@ def sample_scene(rng):
     pos = [(a_main, a_off), (b_main, b_off)] if axis == "h" else [(a_off, a_main), (b_off, b_main)]
     objs = tuple(Obj(s, c, z, x, y) for s, c, z, (x, y) in zip(shapes, colours, sizes, pos))
     return Scene(objs, axis, background, subj=rng.randrange(2))
+
+
+def training_scene(split, seed, key, held=None, negatives=()):
+    """scene `key` of a training stream -> (scene, its rng, which the dataset goes on drawing from).
+    With held (holdout_combos()), the stream's first scene that is trainable(s, held, negatives)."""
+    rng = scene_rng(split, seed, key)
+    s = sample_scene(rng)
+    while held is not None and not trainable(s, held, negatives):
+        s = sample_scene(rng)
+    return s, rng
 
 
 def test_scenes(n, seed=TEST_SEED):
@@ -151,6 +162,56 @@ def word_shuffle(s):
 
 NEGATIVES = {"relation": relation_flip, "attribute_swap": attribute_swap, "colour_replace": colour_replace,
              "shape_replace": shape_replace, "word_order": word_shuffle}
+
+
+# the systematic-generalisation split (--holdout combos): some colour-shape pairs and some
+# (shape, relation, shape) triples never appear in training, in any text or image; test scenes that
+# show one are "unseen", the others "seen". Does a fix compose, or memorise the combinations?
+HOLDOUT_SEED, HOLDOUT_SHARE = 4321, 0.15
+_PAIR = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+_TRIPLE = re.compile(rf"\b({'|'.join(SHAPES)}) (?:is )?({'|'.join(CONVERSE)}) (?:a|the) (?:(?:{'|'.join(SIZES)}) )?"
+                     rf"(?:(?:{'|'.join(COLOURS)}) )?({'|'.join(SHAPES)})\b")
+
+
+@functools.lru_cache(maxsize=4)
+def holdout_combos(seed=HOLDOUT_SEED, share=HOLDOUT_SHARE):
+    """(held-out (colour, shape) pairs, held-out (shape, relation, shape) triples): a fixed share of
+    each, drawn by a seeded stream, the same in every process and run"""
+    rng = random.Random(f"holdout-{seed}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    triples = [(a, r, b) for a in SHAPES for r in CONVERSE for b in SHAPES if a != b]
+    return frozenset(rng.sample(pairs, round(share * len(pairs)))), frozenset(rng.sample(triples, round(share * len(triples))))
+
+
+def combos(s):
+    """the colour-shape pairs and (shape, relation, shape) triples scene s shows (each relation read both ways)"""
+    a, b = s.objs[s.subj], s.objs[1 - s.subj]
+    r = s.relation()
+    return {(o.colour, o.shape) for o in s.objs}, {(a.shape, r, b.shape), (b.shape, CONVERSE[r], a.shape)}
+
+
+def text_combos(text):
+    """the colour-shape pairs and triples a text states, read off its words"""
+    return set(_PAIR.findall(text)), set(_TRIPLE.findall(text))
+
+
+def unseen(s, held):
+    """s shows a held-out combination"""
+    pairs, triples = combos(s)
+    return bool(pairs & held[0] or triples & held[1])
+
+
+def trainable(s, held, negatives=()):
+    """no text or image a training stream makes of s shows a held-out combination: s and its twins
+    (their captions, statements, descriptions and partial captions state nothing else), and the
+    hard negatives of `negatives` (NEGATIVES keys) besides the twins' (relation, attribute_swap)"""
+    twins = (s, mirror(s), swap_colours(s), mirror(swap_colours(s)))
+    extra = [_replace_one(x, k, list(COLOURS) if k == "colour" else SHAPES) for x in twins for k, kind in
+             (("colour", "colour_replace"), ("shape", "shape_replace")) if kind in negatives]
+    if any(unseen(x, held) for x in (*twins, *extra)):
+        return False
+    shuffled = [text_combos(word_shuffle(x)) for x in twins] if "word_order" in negatives else []
+    return not any(pairs & held[0] or triples & held[1] for pairs, triples in shuffled)
 
 
 def description(s):
@@ -238,17 +299,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     partial_caption() of the (possibly colour-swapped) scene. The synthetic caption (CLIPS) is the
     scene's description(), always true and complete."""
 
-    def __init__(self, image_size, seed=0, swap_noise=0.5, caption_style="full"):
+    def __init__(self, image_size, seed=0, swap_noise=0.5, caption_style="full", held=None):
         if caption_style not in CAPTION_STYLES:
             raise ValueError(f"caption_style={caption_style!r}: expected one of {CAPTION_STYLES}")
         self.image_size, self.seed, self.swap_noise, self.caption_style = image_size, seed, swap_noise, caption_style
+        self.held = held  # holdout_combos() or None
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, key):
-        rng = scene_rng("train", self.seed, key)
-        s = sample_scene(rng)
+        s, rng = training_scene("train", self.seed, key, self.held)
         shown = swap_colours(s) if rng.random() < self.swap_noise else s  # what the caption claims
         caption = shown.caption() if self.caption_style == "full" else partial_caption(shown, rng)
         return to_tensor(render(s, self.image_size)), caption, description(s), rng
