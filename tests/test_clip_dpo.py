@@ -219,7 +219,7 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
     assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
-    world, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr"])
+    world, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr", "--init", "ViT-B-32:openai"])
     assert (world.imc_weight, world.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
     assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
     assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)  # a pretrained CLIP gets a fine-tuning lr
@@ -243,7 +243,8 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
     assert weights == [0.5, 0.5, 0.0, 0.0]
     assert [has for _, _, has in losses] == [True, True, False, False]
     assert all(a > b for a, b, _ in losses[:2]) and all(a == b for a, b, _ in losses[2:])
-    assert clip_dpo.get_args(["--data", "vsr", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps == 7  # real data: every step
+    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps == 7  # real data: every step
+    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3"]).imc_steps is None  # ... also when --epochs sets them
 
 
 def test_make_batch_indexes_the_concatenated_features():
@@ -723,7 +724,7 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     never chosen; the pick is deterministic per (seed, key) and differs across keys"""
     path = os.path.join(ROOT, "tests", "fixtures", "hnc", "hnc_clean_strict_train.json")
     hnc = negatives.read_hnc(path)
-    groups = clip_dpo.HNCGroups(hnc, lambda im: torch.zeros(3, 32, 32), seed=0)
+    groups = clip_dpo.HNCGroups(hnc, 32, seed=0)
     seen = set()
     for key in range(16):
         g = groups[key]

@@ -211,7 +211,7 @@ def test_step_loss_ceclip_threshold_comes_from_the_previous_step():
             v, tx, s = clip(batch[0], torch.cat([batch[1], batch[2].flatten(0, 1)]))
             t, n = tx[:8], tx[8:].view(8, 2, -1)
             pos, neg = s * (v * t).sum(-1), s * torch.einsum("bd,bkd->bk", v, n)
-            want = (pos.mean() - neg.mean(0)).clamp(0, args.upper_bound)
+            want = (pos.mean() - neg.mean(0)).clamp(0, args.cmr_upper_bound)
         used = state.threshold.clone()
         loss, stats = hn.step_loss(clip, batch, args, state)
         assert [stats["tau0"].item(), stats["tau1"].item()] == used.tolist()  # the previous step's

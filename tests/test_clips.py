@@ -164,7 +164,7 @@ def test_shapes_partial_web_captions_in_the_dataset():
     assert 0.25 < swapped / coloured < 0.75  # swap_noise 0.5 applies to the partial captions too
     with pytest.raises(ValueError, match="caption_style"):
         shapes.ShapesDataset(32, caption_style="short")
-    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), None, 0, 1)
+    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1)
     assert all(cli[key][1] == noisy[key][1] for key in range(10))  # the flag reaches the dataset
 
 

@@ -73,7 +73,7 @@ def test_load_clip_refuses_in_one_line(monkeypatch):
     cfg = model_config("tiny", 32, 32)
     theirs = open_clip.CLIP(**cfg)
     theirs.model_cfg, theirs.image_size = {**cfg, "text_cfg": {**cfg["text_cfg"], "pool_type": "last"}}, 32
-    monkeypatch.setattr(model, "load_model", lambda spec, device="cpu": (theirs, None, None))
+    monkeypatch.setattr(model, "load_model", lambda spec, device="cpu", flag="--model": (theirs, None, None))
     with pytest.raises(SystemExit, match=r"^error: --init x: minclip's CLIP cannot hold this model \(unsupported open_clip options"):
         load_clip("x")
 

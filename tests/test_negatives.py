@@ -102,7 +102,7 @@ def test_empty_one_word_and_non_ascii_captions_give_no_negative(caption):
 def test_missing_negatives_are_masked_and_counted_in_the_batch():
     import torch
     import clip_hardneg as hn
-    args = hn.get_args(["--data", "coco", "--data_root", "x"])
+    args = hn.get_args(["--data", "coco", "--data_root", "x", "--init", "x"])
     args.context_length = 32
     image = torch.zeros(3, 32, 32)
     rows = [[(image, c, negatives.caption_negatives(c, random.Random(0), args.neg_types))] for c in ("dog", "a cat on a table")]
