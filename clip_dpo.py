@@ -8,19 +8,16 @@ CLIP loss, and a reference-free Bradley-Terry reward model.
     python clip_dpo.py --data vsr --data_root ~/data/vsr --init ViT-B-32:openai --device cuda
     torchrun --standalone --nproc_per_node=8 clip_dpo.py --data vsr --data_root ~/data/vsr --init ViT-B-32:openai
     torchrun --standalone --nproc_per_node=2 clip_dpo.py --device cpu         # DDP on CPU (gloo)
-    python clip_dpo.py --loss bt --out_dir out/rm                             # a reward model, then
-    python eval.py --model out/rm/ckpt.pt --rank candidates.jsonl --out rankings.jsonl   # it ranks candidates,
-    python clip_dpo.py --data rankings --data_root rankings.jsonl --loss listwise        # and DPO learns them
+    python clip_dpo.py --loss bt --out_dir out/rm      # a reward model: eval.py --rank, then --data rankings
 
 The method. A query x (an image, or a caption) has candidates y ranked by preference (--direction
 i2t: captions for an image; t2i: images for a caption; both). The score is CLIP's logit
 z(x, y) = s * cos(f(x), g(y)) with s frozen at the reference's; every loss compares candidates of
 one set, so the softmax normaliser over the set cancels and z is used directly. The reward is
 r = beta (z_policy - z_ref) and h = r(x, y_w) - r(x, y_l) (preference_loss, listwise_loss).
---alpha mixes in CLIP's loss on the true pairs (dpo_clip), --imc_weight CE-CLIP's intra-modal term
-for the first --imc_steps steps, --l2sp lambda ||theta - theta_ref||^2 (outside the alpha mixture).
-The reference is a frozen deep copy of --init, never saved: the checkpoint records its spec and a
-checksum that --resume verifies. The loop at the bottom is the same text in the three scripts.
+--alpha mixes in CLIP's loss (dpo_clip), --imc_weight CE-CLIP's intra-modal term, --l2sp
+lambda ||theta - theta_ref||^2 (outside the alpha mixture). The reference is a frozen copy of --init,
+never saved (the checkpoint keeps its spec and checksum). The loop is the three scripts' same text.
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; its scenes give exact graded preferences: a scene
@@ -118,12 +115,10 @@ def listwise_loss(policy, ref, ranks, beta):
 
 
 def clip_loss(image_features, text_features, logit_scale):
-    """Symmetric InfoNCE, L = 1/2 [CE(S, I) + CE(S^T, I)] with S = s * V T^T, as in clip_scratch.py, on
-    the true pairs of every rank: [N, D] L2-normalised features, N may differ between ranks (a group
-    holds 2 or 4 images, a VSR group 1 or 2). Each rank pads its pairs to the largest N, gathers both
-    sets with gradient, masks the padding out of the columns and scores its N rows against every
-    rank's pairs; the loss is the mean over all pairs of all ranks (global_mean). -> (loss, image->text
-    accuracy), fp32."""
+    """Symmetric InfoNCE (clip_scratch.py's) on the true pairs [N, D] of every rank, where N differs
+    between ranks (a group holds 2 or 4 images, a VSR group 1 or 2): each rank pads to the largest N,
+    gathers with gradient, masks the padding out of the columns; the mean is over every rank's pairs
+    (global_mean). -> (loss, image->text accuracy), fp32."""
     with torch.autocast(image_features.device.type, enabled=False):
         image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
         n, device = len(image_features), image_features.device
@@ -145,13 +140,11 @@ def clip_loss(image_features, text_features, logit_scale):
 
 
 def imc_loss(query_features, cand_features, ranks, logit_scale):
-    """CE-CLIP's intra-modal contrastive term (clip_hardneg.py's imc_loss) on the i2t candidate sets:
-    per image query, logits [s * v . t_best, s * t_best . t_k for each candidate t_k ranked strictly
-    below t_best], cross-entropy with target 0: the best caption must be closer to its image than its
-    worse candidates are to it in text space. query_features [M, D] (the images), cand_features
-    [M, K, D] (their candidate captions), ranks [M, K] (-1 = padding). -> loss [M] per query (0 for a
-    query without worse candidates), fp32. Not DPO: a symmetry breaker for a relation-blind text tower
-    (clip_hardneg.py's default uses it), off by default here (README, "Preference fine-tuning")."""
+    """CE-CLIP's intra-modal term (clip_hardneg.py's imc_loss) on the i2t candidate sets: per image v,
+    logits [s v.t_best, s t_best.t_k for each t_k ranked below t_best], cross-entropy to 0: the best
+    caption closer to its image than its worse candidates are to it. query_features [M, D], cand_features
+    [M, K, D], ranks [M, K] (-1 = padding) -> loss [M] (0 without worse candidates), fp32. Not DPO: the
+    shapes default's symmetry breaker for a relation-blind text tower (deviation 3)."""
     with torch.autocast(query_features.device.type, enabled=False):
         v, t, s = query_features.float(), cand_features.float(), logit_scale.float()
         rows = torch.arange(len(v), device=v.device)
@@ -164,18 +157,15 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
 
 
 def l2sp_penalty(model, reference):
-    """L2-SP: ||theta - theta_ref||^2 summed over the trainable parameters (the HNC thesis's anchor
-    toward the starting weights), in fp32. model and reference have the same parameter order."""
+    """L2-SP (the HNC thesis's anchor): ||theta - theta_ref||^2 over the trainable parameters, fp32"""
     return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(model.parameters(), reference.parameters()) if p.requires_grad)
 
 
 def make_reference(model, dtype="float32"):
-    """The frozen reference: a deep copy of the starting model, made before any DDP / compile
-    wrapping, in eval mode and without gradients; step_loss calls it under no_grad, and it never
-    enters the optimizer or a checkpoint. dtype "bfloat16" stores its weight matrices in bf16 (half
-    the memory): exactly the values bf16 autocast feeds the policy's matmuls, so under that autocast
-    its outputs stay bit-identical to the policy's at step 0; norms, biases and embeddings, which
-    autocast leaves in fp32, stay fp32."""
+    """The frozen reference: a deep copy of the starting model made before any DDP / compile wrapping,
+    in eval mode, never in the optimizer or a checkpoint. dtype "bfloat16" stores its weight matrices
+    in bf16 (half the memory), the values bf16 autocast feeds the policy's matmuls: at step 0 its
+    outputs are bit-identical to the policy's under that autocast (norms and embeddings stay fp32)."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     if dtype == "bfloat16":
         for name, p in reference.named_parameters():
@@ -185,14 +175,12 @@ def make_reference(model, dtype="float32"):
 
 
 def step_loss(model, batch, args, state):
-    """The method, one step. batch: (images [NI, 3, S, S], texts [NT, L], prefs) from make_batch.
-    prefs: query [M] and cand [M, K] index the concatenated features [image features; text
-    features] (an image query's candidates are texts, a text query's are images), rank [M, K]
-    (0 = best, -1 = padding), pairs [P, 3] (query, better candidate, worse candidate: every
-    strictly ordered pair), pos [N, 2] (index of an image, index of its true caption among the
-    texts) for the CLIP term.
-    state: reference (None for a reward model without --l2sp), run on the same batch under no_grad,
-    and step (the intra-modal term is on for steps < --imc_steps). -> (loss, {name: detached scalar})"""
+    """The method, one step. batch: (images [NI, 3, S, S], texts [NT, L], prefs) from make_batch. prefs:
+    query [M] and cand [M, K] index the features [images; texts] (an image's candidates are texts, a
+    text's images), rank [M, K] (0 = best, -1 = padding), pairs [P, 3] (query, better, worse: every
+    strictly ordered pair), pos [N, 2] (an image, its true caption) for the CLIP term. state:
+    reference (None for a reward model without --l2sp; run under no_grad) and step (the intra-modal
+    term is on while step < --imc_steps). -> (loss, {name: detached scalar})"""
     images, texts, prefs = batch
     reference = state.reference
     image_features, text_features, logit_scale = model(images, texts)
@@ -283,10 +271,8 @@ class ShapesPreferences(torch.utils.data.Dataset):
 
 
 class ImageGroups(torch.utils.data.Dataset):
-    """Groups whose images are files (VSR, rankings): key -> the group with its images loaded by the
-    image_size (data.load_image: resize, center crop, CLIP's normalisation), or None if one is
-    unreadable (make_batch drops and counts it). Keys may
-    exceed len (StepBatches: epoch * len + i)."""
+    """Groups whose images are files (VSR, rankings): key (epoch * len + i) -> the group with its images
+    decoded at image_size (data.load_image), or None if one is unreadable (dropped and counted)."""
 
     def __init__(self, groups, image_size):
         self.groups, self.image_size = groups, image_size
@@ -301,10 +287,9 @@ class ImageGroups(torch.utils.data.Dataset):
 
 
 class HNCGroups(torch.utils.data.Dataset):
-    """HNC as preference groups, read item by item from negatives.read_hnc's index: key -> an image, one of
-    its positive captions (chosen per (seed, key), so each epoch may take another) ranked above that
-    positive's hard negatives (i2t). None (dropped and counted) if the image is unreadable or no
-    positive of it has a negative."""
+    """HNC as preference groups, read item by item (negatives.read_hnc): key -> an image and one of its
+    positives (drawn per (seed, key)) ranked above that positive's negatives (i2t); None (dropped,
+    counted) if the image is unreadable or no positive has a negative."""
 
     def __init__(self, hnc, image_size, seed=0):
         self.hnc, self.image_size, self.seed = hnc, image_size, seed
@@ -396,8 +381,8 @@ def get_args(argv=None):
                    help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
     p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
-    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 5: 5)")
-    p.add_argument("--batch_size", type=int, default=None, help="groups per process (shapes: 26 mixed groups = ~65 images (default: 26 shapes, 64 real data)")
+    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training groups (default 5)")
+    p.add_argument("--batch_size", type=int, default=None, help="groups per process (default: 26 shapes, ~65 images; 64 real data)")
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -445,10 +430,8 @@ def get_args(argv=None):
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha {args.alpha}: must be in [0, 1]")
     args.imc_steps = (args.max_steps if real else 1000) if args.imc_steps is None else args.imc_steps
-    if args.imc_weight < 0:
-        p.error(f"--imc_weight {args.imc_weight}: must be >= 0")
-    if args.beta <= 0:
-        p.error(f"--beta {args.beta}: must be > 0")
+    if args.imc_weight < 0 or args.beta <= 0:
+        p.error(f"--imc_weight {args.imc_weight} must be >= 0 and --beta {args.beta} > 0")
     return args
 
 

@@ -32,7 +32,7 @@ import torch
 
 import data
 import shapes
-from model import Parser, export_open_clip, is_checkpoint, load_captioner, load_model
+from model import Captioner, Parser, export_open_clip, is_checkpoint, load_checkpoint, load_model
 
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
 LABEL_H = 16      # height of the score strip under each image of a --grid
@@ -284,6 +284,17 @@ def _save_png(image, path):
     tmp = f"{path}.tmp.{os.getpid()}.png"  # keep the suffix: pil picks the format from it
     image.save(tmp)
     os.replace(tmp, path)
+
+
+def load_captioner(path, device="cpu"):
+    """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("captioner_cfg"):
+        raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
+                         "clip_scratch.py --captioner_weight 2")
+    captioner = Captioner(**ckpt["captioner_cfg"])
+    captioner.load_state_dict(ckpt["captioner"], strict=True)
+    return captioner.to(device).eval()
 
 
 @torch.no_grad()

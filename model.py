@@ -3,15 +3,15 @@ The CLIP model and the system helpers every minclip script shares: what nanoGPT'
 
 - CLIP: a ViT image tower and a causal text Transformer with the constructor signature, forward
   and state-dict keys of `open_clip.CLIP`, so a minclip checkpoint loads into open_clip with
-  strict=True and gives the same embeddings (tested), and open_clip weights load into it.
+  strict=True and gives the same embeddings (tested), and open_clip weights load into it;
+  model_config builds the named MODEL_SIZES (tiny is the CPU default).
 - Captioner: CLIPS's prefix-LM caption head (trained by clip_scratch.py, run by eval.py --caption).
-- MODEL_SIZES / model_config: the named sizes (tiny is the CPU default).
 - System helpers: DDP setup, print0, autocast, the lr schedule, AdamW parameter groups, the
   fine-tune modes (set_trainable), the autograd all-gather of the contrastive losses, sums / means
   / minima over ranks, to_device, FLOP counting and the peak table for MFU.
-- Checkpoints: save_checkpoint (atomic) and load_checkpoint (one line on what is wrong with a
-  file); load_model takes a minclip ckpt.pt, an open_clip hub folder (local-dir:DIR) or an
-  open_clip NAME:PRETRAINED; load_clip puts any of them into this file's CLIP; export_open_clip.
+- Checkpoints: save_checkpoint (atomic), load_checkpoint (one line on what is wrong with a file),
+  load_model (a ckpt.pt, local-dir:DIR or open_clip's NAME:PRETRAINED), load_clip (any of them as
+  this file's CLIP), init_geometry, export_open_clip.
 
 Method scripts import this module; it imports none of them (data.py's JSON reader, lazily).
 """
@@ -336,9 +336,8 @@ def set_trainable(model, mode):
 
 
 class _AllGather(torch.autograd.Function):
-    """all_gather with a backward: each rank's gradient w.r.t. the gathered tensor is summed over
-    ranks (all_reduce) and the rank's own slice is kept, as torch.distributed.nn's deprecated
-    all_gather does with reduce_scatter."""
+    """all_gather with a backward: the gradient w.r.t. the gathered tensor is summed over ranks and
+    each rank keeps its own slice (torch.distributed.nn's deprecated all_gather, with all_reduce)"""
 
     @staticmethod
     def forward(ctx, x):
@@ -363,10 +362,8 @@ def all_gather_with_grad(x):
 
 def to_device(x, device, n=None):
     """a batch (a tensor, or tuples / dicts of them) on the device; n: keep the first n rows of each tensor"""
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(y, device, n) for y in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device, n) for k, v in x.items()}
+    if isinstance(x, (tuple, list, dict)):
+        return {k: to_device(v, device, n) for k, v in x.items()} if isinstance(x, dict) else type(x)(to_device(y, device, n) for y in x)
     return (x if n is None else x[:n]).to(device, non_blocking=True)
 
 
@@ -430,15 +427,6 @@ def count_flops(enabled):
     with FlopCounterMode(display=False) as counter:
         yield counter
 
-def flops_per_pair(model_cfg, text_len, texts_per_image=1):
-    """training FLOPs (fwd + bwd = 3x fwd) for one image and its texts: 6 x params x tokens for the
-    matmuls + 12 x layers x width x tokens^2 for attention, per tower (the CLIPS captioner is not counted)."""
-    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    n_img = (v["image_size"] // v["patch_size"]) ** 2 + 1
-
-    def tower(width, layers, n, mlp_ratio=4.0):
-        return 6 * layers * (4 + 2 * mlp_ratio) * width * width * n + 12 * layers * width * n * n
-    return tower(v["width"], v["layers"], n_img) + texts_per_image * tower(t["width"], t["layers"], text_len)
 
 # -----------------------------------------------------------------------------
 # loading: minclip checkpoints, open_clip models (hub names, local-dir: folders), export
@@ -616,7 +604,8 @@ def load_model(spec, device="cpu", flag="--model"):
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
-        why = _first_line(e)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why if len(why) <= 200 else why[:200].rsplit(" ", 1)[0] + " ..."  # at a word boundary
         weights = kwargs.get("pretrained") or ""
         if os.path.isfile(weights):
             try:
@@ -630,15 +619,8 @@ def load_model(spec, device="cpu", flag="--model"):
     return model.to(device).eval(), preprocess, tokenizer
 
 
-def _first_line(error, n=200):
-    """an exception's first line, cut at a word boundary under n characters"""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
-
-
 def _check_download(open_clip, arch, tag, spec, flag, timeout=3.0):
-    """fail at once, in one line, when the weights of arch:tag are not in the local cache and their
-    hub cannot be reached: open_clip would otherwise retry for about a minute and end in a traceback"""
+    """one line at once when arch:tag's weights are neither cached nor reachable (open_clip: ~1 min of retries)"""
     import socket
     from urllib.parse import urlparse
 
@@ -660,9 +642,8 @@ def _check_download(open_clip, arch, tag, spec, flag, timeout=3.0):
 
 
 def init_geometry(spec):
-    """(image size, context length) of the model a spec names, from its config alone (no weights are
-    loaded or downloaded), so a script can check its data first; None where the spec cannot be read
-    that way (load_model then says what is wrong with it)."""
+    """(image size, context length) of the model a spec names, from its config alone, so a script can
+    check its data before loading weights; None where it cannot be read (load_model then says why)."""
     try:
         if is_checkpoint(spec):
             cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)["model_cfg"]
@@ -696,17 +677,6 @@ def load_clip(spec, device="cpu", flag="--init"):
         raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
     ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
     return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
-
-
-def load_captioner(path, device="cpu"):
-    """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("captioner_cfg"):
-        raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
-                         "clip_scratch.py --captioner_weight 2")
-    captioner = Captioner(**ckpt["captioner_cfg"])
-    captioner.load_state_dict(ckpt["captioner"], strict=True)
-    return captioner.to(device).eval()
 
 
 def export_open_clip(model, model_cfg, out_dir):

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import shapes  # noqa: E402
-from model import load_captioner, load_model  # noqa: E402
+from eval import load_captioner  # noqa: E402
+from model import load_model  # noqa: E402
 
 KINDS = {**{w: "colour" for w in shapes.COLOURS}, **{w: "size" for w in shapes.SIZES}, **{w: "background" for w in shapes.BACKGROUNDS},
          **{w: "shape" for w in shapes.SHAPES}, **{w: "relation" for w in ("left", "right", "above", "below", "top", "bottom")}}
