@@ -7,23 +7,14 @@ import os
 import time
 
 import pytest
-import torch
 
 import clip_dpo
 import clip_hardneg
 import model
-from conftest import ROOT, run
+from conftest import FIX, run, tiny_ckpt
 from model import CLIP, init_geometry, load_clip, model_config
 
-FIX = os.path.join(ROOT, "tests", "fixtures")
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
-
-
-def tiny_ckpt(path, image_size=32, context_length=32):
-    cfg = model_config("tiny", image_size, context_length)
-    torch.manual_seed(0)
-    torch.save({"model": CLIP(**cfg).state_dict(), "model_cfg": cfg}, path)
-    return str(path)
 
 
 @pytest.mark.parametrize("script, argv, message", [

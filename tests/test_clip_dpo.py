@@ -19,7 +19,7 @@ from PIL import Image
 import clip_dpo
 import data
 import eval as ev
-from conftest import ROOT, load_weights, run, run_and_kill
+from conftest import FIX, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes, run, tiny_ckpt
 from model import CLIP, model_config
 import negatives
 import shapes
@@ -156,15 +156,6 @@ def test_mixed_twins_are_one_full_group_in_four_and_three_mirror_groups():
         assert len(g["images"]) == (4 if key % 4 == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
 
 
-def tiny_init(tmp_path, seed=0):
-    """a random tiny minclip checkpoint (image 32, context 32) standing in for out/clip_scratch/ckpt.pt"""
-    torch.manual_seed(seed)
-    cfg = model_config("tiny", 32, 32)
-    path = str(tmp_path / "init.pt")
-    torch.save({"model": CLIP(**cfg).state_dict(), "model_cfg": cfg}, path)
-    return path
-
-
 def batch_of(groups, direction="both"):
     args = type("A", (), {"direction": direction, "context_length": 32})
     batch, _ = clip_dpo.make_batch(groups, args)
@@ -228,7 +219,7 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
 def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
     """the real loop, in process: --imc_steps 2 gives the first two steps the term and the rest none,
     and the loss of a step without it is the loss without --imc_weight"""
-    init, weights, losses = tiny_init(tmp_path), [], []
+    init, weights, losses = tiny_ckpt(tmp_path / "init.pt"), [], []
     real = clip_dpo.step_loss
 
     def spy(model, batch, args, state):
@@ -288,7 +279,7 @@ def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip()
 def test_reference_is_frozen_never_trained_and_bit_identical(tmp_path, monkeypatch):
     """the real loop, in process: the reference step_loss sees is the --init weights, untouched and
     without gradients after training, and the policy did move"""
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     seen = []
     real = clip_dpo.step_loss
     monkeypatch.setattr(clip_dpo, "step_loss", lambda model, batch, args, state: (seen.append(state.reference), real(model, batch, args, state))[1])
@@ -332,10 +323,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def _ddp_worker(rank, init_file, path, groups, out):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _ddp_worker(rank, path, groups, out):
     model = CLIP(**model_config("tiny", 32, 32))
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     reference = copy.deepcopy(model).requires_grad_(False)
@@ -347,7 +335,6 @@ def _ddp_worker(rank, init_file, path, groups, out):
         model.zero_grad()
         clip_dpo.step_loss(ddp, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference))[0].backward()
         torch.save([p.grad for p in model.parameters()], f"{out}.{loss}.{rank}")
-    dist.destroy_process_group()
 
 
 def ranking_group(rng, k):
@@ -364,13 +351,12 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
     test): rank 0 holds more preference pairs and more true pairs (3 groups against 2) than rank 1,
     and the averaged gradients equal one process's on the whole batch, for the pairwise + CLIP
     mixture and for listwise."""
-    import torch.multiprocessing as mp
-    path = tiny_init(tmp_path)
+    path = tiny_ckpt(tmp_path / "init.pt")
     torch.manual_seed(0)
     rng = random.Random(0)
     groups = [[ranking_group(rng, 4) for _ in range(3)], [ranking_group(rng, 2) for _ in range(2)]]
     out = str(tmp_path / "grads")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init_file"), path, groups, out), nprocs=2, join=True)
+    gloo_processes(tmp_path, _ddp_worker, path, groups, out)
     model = CLIP(**model_config("tiny", 32, 32))
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     reference = copy.deepcopy(model).requires_grad_(False)
@@ -388,14 +374,10 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
 
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     """the CLI's DDP path end to end: 2 gloo ranks x 2 groups == 1 process x 4 groups"""
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1"]
-    single = run(["clip_dpo.py", "--batch_size", "4", "--out_dir", str(tmp_path / "one"), *common])
-    assert single.returncode == 0, single.stderr
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_dpo.py", "--device", "cpu",
-               "--batch_size", "2", "--out_dir", str(tmp_path / "two"), *common])
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = load_weights(tmp_path / "one")["model"], load_weights(tmp_path / "two")["model"]
+    _, one, two = one_and_two_processes(tmp_path, "clip_dpo.py", 4, common)
+    a, b = one["model"], two["model"]
     start = torch.load(init, weights_only=True)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
@@ -403,21 +385,12 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 
 
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
-    ref = run([*args, "--out_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
+    ref, a, b = killed_and_resumed(tmp_path, args)
     # the first step's loss is computed with policy == reference
     assert "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
     assert "vsr/acc" in ref.stdout and "vsr/macro_f1" in ref.stdout
-    out = tmp_path / "killed"
-    run_and_kill([*args, "--out_dir", str(out)])
-    assert 2 <= load_weights(out)["step"] < 8
-    resumed = run([*args, "--out_dir", str(out), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    a, b = load_weights(tmp_path / "ref"), load_weights(out)
-    assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
@@ -426,9 +399,9 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     theirs = open_clip.CLIP(**a["model_cfg"])
     theirs.load_state_dict(a["model"], strict=True)
     # resuming against another reference is refused
-    torch.save({"model": CLIP(**model_config("tiny", 32, 32)).state_dict(), "model_cfg": model_config("tiny", 32, 32)}, init)
+    tiny_ckpt(init, seed=1)
     with pytest.raises(SystemExit, match="the weights of --init .* changed since"):
-        clip_dpo.main([*args[1:], "--out_dir", str(out), "--resume", "--max_steps", "9"])
+        clip_dpo.main([*args[1:], "--out_dir", str(tmp_path / "killed"), "--resume", "--max_steps", "9"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -442,7 +415,7 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
 def test_bad_flags_give_one_clear_error(tmp_path, capsys, argv, message):
     # in process (SystemExit's message is the one line a user sees); the first case also through the CLI
     with pytest.raises(SystemExit) as e:
-        clip_dpo.main(["--init", tiny_init(tmp_path), *argv, "--max_steps", "1", "--out_dir", str(tmp_path / "out")])
+        clip_dpo.main(["--init", tiny_ckpt(tmp_path / "init.pt"), *argv, "--max_steps", "1", "--out_dir", str(tmp_path / "out")])
     assert message in str(e.value.code) + capsys.readouterr().err
     if argv[0] == "--init":
         r = run(["clip_dpo.py", *argv, "--max_steps", "1"])
@@ -459,7 +432,7 @@ VSR_66 = ["above", "across", "across from", "adjacent to", "against", "ahead of"
           "far away from", "far from", "has as a part", "in", "in front of", "in the middle of", "inside", "into", "left of", "near",
           "next to", "off", "on", "on top of", "opposite to", "out of", "outside", "over", "parallel to", "part of", "past",
           "perpendicular to", "right of", "surrounding", "through", "touching", "toward", "under", "with", "within"]
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "vsr")
+FIXTURE = os.path.join(FIX, "vsr")
 
 
 def test_contrast_table_covers_all_66_relations_by_whole_word_replacement():
@@ -497,9 +470,7 @@ def test_read_vsr_both_split_formats(split, sizes):
 
 
 def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
-    import shutil
-    root = tmp_path / "vsr"
-    shutil.copytree(FIXTURE, root)
+    root = fixture_copy(tmp_path, "vsr")
     for part in ("train", "dev", "test"):
         path = root / "splits" / "random" / f"{part}.jsonl"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
@@ -508,9 +479,7 @@ def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
 
 
 def broken_copy(tmp_path, line_no, edit):
-    root = tmp_path / "vsr"
-    import shutil
-    shutil.copytree(FIXTURE, root)
+    root = fixture_copy(tmp_path, "vsr")
     path = root / "splits" / "random" / "dev.jsonl"
     lines = path.read_text().splitlines()
     lines[line_no - 1] = edit(lines[line_no - 1])
@@ -533,10 +502,10 @@ def test_read_vsr_bad_input_names_file_and_line(tmp_path, edit, message):
     assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
     # and through the CLI: one line, no traceback
     if "JSON" in message:
-        r = run(["eval.py", "--model", tiny_init(tmp_path), "--bench", "vsr", "--data_root", str(root)])
+        r = run(["eval.py", "--model", tiny_ckpt(tmp_path / "init.pt"), "--bench", "vsr", "--data_root", str(root)])
         assert r.returncode != 0 and r.stderr.strip() == f"error: {e.value}"
     with pytest.raises(SystemExit, match=f"^error: {path}:3: "):
-        clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", tiny_init(tmp_path), "--out_dir", str(tmp_path / "out")])
+        clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", tiny_ckpt(tmp_path / "init.pt"), "--out_dir", str(tmp_path / "out")])
 
 
 class Lookup(torch.nn.Module):
@@ -626,7 +595,7 @@ def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
     """--data vsr through the real loaders, both directions, then eval.py --bench vsr on the result"""
     root = tmp_path / "vsr"
     write_shapes_vsr(root)
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", init, "--max_steps", "3", "--workers", "1",
                    "--out_dir", str(tmp_path / "out"), "--vsr_false_rows", *TINY])
     out = capsys.readouterr().out
@@ -693,7 +662,7 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
     """--loss bt trains a reward model; eval.py --rank orders each row's candidates by its cosine
     (checked here against the model) and writes --data rankings' input; DPO trains on it."""
     write_candidates(tmp_path)
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     clip_dpo.main(["--loss", "bt", "--init", init, "--max_steps", "2", "--out_dir", str(tmp_path / "rm"), *TINY])
     os.makedirs(tmp_path / "elsewhere")
     out = tmp_path / "elsewhere" / "rankings.jsonl"
@@ -722,7 +691,7 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     """--data hnc: each image (read item by item from negatives.read_hnc's index) asks about one of its
     positives with negatives, ranked above exactly those negatives; a positive without negatives is
     never chosen; the pick is deterministic per (seed, key) and differs across keys"""
-    path = os.path.join(ROOT, "tests", "fixtures", "hnc", "hnc_clean_strict_train.json")
+    path = os.path.join(FIX, "hnc", "hnc_clean_strict_train.json")
     hnc = negatives.read_hnc(path)
     groups = clip_dpo.HNCGroups(hnc, 32, seed=0)
     seen = set()
@@ -734,7 +703,7 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
         assert g["texts"] == groups[key]["texts"]  # deterministic
         seen.add(g["texts"][0])
     assert "the table is brown" in seen and "the cup is to the left of the plate" in seen and "a black dog" not in seen
-    init = tiny_init(tmp_path)
+    init = tiny_ckpt(tmp_path / "init.pt")
     r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--max_steps", "2", "--batch_size", "2",
              "--out_dir", str(tmp_path / "out"), "--eval_every", "0", "--workers", "0"])
     assert r.returncode == 0, r.stderr

@@ -12,16 +12,13 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import clip_hardneg as hn
-from conftest import ROOT, load_weights, run, run_and_kill
+from conftest import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes, run, tiny_ckpt
 from model import CLIP, model_config, param_groups, set_trainable
 import negatives
 import shapes
-
-FIX = os.path.join(ROOT, "tests", "fixtures")
 
 
 def features(B=6, K=3, D=8, seed=0, invalid=((0, 1), (2, 0), (2, 2), (5, 1))):
@@ -130,10 +127,9 @@ def test_imc_and_kl_match_naive_loops():
 # distributed: 2 gloo processes, each with half the batch, == 1 process with the full batch
 
 
-def _ddp_worker(rank, world, store, inputs, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def _ddp_worker(rank, inputs, out):
     v, t, n, valid, s, tau, teacher = inputs
-    B = len(v) // world
+    B = len(v) // dist.get_world_size()
     part = slice(rank * B, (rank + 1) * B)
     v, t, n = (x[part].clone().requires_grad_(True) for x in (v, t, n))
     s = s.clone().requires_grad_(True)
@@ -155,7 +151,6 @@ def _ddp_worker(rank, world, store, inputs, out):
         loss.backward()
         results[name] = (loss.detach(), v.grad.clone(), t.grad.clone(), n.grad.clone(), s.grad.clone())
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_distributed_losses_equal_single_process_full_batch(tmp_path):
@@ -166,7 +161,7 @@ def test_distributed_losses_equal_single_process_full_batch(tmp_path):
     v, t, n = v.float(), t.float(), n.float()
     s, tau = torch.tensor(9.0), torch.tensor([0.5, 1.0, 0.0])
     teacher = (*(F.normalize(x + 0.3 * torch.randn_like(x), dim=-1) for x in (v, t, n)), torch.tensor(12.0))
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), (v, t, n, valid, s, tau, teacher), str(tmp_path / "out")), nprocs=2)
+    gloo_processes(tmp_path, _ddp_worker, (v, t, n, valid, s, tau, teacher), str(tmp_path / "out"))
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     for name in ("negclip", "hnc", "cmr", "imc", "kl"):
         full = [x.clone().requires_grad_(True) for x in (v, t, n, s)]
@@ -317,11 +312,7 @@ def test_negclip_samples_bring_one_of_their_neg_image_rows():
 
 @pytest.fixture(scope="module")
 def init(tmp_path_factory):
-    path = tmp_path_factory.mktemp("init") / "init.pt"
-    torch.manual_seed(0)
-    cfg = model_config("tiny", 32, 32)
-    torch.save({"model": CLIP(**cfg).state_dict(), "model_cfg": cfg}, path)
-    return str(path)
+    return tiny_ckpt(tmp_path_factory.mktemp("init") / "init.pt")
 
 
 TINY = ["--batch_size", "8", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
@@ -330,12 +321,7 @@ TINY = ["--batch_size", "8", "--eval_every", "0", "--log_every", "1", "--eval_n"
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init):
     common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1",
               "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images"]
-    single = run(["clip_hardneg.py", "--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
-    assert single.returncode == 0, single.stderr
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_hardneg.py", "--device", "cpu",
-               "--batch_size", "4", "--out_dir", str(tmp_path / "two"), *common])
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    _, a, b = one_and_two_processes(tmp_path, "clip_hardneg.py", 8, common)
     start = torch.load(init, weights_only=True)["model"]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
@@ -345,16 +331,8 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init)
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
     args = ["clip_hardneg.py", "--init", init, "--max_steps", "10", "--ckpt_every", "2", "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images", *TINY]
-    ref = run([*args, "--out_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
-    run_and_kill([*args, "--out_dir", str(out)])
-    assert 2 <= load_weights(out)["step"] < 10
-    resumed = run([*args, "--out_dir", str(out), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    a, b = load_weights(tmp_path / "ref"), load_weights(out)
-    assert a["step"] == b["step"] == 10 and torch.equal(a["threshold"], b["threshold"])
+    _, a, b = killed_and_resumed(tmp_path, args)
+    assert torch.equal(a["threshold"], b["threshold"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

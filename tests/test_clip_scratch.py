@@ -1,7 +1,6 @@
 """clip_scratch.py: the loss against a naive loop, the model against open_clip, and the CLI's
 distributed, resume and failure paths run for real (tiny settings, CPU)."""
 import os
-import shutil
 
 import open_clip
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 import data
 from clip_scratch import clip_loss
-from conftest import ROOT, TINY, load_weights, run, run_and_kill
+from conftest import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
 from model import CLIP, model_config, param_groups
 
 
@@ -62,12 +61,8 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     """DDP property: 2 gloo ranks x batch 4 == 1 process x batch 8, through the real CLI
     (same data keys, gathered loss, averaged gradients)."""
     common = ["--max_steps", "3", "--image_size", "32", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1"]
-    single = run(["clip_scratch.py", "--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
-    assert single.returncode == 0, single.stderr
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_scratch.py", "--device", "cpu",
-               "--batch_size", "4", "--out_dir", str(tmp_path / "two"), *common])
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = load_weights(tmp_path / "one")["model"], load_weights(tmp_path / "two")["model"]
+    _, one, two = one_and_two_processes(tmp_path, "clip_scratch.py", 8, common)
+    a, b = one["model"], two["model"]
     start = CLIP(**model_config("tiny", 32, 32)).state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
@@ -75,17 +70,7 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    args = ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY]
-    ref = run([*args, "--out_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
-    run_and_kill([*args, "--out_dir", str(out)])
-    assert 2 <= load_weights(out)["step"] < 12
-    resumed = run([*args, "--out_dir", str(out), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    a, b = load_weights(tmp_path / "ref"), load_weights(out)
-    assert a["step"] == b["step"] == 12
+    _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -117,10 +102,7 @@ def test_bad_flags_give_one_clear_error(argv, message):
 def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
     """flickr8k (Kaggle layout fixture) end to end through the real loaders, the memmap cache and
     the final retrieval eval on the test split; one corrupt training JPEG is a counted skip."""
-    import shutil
-    import data
-    root = tmp_path / "flickr8k"
-    shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), root)
+    root = fixture_copy(tmp_path, "flickr8k_kaggle")
     train_image = data.read_flickr8k(str(root))["train"][0][0]
     with open(train_image, "wb") as f:
         f.write(b"not a jpeg")
@@ -135,8 +117,8 @@ def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
 
 def flickr8k_copy(tmp_path):
     """a private copy of the kaggle-layout fixture (4 train, 1 val, 1 test image) and its splits"""
-    root = shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), tmp_path / "flickr8k")
-    return str(root), data.read_flickr8k(str(root))
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
+    return root, data.read_flickr8k(root)
 
 
 @pytest.mark.parametrize("damage", ["test image", "caption byte"])
@@ -197,8 +179,7 @@ def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batc
 
     root, splits = flickr8k_copy(tmp_path / "ddp")
     unreadable(root, splits["train"], [rank1[0]])
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--device", "cpu",
-               "--data_root", root, "--batch_size", "2", "--out_dir", str(tmp_path / "ddp_out")])
+    ddp = torchrun([*common, "--data_root", root, "--batch_size", "2", "--out_dir", str(tmp_path / "ddp_out")])
     assert ddp.returncode == 0, ddp.stderr
     assert "step 1/1" in ddp.stdout and "eval test step 1" in ddp.stdout
     root, splits = flickr8k_copy(tmp_path / "one")

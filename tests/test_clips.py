@@ -4,7 +4,6 @@ dual-caption loss against a naive one, the captioner's attention mask and loss, 
 import os
 import random
 import re
-import shutil
 
 import open_clip
 import pytest
@@ -15,14 +14,14 @@ import clip_scratch
 import data
 import eval as ev
 from clip_scratch import caption_loss, clip_loss, clips_loss
-from conftest import TINY, load_weights, run, run_and_kill
+from conftest import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
 from model import CLIP, Captioner, model_config, param_groups, prefix_lm_mask
 from test_clip_scratch import naive_clip_loss
 import shapes
-from model import load_captioner, load_model
+from model import load_model
+from eval import load_captioner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECAP = os.path.join(ROOT, "tests", "fixtures", "recap")
+RECAP = os.path.join(FIX, "recap")
 LONG = ("The image shows two shapes on a striped dark background. The pink square is small. The red ring is large. "
         "The pink square is right of the red ring! The red ring is left of the pink square.")
 TOK = data.get_tokenizer(32)
@@ -192,7 +191,7 @@ def test_read_recap_jsonl_and_csv_with_column_flags(capsys):
 
 
 def test_read_recap_errors_and_skips(tmp_path, capsys):
-    root = shutil.copytree(RECAP, tmp_path / "recap")
+    root = fixture_copy(tmp_path, "recap")
     with pytest.raises(data.DataError, match=r"recap.csv:1: no column --caption_key caption"):
         data.read_recap(str(root / "recap.csv"), "filepath", "caption")
     lines = open(root / "recap.jsonl").read().splitlines()
@@ -344,13 +343,8 @@ CLIPS = ["--caption_mask", "subcaption", "--mask_len", "16", "--captioner_weight
 
 def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path):
     common = ["--max_steps", "3", "--image_size", "32", "--eval_every", "0", "--eval_n", "20", "--warmup_steps", "1", *CLIPS]
-    single = run(["clip_scratch.py", "--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
-    assert single.returncode == 0, single.stderr
+    single, a, b = one_and_two_processes(tmp_path, "clip_scratch.py", 8, common)
     assert "caption loss" in single.stdout
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_scratch.py", "--device", "cpu",
-               "--batch_size", "4", "--out_dir", str(tmp_path / "two"), *common])
-    assert ddp.returncode == 0, ddp.stderr
-    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
     assert a["captioner"] and set(a["captioner"]) == set(b["captioner"])
     for part in ("model", "captioner"):
         for k in a[part]:
@@ -358,15 +352,7 @@ def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path)
 
 
 def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
-    args = ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS]
-    ref = run([*args, "--out_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
-    run_and_kill([*args, "--out_dir", str(tmp_path / "res")])
-    assert 2 <= load_weights(tmp_path / "res")["step"] < 8
-    resumed = run([*args, "--out_dir", str(tmp_path / "res"), "--resume"])
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
-    a, b = load_weights(tmp_path / "ref"), load_weights(tmp_path / "res")
-    assert a["step"] == b["step"] == 8
+    _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS])
     for part in ("model", "captioner"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), k
@@ -420,7 +406,7 @@ def test_bad_clips_flags_give_one_clear_error(argv, message):
 
 def test_recap_and_flickr8k_cli_end_to_end(tmp_path):
     for argv in (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.jsonl"), "--caption_mask", "block", "--captioner_weight", "2"],
-                 ["--data", "flickr8k", "--data_root", os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), "--caption_mask", "subcaption"]):
+                 ["--data", "flickr8k", "--data_root", os.path.join(FIX, "flickr8k_kaggle"), "--caption_mask", "subcaption"]):
         r = run(["clip_scratch.py", *argv, "--batch_size", "4", "--max_steps", "2", "--log_every", "1", "--image_size", "32",
                  "--eval_every", "0", "--workers", "0", "--out_dir", str(tmp_path / argv[1])])
         assert r.returncode == 0, r.stderr

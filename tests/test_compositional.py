@@ -17,14 +17,13 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import CLIP, model_config  # noqa: E402
+from conftest import FIX, fixture_copy, tiny_ckpt  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import shapes
 from tasks import aro, common, intrinsic, sugarcrepe, valse, vlchecklist
 from model import export_open_clip
 
-FIX = os.path.join(ROOT, "tests", "fixtures")
 # the fixture images are solid colours from this list (a stub recognises an image by its colour)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
@@ -79,10 +78,6 @@ def fake_tools(nouns=(), adjectives=()):
 def blind(c, text):
     """an image-blind model with a fixed, arbitrary preference between texts"""
     return zlib.crc32(text.encode()) / 2 ** 32
-
-
-def fixture_copy(tmp_path, name):
-    return shutil.copytree(os.path.join(FIX, name), tmp_path / name)
 
 
 def sugarcrepe_items():
@@ -168,7 +163,7 @@ def test_read_sugarcrepe_release_layout(tmp_path):
 ])
 def test_every_reader_reads_a_file_with_a_bom_as_the_clean_file(tmp_path, bench, read):
     root = tmp_path / "fixtures"
-    shutil.copytree(os.path.join(FIX, bench), root / bench)
+    fixture_copy(root, bench)
     clean = read(str(root))
     for folder, _, files in os.walk(root):  # what Notepad writes: a utf-8 byte-order mark, windows line ends
         for name in files:
@@ -654,10 +649,8 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     export_open_clip(open_clip.CLIP(**TINY), TINY, str(d / "hub"))
-    model_cfg = model_config("tiny", 32, 32)
-    torch.save({"model": CLIP(**model_cfg).state_dict(), "model_cfg": model_cfg, "optimizer": {},
-                "step": 0, "args": {}}, d / "ckpt.pt")
-    return {"open_clip": f"local-dir:{d / 'hub'}", "minclip": str(d / "ckpt.pt")}
+    ckpt = tiny_ckpt(d / "ckpt.pt", seed=None, optimizer={}, step=0, args={})
+    return {"open_clip": f"local-dir:{d / 'hub'}", "minclip": ckpt}
 
 
 EXPECTED = {"sugarcrepe": ["sugarcrepe/replace_obj", "sugarcrepe/swap", "sugarcrepe/mean"],

@@ -12,16 +12,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from conftest import FIX, fixture_copy  # noqa: E402
 from data import (DataError, ImageTextDataset, build_image_cache, check_images, collate, get_tokenizer, load_image,
                   read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
 
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 F = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1b742ab4b8.jpg",
      "1003163366_44323f5815.jpg", "1007129816_e794419615.jpg", "1007320043_627395c3d8.jpg"]
-
-def fixture(tmp_path, name):
-    """a private copy of a committed fixture, safe to break"""
-    return str(shutil.copytree(os.path.join(FIX, name), tmp_path / name))
 
 def names(splits):
     return {s: [os.path.basename(p) for p, _ in items] for s, items in splits.items()}
@@ -61,7 +57,7 @@ def test_flickr8k_kaggle():
     assert len({tuple(n["test"] + n["val"]) for n in seeded}) > 1  # the seed picks the split
 
 def test_flickr8k_kaggle_uses_karpathy_json(tmp_path):
-    root = fixture(tmp_path, "flickr8k_kaggle")
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
     shutil.copy(os.path.join(FIX, "flickr8k_karpathy", "dataset_flickr8k.json"), root)
     # its split, restval -> train; F[5] is in captions.txt but not in the json, so it is unused
     assert names(read_flickr8k(root)) == {"train": F[:3], "val": [F[3]], "test": [F[4]]}
@@ -95,7 +91,7 @@ def test_coco_groups_per_image(capsys):
     assert "val and test are both val2014" in capsys.readouterr().out
 
 def test_coco_uses_karpathy_json(tmp_path):
-    root = fixture(tmp_path, "coco")
+    root = str(fixture_copy(tmp_path, "coco"))
     sentences = lambda raw: [{"tokens": raw.lower().split(), "raw": raw, "imgid": 0, "sentid": 0}]
     images = [("train2014", 9, "train"), ("train2014", 25, "test"), ("val2014", 42, "restval"),
               ("val2014", 391895, "val")]
@@ -127,14 +123,14 @@ def test_read_dataset(tmp_path):
     ("coco", "annotations/captions_val2014.json", r"missing file: .*annotations/captions_val2014.json"),
 ])
 def test_missing_file(tmp_path, fix, remove, match):
-    root = fixture(tmp_path, fix)
+    root = str(fixture_copy(tmp_path, fix))
     path = os.path.join(root, remove)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     with pytest.raises(DataError, match=match):
         read_dataset("coco" if fix == "coco" else "flickr8k", root)
 
 def test_malformed_csv(tmp_path):
-    root = fixture(tmp_path, "flickr8k_kaggle")
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
     path = os.path.join(root, "captions.txt")
     edit(path, f"{F[1]},A black dog and a spotted dog are fighting", f"{F[1]},A black dog,a spotted dog")
     with pytest.raises(DataError, match=r"captions.txt:7: expected 2 columns \(image,caption\), got 3"):
@@ -145,7 +141,7 @@ def test_malformed_csv(tmp_path):
 
 @pytest.mark.parametrize("bad", [f"{F[2]}#2 no tab", f"{F[2]}\tno hash", f"{F[2]}#x\tbad k"])
 def test_malformed_token_line(tmp_path, bad):
-    root = fixture(tmp_path, "flickr8k_original")
+    root = str(fixture_copy(tmp_path, "flickr8k_original"))
     path = os.path.join(root, "Flickr8k.token.txt")
     edit(path, f"{F[2]}#2\tA small girl in the grass", bad + "\tA small girl in the grass")
     n = line_of(path, bad)
@@ -157,7 +153,7 @@ def test_malformed_token_line(tmp_path, bad):
     ("coco", "annotations/captions_train2014.json", '"caption": "A giraffe eating'),
 ])
 def test_malformed_json(tmp_path, fix, rel, key):
-    root = fixture(tmp_path, fix)
+    root = str(fixture_copy(tmp_path, fix))
     path = os.path.join(root, rel)
     n = line_of(path, key)
     edit(path, key, key.replace(":", ""))  # a missing colon on line n
@@ -165,7 +161,7 @@ def test_malformed_json(tmp_path, fix, rel, key):
         read_dataset("coco" if fix == "coco" else "flickr8k", root)
 
 def test_malformed_json_record(tmp_path):
-    root = fixture(tmp_path, "flickr8k_karpathy")
+    root = str(fixture_copy(tmp_path, "flickr8k_karpathy"))
     edit(os.path.join(root, "dataset_flickr8k.json"), '"split": "val"', '"split": "dev"')
     with pytest.raises(DataError, match=rf"dataset_flickr8k.json: {F[3]} \(images\[3\]\): unknown split 'dev'"):
         read_flickr8k(root)
@@ -186,7 +182,7 @@ def test_malformed_json_record(tmp_path):
      r"captions_train2014.json: annotation id \d+ \(train2014/COCO_train2014_000000000025.jpg\): empty caption"),
 ])
 def test_empty_caption(tmp_path, fix, rel, old, new, match):
-    root = fixture(tmp_path, fix)
+    root = str(fixture_copy(tmp_path, fix))
     edit(os.path.join(root, rel), old, new)
     with pytest.raises(DataError, match=match):
         read_dataset("coco" if fix == "coco" else "flickr8k", root)
@@ -216,7 +212,7 @@ def read(kind, root):
 @pytest.mark.parametrize("kind", list(TEXT_FILES))
 def test_bom_and_crlf_read_exactly_as_the_clean_file(tmp_path, capsys, kind, crlf):
     fix, files, _ = TEXT_FILES[kind]
-    root = fixture(tmp_path, fix)
+    root = str(fixture_copy(tmp_path, fix))
     if kind == "recap_csv":  # drop the unused id column, so the bom lands on a column the reader uses
         path = os.path.join(root, "recap.csv")
         lines = open(path, "rb").read().splitlines(keepends=True)
@@ -234,7 +230,7 @@ def test_bom_and_crlf_read_exactly_as_the_clean_file(tmp_path, capsys, kind, crl
 @pytest.mark.parametrize("kind", list(TEXT_FILES))
 def test_bytes_that_are_not_utf8_text_name_file_line_and_byte(tmp_path, kind, bad):
     fix, files, needle = TEXT_FILES[kind]
-    root = fixture(tmp_path, fix)
+    root = str(fixture_copy(tmp_path, fix))
     path = os.path.join(root, files[0])
     raw = open(path, "rb").read()
     assert raw.count(needle) == 1
@@ -252,7 +248,7 @@ def test_bytes_that_are_not_utf8_text_name_file_line_and_byte(tmp_path, kind, ba
         read(kind, root)
 
 def test_bad_byte_is_placed_right_after_a_bom_and_crlf(tmp_path):
-    root = fixture(tmp_path, "flickr8k_kaggle")
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
     path = os.path.join(root, "captions.txt")
     raw = open(path, "rb").read().replace(b"\n", b"\r\n")
     with open(path, "wb") as f:  # the bom does not count as a column of line 1
@@ -278,7 +274,7 @@ def test_bad_byte_is_placed_right_after_a_bom_and_crlf(tmp_path):
      r"malformed CSV \(',' expected after '\"'\)"),
 ])
 def test_unclosed_quote_names_the_line_where_the_field_starts(tmp_path, old, new, needle, match):
-    root = fixture(tmp_path, "flickr8k_kaggle")
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
     path = os.path.join(root, "captions.txt")
     n = line_of(path, needle)
     edit(path, old, new)
@@ -288,7 +284,7 @@ def test_unclosed_quote_names_the_line_where_the_field_starts(tmp_path, old, new
         read_flickr8k(root)
 
 def test_unclosed_quote_in_a_recaption_csv(tmp_path):
-    root = fixture(tmp_path, "recap")
+    root = str(fixture_copy(tmp_path, "recap"))
     path = os.path.join(root, "recap.csv")
     n = line_of(path, "two dogs")
     edit(path, ",two dogs", ',"two dogs')
@@ -317,7 +313,7 @@ def test_check_images_refuses_files_that_do_not_open(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_image(tmp_path, capsys, damage):
-    root = fixture(tmp_path, "flickr8k_kaggle")
+    root = str(fixture_copy(tmp_path, "flickr8k_kaggle"))
     path = os.path.join(root, "Images", F[1])
     noise_jpg(path, 64, 48, seed=0)
     raw = open(path, "rb").read()

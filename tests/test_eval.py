@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import FIX, fixture_copy, tiny_ckpt  # noqa: E402
 import eval as ev  # noqa: E402
 import data  # noqa: E402
 from model import CLIP, model_config  # noqa: E402
@@ -194,11 +195,6 @@ def tiny_model(image_size=64, seed=0):
     return model, cfg
 
 
-def save_ckpt(path, model, cfg):
-    torch.save({"model": model.state_dict(), "model_cfg": cfg, "optimizer": {}, "step": 0, "args": {}}, path)
-    return str(path)
-
-
 def embeddings(model, size=64):
     import open_clip
     torch.manual_seed(1)
@@ -211,7 +207,7 @@ def embeddings(model, size=64):
 def test_checkpoint_loads_strict_in_minclip_and_open_clip(tmp_path):
     import open_clip
     model, cfg = tiny_model()
-    loaded, preprocess, tokenizer = load_model(save_ckpt(tmp_path / "ckpt.pt", model, cfg))
+    loaded, preprocess, tokenizer = load_model(tiny_ckpt(tmp_path / "ckpt.pt", model=model, cfg=cfg, optimizer={}, step=0, args={}))
     assert not loaded.training and loaded.image_size == 64 and loaded.model_cfg == cfg
     assert tokenizer.context_length == 32
     assert preprocess(Image.new("RGB", (100, 80))).shape == (3, 64, 64)
@@ -259,7 +255,7 @@ def checkpoint_file(tmp_path, case):
     path, state = tmp_path / f"{case}.pt", model.state_dict()
     full = {"model": state, "model_cfg": cfg, "optimizer": {}, "step": 0, "args": {}}
     if case in ("cut_100", "cut_1mb"):  # a copy made while it was being written
-        raw = open(save_ckpt(tmp_path / "whole.pt", model, cfg), "rb").read()
+        raw = open(tiny_ckpt(tmp_path / "whole.pt", model=model, cfg=cfg, optimizer={}, step=0, args={}), "rb").read()
         assert len(raw) > 2 ** 20
         path.write_bytes(raw[:100 if case == "cut_100" else 2 ** 20])
     elif case == "empty":
@@ -351,7 +347,7 @@ def test_bare_state_dict_loads_as_name_colon_file_as_the_message_says(tmp_path):
 
 def test_load_checkpoint_for_a_resumed_run(tmp_path):
     model, cfg = tiny_model()
-    path = save_ckpt(tmp_path / "ckpt.pt", model, cfg)
+    path = tiny_ckpt(tmp_path / "ckpt.pt", model=model, cfg=cfg, optimizer={}, step=0, args={})
     ckpt = load_checkpoint(path, model, need=("optimizer", "step"))
     assert ckpt["step"] == 0 and all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
     with pytest.raises(SystemExit) as e:
@@ -368,8 +364,7 @@ def test_load_checkpoint_for_a_resumed_run(tmp_path):
     captioner_cfg = dict(vision_width=128, text_width=128, width=64, layers=1, heads=4, n_query=7, vocab=[3, 5, 49407])
     captioner = Captioner(**captioner_cfg)
     n = len(captioner.state_dict())
-    torch.save({"model": model.state_dict(), "model_cfg": cfg, "captioner": captioner.state_dict(),
-                "captioner_cfg": captioner_cfg}, tmp_path / "clips.pt")
+    tiny_ckpt(tmp_path / "clips.pt", model=model, cfg=cfg, captioner=captioner.state_dict(), captioner_cfg=captioner_cfg)
     assert load_checkpoint(str(tmp_path / "clips.pt"))["captioner_cfg"] == captioner_cfg  # fits its own configs
     assert load_checkpoint(str(tmp_path / "clips.pt"), model, captioner)["captioner_cfg"] == captioner_cfg
     with pytest.raises(SystemExit) as e:
@@ -417,7 +412,7 @@ def test_openai_tags_are_built_with_quick_gelu(monkeypatch):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     model, cfg = tiny_model()
-    return save_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model, cfg)
+    return tiny_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model=model, cfg=cfg, optimizer={}, step=0, args={})
 
 
 def run_json(tmp_path, *argv):
@@ -458,14 +453,13 @@ def test_cli_query_grid(ckpt, tmp_path, capsys):
 
 
 def test_cli_real_data_bench(ckpt, capsys):
-    ev.main(["--model", ckpt, "--bench", "coco", "--data_root", os.path.join(ROOT, "tests/fixtures/coco"), "--device=cpu"])
+    ev.main(["--model", ckpt, "--bench", "coco", "--data_root", os.path.join(FIX, "coco"), "--device=cpu"])
     out = capsys.readouterr().out
     assert "retrieval/t2i_r1" in out and "probe/relation" not in out
 
 
 def test_cli_real_data_with_a_latin1_byte_names_file_line_and_byte(ckpt, tmp_path):
-    import shutil
-    root = shutil.copytree(os.path.join(ROOT, "tests/fixtures/flickr8k_kaggle"), tmp_path / "flickr8k")
+    root = fixture_copy(tmp_path, "flickr8k_kaggle")
     path = root / "captions.txt"
     path.write_bytes(path.read_bytes().replace(b"A girl, in a dress", b"A girl, in a dr\xe9ss"))  # latin-1 'e-acute'
     with pytest.raises(SystemExit) as e:

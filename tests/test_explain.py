@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from conftest import tiny_ckpt
 import data
 import eval as ev
 from model import CLIP
@@ -252,9 +253,7 @@ def test_caption_words_and_spans():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     model, _ = mini_models()
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_cfg": MINI, "optimizer": {}, "step": 0, "args": {}}, path)
-    return str(path)
+    return tiny_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model=model, cfg=MINI, optimizer={}, step=0, args={})
 
 
 def printed(out, label):

@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from conftest import tiny_ckpt
 import model
 from model import CLIP, FINETUNE_MODES, model_config, param_groups, set_trainable
 from model import export_open_clip, load_clip, load_model
@@ -53,9 +54,7 @@ def test_load_clip_turns_an_open_clip_model_into_minclip(tmp_path, quick_gelu):
         torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images), atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5, rtol=0)
     # a minclip checkpoint comes back as itself
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": ours.state_dict(), "model_cfg": model_cfg}, path)
-    again, cfg2, _, _ = load_clip(str(path))
+    again, cfg2, _, _ = load_clip(tiny_ckpt(tmp_path / "ckpt.pt", model=ours, cfg=model_cfg))
     assert cfg2 == model_cfg and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 

@@ -4,16 +4,15 @@ import json
 import os
 import random
 import re
-import shutil
 
 import numpy as np
 import pytest
 
+from conftest import FIX, fixture_copy
 import data
 from data import DataError
 import negatives
 
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 CAPTIONS = [
     "A man with a red helmet on a small moped on a dirt road.", "Two dogs sitting in front of a wooden bench.",
     "A woman riding a horse next to a blue car", "An apple on a table", "The cat is left of the dog.",
@@ -117,10 +116,6 @@ def test_missing_negatives_are_masked_and_counted_in_the_batch():
 # NegCLIP's TSV
 
 
-def fixture(tmp_path, name):
-    return str(shutil.copytree(os.path.join(FIX, name), tmp_path / name))
-
-
 def edit_line(path, n, fn):
     lines = open(path, encoding="utf-8").read().split("\n")
     lines[n - 1] = fn(lines[n - 1])
@@ -147,7 +142,7 @@ def test_read_negclip_fixture():
     (4, lambda l: l.replace("000000562150", "000000000001"), "train_neg_clip.tsv:4: missing image"),
 ])
 def test_read_negclip_bad_rows_name_file_and_line(tmp_path, line, fn, message):
-    path = os.path.join(fixture(tmp_path, "negclip"), "train_neg_clip.tsv")
+    path = str(fixture_copy(tmp_path, "negclip") / "train_neg_clip.tsv")
     edit_line(path, line, fn)
     with pytest.raises(DataError, match=re.escape(message)):
         negatives.read_negclip(path)
@@ -155,7 +150,7 @@ def test_read_negclip_bad_rows_name_file_and_line(tmp_path, line, fn, message):
 def test_read_negclip_follows_the_text_file_rules(tmp_path):
     """the TSV is read by data.csv_rows: a byte-order mark changes nothing, a latin-1 byte and a
     stray quote are one error naming the file and line"""
-    root = fixture(tmp_path, "negclip")
+    root = str(fixture_copy(tmp_path, "negclip"))
     path = os.path.join(root, "train_neg_clip.tsv")
     raw = open(path, "rb").read()
     open(path, "wb").write(b"\xef\xbb\xbf" + raw)
@@ -181,7 +176,7 @@ def test_read_ceclip_needs_allow_pickle_and_masks_invalid_negatives(tmp_path):
                           "A red bus driving next to a white car."]  # '###' with valid 0
     assert [r[2].count(None) for r in rows] == [1, 1, 1, 1]
     # a string negative whose valid flag is 0 is invalid too; a missing image is one clear error
-    root = fixture(tmp_path, "ceclip")
+    root = str(fixture_copy(tmp_path, "ceclip"))
     recs = np.load(os.path.join(root, "train_neg_0.npy"), allow_pickle=True)
     recs[1]["valid_caption"] = [1, 0, 0, 1, 1]
     recs[3]["image_id"] = 77
@@ -244,7 +239,7 @@ def test_read_hnc_bad_input_names_the_file(tmp_path, text, message):
 
 
 def test_read_hnc_missing_image_names_the_image(tmp_path):
-    root = fixture(tmp_path, "hnc")
+    root = str(fixture_copy(tmp_path, "hnc"))
     os.remove(os.path.join(root, "images", "2368310.jpg"))
     with pytest.raises(DataError, match=r"hnc_clean_strict_train\.json: image 2368310: missing image .*2368310\.jpg"):
         negatives.read_hnc(os.path.join(root, "hnc_clean_strict_train.json"))
