@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip_hardneg as hn
-from conftest import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes, run, tiny_ckpt
+from conftest import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt, torchrun
 from model import CLIP, model_config, param_groups, set_trainable
 import negatives
 import shapes
@@ -198,23 +198,38 @@ def tiny_setup(loss="ceclip", **kw):
     return clip, args, batch, state
 
 
+def hand_thresholds(model, batch, previous, upper_bound):
+    """CE-CLIP's thresholds after a step on batch, by hand from the model's scores (before the
+    update): S(i, x) = s * v_i . x for every row i, one at a time, then naive_cmr's tau_k =
+    mean_i S(i, t_i) - mean over valid i of S(i, n_ik) clamped to [0, upper_bound] (previous where no
+    i is valid)"""
+    images, captions, negs, valid = batch
+    B, K = valid.shape
+    with torch.no_grad():
+        v, text, s = model(images, torch.cat([captions, negs.flatten(0, 1)]))
+    pos = [float(s * v[i] @ text[i]) for i in range(B)]
+    neg = [[float(s * v[i] @ text[B + i * K + k]) for k in range(K)] for i in range(B)]
+    return naive_cmr(pos, neg, valid.tolist(), previous, upper_bound)[1]
+
+
 def test_step_loss_ceclip_threshold_comes_from_the_previous_step():
-    clip, args, batch, state = tiny_setup("ceclip")
+    """each step uses the thresholds computed by hand from the previous step's scores (0 at the
+    first), over the valid negatives only; --cmr_upper_bound 0.05 makes the run meet both clamps"""
+    clip, args, batch, state = tiny_setup("ceclip", cmr_upper_bound=0.05)
+    batch[3][0, 0] = batch[3][5, 1] = batch[3][6, 1] = False  # invalid negatives: out of their type's mean
     opt = torch.optim.AdamW(clip.parameters(), lr=1e-3)
+    hand, used = [[0.0, 0.0]], []
     for step in range(3):
-        with torch.no_grad():  # this step's scores, before the update
-            v, tx, s = clip(batch[0], torch.cat([batch[1], batch[2].flatten(0, 1)]))
-            t, n = tx[:8], tx[8:].view(8, 2, -1)
-            pos, neg = s * (v * t).sum(-1), s * torch.einsum("bd,bkd->bk", v, n)
-            want = (pos.mean() - neg.mean(0)).clamp(0, args.cmr_upper_bound)
-        used = state.threshold.clone()
+        hand.append(hand_thresholds(clip, batch, hand[-1], 0.05))  # this step's scores, before the update
         loss, stats = hn.step_loss(clip, batch, args, state)
-        assert [stats["tau0"].item(), stats["tau1"].item()] == used.tolist()  # the previous step's
-        torch.testing.assert_close(state.threshold, want, atol=1e-4, rtol=0)
+        used.append([stats["tau0"].item(), stats["tau1"].item()])
+        assert state.threshold.tolist() == pytest.approx(hand[-1], abs=1e-5)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert state.threshold.gt(0).any()
+    assert used == [pytest.approx(h, abs=1e-5) for h in hand[:3]]  # the previous step's: [0, 0] at the first
+    # this run's hand values pass through both clamps and between them (so the checks above are not all zeros)
+    assert hand[1][1] == 0.0 and 0.0 < hand[1][0] < 0.05 and hand[2][0] == 0.05, hand
 
 
 def test_l2sp_is_zero_at_start_and_its_gradient_is_2_lambda_delta():
@@ -318,15 +333,29 @@ def init(tmp_path_factory):
 TINY = ["--batch_size", "8", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
 
-def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init):
+def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init, monkeypatch):
+    """torchrun's 2 gloo ranks x batch 4 == 1 process x batch 8 (run in process, its steps watched):
+    the weights, and CE-CLIP's thresholds, which the checkpoint keeps as computed by hand from the
+    last step's scores"""
     common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1",
               "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images"]
-    _, a, b = one_and_two_processes(tmp_path, "clip_hardneg.py", 8, common)
+    hand, real = [], hn.step_loss
+
+    def spy(model, batch, args, state):
+        hand.append(hand_thresholds(model, batch, hand[-1] if hand else [0.0] * batch[3].shape[1], args.cmr_upper_bound))
+        return real(model, batch, args, state)
+    monkeypatch.setattr(hn, "step_loss", spy)
+    torch.set_num_threads(1)
+    hn.main(["--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
+    ddp = torchrun(["clip_hardneg.py", "--batch_size", "4", "--out_dir", str(tmp_path / "two"), *common])
+    assert ddp.returncode == 0, ddp.stderr
+    a, b = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
     start = torch.load(init, weights_only=True)["model"]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=2e-5), k
+    assert len(hand) == 3 and a["threshold"].tolist() == pytest.approx(hand[-1], abs=1e-5), hand
     torch.testing.assert_close(a["threshold"], b["threshold"], atol=1e-4, rtol=0)
-    assert a["threshold"].gt(0).any() and any(not torch.equal(a["model"][k], start[k]) for k in start)
+    assert any(not torch.equal(a["model"][k], start[k]) for k in start)
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
