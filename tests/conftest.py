@@ -72,6 +72,24 @@ def killed_and_resumed(tmp_path, args):
     return ref, a, b
 
 
+def eval_lines(stdout):
+    """the metrics of every 'eval <split> step <n> (<t>s): key value  key value ...' line a script
+    printed, in order -> [{key: float}]"""
+    lines = [line.split("): ", 1)[1] for line in stdout.splitlines() if line.startswith("eval ") and "): " in line]
+    return [{k: float(v) for k, v in (pair.split(" ") for pair in line.split("  "))} for line in lines]
+
+
+VSR_RATES = ("vsr/acc", "vsr/macro_f1", "vsr_threshold/acc", "vsr_threshold/macro_f1")
+
+
+def vsr_rates(metrics):
+    """the VSR accuracies and macro F1s among metrics (seen/ and unseen/ ones too), each checked to
+    lie in [0, 1] -> {key: value}"""
+    rates = {k: v for k, v in metrics.items() if k.endswith(VSR_RATES)}
+    assert all(0 <= v <= 1 for v in rates.values()), rates
+    return rates
+
+
 def _gloo_worker(rank, world, store, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

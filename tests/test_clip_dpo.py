@@ -19,7 +19,8 @@ from PIL import Image
 import clip_dpo
 import data
 import eval as ev
-from conftest import FIX, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes, run, tiny_ckpt
+from conftest import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
+                      run, tiny_ckpt, vsr_rates)
 from model import CLIP, model_config
 import negatives
 import shapes
@@ -431,7 +432,7 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     ref, a, b = killed_and_resumed(tmp_path, args)
     # the first step's loss is computed with policy == reference
     assert "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
-    assert "vsr/acc" in ref.stdout and "vsr/macro_f1" in ref.stdout
+    assert set(vsr_rates(eval_lines(ref.stdout)[-1])) == {"vsr/acc", "vsr/macro_f1"}  # the shapes world's statements
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
@@ -586,6 +587,7 @@ def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
     scored = [r for r in splits["test"] if data.VSR_CONTRAST[r.relation]]
     assert m["vsr/n"] == 5 and m["vsr/skipped"] == 1  # "between" has no contrast
     assert m["vsr/acc"] == pytest.approx(sum(r.label for r in scored) / 5) and m["vsr/true_recall"] == 1.0 and m["vsr/false_recall"] == 0.0
+    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(hand_acc_and_macro_f1([True] * 5, [r.label for r in scored]))
     balanced = scored[:2] + scored[3:5]  # two true, two false
     assert ev.eval_vsr(model, preprocess, index_tokenizer, balanced, splits["dev"], "cpu")["vsr/acc"] == 0.5
     # a model that knows the answer: the true one of caption / contrast scores higher -> 1.0, and the
@@ -596,7 +598,18 @@ def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
             truth[r.caption], truth[data.contrast_caption(r.caption, r.relation)] = r.label, not r.label
     model = Lookup(lambda t: e if truth.get(t) else F.normalize(torch.tensor([1.0, -0.5]), dim=0))
     m = ev.eval_vsr(model, preprocess, index_tokenizer, splits["test"], splits["dev"], "cpu")
-    assert m["vsr/acc"] == 1.0 and m["vsr/macro_f1"] == 1.0
+    assert m["vsr/acc"] == 1.0 and m["vsr/macro_f1"] == 1.0 and set(vsr_rates(m)) == set(VSR_RATES)
+
+
+def hand_acc_and_macro_f1(pred, label):
+    """accuracy, and the mean over the classes true and false of F1 = 2 tp / (2 tp + fp + fn), by counting"""
+    acc = sum(p == t for p, t in zip(pred, label)) / len(label)
+    f1 = []
+    for c in (True, False):
+        tp = sum(p == c and t == c for p, t in zip(pred, label))
+        wrong = sum((p == c) != (t == c) for p, t in zip(pred, label))  # fp + fn
+        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    return acc, sum(f1) / 2
 
 
 def test_binary_metrics_and_threshold_by_hand():
@@ -641,10 +654,20 @@ def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
                    "--out_dir", str(tmp_path / "out"), "--vsr_false_rows", *TINY])
     out = capsys.readouterr().out
     assert "48 train rows -> 48 preference groups (0 rows skipped" in out  # 48 i2t; no caption is both true and false here
-    assert "eval test step 3" in out and "vsr/acc" in out and "vsr_threshold/macro_f1" in out
-    ev.main(["--model", str(tmp_path / "out" / "ckpt.pt"), "--bench", "vsr", "--data_root", str(root), "--json", str(tmp_path / "m.json")])
+    assert "eval test step 3" in out and set(vsr_rates(eval_lines(out)[-1])) == set(VSR_RATES)
+    ckpt = str(tmp_path / "out" / "ckpt.pt")
+    ev.main(["--model", ckpt, "--bench", "vsr", "--data_root", str(root), "--json", str(tmp_path / "m.json")])
     m = json.load(open(tmp_path / "m.json"))
-    assert m["vsr/n"] == 24 and m["vsr/skipped"] == 0 and 0 <= m["vsr/acc"] <= 1 and "vsr_threshold/tau" in m
+    assert m["vsr/n"] == 24 and m["vsr/skipped"] == 0 and set(vsr_rates(m)) == set(VSR_RATES) and "vsr_threshold/tau" in m
+    # the contrast protocol by hand: true iff the image scores its caption above the contrast caption
+    model, preprocess, tokenizer = load_model(ckpt)
+    rows = data.read_vsr(str(root))["test"]
+    image = ev.encode_pil(model, preprocess, sorted({r.image for r in rows}), "cpu")
+    index = {p: i for i, p in enumerate(sorted({r.image for r in rows}))}
+    caption = ev.encode_texts(model, tokenizer, [r.caption for r in rows], "cpu")
+    contrast = ev.encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in rows], "cpu")
+    pred = [float(image[index[r.image]] @ caption[i]) > float(image[index[r.image]] @ contrast[i]) for i, r in enumerate(rows)]
+    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(hand_acc_and_macro_f1(pred, [r.label for r in rows]), abs=1e-6)
 
 
 def test_vsr_groups_i2t_and_t2i():
