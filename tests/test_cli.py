@@ -17,6 +17,7 @@ from model import CLIP, init_geometry, load_clip, model_config
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, argv, message", [
     ("clip_dpo.py", ["--data", "vsr", "--data_root", "x"], "error: --data vsr needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai"),
     ("clip_hardneg.py", ["--data", "coco", "--data_root", "x"], "error: --data coco needs --init"),
@@ -32,6 +33,7 @@ def test_bad_flags_are_one_line_before_anything_runs(script, argv, message):
     assert r.stderr.startswith(message) and r.stderr.count("\n") == 1 and f"(python {script} --help)" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [*SCRIPTS, "eval.py"])
 def test_help_shows_the_defaults(script):
     r = run([script, "--help"])
@@ -85,6 +87,7 @@ def test_init_geometry_reads_each_kind_of_spec(tmp_path):
     assert init_geometry(str(tmp_path / "missing.pt")) is None and init_geometry("NoSuchModel:x") is None
 
 
+@pytest.mark.slow
 def test_out_dir_is_never_silently_reused(tmp_path):
     out = str(tmp_path / "out")
     base = ["clip_scratch.py", "--max_steps", "2", "--batch_size", "8", "--image_size", "32", "--eval_n", "20",
@@ -105,6 +108,7 @@ def test_out_dir_is_never_silently_reused(tmp_path):
     assert resumed == [(0, "test"), (1, "train"), (2, "train"), (3, "train"), (3, "test"), (4, "train"), (4, "test")]
 
 
+@pytest.mark.slow
 def test_wandb_is_asked_for_by_name_only_when_wanted(tmp_path):
     import importlib.util
     if importlib.util.find_spec("wandb") is not None:
@@ -114,6 +118,7 @@ def test_wandb_is_asked_for_by_name_only_when_wanted(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == "error: --wandb needs the wandb package: pip install wandb"
 
 
+@pytest.mark.slow
 def test_real_data_runs_epochs_and_says_how_many_steps(tmp_path):
     init = tiny_ckpt(tmp_path / "init.pt")
     r = run(["clip_hardneg.py", "--data", "coco", "--data_root", os.path.join(FIX, "coco"), "--init", init, "--epochs", "2",
@@ -128,6 +133,7 @@ def test_real_data_runs_epochs_and_says_how_many_steps(tmp_path):
     assert (args.epochs, args.batch_size, args.max_steps) == (None, 26, 3000)  # the shapes world: steps
 
 
+@pytest.mark.slow
 def test_eval_n_is_one_flag_everywhere(tmp_path):
     path = tiny_ckpt(tmp_path / "c.pt")
     for flag in ("--eval_n", "--n"):  # eval.py keeps its old spelling as an alias

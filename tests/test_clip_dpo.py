@@ -388,6 +388,7 @@ def ranking_group(rng, k):
             "queries": [("t2i", 0, list(range(k)), [0] + [1] * (k - 1))], "pos": [(0, 0)]}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
     """DDP property on the gradients themselves (AdamW would hide a constant factor in a weights
     test): rank 0 holds more preference pairs and more true pairs (3 groups against 2) than rank 1,
@@ -414,6 +415,7 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
                 assert torch.allclose(a, b) and torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4), loss
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     """the CLI's DDP path end to end: 2 gloo ranks x 2 groups == 1 process x 4 groups"""
     init = tiny_ckpt(tmp_path / "init.pt")
@@ -426,6 +428,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     init = tiny_ckpt(tmp_path / "init.pt")
     args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
@@ -447,7 +450,7 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--init", "/nonexistent/ckpt.pt"], "error: --init /nonexistent/ckpt.pt: no such checkpoint"),
+    pytest.param(["--init", "/nonexistent/ckpt.pt"], "error: --init /nonexistent/ckpt.pt: no such checkpoint", marks=pytest.mark.slow),  # + the CLI
     (["--data", "hnc", "--data_root", "/x"], "error: missing file: /x"),
     (["--data", "vsr"], "error: --data vsr needs --data_root"),
     (["--data", "vsr", "--data_root", "/nonexistent/vsr"], "error: --data_root /nonexistent/vsr: no such directory"),
@@ -530,7 +533,7 @@ def broken_copy(tmp_path, line_no, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s[:40], "malformed JSON"),
+    pytest.param(lambda s: s[:40], "malformed JSON", marks=pytest.mark.slow),  # + eval.py's CLI
     (lambda s: s.replace('"relation": "below"', '"relation": "beneath-ish"'), "unknown relation 'beneath-ish'"),
     (lambda s: s.replace("000000461902.jpg", "000000999999.jpg"), "image 000000999999.jpg not found"),
     (lambda s: s.replace('"[2, 9]"', '"[2, 9"'), "vote_true_validator_id"),
@@ -751,6 +754,7 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
     assert "step 1/3 | loss" in stdout and "reward_acc 0.500" in stdout and load_weights(tmp_path / "dpo")["step"] == 3
 
 
+@pytest.mark.slow
 def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     """--data hnc: each image (read item by item from negatives.read_hnc's index) asks about one of its
     positives with negatives, ranked above exactly those negatives; a positive without negatives is

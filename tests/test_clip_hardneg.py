@@ -153,6 +153,7 @@ def _ddp_worker(rank, inputs, out):
     torch.save(results, f"{out}.{rank}")
 
 
+@pytest.mark.slow
 def test_distributed_losses_equal_single_process_full_batch(tmp_path):
     """rank r's gradient w.r.t. its own features / world == the full-batch gradient of that slice
     (DDP averages), the mean of the ranks' losses == the full-batch loss; invalid negatives sit
@@ -333,6 +334,7 @@ def init(tmp_path_factory):
 TINY = ["--batch_size", "8", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init, monkeypatch):
     """torchrun's 2 gloo ranks x batch 4 == 1 process x batch 8 (run in process, its steps watched):
     the weights, and CE-CLIP's thresholds, which the checkpoint keeps as computed by hand from the
@@ -358,6 +360,7 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init,
     assert any(not torch.equal(a["model"][k], start[k]) for k in start)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
     args = ["clip_hardneg.py", "--init", init, "--max_steps", "10", "--ckpt_every", "2", "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images", *TINY]
     _, a, b = killed_and_resumed(tmp_path, args)
@@ -366,6 +369,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["text", "vision"])
 def test_finetune_modes_train_exactly_their_parameters(tmp_path, init, mode):
     r = run(["clip_hardneg.py", "--init", init, "--max_steps", "2", "--finetune", mode, "--lr", "1e-3",
@@ -396,6 +400,7 @@ def test_checkpoint_loads_strict_in_open_clip_and_export(tmp_path, init):
         torch.testing.assert_close(hub.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, expect", [
     (["--data", "coco", "--data_root", f"{FIX}/coco", "--batch_size", "2"], "eval test step 2"),
     (["--data", "negclip", "--data_root", f"{FIX}/negclip/train_neg_clip.tsv", "--neg_images", "--batch_size", "4"], "step 2/2"),
@@ -426,6 +431,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, init, argv, message, capsys):
     assert message in text and e.value.code != 0, text
 
 
+@pytest.mark.slow
 def test_missing_default_init_says_to_run_clip_scratch_first(tmp_path):
     # run from an empty folder, where the default out/clip_scratch/ckpt.pt cannot exist
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

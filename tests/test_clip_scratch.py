@@ -57,6 +57,7 @@ def test_param_groups_decay_and_text_lr():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     """DDP property: 2 gloo ranks x batch 4 == 1 process x batch 8, through the real CLI
     (same data keys, gathered loss, averaged gradients)."""
@@ -69,12 +70,14 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # it trained
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     r = run(["clip_scratch.py", "--max_steps", "20", "--ckpt_every", "1", "--lr", "1e8", "--warmup_steps", "1",
              "--out_dir", str(tmp_path), *TINY])
@@ -84,6 +87,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--data", "imagenet"], "--data"),
     (["--data", "flickr8k", "--data_root", "/nonexistent/flickr"], "/nonexistent/flickr"),
@@ -99,6 +103,7 @@ def test_bad_flags_give_one_clear_error(argv, message):
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
     """flickr8k (Kaggle layout fixture) end to end through the real loaders, the memmap cache and
     the final retrieval eval on the test split; one corrupt training JPEG is a counted skip."""
@@ -121,6 +126,7 @@ def flickr8k_copy(tmp_path):
     return root, data.read_flickr8k(root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["test image", "caption byte"])
 def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
     root, splits = flickr8k_copy(tmp_path)
@@ -142,6 +148,7 @@ def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
     assert "step" not in r.stdout
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path):
     first = run(["clip_scratch.py", "--max_steps", "2", "--out_dir", str(tmp_path), *TINY])
     assert first.returncode == 0, first.stderr
@@ -159,6 +166,7 @@ def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path)
         f"error: {ckpt}: cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"], r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batch(tmp_path):
     """2 gloo ranks x batch 2, one step; rank 1's first image is unreadable, so it holds 1 sample and
     rank 0 must cut its 2 to 1 (all_gather needs equal batches): the global batch is then (rank 0's

@@ -341,6 +341,7 @@ def test_param_groups_give_the_captioner_the_full_lr():
 CLIPS = ["--caption_mask", "subcaption", "--mask_len", "16", "--captioner_weight", "2", "--captioner_len", "70"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path):
     common = ["--max_steps", "3", "--image_size", "32", "--eval_every", "0", "--eval_n", "20", "--warmup_steps", "1", *CLIPS]
     single, a, b = one_and_two_processes(tmp_path, "clip_scratch.py", 8, common)
@@ -351,6 +352,7 @@ def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path)
             assert torch.allclose(a[part][k], b[part][k], atol=2e-5), k
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
     _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS])
     for part in ("model", "captioner"):
@@ -360,6 +362,7 @@ def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
         assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     r = run(["clip_scratch.py", "--max_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY, *CLIPS])
     assert r.returncode == 0, r.stderr
@@ -392,6 +395,7 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     assert plain.returncode != 0 and "nowhere.jpg" in plain.stderr and "Traceback" not in plain.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--caption_mask", "block", "--mask_len", "40"], "--mask_len 40"),
     (["--captioner_weight", "2"], "--captioner_weight needs"),
@@ -404,6 +408,7 @@ def test_bad_clips_flags_give_one_clear_error(argv, message):
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_recap_and_flickr8k_cli_end_to_end(tmp_path):
     for argv in (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.jsonl"), "--caption_mask", "block", "--captioner_weight", "2"],
                  ["--data", "flickr8k", "--data_root", os.path.join(FIX, "flickr8k_kaggle"), "--caption_mask", "subcaption"]):

@@ -681,6 +681,7 @@ def test_cli_runs_every_benchmark(kind, models, tmp_path, monkeypatch, capsys):
     assert "intrinsic/relation/distinguish_acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_missing_part_is_null_in_json_and_errors_are_one_line(models, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(aro, "aro_text_tools", lambda: (None, "needs spaCy"))
     out = tmp_path / "aro.json"

@@ -320,6 +320,7 @@ def test_damaged_or_foreign_checkpoint_is_refused_in_one_line(tmp_path, case, wh
     assert e.value.code == f"error: {path}: " + why.replace("PATH", path).replace("DIR", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_through_the_cli_prints_one_line(tmp_path):
     path = checkpoint_file(tmp_path, "cut_1mb")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", path], capture_output=True, text=True,
@@ -468,6 +469,7 @@ def test_cli_real_data_with_a_latin1_byte_names_file_line_and_byte(ckpt, tmp_pat
     assert e.value.code == f"error: {path}:3: byte 0xe9 (byte 43 of the line) is not UTF-8: the file must be UTF-8 (re-save it as UTF-8)"
 
 
+@pytest.mark.slow
 def test_cli_errors(tmp_path, ckpt):
     missing = str(tmp_path / "missing" / "ckpt.pt")
     with pytest.raises(SystemExit) as e:

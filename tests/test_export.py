@@ -47,6 +47,7 @@ def test_vsr_export_reads_back_with_true_and_false_rows(export):
     assert data.contrast_caption(row.caption, row.relation) == [t for t, _ in shapes.statements(scene) if t != row.caption][0]
 
 
+@pytest.mark.slow
 def test_the_scripts_run_on_the_export(export, tmp_path):
     r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", str(export / "flickr8k"), "--image_size", "32",
              "--batch_size", "64", "--max_steps", "2", "--cache_images", "--workers", "0", "--log_every", "1",

@@ -71,6 +71,7 @@ def test_training_scenes_and_their_twins_avoid_every_held_out_combination():
     assert shapes.training_scene("train", 0, 5)[0] == shapes.sample_scene(shapes.scene_rng("train", 0, 5))  # off: unchanged
 
 
+@pytest.mark.slow
 def test_the_split_is_the_same_in_every_process():
     code = "import shapes; print(sorted(shapes.holdout_combos()[0]), sorted(shapes.holdout_combos()[1]))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED="7"),
@@ -92,6 +93,7 @@ def test_eval_reports_seen_and_unseen_scenes_apart():
     assert set(ev.eval_shapes(model, tok, 32, "cpu", n=40)) == set(direct)  # without --holdout: the plain keys
 
 
+@pytest.mark.slow
 def test_the_scripts_and_eval_take_the_flag(tmp_path):
     out = tmp_path / "o"
     r = run(["clip_scratch.py", "--holdout", "combos", "--max_steps", "2", "--batch_size", "8", "--image_size", "32",
