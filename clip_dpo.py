@@ -258,14 +258,15 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
 class ShapesPreferences(torch.utils.data.Dataset):
     """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
 
-    def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None):
+    def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None, both_every=4):
         self.image_size, self.seed, self.with_statements, self.twins, self.held = image_size, seed, with_statements, twins, held
+        self.both_every = both_every  # twins "mixed": group key has both twins if key % both_every == 0, else the mirror
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, key):
-        twins = ("both", "mirror", "mirror", "mirror")[key % 4] if self.twins == "mixed" else self.twins
+        twins = ("mirror" if key % self.both_every else "both") if self.twins == "mixed" else self.twins
         scene, _ = shapes.training_scene("dpo", self.seed, key, self.held)
         return shapes_group(scene, self.image_size, self.with_statements, twins)
 
@@ -354,7 +355,8 @@ def get_args(argv=None):
     p.add_argument("--vsr_false_rows", action="store_true",
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
     p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
-                   help="shapes: each scene's twins (shapes_group); mixed: one group in four both, three mirror")
+                   help="shapes: each scene's twins (shapes_group); mixed: one group in --both_every both, the others mirror")
+    p.add_argument("--both_every", type=int, default=4, help="--twins mixed: every N-th group has both twins")
     p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
                    "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
     p.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
@@ -403,6 +405,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.both_every < 1:
+        p.error(f"--both_every {args.both_every}: must be >= 1")
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
@@ -521,7 +525,7 @@ def make_data(args, rank, world):
     "shapes-none" | "shapes-combos" (--holdout), VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
     if args.data == "shapes":
         held = shapes.holdout_combos() if args.holdout == "combos" else None
-        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins, held), None, f"shapes-{args.holdout}"
+        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins, held, args.both_every), None, f"shapes-{args.holdout}"
     if args.data not in ("vsr", "rankings", "hnc"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings, hnc")
     if args.data_root is None:

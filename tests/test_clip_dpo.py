@@ -149,12 +149,15 @@ def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
         assert g["pos"] == [(i, i) for i in range(n)]
 
 
-def test_mixed_twins_are_one_full_group_in_four_and_three_mirror_groups():
-    mixed, both, mirror = (clip_dpo.ShapesPreferences(16, seed=3, twins=t) for t in ("mixed", "both", "mirror"))
-    for key in range(8):
-        g, expected = mixed[key], (both if key % 4 == 0 else mirror)[key]
+@pytest.mark.parametrize("every", [4, 8])
+def test_mixed_twins_are_one_full_group_in_n_and_mirror_groups_between(every):
+    kw = {} if every == 4 else {"both_every": every}  # 4 is the default
+    mixed = clip_dpo.ShapesPreferences(16, seed=3, twins="mixed", **kw)
+    both, mirror = (clip_dpo.ShapesPreferences(16, seed=3, twins=t) for t in ("both", "mirror"))
+    for key in range(2 * every):
+        g, expected = mixed[key], (both if key % every == 0 else mirror)[key]
         assert g["texts"] == expected["texts"] and g["queries"] == expected["queries"]
-        assert len(g["images"]) == (4 if key % 4 == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
+        assert len(g["images"]) == (4 if key % every == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
 
 
 def batch_of(groups, direction="both"):
