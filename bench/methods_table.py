@@ -1,0 +1,241 @@
+"""The methods table in one command: every method's default on the shapes world, from nothing, then
+eval.py on every checkpoint; writes results.json, table.md and the plots.
+
+    python bench/methods_table.py                     # 3 seeds, every default in full
+    python bench/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
+    python bench/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
+
+Rows, each for every --seeds S: CLIP from scratch (`clip_scratch.py --seed S`), CLIPS (the same
+script's synthetic-caption recipe), and each fine-tune of the scratch checkpoint of its seed
+(`clip_hardneg.py`, `clip_dpo.py --init OUT/scratch_sS/ckpt.pt --seed S`). Every checkpoint is
+evaluated on the shapes benchmark on the fixed test scenes and on two other world seeds
+(`eval.py --seed`). --quick shortens every schedule (QUICK) and keeps one seed. A run whose
+OUT_DIR/NAME/result.json exists is not run again, and a stopped run resumes from its last
+checkpoint (`--resume`), so a stopped table continues where it was. --jobs runs that many at a
+time, one CPU thread each (a fine-tune starts once its scratch checkpoint is done).
+
+Writes OUT_DIR/results.json (one entry per run: method, script, seed, command, steps, wall_s,
+machine, and every metric eval.py prints, per world seed), OUT_DIR/table.md (mean ± std over the
+seeds), OUT_DIR/probes_vs_step.png and OUT_DIR/probes.png (matplotlib, optional), and with
+--readme the table between README.md's methods-table markers.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLDS = (None, 1, 2)  # eval.py --seed: None = the fixed test scenes (shapes.TEST_SEED), then two other worlds
+CLIPS = ["--caption_mask", "subcaption", "--captioner_weight", "2", "--caption_style", "partial"]
+METHODS = [  # (method, label, script, extra arguments, starts from the scratch checkpoint)
+    ("scratch", "CLIP from scratch", "clip_scratch.py", [], False),
+    ("clips", "CLIPS: synthetic captions, masked, + captioner", "clip_scratch.py", CLIPS, False),
+    ("hardneg", "hard-negative fine-tune (CE-CLIP)", "clip_hardneg.py", [], True),
+    ("dpo", "preference fine-tune (dpo_clip + kick)", "clip_dpo.py", [], True),
+]
+QUICK = {  # --quick: the same rows with short schedules
+    "scratch": ["--max_steps", "600"], "clips": ["--max_steps", "600"],
+    "hardneg": ["--max_steps", "600"], "dpo": ["--max_steps", "800", "--imc_steps", "300"],
+}
+MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
+COLUMNS = [("retrieval/i2t_r1", "i2t R@1"), ("retrieval/t2i_r1", "t2i R@1"), ("probe/relation", "relation"),
+           ("probe/attribute_swap", "attribute swap"), ("vsr/acc", "vsr/acc"), ("diag/relation_text_cos", "relation text cos")]
+
+
+def commands(seeds, quick, out_dir):
+    """-> [(name, method, seed, argv, needs)]: every run of the table, fine-tunes after their scratch run"""
+    runs = []
+    for method, _, script, extra, finetune in METHODS:
+        for seed in seeds:
+            name = f"{method}_s{seed}"
+            argv = [script, *extra, *(QUICK[method] if quick else []), "--seed", str(seed), "--out_dir", os.path.join(out_dir, name)]
+            needs = f"scratch_s{seed}" if finetune else None
+            if finetune:
+                argv += ["--init", os.path.join(out_dir, needs, "ckpt.pt")]
+            runs.append((name, method, seed, argv + ["--resume"], needs))
+    return runs
+
+
+def machine():
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {"cores": os.cpu_count(), "torch": torch.__version__, "device": device, "python": platform.python_version()}
+
+
+def evaluate(ckpt, out_dir, env, eval_n=1000):
+    """eval.py on the shapes benchmark for every world of WORLDS -> {"test" | "world1" | ...: metrics}"""
+    out = {}
+    for world in WORLDS:
+        key = "test" if world is None else f"world{world}"
+        path = os.path.join(out_dir, f"eval_{key}.json")
+        argv = [sys.executable, "eval.py", "--model", ckpt, "--json", path, "--eval_n", str(eval_n)] + ([] if world is None else ["--seed", str(world)])
+        subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        out[key] = json.load(open(path))
+    return out
+
+
+def curve(run_dir):
+    """the run's evals in order: [{step, split, metrics...}] from its metrics.jsonl"""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [r for r in map(json.loads, filter(str.strip, open(path))) if "split" in r] if os.path.exists(path) else []
+
+
+def mean_std(values, fmt=".3f"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{values[0]:{fmt}}" if len(values) == 1 else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def clock(seconds):
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def table(results, quick):
+    """results -> table.md's text: one row per method, mean ± std over its seeds, on the fixed test scenes"""
+    lines = ["| method | command | seeds | " + " | ".join(label for _, label in COLUMNS) + " | relation, other worlds | wall clock |",
+             "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+    for method, label, script, extra, finetune in METHODS:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        cmd = " ".join(["python", script, *extra, *(QUICK[method] if quick else [])] + (["--init SCRATCH"] if finetune else []))
+        cells = [mean_std([r["metrics"]["test"].get(k) for r in runs]) for k, _ in COLUMNS]
+        worlds = mean_std([r["metrics"][w]["probe/relation"] for r in runs for w in r["metrics"] if w != "test"])
+        wall = [r["wall_s"] for r in runs]
+        wall = clock(statistics.mean(wall)) + (f" ± {clock(statistics.stdev(wall))}" if len(wall) > 1 else "")
+        lines.append(f"| {label} | `{cmd}` | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + f" | {worlds} | {wall} |")
+    m = results[0]["machine"] if results else {}
+    lines.append("")
+    lines.append(f"Made by `python bench/methods_table.py{' --quick' if quick else ''}` on {m.get('device')}, {m.get('cores')} cores, "
+                 f"torch {m.get('torch')}; fine-tunes start from the scratch checkpoint of their seed, wall clock per run "
+                 "(one thread each, --jobs at a time). Other worlds: `eval.py --seed 1` and `--seed 2`.")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results, out_dir):
+    """probes_vs_step.png (relation and attribute swap over each run's evals) and probes.png (the
+    final probes per method, plain CLIP's chance line at 0.5); None if matplotlib is missing"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key in zip(axes, ("probe/relation", "probe/attribute_swap")):
+        for i, (method, label, *_) in enumerate(METHODS):
+            for j, r in enumerate(x for x in results if x["method"] == method):
+                points = [(e["step"], e[key]) for e in r["curve"] if key in e]
+                if points:
+                    ax.plot(*zip(*points), color=f"C{i}", alpha=0.8, label=label if j == 0 else None, marker=".")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(title=key.split("/")[1].replace("_", " "), xlabel="training step (of each script)", ylim=(0.4, 1.02))
+    axes[0].set_ylabel("probe accuracy (each eval)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "probes_vs_step.png"), dpi=110)
+    probes = ["probe/relation", "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "vsr/acc"]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    width = 0.8 / len(METHODS)
+    for i, (method, label, *_) in enumerate(METHODS):
+        runs = [r for r in results if r["method"] == method]
+        if runs:
+            means = [statistics.mean(r["metrics"]["test"][p] for r in runs) for p in probes]
+            ax.bar([k + i * width for k in range(len(probes))], means, width, label=label, color=f"C{i}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(probes))], [p.split("/")[1].replace("_", " ") for p in probes])
+    ax.set(ylim=(0.4, 1.02), ylabel="accuracy (test scenes)")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "probes.png"), dpi=110)
+    plt.close("all")
+    return ["probes_vs_step.png", "probes.png"]
+
+
+def write_readme(text, path=os.path.join(ROOT, "README.md")):
+    readme = open(path).read()
+    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+    with open(path, "w") as f:
+        f.write(readme[:start] + "\n" + text + readme[end:])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one seed (the first of --seeds) and the QUICK schedules")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out_dir", default=None, help="default: out/methods_table (out/methods_table_quick with --quick)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
+    p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
+    p.add_argument("--readme", action="store_true", help="also write table.md between README.md's methods-table markers")
+    p.add_argument("--extra", default="", help="arguments added to every training command (e.g. '--device cuda')")
+    p.add_argument("--eval_n", type=int, default=1000, help="test scenes per world")
+    args = p.parse_args(argv)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    out_dir = args.out_dir or ("out/methods_table_quick" if args.quick else "out/methods_table")
+    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    runs = [r for r in commands(seeds, args.quick, out_dir) if r[1] in args.methods]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    info, t0, running, finished = machine(), time.time(), {}, {}
+    for name, *_ in runs:
+        if os.path.exists(os.path.join(out_dir, name, "result.json")):
+            finished[name] = json.load(open(os.path.join(out_dir, name, "result.json")))
+    print(f"{len(finished)} of {len(runs)} runs already finished -> {out_dir}", flush=True)
+    queue = [r for r in runs if r[0] not in finished]
+    while queue or running:
+        for run in list(queue):
+            name, method, seed, argv, needs = run
+            if len(running) >= args.jobs or (needs and needs not in finished and any(needs == q[0] for q in runs)):
+                continue
+            queue.remove(run)
+            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+            full = [sys.executable, *argv, *shlex.split(args.extra)]
+            log = open(os.path.join(out_dir, name, "train.log"), "a")
+            running[name] = (run, subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), full)
+        for name, (run, proc, start, full) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed (exit {proc.returncode}): see {os.path.join(out_dir, name, 'train.log')}")
+            wall = time.time() - start
+            _, method, seed, argv, _ = run
+            metrics = evaluate(os.path.join(out_dir, name, "ckpt.pt"), os.path.join(out_dir, name), env, args.eval_n)
+            evals = curve(os.path.join(out_dir, name))
+            result = {"name": name, "method": method, "script": argv[0], "seed": seed, "command": shlex.join(["python", *full[1:]]),
+                      "steps": max((e["step"] for e in evals), default=None), "wall_s": round(wall, 1), "machine": info,
+                      "metrics": metrics, "curve": evals}
+            with open(os.path.join(out_dir, name, "result.json.tmp"), "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(os.path.join(out_dir, name, "result.json.tmp"), os.path.join(out_dir, name, "result.json"))
+            finished[name] = result
+            done = [r for r in runs if r[0] in finished]
+            spent = sum(finished[r[0]]["wall_s"] for r in done)
+            left = spent / len(done) * (len(runs) - len(done)) / max(1, args.jobs)
+            test = metrics["test"]
+            print(f"[{clock(time.time() - t0)}] {name}: {clock(wall)}, relation {test['probe/relation']:.3f}, attribute swap "
+                  f"{test['probe/attribute_swap']:.3f}, vsr/acc {test['vsr/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
+                  f"{test['retrieval/t2i_r1']:.3f} | {len(done)}/{len(runs)} done, ~{clock(left)} left", flush=True)
+        time.sleep(2)
+    results = [finished[r[0]] for r in runs]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k != "curve"} for r in results], f, indent=1)
+    text = table(results, args.quick)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    pictures = plots(results, out_dir)
+    print(f"plots: {', '.join(pictures)}" if pictures else "plots skipped: pip install matplotlib")
+    if args.readme:
+        write_readme(text)
+        print("README.md's table updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""bench/methods_table.py: the table is the mean ± std of its runs, the runs are the scripts' own
+commands (fine-tunes from the scratch checkpoint of their seed), and a finished table is not rerun."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("methods_table", os.path.join(ROOT, "bench", "methods_table.py"))
+mt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mt)
+
+
+def fake(method, seed, relation, wall):
+    metrics = {k: 0.5 for k, _ in mt.COLUMNS} | {"probe/relation": relation}
+    return {"method": method, "seed": seed, "wall_s": wall, "machine": {"device": "cpu", "cores": 2, "torch": "x"},
+            "metrics": {"test": metrics, "world1": metrics | {"probe/relation": relation - 0.1}}}
+
+
+def test_table_rows_are_mean_and_std_over_seeds_by_hand():
+    text = mt.table([fake("scratch", 0, 0.5, 60), fake("dpo", 0, 0.9, 600), fake("dpo", 1, 0.7, 660)], quick=False)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    dpo = rows[dict((m[0], m[1]) for m in mt.METHODS)["dpo"]]
+    assert dpo[2] == "0, 1"
+    assert dpo[3 + [k for k, _ in mt.COLUMNS].index("probe/relation")] == "0.800 ± 0.141"  # mean 0.8, stdev sqrt(0.02)
+    assert dpo[3 + len(mt.COLUMNS)] == "0.700 ± 0.141"  # the other world: 0.8 and 0.6
+    assert dpo[-1].rstrip(" |") == "10:30 ± 0:42"  # 630 s ± 42.4 s
+    scratch = rows[dict((m[0], m[1]) for m in mt.METHODS)["scratch"]]
+    assert scratch[2] == "0" and scratch[3 + [k for k, _ in mt.COLUMNS].index("probe/relation")] == "0.500"
+
+
+def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
+    runs = {name: (argv, needs) for name, _, _, argv, needs in mt.commands([0, 1], False, str(tmp_path))}
+    assert set(runs) == {f"{m[0]}_s{s}" for m in mt.METHODS for s in (0, 1)}
+    for name, (argv, needs) in runs.items():
+        seed = name[-1]
+        assert argv[argv.index("--seed") + 1] == seed and argv[-1] == "--resume"
+        if name.startswith(("hardneg", "dpo")):
+            assert needs == f"scratch_s{seed}" and argv[argv.index("--init") + 1] == str(tmp_path / f"scratch_s{seed}" / "ckpt.pt")
+        else:
+            assert needs is None and "--init" not in argv
+
+
+@pytest.mark.slow
+def test_the_table_end_to_end_and_resumed(tmp_path):
+    out = tmp_path / "t"
+    cmd = [sys.executable, "bench/methods_table.py", "--quick", "--methods", "scratch", "dpo", "--out_dir", str(out), "--eval_n", "40",
+           "--extra", "--max_steps 4 --batch_size 8 --eval_every 0 --eval_n 40 --log_every 2 --ckpt_every 0"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    results = json.load(open(out / "results.json"))
+    assert [r["name"] for r in results] == ["scratch_s0", "dpo_s0"]
+    dpo = results[1]
+    assert f"--init {out / 'scratch_s0' / 'ckpt.pt'}" in dpo["command"] and dpo["steps"] == 4
+    assert set(dpo["metrics"]) == {"test", "world1", "world2"} and dpo["metrics"]["test"] != dpo["metrics"]["world1"]
+    by_eval = json.load(open(out / "dpo_s0" / "eval_world2.json"))
+    assert dpo["metrics"]["world2"]["probe/relation"] == by_eval["probe/relation"]
+    table = open(out / "table.md").read()
+    assert table == mt.table([json.load(open(out / n / "result.json")) for n in ("scratch_s0", "dpo_s0")], quick=True)
+    assert f"{dpo['metrics']['test']['probe/relation']:.3f}" in table.splitlines()[3]
+    stamp = os.path.getmtime(out / "dpo_s0" / "result.json")
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
+    assert os.path.getmtime(out / "dpo_s0" / "result.json") == stamp and open(out / "table.md").read() == table
