@@ -258,7 +258,7 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
 class ShapesPreferences(torch.utils.data.Dataset):
     """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
 
-    def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None, both_every=4):
+    def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None, both_every=8):
         self.image_size, self.seed, self.with_statements, self.twins, self.held = image_size, seed, with_statements, twins, held
         self.both_every = both_every  # twins "mixed": group key has both twins if key % both_every == 0, else the mirror
 
@@ -356,7 +356,8 @@ def get_args(argv=None):
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
     p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
                    help="shapes: each scene's twins (shapes_group); mixed: one group in --both_every both, the others mirror")
-    p.add_argument("--both_every", type=int, default=4, help="--twins mixed: every N-th group has both twins")
+    p.add_argument("--both_every", type=int, default=8, help="--twins mixed: every N-th group has both twins (the statements "
+                   "learn from the mirror groups, the attribute swap from these)")
     p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
                    "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
     p.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
@@ -384,7 +385,7 @@ def get_args(argv=None):
     # optim
     p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
     p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training groups (default 5)")
-    p.add_argument("--batch_size", type=int, default=None, help="groups per process (default: 26 shapes, ~65 images; 64 real data)")
+    p.add_argument("--batch_size", type=int, default=None, help="groups per process (default: 26 shapes, ~59 images; 64 real data)")
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
@@ -458,7 +459,8 @@ def make_model(args, device):
     checksum = sum(p.double().sum().item() for p in clip.parameters())
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-    what = f"{args.data} (twins {args.twins})" if args.data == "shapes" else args.data
+    twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
+    what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
     state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum,
                                summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
                                f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "

@@ -151,7 +151,7 @@ def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
 
 @pytest.mark.parametrize("every", [4, 8])
 def test_mixed_twins_are_one_full_group_in_n_and_mirror_groups_between(every):
-    kw = {} if every == 4 else {"both_every": every}  # 4 is the default
+    kw = {} if every == 8 else {"both_every": every}  # 8 is the default
     mixed = clip_dpo.ShapesPreferences(16, seed=3, twins="mixed", **kw)
     both, mirror = (clip_dpo.ShapesPreferences(16, seed=3, twins=t) for t in ("both", "mirror"))
     for key in range(2 * every):
