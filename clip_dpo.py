@@ -21,12 +21,15 @@ never saved (the checkpoint keeps its spec and checksum). The loop is the three 
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; its scenes give exact graded preferences: a scene
-   and its twins, captioned by the true caption and the captions with one and two wrong facts.
+   and its twins, captioned by the true caption and the captions with one and two wrong facts
+   (seven groups in eight a scene and its mirror only, --both_every).
 2. Scores are CLIP logits with the reference's scale, not a language model's log-likelihood; beta
    is therefore in units of that scale (CLIP-PO's rewards are raw cosines: beta 0.5 here ~ 50 there).
 3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
-   blind to the relation (bench/NOTES.md has the runs and the controls). Real data: plain dpo_clip.
+   blind to the relation. By its controls (README), the relation is the kick's and CLIP's term's
+   (it is reached without the preference term; DPO alone collapses retrieval) and the statements
+   are the preference term's. Real data: plain dpo_clip.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
