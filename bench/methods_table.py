@@ -16,14 +16,15 @@ time, one CPU thread each (a fine-tune starts once its scratch checkpoint is don
 
 Writes OUT_DIR/results.json (one entry per run: method, script, seed, command, steps, wall_s,
 machine, and every metric eval.py prints, per world seed), OUT_DIR/table.md (mean ± std over the
-seeds), OUT_DIR/probes_vs_step.png and OUT_DIR/probes.png (matplotlib, optional), and with
---readme the table between README.md's methods-table markers.
+seeds), OUT_DIR/probes_vs_step.png and OUT_DIR/probes.png (matplotlib, optional); --readme
+publishes them: the table between README.md's methods-table markers, the files into bench/results/.
 """
 import argparse
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,10 +40,11 @@ METHODS = [  # (method, label, script, extra arguments, starts from the scratch 
     ("dpo", "preference fine-tune (dpo_clip + kick)", "clip_dpo.py", [], True),
 ]
 QUICK = {  # --quick: the same rows with short schedules (the fine-tunes' kick shortened with them)
-    "scratch": ["--max_steps", "600"], "clips": ["--max_steps", "600"],
-    "hardneg": ["--max_steps", "1000"], "dpo": ["--max_steps", "1000", "--imc_steps", "350"],
+    "scratch": ["--max_steps", "600"], "clips": ["--max_steps", "250"],  # CLIPS's captioner: ~4x a scratch step
+    "hardneg": ["--max_steps", "1200"], "dpo": ["--max_steps", "1000", "--imc_steps", "350"],
 }
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
+PUBLISHED = os.path.join(ROOT, "bench", "results")  # --readme copies table.md, results.json and the plots here (committed)
 COLUMNS = [("retrieval/i2t_r1", "i2t R@1"), ("retrieval/t2i_r1", "t2i R@1"), ("probe/relation", "relation"),
            ("probe/attribute_swap", "attribute swap"), ("vsr/acc", "vsr/acc"), ("diag/relation_text_cos", "relation text cos")]
 
@@ -82,7 +84,7 @@ def evaluate(ckpt, out_dir, env, eval_n=1000):
 def curve(run_dir):
     """the run's evals in order: [{step, split, metrics...}] from its metrics.jsonl"""
     path = os.path.join(run_dir, "metrics.jsonl")
-    return [r for r in map(json.loads, filter(str.strip, open(path))) if "split" in r] if os.path.exists(path) else []
+    return [r for r in map(json.loads, filter(str.strip, open(path))) if r.get("split", "train") != "train"] if os.path.exists(path) else []
 
 
 def mean_std(values, fmt=".3f"):
@@ -158,11 +160,21 @@ def plots(results, out_dir):
     return ["probes_vs_step.png", "probes.png"]
 
 
-def write_readme(text, path=os.path.join(ROOT, "README.md")):
+def readme_table(path=os.path.join(ROOT, "README.md")):
+    """-> (README's text, start, end): the table is text[start:end], between the MARKERS"""
     readme = open(path).read()
-    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
-    with open(path, "w") as f:
-        f.write(readme[:start] + "\n" + text + readme[end:])
+    return readme, readme.index(MARKERS[0]) + len(MARKERS[0]) + 1, readme.index(MARKERS[1])
+
+
+def publish(out_dir, text, files, path=os.path.join(ROOT, "README.md")):
+    """the table into README.md between the MARKERS, table.md, results.json and the plots into PUBLISHED"""
+    os.makedirs(PUBLISHED, exist_ok=True)
+    for name in ["table.md", "results.json", *files]:
+        shutil.copyfile(os.path.join(out_dir, name), os.path.join(PUBLISHED, name))
+    readme, start, end = readme_table(path)
+    with open(path + ".tmp", "w") as f:
+        f.write(readme[:start] + text + readme[end:])
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -172,10 +184,12 @@ def main(argv=None):
     p.add_argument("--out_dir", default=None, help="default: out/methods_table (out/methods_table_quick with --quick)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
-    p.add_argument("--readme", action="store_true", help="also write table.md between README.md's methods-table markers")
+    p.add_argument("--readme", action="store_true", help="publish: the table into README.md, its files into bench/results/")
     p.add_argument("--extra", default="", help="arguments added to every training command (e.g. '--device cuda')")
     p.add_argument("--eval_n", type=int, default=1000, help="test scenes per world")
     args = p.parse_args(argv)
+    if args.readme and (args.quick or args.methods != [m[0] for m in METHODS]):
+        p.error("--readme publishes the whole table: drop --quick and --methods")
     seeds = args.seeds[:1] if args.quick else args.seeds
     out_dir = args.out_dir or ("out/methods_table_quick" if args.quick else "out/methods_table")
     os.makedirs(out_dir, exist_ok=True)
@@ -216,8 +230,9 @@ def main(argv=None):
             os.replace(os.path.join(out_dir, name, "result.json.tmp"), os.path.join(out_dir, name, "result.json"))
             finished[name] = result
             done = [r for r in runs if r[0] in finished]
-            spent = sum(finished[r[0]]["wall_s"] for r in done)
-            left = spent / len(done) * (len(runs) - len(done)) / max(1, args.jobs)
+            walls = {m: [finished[r[0]]["wall_s"] for r in done if r[1] == m] for m in {r[1] for r in runs}}
+            typical = statistics.mean(finished[r[0]]["wall_s"] for r in done)  # for a method with no finished run yet
+            left = sum(statistics.mean(walls[r[1]] or [typical]) for r in runs if r[0] not in finished) / max(1, args.jobs)
             test = metrics["test"]
             print(f"[{clock(time.time() - t0)}] {name}: {clock(wall)}, relation {test['probe/relation']:.3f}, attribute swap "
                   f"{test['probe/attribute_swap']:.3f}, vsr/acc {test['vsr/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
@@ -233,8 +248,8 @@ def main(argv=None):
     pictures = plots(results, out_dir)
     print(f"plots: {', '.join(pictures)}" if pictures else "plots skipped: pip install matplotlib")
     if args.readme:
-        write_readme(text)
-        print("README.md's table updated")
+        publish(out_dir, text, pictures or [])
+        print(f"README.md's table and {os.path.relpath(PUBLISHED, ROOT)}/ updated")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,19 @@ def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
             assert needs is None and "--init" not in argv
 
 
+def test_publish_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
+    monkeypatch.setattr(mt, "PUBLISHED", str(tmp_path / "results"))
+    (tmp_path / "run").mkdir()
+    for name, text in [("table.md", "| new |\n"), ("results.json", "[]"), ("a.png", "png")]:
+        (tmp_path / "run" / name).write_text(text)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{mt.MARKERS[0]}\n| old |\n| old |\n{mt.MARKERS[1]}\nafter\n")
+    mt.publish(str(tmp_path / "run"), "| new |\n", ["a.png"], path=str(readme))
+    assert readme.read_text() == f"# title\n{mt.MARKERS[0]}\n| new |\n{mt.MARKERS[1]}\nafter\n"
+    text, start, end = mt.readme_table(str(readme))
+    assert text[start:end] == "| new |\n" and (tmp_path / "results" / "a.png").read_text() == "png"
+
+
 @pytest.mark.slow
 def test_the_table_end_to_end_and_resumed(tmp_path):
     out = tmp_path / "t"
