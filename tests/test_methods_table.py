@@ -44,6 +44,16 @@ def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
             assert needs is None and "--init" not in argv
 
 
+def test_readme_shows_the_published_table_of_the_published_results():
+    readme, start, end = mt.readme_table()
+    published = open(os.path.join(mt.PUBLISHED, "table.md")).read()
+    assert readme[start:end] == published, "README's table is not bench/results/table.md: run bench/methods_table.py --readme"
+    results = json.load(open(os.path.join(mt.PUBLISHED, "results.json")))
+    assert mt.table(results, quick=False) == published
+    assert sorted(r["name"] for r in results) == sorted(f"{m[0]}_s{s}" for m in mt.METHODS for s in (0, 1, 2))
+    assert "bench/results/probes_vs_step.png" in readme and os.path.exists(os.path.join(mt.PUBLISHED, "probes_vs_step.png"))
+
+
 def test_publish_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
     monkeypatch.setattr(mt, "PUBLISHED", str(tmp_path / "results"))
     (tmp_path / "run").mkdir()
