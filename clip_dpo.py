@@ -566,8 +566,6 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
-        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
 
     # data first: a missing or bad file is one line before any model is built or downloaded
     try:
@@ -579,6 +577,8 @@ def main(argv=None):
     clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
         raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run (told after what a flag can fix)
+        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
     if args.max_steps is None:  # real data: --epochs passes over the training items
         args.max_steps = math.ceil(args.epochs * n_items / (args.batch_items * world))
     tokenizer = data.get_tokenizer(args.context_length)

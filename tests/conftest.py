@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,24 @@ from model import CLIP, model_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
 TINY = ["--batch_size", "8", "--image_size", "32", "--eval_every", "0", "--log_every", "1", "--eval_n", "40"]
+
+
+def _tree(folder):
+    """{path: (size, mtime)} of every file under folder ({} if there is none)"""
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(autouse=True)
+def repository_out_untouched():
+    """No test reads or writes the repository's out/, where a user's own runs live (README's main job
+    writes out/clip_scratch/ckpt.pt): every test gives its runs an --out_dir under tmp_path. A test
+    that writes there fails here, by name."""
+    before = _tree(os.path.join(ROOT, "out"))
+    yield
+    after = _tree(os.path.join(ROOT, "out"))
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed, f"this test changed the repository's out/: {', '.join(sorted({p for p, _ in changed})[:3])}"
 
 
 def run(args, **kw):

@@ -141,3 +141,26 @@ def test_eval_n_is_one_flag_everywhere(tmp_path):
         assert r.returncode == 0, r.stderr
         m = json.load(open(tmp_path / "m.json"))
         assert set(vsr_rates(m)) == {"vsr/acc", "vsr/macro_f1"} and abs(m["retrieval/t2i_r10"] * 30 - round(m["retrieval/t2i_r10"] * 30)) < 1e-6  # 30 scenes
+
+
+def test_what_a_flag_can_fix_is_reported_before_an_existing_run(tmp_path, capsys):
+    """a user with a trained run in out_dir who mistypes a flag is told about the flag, not the checkpoint"""
+    import clip_scratch
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"a trained run")
+    init, o = tiny_ckpt(tmp_path / "init.pt"), ["--out_dir", str(out)]
+    for main, argv, message in [
+        (clip_scratch.main, ["--data", "flickr8k", "--data_root", str(tmp_path / "nowhere")], "nowhere: no such directory"),
+        (clip_scratch.main, ["--data", "flickr8k"], "--data flickr8k needs --data_root"),
+        (clip_hardneg.main, ["--init", str(tmp_path / "missing.pt")], "missing.pt: no such checkpoint file"),
+        (clip_dpo.main, ["--data", "vsr", "--data_root", str(tmp_path / "nowhere"), "--init", init], "nowhere: no such directory"),
+        (clip_dpo.main, ["--data", "vsr", "--data_root", os.path.join(FIX, "vsr"), "--init", init, "--workers", "0",
+                         "--batch_size", "1000"], "< global batch 1000 (--batch_size)"),
+        (clip_dpo.main, ["--init", init, "--alpha", "2"], "--alpha 2.0: must be in [0, 1]"),
+        (clip_dpo.main, ["--init", init], "ckpt.pt exists: --resume continues it"),  # the flags are fine: now it is the run
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, *o])
+        said = str(e.value.code) + capsys.readouterr().err
+        assert message in said and ("exists" in message or "exists" not in said), (argv, said)

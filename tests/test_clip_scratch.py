@@ -95,10 +95,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     (["--model_size", "huge"], "--model_size"),
     (["--device", "cuda"], "--device cuda"),
 ])
-def test_bad_flags_give_one_clear_error(argv, message):
+def test_bad_flags_give_one_clear_error(argv, message, tmp_path):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    r = run(["clip_scratch.py", *argv, "--max_steps", "1"])
+    r = run(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -402,8 +402,8 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     (["--caption_mask", "sentence"], "--caption_mask"),
     (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.csv")], "--image_key image"),
 ])
-def test_bad_clips_flags_give_one_clear_error(argv, message):
-    r = run(["clip_scratch.py", *argv, "--max_steps", "1"])
+def test_bad_clips_flags_give_one_clear_error(argv, message, tmp_path):
+    r = run(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
