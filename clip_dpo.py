@@ -54,7 +54,7 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   init_geometry, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+                   init_geometry, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint, schedule,
                    set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
@@ -392,11 +392,11 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (model.WARMUP_FRACTION)")
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_dpo")
-    p.add_argument("--eval_every", type=int, default=500, help="0 disables (a final eval always runs)")
-    p.add_argument("--ckpt_every", type=int, default=250, help="0 disables (a final checkpoint is always written)")
+    p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)")
+    p.add_argument("--ckpt_every", type=int, default=None, help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
@@ -421,6 +421,9 @@ def get_args(argv=None):
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
+    args.ckpt_every = (250 if args.data == "shapes" else None) if args.ckpt_every is None else args.ckpt_every
+    args.eval_every = (500 if args.data == "shapes" else None) if args.eval_every is None else args.eval_every
+    args.warmup_steps = (50 if args.data == "shapes" else None) if args.warmup_steps is None else args.warmup_steps
     args.epochs = (None if args.data == "shapes" else 5) if args.epochs is None else args.epochs
     args.batch_size = (26 if args.data == "shapes" else 64) if args.batch_size is None else args.batch_size
     real, args.batch_items = args.data != "shapes", args.batch_size  # groups per process per step
@@ -579,8 +582,7 @@ def main(argv=None):
         raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run (told after what a flag can fix)
         raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
-    if args.max_steps is None:  # real data: --epochs passes over the training items
-        args.max_steps = math.ceil(args.epochs * n_items / (args.batch_items * world))
+    plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume
@@ -642,9 +644,8 @@ def main(argv=None):
             raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
         wandb.init(project=args.wandb, config=vars(args), resume="allow")
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
-    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} "
-           f"| world {world} x batch {args.batch_size} | {args.max_steps} steps"
-           + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
+    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
+           f"| device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device) * world, None

@@ -295,6 +295,32 @@ def lr_at(step, base_lr, warmup, max_steps):
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
 
 
+WARMUP_FRACTION = 0.05  # real data: the default warmup, a fraction of the run's steps
+
+
+def schedule(args, n_items, world):
+    """The run's plan, the same whatever the world size -> the start line's words. Sets args.max_steps,
+    warmup_steps, eval_every and ckpt_every where they are None. Shapes (n_items None, an endless
+    stream): the flags as given. Real data: an epoch is n_items // global batch steps (data.StepBatches
+    drops the last partial batch), the run --epochs of them unless --max_steps says otherwise (the
+    epochs are then what those steps make), warmup WARMUP_FRACTION of the steps, and a dev eval and a
+    checkpoint at the end of every epoch: 1 and 8 processes train the same epochs with the same
+    fraction of warmup and the same number of evals."""
+    global_batch = args.batch_items * world
+    if n_items is None:
+        what = f"{args.max_steps} steps"
+    else:
+        per_epoch = max(1, n_items // global_batch)
+        args.max_steps = args.epochs * per_epoch if args.max_steps is None else args.max_steps
+        args.warmup_steps = max(1, round(WARMUP_FRACTION * args.max_steps)) if args.warmup_steps is None else args.warmup_steps
+        args.eval_every = per_epoch if args.eval_every is None else args.eval_every
+        args.ckpt_every = per_epoch if args.ckpt_every is None else args.ckpt_every
+        what = f"{args.max_steps / per_epoch:.3g} epochs of {n_items:,} items = {args.max_steps} steps ({per_epoch} an epoch)"
+    every = lambda n: f"every {n} steps" if n else "at the end"  # noqa: E731
+    return (f"{what} of global batch {global_batch} ({world} x {args.batch_items}) | warmup {args.warmup_steps} steps | "
+            f"eval {every(args.eval_every)}, checkpoint {every(args.ckpt_every)}")
+
+
 def param_groups(model, weight_decay, text_lr_mult=1.0):
     """AdamW groups of a module's trainable parameters: no weight decay on tensors with ndim < 2
     (biases, norms, class token, logit_scale). For a CLIP, the text tower (all but `visual.*` and

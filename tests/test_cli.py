@@ -125,8 +125,10 @@ def test_real_data_runs_epochs_and_says_how_many_steps(tmp_path):
              "--batch_size", "2", "--eval_n", "20", "--workers", "0", "--log_every", "1", "--out_dir", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
     n = int(r.stdout.split(" epochs of ")[1].split(" items")[0])
-    steps = math.ceil(2 * n / 2)
-    assert f"| {steps} steps = 2 epochs of {n} items |" in r.stdout and f"step {steps}/{steps} |" in r.stdout
+    per_epoch, steps = n // 2, 2 * (n // 2)
+    assert (f"| 2 epochs of {n} items = {steps} steps ({per_epoch} an epoch) of global batch 2 (1 x 2) | warmup 1 steps | "
+            f"eval every {per_epoch} steps, checkpoint every {per_epoch} steps |") in r.stdout
+    assert f"step {steps}/{steps} |" in r.stdout and f"eval val step {per_epoch} (" in r.stdout  # a dev eval after epoch 1
     args = clip_hardneg.get_args(["--data", "coco", "--data_root", "x", "--init", init])
     assert (args.epochs, args.batch_size, args.max_steps, args.lr) == (5, 256, None, 1e-5)  # NegCLIP's setting
     args = clip_dpo.get_args(["--init", init])
@@ -164,3 +166,28 @@ def test_what_a_flag_can_fix_is_reported_before_an_existing_run(tmp_path, capsys
             main([*argv, *o])
         said = str(e.value.code) + capsys.readouterr().err
         assert message in said and ("exists" in message or "exists" not in said), (argv, said)
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_the_schedule_is_in_epochs_whatever_the_world_size(world):
+    """VSR's 7,033 training groups, 5 epochs of 64 groups a process: every world size trains 5 whole
+    epochs (StepBatches' epoch: items // global batch steps), warms up over 5% of them and evaluates
+    and checkpoints at the end of each epoch"""
+    from argparse import Namespace
+    args = Namespace(batch_items=64, epochs=5, max_steps=None, warmup_steps=None, eval_every=None, ckpt_every=None)
+    plan = model.schedule(args, 7033, world)
+    per_epoch = 7033 // (64 * world)  # 109, 54, 13
+    assert args.max_steps == 5 * per_epoch and args.eval_every == args.ckpt_every == per_epoch
+    assert args.warmup_steps == max(1, round(0.05 * args.max_steps)) < per_epoch
+    evals = [s for s in range(1, args.max_steps) if s % args.eval_every == 0]
+    assert evals == [per_epoch * e for e in (1, 2, 3, 4)]  # and the final one at the end
+    assert plan.startswith(f"5 epochs of 7,033 items = {5 * per_epoch} steps ({per_epoch} an epoch) of global batch {64 * world} "
+                           f"({world} x 64) | warmup {args.warmup_steps} steps | eval every {per_epoch} steps")
+    # --max_steps overrides the epochs, and the line says what it makes; given flags stay as given
+    args = Namespace(batch_items=64, epochs=5, max_steps=3, warmup_steps=None, eval_every=0, ckpt_every=None)
+    assert model.schedule(args, 7033, world).startswith(f"{3 / per_epoch:.3g} epochs of 7,033 items = 3 steps")
+    assert (args.max_steps, args.eval_every, args.warmup_steps) == (3, 0, 1)
+    # the shapes world, an endless stream: the flags as they are
+    args = Namespace(batch_items=26, epochs=None, max_steps=3000, warmup_steps=50, eval_every=500, ckpt_every=250)
+    assert model.schedule(args, None, world) == (f"3000 steps of global batch {26 * world} ({world} x 26) | warmup 50 steps | "
+                                                 "eval every 500 steps, checkpoint every 250 steps")

@@ -58,5 +58,5 @@ def test_the_scripts_run_on_the_export(export, tmp_path):
              "--epochs", "1", "--batch_size", "32", "--workers", "0", "--log_every", "1", "--out_dir", str(tmp_path / "dpo")])
     assert r.returncode == 0, r.stderr
     groups = int(r.stdout.split(" train rows -> ")[1].split(" preference groups")[0])
-    assert f"{-(-groups // 32)} steps = 1 epochs of {groups} items" in r.stdout
+    assert f"| 1 epochs of {groups:,} items = {groups // 32} steps ({groups // 32} an epoch) of global batch 32 (1 x 32) |" in r.stdout
     assert set(vsr_rates(eval_lines(r.stdout)[-1])) == set(VSR_RATES)
