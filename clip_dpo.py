@@ -353,7 +353,9 @@ def get_args(argv=None):
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "vsr", "rankings", "hnc"))
     p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON")
-    p.add_argument("--image_root", default=None, help="hnc: the GQA images (default: the JSON's folder's images/)")
+    p.add_argument("--image_root", default=None, help="vsr: the COCO images, when not in the clone's data/images/, "
+                   "data/trainval2017/ or train2017/ + val2017/ (data.VSR_IMAGE_DIRS); hnc: the GQA images (default: the JSON's "
+                   "folder's images/)")
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
     p.add_argument("--vsr_false_rows", action="store_true",
                    help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
@@ -411,6 +413,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.both_every < 1:
         p.error(f"--both_every {args.both_every}: must be >= 1")
+    if args.image_root is not None and args.data not in ("vsr", "hnc"):
+        p.error(f"--image_root: --data {args.data} does not read it (it is for --data vsr and hnc)")
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
@@ -546,7 +550,7 @@ def make_data(args, rank, world):
         return HNCGroups(hnc, args.image_size, args.seed), len(hnc), None
     evalset = None
     if args.data == "vsr":
-        splits = data.read_vsr(args.data_root, args.vsr_split)
+        splits = data.read_vsr(args.data_root, args.vsr_split, args.image_root)
         groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows)
         evalset = {"val": splits["dev"], "test": splits["test"], "calib": splits["dev"]}
         print0(f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "

@@ -336,6 +336,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
+    if args.image_root is not None and args.data not in ("negclip", "ceclip", "hnc"):
+        p.error(f"--image_root: --data {args.data} does not read it (it is for --data negclip, ceclip and hnc)")
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":

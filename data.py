@@ -379,6 +379,10 @@ def _vote_ids(value, where, key):
     return value
 
 
+VSR_IMAGE_DIRS = ("images", "data/images", "trainval2017", "data/trainval2017", "train2017", "val2017",
+                  "data/train2017", "data/val2017")  # under --data_root, in this order
+
+
 def _vsr_file(root, split, part):
     for path in (os.path.join(root, "splits", split, f"{part}.jsonl"), os.path.join(root, "data", "splits", split, f"{part}.jsonl"),
                  os.path.join(root, f"{part}.jsonl")):
@@ -388,24 +392,44 @@ def _vsr_file(root, split, part):
                     f"data/splits/{split}/{part}.jsonl, {part}.jsonl)")
 
 
-def read_vsr(root, split="random"):
-    """VSR's train/dev/test files of one split (random | zeroshot) -> {"train" | "dev" | "test": [VSRRow]}.
+def vsr_image_dirs(root, image_root=None):
+    """where VSR's images may be -> [(folder, the set of its file names)] of the folders that exist, and
+    the words naming every folder looked in. VSR's README puts them in data/images/ (its zip, or
+    select_only_revlevant_images.py) or merges COCO 2017 into data/trainval2017/; COCO's own layout
+    has train2017/ and val2017/; --data_root may be the clone or its data/ folder (VSR_IMAGE_DIRS).
+    image_root: the images are there, or in its train2017/ and val2017/ (a COCO root), instead."""
+    if image_root is not None:
+        if not os.path.isdir(image_root):
+            raise DataError(f"--image_root {image_root}: no such directory")
+        dirs = [image_root, os.path.join(image_root, "train2017"), os.path.join(image_root, "val2017")]
+        words = f"--image_root {image_root} (or its train2017/, val2017/)"
+    else:
+        dirs = [os.path.join(root, d) for d in VSR_IMAGE_DIRS]
+        words = f"{', '.join(d + '/' for d in VSR_IMAGE_DIRS)} under {root} (or give --image_root)"
+    return [(d, set(os.listdir(d))) for d in dirs if os.path.isdir(d)], words
+
+
+def read_vsr(root, split="random", image_root=None, parts=VSR_SPLIT_FILES):
+    """VSR's split files of one split (random | zeroshot) -> {"train" | "dev" | "test": [VSRRow]}, the
+    parts asked for (an evaluation needs only dev and test, and only their images).
     One JSON object per line: image (a COCO 2017 file name), image_link (.../train2017/... or
     .../val2017/...), caption ("The <subj> is <relation> the <obj>."), label (1 / 0), relation (one
     of VSR_RELATIONS), annotator_id, vote_true_validator_id and vote_false_validator_id (JSON-encoded
     strings "[2, 9]" in the current files, lists in older ones; both accepted), reference_frame
     (random split) or subj and obj (zero-shot split). Files are found as splits/<split>/<part>.jsonl,
-    data/splits/<split>/<part>.jsonl or <part>.jsonl under root; images as images/<file>,
-    train2017/<file> or val2017/<file>. A malformed line, an unknown relation, a caption without its
-    relation's words, or a missing image is one error naming the file and line."""
+    data/splits/<split>/<part>.jsonl or <part>.jsonl under root (a clone of VSR's repository, its
+    data/ folder, or a folder of the three files); images as vsr_image_dirs says. A malformed line,
+    an unknown relation, a caption without its relation's words, or a missing image is one error
+    naming the file and line (and, for an image, every folder looked in)."""
     if split not in ("random", "zeroshot"):
         raise DataError(f"--vsr_split {split}: choose random or zeroshot")
     if not os.path.isdir(root):
         raise DataError(f"--data_root {root}: no such directory")
-    image_dirs = [os.path.join(root, d) for d in ("images", "train2017", "val2017")]
+    paths = {part: _vsr_file(root, split, part) for part in parts}  # every split file before any image folder is listed
+    image_dirs, looked_in = vsr_image_dirs(root, image_root)
     out = {}
-    for part in VSR_SPLIT_FILES:
-        path, rows, missing = _vsr_file(root, split, part), [], []
+    for part in parts:
+        path, rows, missing = paths[part], [], []
         for n, row in jsonl_rows(path):
             where = f"{path}:{n}"
             for key in ("image", "caption", "relation"):
@@ -420,15 +444,16 @@ def read_vsr(root, split="random"):
             for key in ("vote_true_validator_id", "vote_false_validator_id"):
                 if key in row:
                     _vote_ids(row[key], where, key)
-            image = next((p for p in (os.path.join(d, row["image"]) for d in image_dirs) if os.path.isfile(p)), None)
-            if image is None:
+            folder = next((d for d, names in image_dirs if row["image"] in names), None)
+            if folder is None:
                 missing.append((where, row["image"]))
                 continue
-            rows.append(VSRRow(os.path.abspath(image), row["caption"].strip(), bool(row["label"]), row["relation"], where))
+            rows.append(VSRRow(os.path.abspath(os.path.join(folder, row["image"])), row["caption"].strip(), bool(row["label"]),
+                               row["relation"], where))
         if missing:
             (where, name), more = missing[0], len(missing) - 1
-            raise DataError(f"{where}: image {name} not found in images/, train2017/ or val2017/ under {root}"
-                            + (f" (and {more} more rows of {path} without their image)" if more else ""))
+            raise DataError(f"{where}: image {name} not found in {looked_in}"
+                            + (f"; {more} more rows of {path} lack their image" if more else ""))
         if not rows:
             raise DataError(f"{path}: no rows")
         out[part] = rows

@@ -348,7 +348,7 @@ def main(argv=None):
     # benchmark
     p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco", "vsr", *tasks()))
     p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco, vsr, and the compositional benchmarks)")
-    p.add_argument("--image_root", default=None, help="sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
+    p.add_argument("--image_root", default=None, help="vsr, sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
                    "the images, when not in the default place under --data_root (see README)")
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"), help="vsr: which split's dev/test")
     p.add_argument("--eval_n", "--n", type=int, default=1000, help="shapes: number of test scenes")
@@ -387,6 +387,10 @@ def main(argv=None):
     # system
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
+    reads_image_root = ("vsr", "sugarcrepe", "valse", "vlchecklist", *(("intrinsic",) if args.data == "hnc" else ()))
+    if args.image_root is not None and args.bench not in reads_image_root:
+        p.error(f"--image_root: --bench {args.bench}{' --data shapes' if args.bench == 'intrinsic' else ''} does not read it "
+                f"(it is for --bench {', '.join(reads_image_root[:4])}, intrinsic --data hnc)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
 
     if args.export and not is_checkpoint(args.model):
@@ -453,7 +457,7 @@ def main(argv=None):
             raise SystemExit(f"error: --bench {args.bench} needs --data_root")
         try:
             if args.bench == "vsr":
-                vsr = data.read_vsr(args.data_root, args.vsr_split)
+                vsr = data.read_vsr(args.data_root, args.vsr_split, args.image_root, parts=("dev", "test"))  # their images only
                 items = [(r.image, [r.caption]) for r in vsr["test"]]
             else:
                 items = data.read_dataset(args.bench, args.data_root)["test"]
