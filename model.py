@@ -501,7 +501,8 @@ def load_checkpoint(path, clip=None, captioner=None, need=()):
         if ckpt and tensors(ckpt) or "state_dict" in ckpt:  # open_clip loads both kinds as NAME:FILE
             what = "an open_clip training checkpoint" if "state_dict" in ckpt else f"a bare state dict ({len(ckpt)} tensors)"
             _refuse(path, f"{what} without the model_cfg that says which model it is: give it as NAME:{path} with its "
-                    "open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size")
+                    "open_clip architecture NAME (e.g. ViT-B-32; OpenAI's and other QuickGELU weights as ViT-B-32-quickgelu), or "
+                    "re-save it with the model_cfg of its --model_size")
         if "model" in ckpt:
             _refuse(path, "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the "
                     "model_cfg of its --model_size")
@@ -664,7 +665,15 @@ def _check_download(open_clip, arch, tag, spec, flag, timeout=3.0):
     except OSError:
         raise SystemExit(f"error: {flag} {spec}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) and {host} "
                          f"cannot be reached (offline?): fetch them once where there is a network, or give a weights file as "
-                         f"{arch}:PATH") from None
+                         f"{file_arch(open_clip, arch, tag)}:PATH") from None
+
+
+def file_arch(open_clip, arch, tag):
+    """the architecture NAME under which a weights FILE of arch:tag loads right as NAME:FILE: a tag
+    trained with QuickGELU (OpenAI's, and every *-quickgelu tag) needs the NAME-quickgelu config, since
+    a file path gets no tag and plain NAME builds GELU: every score would silently change"""
+    quick = open_clip.pretrained.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
+    return f"{arch}-quickgelu" if quick and not arch.endswith("-quickgelu") and f"{arch}-quickgelu" in open_clip.list_models() else arch
 
 
 def init_geometry(spec):

@@ -63,6 +63,13 @@ def test_offline_weights_fail_at_once_in_one_line(monkeypatch):
     assert time.time() - t < 5 and "\n" not in e.value.code
     assert e.value.code.startswith("error: --init ViT-B-32:openai: its weights are not in the local cache (")
     assert "cannot be reached (offline?)" in e.value.code
+    # OpenAI's weights are QuickGELU: as a file they load right only under the -quickgelu name (else every score changes)
+    assert e.value.code.endswith("give a weights file as ViT-B-32-quickgelu:PATH")
+    with pytest.raises(SystemExit) as e:
+        load_clip("ViT-B-32:laion2b_s34b_b79k")  # trained with GELU: the plain name
+    assert e.value.code.endswith("give a weights file as ViT-B-32:PATH")
+    import open_clip
+    assert model.file_arch(open_clip, "ViT-B-32-quickgelu", "metaclip_400m") == "ViT-B-32-quickgelu"
 
 
 def test_the_data_is_checked_before_any_model_is_built(tmp_path, monkeypatch):

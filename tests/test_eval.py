@@ -296,9 +296,11 @@ N_TENSORS = len(tiny_model()[0].state_dict())
     ("empty", "empty (0 bytes): copied before the checkpoint was written?"),
     ("text", "a text file, not a torch checkpoint (it begins 'version https://git-lfs.github.com/spec/')"),
     ("bare", f"a bare state dict ({N_TENSORS} tensors) without the model_cfg that says which model it is: give it as "
-             "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size"),
+             "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32; OpenAI's and other QuickGELU weights as ViT-B-32-quickgelu), "
+             "or re-save it with the model_cfg of its --model_size"),
     ("open_clip", "an open_clip training checkpoint without the model_cfg that says which model it is: give it as "
-                  "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32), or re-save it with the model_cfg of its --model_size"),
+                  "NAME:PATH with its open_clip architecture NAME (e.g. ViT-B-32; OpenAI's and other QuickGELU weights as ViT-B-32-quickgelu), "
+             "or re-save it with the model_cfg of its --model_size"),
     ("no_cfg", "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the model_cfg of its --model_size"),
     ("safetensors", "a .safetensors file holds weights without the config that builds them: give its folder as "
                     "local-dir:DIR (an open_clip hub folder, open_clip_config.json beside it)"),
