@@ -52,8 +52,8 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
-                   init_geometry, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint, schedule,
-                   set_trainable, setup_distributed, to_device)
+                   init_geometry, load_checkpoint, load_clip, lr_at, one_error, param_groups, peak_flops, print0,
+                   save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the methods: losses on features. Shapes: image_features, text_features [B, D] (row i's image and
@@ -602,4 +602,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_error():
+        main()

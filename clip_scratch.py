@@ -46,8 +46,8 @@ import data
 import eval as ev
 import shapes
 from model import (Parser, CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean,
-                   global_min, load_checkpoint, lr_at, model_config, param_groups, peak_flops, print0, save_checkpoint, schedule,
-                   setup_distributed, to_device)
+                   global_min, load_checkpoint, lr_at, model_config, one_error, param_groups, peak_flops, print0, save_checkpoint,
+                   schedule, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: the contrastive loss
@@ -450,4 +450,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_error():
+        main()

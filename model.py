@@ -17,10 +17,12 @@ Method scripts import this module; it imports none of them (data.py's JSON reade
 """
 import argparse
 import codecs
+import datetime
 import difflib
 import json
 import math
 import os
+import sys
 import zipfile
 from contextlib import contextmanager, nullcontext
 
@@ -258,8 +260,31 @@ class Parser(argparse.ArgumentParser):
         super().__init__(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
                          formatter_class=Help)
 
-    def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help)\n")
+    def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong
+        self.exit(2, f"error: {message} (python {self.prog} --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
+
+
+@contextmanager
+def one_error():
+    """A script's `main()` runs in this. An error a user can fix is a SystemExit with its one line (or
+    the parser's exit 2); under torchrun every rank meets the same bad file or flag, so rank 0 alone
+    prints it, and the ranks meet before they exit with the same code (torchrun SIGTERMs the ranks still
+    running when the first one exits)."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code in (None, 0):
+            raise
+        code = 1 if isinstance(e.code, str) else e.code
+        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) == 0:
+            print(e.code, file=sys.stderr, flush=True)
+        if "RANK" not in os.environ:
+            raise SystemExit(code) from None
+        if not dist.is_initialized():  # an error before setup_distributed: a process group just to meet
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(code)
 
 
 def setup_distributed(device_flag):

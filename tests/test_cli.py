@@ -198,3 +198,15 @@ def test_the_schedule_is_in_epochs_whatever_the_world_size(world):
     args = Namespace(batch_items=26, epochs=None, max_steps=3000, warmup_steps=50, eval_every=500, ckpt_every=250)
     assert model.schedule(args, None, world) == (f"3000 steps of global batch {26 * world} ({world} x 26) | warmup 50 steps | "
                                                  "eval every 500 steps, checkpoint every 250 steps")
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_error_is_said_once_and_every_rank_exits_alike(tmp_path):
+    from conftest import torchrun
+    for argv, message in [(["--data", "vsr", "--data_root", str(tmp_path / "nowhere"), "--init", tiny_ckpt(tmp_path / "i.pt")],
+                           f"error: --data_root {tmp_path / 'nowhere'}: no such directory"),
+                          (["--alpha", "2"], "error: --alpha 2.0: must be in [0, 1]")]:
+        r = torchrun(["clip_dpo.py", *argv, "--out_dir", str(tmp_path / "o")])
+        assert r.returncode != 0 and r.stderr.count(message) == 1, r.stderr  # (torchrun adds its own ChildFailedError)
+        codes = [line.split(":")[1].split()[0] for line in r.stderr.splitlines() if line.strip().startswith("exitcode")]
+        assert codes == [codes[0]] * 2 and codes[0] in ("1", "2"), r.stderr  # torchrun's summary: each rank's own exit, none SIGTERMed
