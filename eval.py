@@ -16,11 +16,12 @@ Protocols: the unwrapped model in eval mode under no_grad, on the whole fixed sp
 image->text rank = the best rank among the image's captions, text->image one rank per caption
 (CLIP_benchmark's text_/image_retrieval_recall@k). Pairwise probes: correct iff the positive scores
 strictly higher. Ties count against the model everywhere, so a collapsed model that cannot tell two
-captions apart never gets credit for either. VSR (and the shapes world's vsr/ keys): true/false
+captions apart never gets credit for either. VSR (vsr/ keys, the VSR dataset only): true/false
 statements scored two ways -- contrast (True iff the caption beats the caption with its relation
 replaced by the contrast relation) and threshold (True iff cos > tau, tau fitted on dev) -- with
-accuracy and per-class / macro precision, recall and F1. The compositional benchmarks are one file
-each in tasks/.
+accuracy and per-class / macro precision, recall and F1. The shapes world's own true/false
+statements (statements/ keys) are scored by the contrast protocol. The compositional benchmarks
+are one file each in tasks/.
 """
 import importlib
 import json
@@ -135,9 +136,11 @@ def encode_pil(model, preprocess, images, device, batch_size=128):
 @torch.no_grad()
 def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preprocess=None, holdout=False):
     """The built-in shapes benchmark on n test scenes with unique content: retrieval, one pairwise
-    probe per hard-negative kind (the scene's own caption vs the negative) and the statements. With
-    holdout, every metric twice: seen/... over the scenes that show no held-out combination
-    (shapes.holdout_combos), unseen/... over the others, each a retrieval pool of its own."""
+    probe per hard-negative kind (the scene's own caption vs the negative) and the true/false
+    statements (statements/acc, statements/macro_f1: VSR's contrast protocol on the world's own
+    statements, not VSR's data). With holdout, every metric twice: seen/... over the scenes that
+    show no held-out combination (shapes.holdout_combos), unseen/... over the others, each a
+    retrieval pool of its own."""
     scenes = shapes.test_scenes(n, shapes.TEST_SEED if seed is None else seed)
     if not holdout:
         return _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess)
@@ -173,7 +176,7 @@ def _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess):
     index, texts, labels, relations = zip(*rows)
     m = vsr_contrast(img[list(index)], encode_texts(model, tokenizer, list(texts), device),
                      encode_texts(model, tokenizer, [data.contrast_caption(t, r) for t, r in zip(texts, relations)], device), labels)
-    out["vsr/acc"], out["vsr/macro_f1"] = m["acc"], m["macro_f1"]
+    out["statements/acc"], out["statements/macro_f1"] = m["acc"], m["macro_f1"]  # not VSR's data: statements/, not vsr/
     model.train(was_training)
     return out
 

@@ -11,7 +11,7 @@ import pytest
 import clip_dpo
 import clip_hardneg
 import model
-from conftest import FIX, run, tiny_ckpt, vsr_rates
+from conftest import FIX, run, statement_rates, tiny_ckpt, vsr_rates
 from model import CLIP, init_geometry, load_clip, model_config
 
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
@@ -140,4 +140,4 @@ def test_eval_n_is_one_flag_everywhere(tmp_path):
         r = run(["eval.py", "--model", path, flag, "30", "--json", str(tmp_path / "m.json")])
         assert r.returncode == 0, r.stderr
         m = json.load(open(tmp_path / "m.json"))
-        assert set(vsr_rates(m)) == {"vsr/acc", "vsr/macro_f1"} and abs(m["retrieval/t2i_r10"] * 30 - round(m["retrieval/t2i_r10"] * 30)) < 1e-6  # 30 scenes
+        assert set(statement_rates(m)) == {"statements/acc", "statements/macro_f1"} and not vsr_rates(m) and abs(m["retrieval/t2i_r10"] * 30 - round(m["retrieval/t2i_r10"] * 30)) < 1e-6  # 30 scenes
