@@ -464,6 +464,46 @@ def test_eval_vlchecklist_radar_aggregation():
     assert m["vlchecklist/mean"] == pytest.approx((2 / 3 + 1 + 5 / 6) / 3)
     assert m["vlchecklist/n_items"] == 6 * (2 * 2 + 4 + 2) + 10 * 2 + (2 + 1 + 2 + 2)
 
+
+def test_vlchecklist_evaluates_the_files_that_are_there_and_names_the_missing(tmp_path, capsys):
+    """one annotation file absent and hake's images not downloaded: the other 48 files are scored as
+    in a full run, the 8 named on one line, and the radar's means are over the files evaluated"""
+    score = lambda c, text: len(text) % 7  # noqa: E731  (any fixed scorer: the kept files must score as in a full run)
+    full = run("vlchecklist", score, root=os.path.join(FIX, "vlchecklist"))
+    root = fixture_copy(tmp_path, "vlchecklist")
+    os.remove(root / "data/Relation/vg/spatial.json")
+    shutil.rmtree(root / "hake")
+    capsys.readouterr()
+    m = run("vlchecklist", score, root=str(root))
+    line = capsys.readouterr().out
+    assert line.startswith("vlchecklist: evaluated 48 of 56 files; missing: data/Object/Location/hake_location/hake_obj_center.json "
+                           "(no image on disk (first: ") and line.count("\n") == 1
+    assert line.rstrip().endswith("HICO_test2015_00000001.jpg)); data/Relation/vg/spatial.json (no file)") and line.count("(no image on disk") == 7
+    gone = {f[4] for f in vlchecklist.vlchecklist_files() if f[3] == "hake"} | {"data/Relation/vg/spatial.json"}
+    for kind, subtype, _, corpus, rel, _ in vlchecklist.vlchecklist_files():
+        assert m[f"vlchecklist/{kind}/{subtype}/{corpus}"] == (None if rel in gone else full[f"vlchecklist/{kind}/{subtype}/{corpus}"]), rel
+    assert m["vlchecklist/n_files"] == 48 and full["vlchecklist/n_files"] == 56
+    assert m["vlchecklist/n_items"] == full["vlchecklist/n_items"] - 6 * 2 - 2 - 2  # hake: 2 items a file; spatial: 2
+    # the radar's means by hand: right everywhere but on hake's files (as in the full-run test above)
+    def right_but_hake(c, text):
+        if text.startswith(("a flower", "a threesome")):
+            return 9.0
+        if text.startswith("person"):
+            return 0.8 if ("backpack" in text or "desk" in text) else 0.2
+        return 0.1 if text.startswith((" customers", "smoke in front of young", "a bird")) else 0.7
+    m = run("vlchecklist", right_but_hake, root=str(root))
+    assert m["vlchecklist/object/location_center"] == 1.0 and m["vlchecklist/object"] == 1.0  # hake's 0.0 is gone
+    assert m["vlchecklist/relation/spatial"] is None and m["vlchecklist/relation/action"] == 1.0 and m["vlchecklist/relation"] == 1.0
+    assert m["vlchecklist/mean"] == 1.0
+    # a whole type absent: None, and the mean over the other two
+    shutil.rmtree(root / "data" / "Relation")
+    m = run("vlchecklist", right_but_hake, root=str(root))
+    assert m["vlchecklist/relation"] is None and m["vlchecklist/relation/action"] is None and m["vlchecklist/mean"] == 1.0
+    # nothing to evaluate: one error
+    shutil.rmtree(root / "data")
+    with pytest.raises(data.DataError, match=r"vlchecklist: missing all 56 annotation files under .* \(first: data/Object/Location/vg_location/vg_obj_center.json\)"):
+        run("vlchecklist", score, root=str(root))
+
 # -----------------------------------------------------------------------------
 # intrinsic metrics
 
@@ -557,7 +597,7 @@ ALL = {"sugarcrepe": dict(root=os.path.join(FIX, "sugarcrepe")), "aro": dict(roo
 
 
 def accuracies(m):
-    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "n_pieces", "_groups"))}
+    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "n_pieces", "n_files", "_groups"))}
 
 
 @pytest.mark.parametrize("bench", list(ALL))
