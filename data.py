@@ -335,6 +335,27 @@ VSR_CONTRAST = {
     "across": None, "along": None, "among": None, "around": None, "at": None, "between": None, "beyond": None,
     "congruent": None, "down": None, "down from": None, "past": None, "through": None, "with": None,
 }
+# VSR's meta-categories of its relations, exactly as its repository lists them in
+# analysis_scripts/rel_meta_category_dict.txt (github.com/cambridgeltl/visual-spatial-reasoning, read by
+# analysis_scripts/eval_compute_acc_by_rel_meta_cat.py for the paper's by-category figure). The file
+# also lists five relations that are in neither split (after, deep down, from, to, up), and "among"
+# twice: VSR's script keeps the later line (Unallocated), and so does VSR_META. "congruent" is in no
+# list (VSR's script prints it as having no category): None. Neither has a contrast, so the contrast
+# protocol never scores them.
+VSR_META_LISTS = {
+    "Adjacency": ("adjacent to", "alongside", "at the side of", "at the right side of", "at the left side of", "attached to",
+                  "at the back of", "ahead of", "against", "at the edge of"),
+    "Directional": ("off", "past", "toward", "down", "deep down", "up", "away from", "along", "around", "from", "into", "to",
+                    "across", "across from", "through", "down from"),
+    "Orientation": ("facing", "facing away from", "parallel to", "perpendicular to"),
+    "Projective": ("on top of", "beneath", "beside", "behind", "left of", "right of", "under", "in front of", "below", "above",
+                   "over", "in the middle of"),
+    "Proximity": ("by", "close to", "near", "far from", "far away from"),
+    "Topological": ("connected to", "detached from", "has as a part", "part of", "contains", "within", "at", "on", "in", "with",
+                    "surrounding", "among", "consists of", "out of", "between", "inside", "outside", "touching"),
+    "Unallocated": ("beyond", "next to", "opposite to", "after", "among", "enclosed by"),
+}
+VSR_META = {r: None for r in VSR_CONTRAST} | {r: c for c, rs in VSR_META_LISTS.items() for r in rs if r in VSR_CONTRAST}
 VSR_RELATIONS = tuple(sorted(VSR_CONTRAST))
 VSR_SKIPPED = tuple(r for r in VSR_RELATIONS if VSR_CONTRAST[r] is None)
 VSR_VERB_RELATIONS = ("contains", "consists of", "has as a part")  # "The bowl contains the apple." (no "is")

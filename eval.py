@@ -16,17 +16,20 @@ Protocols: the unwrapped model in eval mode under no_grad, on the whole fixed sp
 image->text rank = the best rank among the image's captions, text->image one rank per caption
 (CLIP_benchmark's text_/image_retrieval_recall@k). Pairwise probes: correct iff the positive scores
 strictly higher. Ties count against the model everywhere, so a collapsed model that cannot tell two
-captions apart never gets credit for either. VSR (and the shapes world's vsr/ keys): true/false
+captions apart never gets credit for either. VSR (vsr/ keys, the VSR dataset only): true/false
 statements scored two ways -- contrast (True iff the caption beats the caption with its relation
 replaced by the contrast relation) and threshold (True iff cos > tau, tau fitted on dev) -- with
-accuracy and per-class / macro precision, recall and F1. The compositional benchmarks are one file
-each in tasks/.
+accuracy and per-class / macro precision, recall and F1, and the contrast protocol's accuracy per
+meta-category of VSR's and per relation (vsr/by_meta/, vsr/by_relation/). The shapes world's own
+true/false statements (statements/ keys) are scored by the contrast protocol. The compositional
+benchmarks are one file each in tasks/.
 """
 import importlib
 import json
 import math
 import os
 import pkgutil
+import textwrap
 
 import torch
 
@@ -135,9 +138,11 @@ def encode_pil(model, preprocess, images, device, batch_size=128):
 @torch.no_grad()
 def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preprocess=None, holdout=False):
     """The built-in shapes benchmark on n test scenes with unique content: retrieval, one pairwise
-    probe per hard-negative kind (the scene's own caption vs the negative) and the statements. With
-    holdout, every metric twice: seen/... over the scenes that show no held-out combination
-    (shapes.holdout_combos), unseen/... over the others, each a retrieval pool of its own."""
+    probe per hard-negative kind (the scene's own caption vs the negative) and the true/false
+    statements (statements/acc, statements/macro_f1: VSR's contrast protocol on the world's own
+    statements, not VSR's data). With holdout, every metric twice: seen/... over the scenes that
+    show no held-out combination (shapes.holdout_combos), unseen/... over the others, each a
+    retrieval pool of its own."""
     scenes = shapes.test_scenes(n, shapes.TEST_SEED if seed is None else seed)
     if not holdout:
         return _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess)
@@ -173,7 +178,7 @@ def _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess):
     index, texts, labels, relations = zip(*rows)
     m = vsr_contrast(img[list(index)], encode_texts(model, tokenizer, list(texts), device),
                      encode_texts(model, tokenizer, [data.contrast_caption(t, r) for t, r in zip(texts, relations)], device), labels)
-    out["vsr/acc"], out["vsr/macro_f1"] = m["acc"], m["macro_f1"]
+    out["statements/acc"], out["statements/macro_f1"] = m["acc"], m["macro_f1"]  # not VSR's data: statements/, not vsr/
     model.train(was_training)
     return out
 
@@ -184,14 +189,36 @@ def vsr_contrast(image, caption, contrast, label):
     string was edited, so a model that always prefers the unedited caption scores the fraction of
     true rows (0.5 on a balanced set). image, caption, contrast: [n, D] normalised features; label
     bool [n] -> binary_metrics."""
-    return binary_metrics((image * caption).sum(-1) > (image * contrast).sum(-1), label)
+    return binary_metrics(contrast_pred(image, caption, contrast), label)
+
+
+def contrast_pred(image, caption, contrast):
+    """the contrast protocol's prediction per row: True iff the caption scores strictly higher -> bool [n]"""
+    return (image * caption).sum(-1) > (image * contrast).sum(-1)
+
+
+def vsr_breakdown(correct, relations, by_relation=True):
+    """VSR's analysis scripts' breakdown of a protocol's predictions: correct bool [n], relations
+    (one a row) -> vsr/by_meta/<category>/acc and /n over the rows of each of VSR's meta-categories
+    (data.VSR_META, in its order), and with by_relation vsr/by_relation/<relation>/acc and /n
+    (relations as VSR names them, in sorted order); a category or relation without rows has no keys."""
+    correct, out = torch.as_tensor(correct, dtype=torch.bool), {}
+    groups = [("by_meta", c, [data.VSR_META[r] == c for r in relations]) for c in data.VSR_META_LISTS]
+    groups += [("by_relation", r, [x == r for x in relations]) for r in data.VSR_RELATIONS] if by_relation else []
+    for kind, name, member in groups:
+        member = torch.tensor(member, dtype=torch.bool)
+        if n := int(member.sum()):  # VSR's scripts' sum(correct) / len, exactly
+            out |= {f"vsr/{kind}/{name}/acc": int(correct[member].sum()) / n, f"vsr/{kind}/{name}/n": n}
+    return out
 
 
 @torch.no_grad()
-def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=128):
+def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=128, by_relation=True):
     """VSR, both protocols, on rows (data.VSRRow) -> {"vsr/..." (contrast), "vsr_threshold/..."}.
     - contrast: vsr_contrast on every row whose relation has a contrast (data.VSR_CONTRAST); rows
-      with a skipped relation are counted in vsr/skipped, vsr/n is the number scored;
+      with a skipped relation are counted in vsr/skipped, vsr/n is the number scored; its accuracy
+      per meta-category of VSR's (vsr/by_meta/<category>/acc, /n) and, with by_relation, per
+      relation (vsr/by_relation/<relation>/acc, /n) over the rows scored (vsr_breakdown);
     - threshold: predict True iff cos(image, caption) > tau, tau = calibrate_threshold on calib_rows
       (the dev split), applied to every row.
     Each: accuracy, per-class precision/recall/F1 and the macro means (binary_metrics)."""
@@ -203,12 +230,14 @@ def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=
     scored = [r for r in rows if data.VSR_CONTRAST[r.relation] is not None]
     out = {}
     if scored:
-        m = vsr_contrast(img[[where[r.image] for r in scored]],
-                         encode_texts(model, tokenizer, [r.caption for r in scored], device, batch_size),
-                         encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in scored], device, batch_size),
-                         [r.label for r in scored])
-        out |= {f"vsr/{k}": v for k, v in m.items()}
+        pred = contrast_pred(img[[where[r.image] for r in scored]],
+                             encode_texts(model, tokenizer, [r.caption for r in scored], device, batch_size),
+                             encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in scored], device, batch_size))
+        label = torch.tensor([r.label for r in scored])
+        out |= {f"vsr/{k}": v for k, v in binary_metrics(pred, label).items()}
     out |= {"vsr/n": len(scored), "vsr/skipped": len(rows) - len(scored)}
+    if scored:
+        out |= vsr_breakdown(pred == label, [r.relation for r in scored], by_relation)
 
     def cosines(rs):
         return (img[[where[r.image] for r in rs]] * encode_texts(model, tokenizer, [r.caption for r in rs], device, batch_size)).sum(-1)
@@ -316,13 +345,15 @@ def evaluate(model, preprocess, tokenizer, device, evalset, split, image_size, n
     evalset: "shapes-none" or "shapes-combos" (the shapes benchmark, n test scenes at image_size; its
     seen and unseen scenes apart, --holdout combos), splits of image-caption
     items {"val", "test"} (retrieval on evalset[split]), VSR rows {"val", "test", "calib"} (both
-    protocols, the threshold fitted on "calib", VSR's dev split), or None."""
+    protocols, the threshold fitted on "calib", VSR's dev split; of the breakdown the 7
+    meta-categories only, so the scripts' eval lines stay readable: eval.py --bench vsr --json
+    gives the per-relation keys), or None."""
     if evalset in ("shapes-none", "shapes-combos"):
         return eval_shapes(model, tokenizer, image_size, device, n=n, holdout=evalset == "shapes-combos")
     if evalset is None:
         return None
     if "calib" in evalset:
-        return eval_vsr(model, preprocess, tokenizer, evalset[split], evalset["calib"], device)
+        return eval_vsr(model, preprocess, tokenizer, evalset[split], evalset["calib"], device, by_relation=False)
     return eval_retrieval(model, preprocess, tokenizer, evalset[split], device)
 
 
@@ -486,14 +517,37 @@ def main(argv=None):
 
 
 def report(args, metrics):
-    """print the metrics as a table (counts as integers, a part without data as 'missing'), and --json"""
-    width = max(map(len, metrics))
+    """print the metrics as a table (counts as integers, a part without data as 'missing'), VSR's
+    breakdown as vsr_table's few lines instead of its keys, and --json (every key)"""
+    flat = {k: v for k, v in metrics.items() if not k.startswith(("vsr/by_meta/", "vsr/by_relation/"))}
+    width = max(map(len, flat))
     print(f"{args.model} on {args.bench}")
-    for k, v in metrics.items():
+    for k, v in flat.items():
         print(f"{k:<{width}}  {'missing' if v is None else f'{v:8d}' if isinstance(v, int) else f'{v:8.4f}'}")
+    for line in vsr_table(metrics):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "bench": args.bench, **metrics}, f, indent=2)
+
+
+def vsr_table(metrics, width=110):
+    """VSR's breakdown (vsr_breakdown's keys) as one line per meta-category: its accuracy and rows,
+    then its relations' as "relation acc (n)", most rows first, wrapped under the line -> [lines]"""
+    if not any(k.startswith("vsr/by_meta/") for k in metrics):
+        return []
+    lines = ["vsr by meta-category (contrast protocol, the rows scored): acc, n; its relations: acc (n)"]
+    for category in data.VSR_META_LISTS:
+        if f"vsr/by_meta/{category}/n" not in metrics:
+            continue
+        rels = sorted((r for r in data.VSR_RELATIONS if data.VSR_META[r] == category and f"vsr/by_relation/{r}/n" in metrics),
+                      key=lambda r: (-metrics[f"vsr/by_relation/{r}/n"], r))
+        head = f"  {category:<12} {metrics[f'vsr/by_meta/{category}/acc']:.4f} {metrics[f'vsr/by_meta/{category}/n']:6d}  "
+        # no-break spaces inside an item: textwrap breaks between "relation acc (n)" items only
+        items = ", ".join(f"{r} {metrics[f'vsr/by_relation/{r}/acc']:.2f} ({metrics[f'vsr/by_relation/{r}/n']})".replace(" ", "\xa0") for r in rels)
+        wrapped = textwrap.wrap(items, width, initial_indent=head, subsequent_indent=" " * len(head)) if rels else [head.rstrip()]
+        lines += [line.replace("\xa0", " ") for line in wrapped]
+    return lines
 
 
 if __name__ == "__main__":

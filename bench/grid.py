@@ -31,7 +31,7 @@ import tarfile
 import time
 
 COLUMNS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/rsum", "probe/relation", "probe/attribute_swap", "probe/colour_replace",
-           "probe/shape_replace", "probe/word_order", "diag/relation_text_cos", "vsr/acc", "vsr/macro_f1"]
+           "probe/shape_replace", "probe/word_order", "diag/relation_text_cos", "statements/acc", "statements/macro_f1"]
 
 
 def max_steps(cmd):

@@ -46,7 +46,7 @@ QUICK = {  # --quick: the same rows with short schedules (the fine-tunes' kick s
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
 PUBLISHED = os.path.join(ROOT, "bench", "results")  # --readme copies table.md, results.json and the plots here (committed)
 COLUMNS = [("retrieval/i2t_r1", "i2t R@1"), ("retrieval/t2i_r1", "t2i R@1"), ("probe/relation", "relation"),
-           ("probe/attribute_swap", "attribute swap"), ("vsr/acc", "vsr/acc"), ("diag/relation_text_cos", "relation text cos")]
+           ("probe/attribute_swap", "attribute swap"), ("statements/acc", "statements/acc"), ("diag/relation_text_cos", "relation text cos")]
 
 
 def commands(seeds, quick, out_dir):
@@ -142,7 +142,7 @@ def plots(results, out_dir):
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "probes_vs_step.png"), dpi=110)
-    probes = ["probe/relation", "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "vsr/acc"]
+    probes = ["probe/relation", "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "statements/acc"]
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(METHODS)
     for i, (method, label, *_) in enumerate(METHODS):
@@ -187,7 +187,18 @@ def main(argv=None):
     p.add_argument("--readme", action="store_true", help="publish: the table into README.md, its files into bench/results/")
     p.add_argument("--extra", default="", help="arguments added to every training command (e.g. '--device cuda')")
     p.add_argument("--eval_n", type=int, default=1000, help="test scenes per world")
+    p.add_argument("--publish", action="store_true", help="nothing runs: README's table and bench/results/table.md made "
+                   "anew from the committed bench/results/results.json")
     args = p.parse_args(argv)
+    if args.publish:
+        text = table(json.load(open(os.path.join(PUBLISHED, "results.json"))), quick=False)
+        with open(os.path.join(PUBLISHED, "table.md"), "w") as f:
+            f.write(text)
+        readme, start, end = readme_table()
+        with open(os.path.join(ROOT, "README.md.tmp"), "w") as f:
+            f.write(readme[:start] + text + readme[end:])
+        os.replace(os.path.join(ROOT, "README.md.tmp"), os.path.join(ROOT, "README.md"))
+        return print(f"README.md's table and {os.path.relpath(PUBLISHED, ROOT)}/table.md made from results.json")
     if args.readme and (args.quick or args.methods != [m[0] for m in METHODS]):
         p.error("--readme publishes the whole table: drop --quick and --methods")
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -235,7 +246,7 @@ def main(argv=None):
             left = sum(statistics.mean(walls[r[1]] or [typical]) for r in runs if r[0] not in finished) / max(1, args.jobs)
             test = metrics["test"]
             print(f"[{clock(time.time() - t0)}] {name}: {clock(wall)}, relation {test['probe/relation']:.3f}, attribute swap "
-                  f"{test['probe/attribute_swap']:.3f}, vsr/acc {test['vsr/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
+                  f"{test['probe/attribute_swap']:.3f}, statements/acc {test['statements/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
                   f"{test['retrieval/t2i_r1']:.3f} | {len(done)}/{len(runs)} done, ~{clock(left)} left", flush=True)
         time.sleep(2)
     results = [finished[r[0]] for r in runs]

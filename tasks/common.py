@@ -6,7 +6,10 @@ image: a reader turns the released files into items (image, [right caption, wron
 and choice_scores scores a whole set in one batched pass. An item is correct only if the right
 caption scores strictly higher than every other (a tie is wrong). An image that cannot be read is
 counted and reported, and the accuracies are over the readable items; a part none of whose images
-can be read stops the run with the folder it looked in.
+can be read stops the run with the folder it looked in. An item whose right caption and a wrong one
+are the same token ids at the model's context length (they differ only past it: at 32 tokens,
+VALSE's long coreference captions; or only in what the tokenizer drops, case and spacing) is a tie,
+so wrong; such items are counted (<bench>/n_truncated_ties) and named in one line.
 """
 import os
 import time
@@ -49,10 +52,12 @@ def _image_path(ref):
 @torch.no_grad()
 def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_size=128):
     """items: [(image, [texts])], K texts each (texts[0] the right one); image as _open_choice_image
-    takes it. Every distinct image and text is encoded once, in batches, normalised.
-    -> scores [n, K] cosine similarities, readable [n] bool. Unreadable images leave NaN rows; a
-    wrong text identical to the right one is NaN too: it is the same caption, not a distractor
-    (ARO's shuffles leave some captions unchanged, and its argmax gave those ties to the caption)."""
+    takes it. Every distinct image and token sequence is encoded once, in batches, normalised: texts
+    that the tokenizer cuts to the same ids share one embedding, so they tie exactly.
+    -> scores [n, K] cosine similarities, readable [n] bool, truncated [n] bool (a wrong text that
+    differs from the right one as a string but not as token ids). Unreadable images leave NaN rows;
+    a wrong text identical to the right one is NaN: it is the same caption, not a distractor (ARO's
+    shuffles leave some captions unchanged, and its argmax gave those ties to the caption)."""
     was_training = model.training
     model.eval()
     if len({len(cands) for _, cands in items}) > 1:
@@ -68,12 +73,15 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
             feats.append(encode_images(model, torch.stack([preprocess(im) for _, im in good]), device))
             row |= {k: len(row) + j for j, (k, _) in enumerate(good)}
         last = _progress(f"{desc} images", min(i + batch_size, len(keys)), len(keys), last)
+    ids = torch.cat([tokenizer(texts[i:i + 1024]) for i in range(0, len(texts), 1024)]) if texts else torch.zeros(0, 1)
+    ids, inverse = torch.unique(ids, dim=0, return_inverse=True)  # one row a distinct token sequence
     txt = []
-    for i in range(0, len(texts), 1024):
-        txt.append(encode_texts(model, tokenizer, texts[i:i + 1024], device))
-        last = _progress(f"{desc} texts", min(i + 1024, len(texts)), len(texts), last)
+    for i in range(0, len(ids), 1024):
+        txt.append(encode_texts(model, lambda rows: rows, ids[i:i + 1024], device))  # rows already tokenised
+        last = _progress(f"{desc} texts", min(i + 1024, len(ids)), len(ids), last)
     txt = torch.cat(txt) if txt else None
-    col = {t: j for j, t in enumerate(texts)}
+    col = dict(zip(texts, inverse.tolist()))
+    truncated = torch.tensor([any(t != cands[0] and col[t] == col[cands[0]] for t in cands[1:]) for _, cands in items], dtype=torch.bool)
     readable = torch.tensor([key(image) in row for image, _ in items], dtype=torch.bool)
     scores = torch.full((len(items), len(items[0][1]) if items else 0), float("nan"))
     if readable.any():
@@ -86,7 +94,7 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
         same = torch.tensor([[j > 0 and t == cands[0] for j, t in enumerate(cands)] for _, cands in items], dtype=torch.bool)
         scores[same] = float("nan")
     model.train(was_training)
-    return scores, readable
+    return scores, readable, truncated
 
 
 def choice_correct(scores):
@@ -99,21 +107,24 @@ def choice_correct(scores):
 
 
 class Chooser:
-    """scores the parts of one benchmark with one model, tallying items and unreadable images"""
+    """scores the parts of one benchmark with one model, tallying items, unreadable images and the
+    readable items that are truncated ties (choice_scores), per part"""
 
     def __init__(self, bench, model, preprocess, tokenizer, device):
         self.bench, self.model, self.preprocess, self.tokenizer, self.device = bench, model, preprocess, tokenizer, device
-        self.n_items, self.unreadable = 0, {}
+        self.n_items, self.unreadable, self.ties = 0, {}, {}
 
     def scores(self, items, where, count=True):
         """-> (scores [m, K], readable [m]) for the items; raises if none of their images can be read"""
-        scores, readable = choice_scores(self.model, self.preprocess, self.tokenizer, items, self.device,
-                                         desc=f"{self.bench} {where}")
+        scores, readable, truncated = choice_scores(self.model, self.preprocess, self.tokenizer, items, self.device,
+                                                    desc=f"{self.bench} {where}")
         if items and not readable.any():
             raise DataError(f"{self.bench}: {where}: none of its {len(items)} images could be read "
                                  f"(first: {_image_path(items[0][0])})")
         self.n_items += len(items) if count else 0
         self.unreadable |= dict.fromkeys(_image_path(im) for (im, _), ok in zip(items, readable) if not ok)
+        if n_ties := int((truncated & readable).sum()):
+            self.ties[where] = self.ties.get(where, 0) + n_ties
         return scores, readable
 
     def correct(self, items, where):
@@ -122,10 +133,18 @@ class Chooser:
         return choice_correct(scores[readable])
 
     def counts(self):
+        """-> n_items, unreadable_images, n_truncated_ties, and n_truncated_ties/<part> for each part that has any"""
         if self.unreadable:
             print(f"{self.bench}: {len(self.unreadable)} image(s) could not be read, their items are left out "
                   f"of every accuracy (first: {next(iter(self.unreadable))})")
-        return {f"{self.bench}/n_items": self.n_items, f"{self.bench}/unreadable_images": len(self.unreadable)}
+        if self.ties:
+            length = getattr(self.tokenizer, "context_length", None)
+            print(f"{self.bench}: {sum(self.ties.values())} item(s) whose right and wrong captions are the same tokens at the "
+                  f"model's context length{f' ({length})' if length else ''} tie, counted wrong: "
+                  + ", ".join(f"{where} {n}" for where, n in self.ties.items()))
+        return ({f"{self.bench}/n_items": self.n_items, f"{self.bench}/unreadable_images": len(self.unreadable),
+                 f"{self.bench}/n_truncated_ties": sum(self.ties.values())}
+                | {f"{self.bench}/n_truncated_ties/{where}": n for where, n in self.ties.items()})
 
 
 def mean(xs):

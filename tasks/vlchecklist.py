@@ -10,7 +10,7 @@ import os
 import torch
 
 from data import DataError, read_json
-from tasks.common import Chooser, accuracy, bench_root, first_file, mean
+from tasks.common import Chooser, accuracy, bench_root, mean
 
 def vlchecklist_files():
     """VL-CheckList's corpus as its release lists it (corpus/v1/<Type>/<subtype>/<source>.yaml):
@@ -58,22 +58,42 @@ def evaluate(model, preprocess, tokenizer, device, root, image_root=None):
     source's files; a type (object, attribute, relation) the mean of its subtypes; mean the mean of
     the 3 types. Files in root/data/... (a clone of its repository), images under image_root/<vg |
     swig | hake>/ (default image_root: root, where the release's relative image roots point). The
-    release's sample config also cuts each file to its first 1,000 items; this runs them all."""
+    release's sample config also cuts each file to its first 1,000 items; this runs them all.
+    A file that is absent, or none of whose images is on disk (a user may have downloaded part of
+    the release), is reported as None and named on one line; the subtypes, types and mean are then
+    over the files evaluated (vlchecklist/n_files), a part with none of them None. No file at all
+    is an error."""
     bench_root("vlchecklist", root, "VL-CheckList's data/ folder (a clone of its repository) and its images")
     image_root = image_root or root
-    choose, out, by_source = Chooser("vlchecklist", model, preprocess, tokenizer, device), {}, {}
-    for kind, subtype, source, corpus, rel, img in vlchecklist_files():
-        path = first_file("vlchecklist", [os.path.join(root, rel)], "VL-CheckList's data/ folder as released")
-        key = f"vlchecklist/{kind}/{subtype}/{corpus}"
-        out[key] = accuracy(choose.correct(read_vlchecklist_file(path, os.path.join(image_root, img)), rel))
+    choose, out, by_source, missing = Chooser("vlchecklist", model, preprocess, tokenizer, device), {}, {}, {}
+    files = vlchecklist_files()
+    for kind, subtype, source, corpus, rel, img in files:
+        key, path = f"vlchecklist/{kind}/{subtype}/{corpus}", os.path.join(root, rel)
+        if not os.path.isfile(path):
+            out[key], missing[rel] = None, "no file"
+            continue
+        items = read_vlchecklist_file(path, os.path.join(image_root, img))
+        if items and not any(os.path.exists(image) for image, _ in items):
+            out[key], missing[rel] = None, f"no image on disk (first: {items[0][0]})"
+            continue
+        out[key] = accuracy(choose.correct(items, rel))
         by_source.setdefault((kind, subtype), {}).setdefault(source, []).append(out[key])
+    if not by_source:
+        if all(why == "no file" for why in missing.values()):
+            raise DataError(f"vlchecklist: missing all {len(files)} annotation files under {root} (first: {files[0][4]}); "
+                            "expected VL-CheckList's data/ folder as released (a clone of its repository)")
+        raise DataError(f"vlchecklist: no file could be evaluated: {'; '.join(f'{r}: {why}' for r, why in missing.items())}")
+    if missing:
+        print(f"vlchecklist: evaluated {len(files) - len(missing)} of {len(files)} files; missing: "
+              + "; ".join(f"{r} ({why})" for r, why in missing.items()))
     by_kind = {}
-    for (kind, subtype), sources in by_source.items():
-        out[f"vlchecklist/{kind}/{subtype}"] = mean(mean(accs) for accs in sources.values())
-        by_kind.setdefault(kind, []).append(out[f"vlchecklist/{kind}/{subtype}"])
-    out |= {f"vlchecklist/{kind}": mean(accs) for kind, accs in by_kind.items()}
-    out["vlchecklist/mean"] = mean(out[f"vlchecklist/{kind}"] for kind in by_kind)
-    return out | choose.counts()
+    for kind, subtype in dict.fromkeys((f[0], f[1]) for f in files):
+        sources = by_source.get((kind, subtype))
+        out[f"vlchecklist/{kind}/{subtype}"] = mean(mean(accs) for accs in sources.values()) if sources else None
+        by_kind.setdefault(kind, []).extend([out[f"vlchecklist/{kind}/{subtype}"]] if sources else [])
+    out |= {f"vlchecklist/{kind}": mean(accs) for kind, accs in by_kind.items()}  # None: none of its files
+    out["vlchecklist/mean"] = mean(out[f"vlchecklist/{kind}"] for kind in by_kind if by_kind[kind])
+    return out | choose.counts() | {"vlchecklist/n_files": len(files) - len(missing)}
 
 
 def run(model, preprocess, tokenizer, device, args):

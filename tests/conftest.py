@@ -99,14 +99,19 @@ def eval_lines(stdout):
 
 
 VSR_RATES = ("vsr/acc", "vsr/macro_f1", "vsr_threshold/acc", "vsr_threshold/macro_f1")
+STATEMENT_RATES = ("statements/acc", "statements/macro_f1")  # the shapes world's statements, not VSR's data
 
 
-def vsr_rates(metrics):
-    """the VSR accuracies and macro F1s among metrics (seen/ and unseen/ ones too), each checked to
-    lie in [0, 1] -> {key: value}"""
-    rates = {k: v for k, v in metrics.items() if k.endswith(VSR_RATES)}
+def vsr_rates(metrics, rates=VSR_RATES):
+    """the VSR accuracies and macro F1s among metrics (seen/ and unseen/ ones too; rates=
+    STATEMENT_RATES: the shapes world's statements'), each checked to lie in [0, 1] -> {key: value}"""
+    rates = {k: v for k, v in metrics.items() if k.endswith(rates)}
     assert all(0 <= v <= 1 for v in rates.values()), rates
     return rates
+
+
+def statement_rates(metrics):
+    return vsr_rates(metrics, STATEMENT_RATES)
 
 
 def _gloo_worker(rank, world, store, fn, args):

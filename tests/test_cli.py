@@ -10,9 +10,10 @@ import pytest
 
 import clip_dpo
 import clip_hardneg
+import eval as ev
 import model
-from conftest import FIX, run, tiny_ckpt, vsr_rates
-from model import CLIP, init_geometry, load_clip, model_config
+from conftest import FIX, run, statement_rates, tiny_ckpt, vsr_rates
+from model import CLIP, init_geometry, load_clip, load_model, model_config
 
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
 
@@ -149,7 +150,12 @@ def test_eval_n_is_one_flag_everywhere(tmp_path):
         r = run(["eval.py", "--model", path, flag, "30", "--json", str(tmp_path / "m.json")])
         assert r.returncode == 0, r.stderr
         m = json.load(open(tmp_path / "m.json"))
-        assert set(vsr_rates(m)) == {"vsr/acc", "vsr/macro_f1"} and abs(m["retrieval/t2i_r10"] * 30 - round(m["retrieval/t2i_r10"] * 30)) < 1e-6  # 30 scenes
+        assert set(statement_rates(m)) == {"statements/acc", "statements/macro_f1"} and not vsr_rates(m)
+        # the metrics of exactly 30 scenes: eval_shapes on 30 in process gives every value, and 40 would not
+        model, _, tokenizer = load_model(path)
+        want = ev.eval_shapes(model, tokenizer, model.image_size, "cpu", n=30)
+        assert {k: m[k] for k in want} == pytest.approx(want, abs=1e-6), flag
+        assert {k: m[k] for k in want} != pytest.approx(ev.eval_shapes(model, tokenizer, model.image_size, "cpu", n=40), abs=1e-6)
 
 
 def test_what_a_flag_can_fix_is_reported_before_an_existing_run(tmp_path, capsys):

@@ -20,7 +20,7 @@ import clip_dpo
 import data
 import eval as ev
 from conftest import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
-                      run, tiny_ckpt, vsr_rates)
+                      run, statement_rates, tiny_ckpt, vsr_rates)
 from model import CLIP, model_config
 import negatives
 import shapes
@@ -438,7 +438,8 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     ref, a, b = killed_and_resumed(tmp_path, args)
     # the first step's loss is computed with policy == reference
     assert "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
-    assert set(vsr_rates(eval_lines(ref.stdout)[-1])) == {"vsr/acc", "vsr/macro_f1"}  # the shapes world's statements
+    last = eval_lines(ref.stdout)[-1]  # the shapes world's statements: statements/, never vsr/ (VSR's data only)
+    assert set(statement_rates(last)) == {"statements/acc", "statements/macro_f1"} and not vsr_rates(last)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
@@ -607,6 +608,60 @@ def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
     assert m["vsr/acc"] == 1.0 and m["vsr/macro_f1"] == 1.0 and set(vsr_rates(m)) == set(VSR_RATES)
 
 
+def test_vsr_meta_categories_are_vsrs_list():
+    """data.VSR_META is VSR's analysis_scripts/rel_meta_category_dict.txt on the 66 relations: its
+    category sizes there, its quirks ("among" twice: the later line; "congruent" in none)"""
+    assert set(data.VSR_META) == set(VSR_66) and list(data.VSR_META_LISTS) == ["Adjacency", "Directional", "Orientation",
+                                                                                 "Projective", "Proximity", "Topological", "Unallocated"]
+    sizes = {c: sum(v == c for v in data.VSR_META.values()) for c in data.VSR_META_LISTS}
+    assert sizes == {"Adjacency": 10, "Directional": 12, "Orientation": 4, "Projective": 12, "Proximity": 5, "Topological": 17,
+                     "Unallocated": 5}
+    assert data.VSR_META["among"] == "Unallocated" and data.VSR_META["congruent"] is None
+    assert (data.VSR_META["next to"], data.VSR_META["beside"], data.VSR_META["across from"], data.VSR_META["enclosed by"]) == \
+        ("Unallocated", "Projective", "Directional", "Unallocated")
+    assert all(data.VSR_META[r] for r in VSR_66 if data.VSR_CONTRAST[r])  # every scored relation has a category
+
+
+def test_vsr_breakdown_hand_counted_on_the_fixture(capsys, tmp_path):
+    """the fixture rows of both splits (24: 23 scored, "between" skipped) through eval_vsr with a model
+    that knows every answer except on touching, above and parallel to: accuracy per meta-category
+    and per relation counted by hand; eval.py's report prints them as one line a category"""
+    rows = [r for s in ("random", "zeroshot") for part in data.read_vsr(FIXTURE, s).values() for r in part]
+    rows = [r for r in rows if not r.where.endswith("random/train.jsonl:5")]  # its caption is train:4's, false of another image
+    wrong = {"touching", "above", "parallel to"}
+    truth = {}
+    for r in rows:
+        if data.VSR_CONTRAST[r.relation]:
+            truth[r.caption], truth[data.contrast_caption(r.caption, r.relation)] = r.label != (r.relation in wrong), r.label == (r.relation in wrong)
+    assert len(truth) == 2 * 23  # no caption is another row's caption or contrast
+    e = F.normalize(torch.ones(2), dim=0)
+    model = Lookup(lambda t: e if truth.get(t) else F.normalize(torch.tensor([1.0, -0.5]), dim=0))
+    m = ev.eval_vsr(model, lambda im: torch.zeros(3, 4, 4), index_tokenizer, rows, rows[:4], "cpu")
+    assert m["vsr/n"] == 23 and m["vsr/skipped"] == 1 and m["vsr/acc"] == pytest.approx(18 / 23)
+    by_meta = {k.split("/")[2]: (m[k], m[k[:-3] + "n"]) for k in m if k.startswith("vsr/by_meta/") and k.endswith("/acc")}
+    # Topological: inside, consists of, contains x2, touching x2 (wrong), in, part of, has as a part, on;
+    # Projective: above x2 (wrong), in front of, below, on top of, behind, beneath; no Unallocated row
+    assert by_meta == {"Adjacency": (1.0, 2), "Directional": (1.0, 1), "Orientation": (0.5, 2), "Projective": (5 / 7, 7),
+                       "Proximity": (1.0, 1), "Topological": (0.8, 10)}
+    by_rel = {k.split("/")[2]: (m[k], m[k[:-3] + "n"]) for k in m if k.startswith("vsr/by_relation/") and k.endswith("/acc")}
+    assert len(by_rel) == 19 and "between" not in by_rel and by_rel["touching"] == (0.0, 2) and by_rel["above"] == (0.0, 2)
+    assert by_rel["parallel to"] == (0.0, 1) and by_rel["in front of"] == (1.0, 1) and by_rel["at the left side of"] == (1.0, 2)
+    assert sum(n for _, n in by_rel.values()) == 23 and all(isinstance(n, int) for _, n in by_rel.values())
+    # the training scripts' evaluation: the categories only (their eval lines stay readable)
+    train = ev.evaluate(model, lambda im: torch.zeros(3, 4, 4), index_tokenizer, "cpu", {"test": rows, "calib": rows[:4]}, "test", 32)
+    assert {k: v for k, v in train.items() if "/by_relation/" not in k} == {k: v for k, v in m.items() if "/by_relation/" not in k}
+    assert not any("/by_relation/" in k for k in train)
+    # the report: the flat keys, then one line a category with its relations, most rows first; --json every key
+    ev.report(argparse.Namespace(model="stub", bench="vsr", json=str(tmp_path / "m.json")), m)
+    out = capsys.readouterr().out
+    assert "by_meta" not in out and "by_relation" not in out
+    assert ("  Topological  0.8000     10  contains 1.00 (2), touching 0.00 (2), consists of 1.00 (1),\n" + " " * 30 +
+            "has as a part 1.00 (1), in 1.00 (1), inside 1.00 (1), on 1.00 (1),\n" + " " * 30 + "part of 1.00 (1)\n") in out
+    assert "  Orientation  0.5000      2  parallel to 0.00 (1), perpendicular to 1.00 (1)\n" in out
+    assert len(out.splitlines()) == 1 + len([k for k in m if "/by_" not in k]) + 1 + 6 + 3  # Projective wraps once, Topological twice
+    assert json.load(open(tmp_path / "m.json")) == {"model": "stub", "bench": "vsr", **m}
+
+
 def hand_acc_and_macro_f1(pred, label):
     """accuracy, and the mean over the classes true and false of F1 = 2 tp / (2 tp + fp + fn), by counting"""
     acc = sum(p == t for p, t in zip(pred, label)) / len(label)
@@ -661,10 +716,21 @@ def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "48 train rows -> 48 preference groups (0 rows skipped" in out  # 48 i2t; no caption is both true and false here
     assert "eval test step 3" in out and set(vsr_rates(eval_lines(out)[-1])) == set(VSR_RATES)
+    # the scripts' eval lines and metrics.jsonl: VSR's meta-categories (the world's relations are all Projective), no relations
+    last = eval_lines(out)[-1]
+    assert {k for k in last if "/by_" in k} == {"vsr/by_meta/Projective/acc", "vsr/by_meta/Projective/n"}
+    assert last["vsr/by_meta/Projective/n"] == 24 and last["vsr/by_meta/Projective/acc"] == pytest.approx(last["vsr/acc"], abs=1e-3)
+    logged = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")][-1]
+    assert {k for k in logged if "/by_" in k} == {k for k in last if "/by_" in k}
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     ev.main(["--model", ckpt, "--bench", "vsr", "--data_root", str(root), "--json", str(tmp_path / "m.json")])
     m = json.load(open(tmp_path / "m.json"))
     assert m["vsr/n"] == 24 and m["vsr/skipped"] == 0 and set(vsr_rates(m)) == set(VSR_RATES) and "vsr_threshold/tau" in m
+    # eval.py: every key in the JSON, the breakdown printed as one line a category
+    assert m["vsr/by_meta/Projective/acc"] == pytest.approx(m["vsr/acc"]) and m["vsr/by_meta/Projective/n"] == 24
+    assert sum(m[f"vsr/by_relation/{r}/n"] for r in shapes.CONVERSE if f"vsr/by_relation/{r}/n" in m) == 24
+    table = capsys.readouterr().out
+    assert "by_relation" not in table and "by_meta" not in table and "\n  Projective   " in table
     # the contrast protocol by hand: true iff the image scores its caption above the contrast caption
     model, preprocess, tokenizer = load_model(ckpt)
     rows = data.read_vsr(str(root))["test"]

@@ -56,8 +56,20 @@ class ScoreStub(torch.nn.Module):
         return torch.tensor([[float(self.score(c, text[int(i)])) for c in range(len(PALETTE))] for i in ids])
 
 
-def run(bench, score, **kwargs):
-    stub = ScoreStub(score)
+class TruncStub(ScoreStub):
+    """a ScoreStub whose tokenizer keeps a text's first `words` words, as a context length cuts a
+    caption: the score sees only what is left"""
+
+    def __init__(self, score, words):
+        super().__init__(score)
+        self.words = words
+
+    def tokenizer(self, texts):
+        return super().tokenizer([" ".join(t.split()[:self.words]) for t in texts])
+
+
+def run(bench, score, words=None, **kwargs):
+    stub = ScoreStub(score) if words is None else TruncStub(score, words)
     return ev.task(bench).evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", **kwargs)
 
 
@@ -97,19 +109,64 @@ def test_choice_scores_hand_computed_ties_and_batching(tmp_path):
     items = [(paths[0], ["a", "b"]), (paths[1], ["a", "b"]), (paths[2], ["c", "a"]), (paths[2], ["b", "c"]),
              (paths[0], ["b", "a"])]
     for bs in (1, 2, 128):  # one pass however the batches fall
-        scores, readable = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu", batch_size=bs)
+        scores, readable, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu", batch_size=bs)
         assert readable.all()
         torch.testing.assert_close(scores, torch.tensor([[0.9, 0.2], [0.5, 0.5], [0.3, 0.1], [0.7, 0.3], [0.2, 0.9]]))
         # item 1 ties (0.5 = 0.5): wrong
         assert common.choice_correct(scores).tolist() == [True, False, True, True, False]
     # a wrong caption identical to the right one is no distractor; with no other, the item is wrong
-    three, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a", "b"])], "cpu")
-    two, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a"])], "cpu")
+    three, *_ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a", "b"])], "cpu")
+    two, *_ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(paths[0], ["a", "a"])], "cpu")
     assert three[0, 1].isnan() and two[0, 1].isnan()
     assert common.choice_correct(three).tolist() == [True] and common.choice_correct(two).tolist() == [False]
     # a missing image leaves its item unscored, the others untouched
-    scores, readable = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items + [(str(tmp_path / "no.png"), ["a", "b"])], "cpu")
+    scores, readable, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items + [(str(tmp_path / "no.png"), ["a", "b"])], "cpu")
     assert readable.tolist() == [True] * 5 + [False] and scores[5].isnan().all()
+
+
+def test_choice_scores_truncated_ties_tie_exactly_and_are_flagged(tmp_path):
+    path = str(tmp_path / "0.png")
+    Image.new("RGB", (4, 3), PALETTE[0]).save(path)
+    stub = TruncStub(lambda c, t: {"a b c": 0.9, "a b d": 0.1}.get(t, 0.5), words=3)
+    items = [(path, ["a b c x", "a b c y"]),  # differ past the 3rd word: the same tokens, a tie
+             (path, ["a b c", "a b d"]),      # differ within: scored apart
+             (path, ["a b c x", "a b c x"]),  # the same string: no distractor (NaN), not a truncation
+             (str(tmp_path / "no.png"), ["a b c x", "a b c z"])]  # unreadable: flagged, scored by nobody
+    scores, readable, truncated = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu")
+    assert truncated.tolist() == [True, False, False, True] and readable.tolist() == [True, True, True, False]
+    assert scores[0, 0] == scores[0, 1] == pytest.approx(0.9) and common.choice_correct(scores[:3]).tolist() == [False, True, False]
+    # K = 3: any wrong caption that is the right one's tokens makes the item a tie
+    _, _, truncated = common.choice_scores(stub, stub.preprocess, stub.tokenizer, [(path, ["a b c x", "a b d", "a b c y"])], "cpu")
+    assert truncated.tolist() == [True]
+    # the Chooser counts the readable ones, per part, in one line
+    choose = common.Chooser("bench", stub, stub.preprocess, stub.tokenizer, "cpu")
+    choose.correct(items, "part a"), choose.correct(items[:2], "part b"), choose.correct(items[1:3], "part c")
+    assert {k: v for k, v in choose.counts().items() if "ties" in k} == \
+        {"bench/n_truncated_ties": 2, "bench/n_truncated_ties/part a": 1, "bench/n_truncated_ties/part b": 1}
+
+
+def test_valse_truncated_tie_counted_wrong_and_reported(capsys):
+    """the fixture's second coreference-standard item: caption and foil differ in their last word
+    (the 29th; the 32nd token, past a 32-token context); every other fixture text has <= 15 words"""
+    import open_clip
+    rows = json.load(open(os.path.join(FIX, "valse", "data", "coreference-standard.json")))
+    foils = {r["foil"] for r in rows.values()}
+    pair = [rows["coreference_test_1"]["caption"], rows["coreference_test_1"]["foil"]]
+    for length, tie in ((32, True), (77, False)):  # a tiny minclip model's context, and CLIP's
+        assert torch.equal(*open_clip.tokenizer.SimpleTokenizer(context_length=length)(pair)) == tie
+    score = lambda c, text: 0.5 if text in foils else 0.9  # noqa: E731  (right on every full caption)
+    full = run("valse", score, root=os.path.join(FIX, "valse"))
+    assert full["valse/coreference/coreference-standard"] == 1.0 and full["valse/n_truncated_ties"] == 0
+    assert "n_truncated_ties/" not in "".join(full) and "same tokens" not in capsys.readouterr().out
+    cut = run("valse", score, words=20, root=os.path.join(FIX, "valse"))
+    assert cut["valse/coreference/coreference-standard"] == 0.5  # the cut pair ties: wrong
+    assert cut["valse/n_truncated_ties"] == 1 and cut["valse/n_truncated_ties/coreference-standard"] == 1
+    same = lambda m: {k: v for k, v in m.items() if "coreference" not in k and "ties" not in k and k != "valse/mean"}  # noqa: E731
+    assert same(cut) == same(full) and cut["valse/coreference/coreference-hard"] == full["valse/coreference/coreference-hard"]
+    assert cut["valse/coreference"] == pytest.approx((0.5 + full["valse/coreference/coreference-hard"]) / 2)
+    assert cut["valse/mean"] == pytest.approx(full["valse/mean"] - 0.5 / 11)
+    assert capsys.readouterr().out == ("valse: 1 item(s) whose right and wrong captions are the same tokens at the model's "
+                                       "context length tie, counted wrong: coreference-standard 1\n")
 
 
 def test_choice_correct_needs_strictly_highest():
@@ -127,7 +184,7 @@ def test_blind_model_gets_exactly_chance_over_the_right_captions_position(k):
     hits = []
     for shift in range(k):
         items = [(Image.new("RGB", (2, 2), PALETTE[0]), caps[shift:] + caps[:shift]) for caps in captions]
-        scores, _ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu")
+        scores, *_ = common.choice_scores(stub, stub.preprocess, stub.tokenizer, items, "cpu")
         assert len(set(scores[0].tolist())) == k  # no ties in this draw
         hits.append(common.choice_correct(scores).float())
     assert (torch.stack(hits).sum(0) == 1).all()
@@ -358,7 +415,7 @@ def test_read_valse_validity_and_image_lookup():
     # items with fewer than 2 caption votes are dropped: 1 of 2 in existence, counting-small-quant, action-replacement
     assert {p: (len(items), n) for p, (items, n) in pieces.items() if len(items) != n} == \
         {"existence": (1, 2), "counting-small-quant": (1, 2), "action-replacement": (1, 2)}
-    assert sum(len(items) for items, _ in pieces.values()) == 14
+    assert sum(len(items) for items, _ in pieces.values()) == 15
     # swig images sit in a per-piece folder, coco ones flat in images/
     assert pieces["actant-swap"][0][0][0] == os.path.join(FIX, "valse", "images", "actant-swap", "exercising_255.jpg")
     assert pieces["foil-it"][0][0][0] == os.path.join(FIX, "valse", "images", "COCO_val2014_000000165831.jpg")
@@ -381,7 +438,7 @@ def test_eval_valse_filter_and_categories():
     assert m["valse/actions/actant-swap"] == 0.5 and m["valse/actions"] == 0.75
     assert m["valse/noun_phrases"] == 1.0 and m["valse/plurality"] == 1.0
     assert m["valse/mean"] == pytest.approx(9.5 / 11)  # the 11 pieces, not the 7 categories
-    assert m["valse/n_valid"] == 14 and m["valse/n_items"] == 14
+    assert m["valse/n_valid"] == 15 and m["valse/n_items"] == 15
 
 
 def test_valse_blind_model_sums_to_one_over_swapped_roles(tmp_path):
@@ -463,6 +520,46 @@ def test_eval_vlchecklist_radar_aggregation():
     assert m["vlchecklist/relation"] == pytest.approx(5 / 6)
     assert m["vlchecklist/mean"] == pytest.approx((2 / 3 + 1 + 5 / 6) / 3)
     assert m["vlchecklist/n_items"] == 6 * (2 * 2 + 4 + 2) + 10 * 2 + (2 + 1 + 2 + 2)
+
+
+def test_vlchecklist_evaluates_the_files_that_are_there_and_names_the_missing(tmp_path, capsys):
+    """one annotation file absent and hake's images not downloaded: the other 48 files are scored as
+    in a full run, the 8 named on one line, and the radar's means are over the files evaluated"""
+    score = lambda c, text: len(text) % 7  # noqa: E731  (any fixed scorer: the kept files must score as in a full run)
+    full = run("vlchecklist", score, root=os.path.join(FIX, "vlchecklist"))
+    root = fixture_copy(tmp_path, "vlchecklist")
+    os.remove(root / "data/Relation/vg/spatial.json")
+    shutil.rmtree(root / "hake")
+    capsys.readouterr()
+    m = run("vlchecklist", score, root=str(root))
+    line = capsys.readouterr().out
+    assert line.startswith("vlchecklist: evaluated 48 of 56 files; missing: data/Object/Location/hake_location/hake_obj_center.json "
+                           "(no image on disk (first: ") and line.count("\n") == 1
+    assert line.rstrip().endswith("HICO_test2015_00000001.jpg)); data/Relation/vg/spatial.json (no file)") and line.count("(no image on disk") == 7
+    gone = {f[4] for f in vlchecklist.vlchecklist_files() if f[3] == "hake"} | {"data/Relation/vg/spatial.json"}
+    for kind, subtype, _, corpus, rel, _ in vlchecklist.vlchecklist_files():
+        assert m[f"vlchecklist/{kind}/{subtype}/{corpus}"] == (None if rel in gone else full[f"vlchecklist/{kind}/{subtype}/{corpus}"]), rel
+    assert m["vlchecklist/n_files"] == 48 and full["vlchecklist/n_files"] == 56
+    assert m["vlchecklist/n_items"] == full["vlchecklist/n_items"] - 6 * 2 - 2 - 2  # hake: 2 items a file; spatial: 2
+    # the radar's means by hand: right everywhere but on hake's files (as in the full-run test above)
+    def right_but_hake(c, text):
+        if text.startswith(("a flower", "a threesome")):
+            return 9.0
+        if text.startswith("person"):
+            return 0.8 if ("backpack" in text or "desk" in text) else 0.2
+        return 0.1 if text.startswith((" customers", "smoke in front of young", "a bird")) else 0.7
+    m = run("vlchecklist", right_but_hake, root=str(root))
+    assert m["vlchecklist/object/location_center"] == 1.0 and m["vlchecklist/object"] == 1.0  # hake's 0.0 is gone
+    assert m["vlchecklist/relation/spatial"] is None and m["vlchecklist/relation/action"] == 1.0 and m["vlchecklist/relation"] == 1.0
+    assert m["vlchecklist/mean"] == 1.0
+    # a whole type absent: None, and the mean over the other two
+    shutil.rmtree(root / "data" / "Relation")
+    m = run("vlchecklist", right_but_hake, root=str(root))
+    assert m["vlchecklist/relation"] is None and m["vlchecklist/relation/action"] is None and m["vlchecklist/mean"] == 1.0
+    # nothing to evaluate: one error
+    shutil.rmtree(root / "data")
+    with pytest.raises(data.DataError, match=r"vlchecklist: missing all 56 annotation files under .* \(first: data/Object/Location/vg_location/vg_obj_center.json\)"):
+        run("vlchecklist", score, root=str(root))
 
 # -----------------------------------------------------------------------------
 # intrinsic metrics
@@ -557,7 +654,8 @@ ALL = {"sugarcrepe": dict(root=os.path.join(FIX, "sugarcrepe")), "aro": dict(roo
 
 
 def accuracies(m):
-    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "n_pieces", "_groups"))}
+    return {k: v for k, v in m.items() if not k.endswith(("n_items", "unreadable_images", "n_valid", "n_pieces", "n_files", "_groups"))
+            and "/n_truncated_ties" not in k}
 
 
 @pytest.mark.parametrize("bench", list(ALL))
@@ -672,10 +770,13 @@ def test_cli_runs_every_benchmark(kind, models, tmp_path, monkeypatch, capsys):
         assert m["bench"] == bench and m["model"] == models[kind]
         assert all(isinstance(m[k], float) for k in keys)
         assert m[f"{bench}/unreadable_images"] == 0
+        assert m[f"{bench}/n_truncated_ties"] == (bench == "valse")  # the 32-token context cuts one coreference pair
         assert all(0 <= v <= 1 for k, v in accuracies(m).items() if k not in ("model", "bench") and "cos" not in k
                    and "margin" not in k)
         table = capsys.readouterr().out
         assert f"on {bench}" in table and keys[0] in table
+        assert ("valse: 1 item(s) whose right and wrong captions are the same tokens at the model's context length (32) "
+                "tie, counted wrong: coreference-standard 1\n" in table) == (bench == "valse")
     # intrinsic on the shapes world, at the model's resolution
     ev.main(["--model", models[kind], "--bench", "intrinsic", "--n", "20", "--threshold", "1.5", "--device", "cpu"])
     assert "intrinsic/relation/distinguish_acc" in capsys.readouterr().out

@@ -134,6 +134,10 @@ def test_eval_shapes_perfect_stub():
     assert m["retrieval/i2t_r1"] == 1 and m["retrieval/t2i_r1"] == 1 and m["retrieval/rsum"] == 600
     assert all(m[f"probe/{kind}"] == 1 for kind in shapes.NEGATIVES)
     assert m["diag/relation_text_cos"] == 0
+    # the world's statements are statements/, not vsr/ (VSR's data only); a stub that registered
+    # only the captions ties every statement with its converse: predicts False, half right
+    assert [k for k in m if "statements" in k or "vsr" in k] == ["statements/acc", "statements/macro_f1"]
+    assert m["statements/acc"] == 0.5
 
 
 def test_eval_shapes_relation_blind_stub():

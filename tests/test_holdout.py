@@ -15,7 +15,7 @@ import clip_scratch
 import data
 import eval as ev
 import shapes
-from conftest import ROOT, run, vsr_rates
+from conftest import ROOT, run, statement_rates, vsr_rates
 from model import CLIP, model_config
 
 HELD = shapes.holdout_combos()
@@ -100,11 +100,11 @@ def test_the_scripts_and_eval_take_the_flag(tmp_path):
              "--eval_n", "40", "--out_dir", str(out)])
     assert r.returncode == 0, r.stderr
     final = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
-    assert final["split"] == "test" and {"seen/probe/relation", "unseen/probe/relation", "seen/vsr/acc", "unseen/retrieval/t2i_r1"} <= set(final)
-    assert set(vsr_rates(final)) == {f"{part}/vsr/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")}
+    assert final["split"] == "test" and {"seen/probe/relation", "unseen/probe/relation", "seen/statements/acc", "unseen/retrieval/t2i_r1"} <= set(final)
+    assert set(statement_rates(final)) == {f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")} and not vsr_rates(final)
     r = run(["eval.py", "--model", str(out / "ckpt.pt"), "--holdout", "combos", "--eval_n", "40", "--json", str(tmp_path / "m.json")])
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / "m.json"))
-    assert m["seen/n"] + m["unseen/n"] == 40 and set(vsr_rates(m)) == {f"{part}/vsr/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")}
+    assert m["seen/n"] + m["unseen/n"] == 40 and set(statement_rates(m)) == {f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")}
     r = run(["clip_hardneg.py", "--data", "coco", "--data_root", "x", "--init", "x", "--holdout", "combos"])
     assert r.returncode == 2 and r.stderr.startswith("error: --holdout: held-out combinations are the shapes world's")
