@@ -3,10 +3,15 @@ commands (fine-tunes from the scratch checkpoint of their seed), and a finished 
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
+
+import eval as ev
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("methods_table", os.path.join(ROOT, "bench", "methods_table.py"))
@@ -15,21 +20,31 @@ spec.loader.exec_module(mt)
 
 
 def fake(method, seed, relation, wall):
-    metrics = {k: 0.5 for k, _ in mt.COLUMNS} | {"probe/relation": relation}
+    """a run's result whose every column has its own value (column i: 0.1 i + 0.02 seed; the relation as given),
+    so a cell under the wrong column, or from the wrong seed, shows"""
+    metrics = {k: 0.1 * i + 0.02 * seed for i, (k, _) in enumerate(mt.COLUMNS)} | {"probe/relation": relation}
     return {"method": method, "seed": seed, "wall_s": wall, "machine": {"device": "cpu", "cores": 2, "torch": "x"},
             "metrics": {"test": metrics, "world1": metrics | {"probe/relation": relation - 0.1}}}
 
 
+def cells(text, method):
+    """the table row of a method -> {column label: cell}"""
+    head = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    label = dict((m[0], m[1]) for m in mt.METHODS)[method]
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return dict(zip(head, (c.strip() for c in row.strip("|").split("|"))))
+
+
 def test_table_rows_are_mean_and_std_over_seeds_by_hand():
     text = mt.table([fake("scratch", 0, 0.5, 60), fake("dpo", 0, 0.9, 600), fake("dpo", 1, 0.7, 660)], quick=False)
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    dpo = rows[dict((m[0], m[1]) for m in mt.METHODS)["dpo"]]
-    assert dpo[2] == "0, 1"
-    assert dpo[3 + [k for k, _ in mt.COLUMNS].index("probe/relation")] == "0.800 ± 0.141"  # mean 0.8, stdev sqrt(0.02)
-    assert dpo[3 + len(mt.COLUMNS)] == "0.700 ± 0.141"  # the other world: 0.8 and 0.6
-    assert dpo[-1].rstrip(" |") == "10:30 ± 0:42"  # 630 s ± 42.4 s
-    scratch = rows[dict((m[0], m[1]) for m in mt.METHODS)["scratch"]]
-    assert scratch[2] == "0" and scratch[3 + [k for k, _ in mt.COLUMNS].index("probe/relation")] == "0.500"
+    dpo, scratch = cells(text, "dpo"), cells(text, "scratch")
+    # by hand: seeds 0 and 1 differ by 0.02 in every column, so mean 0.1 i + 0.01 and stdev 0.02 / sqrt(2) = 0.014
+    assert {label: dpo[label] for _, label in mt.COLUMNS} == {
+        "i2t R@1": "0.010 ± 0.014", "t2i R@1": "0.110 ± 0.014", "relation": "0.800 ± 0.141", "attribute swap": "0.310 ± 0.014",
+        "statements/acc": "0.410 ± 0.014", "relation text cos": "0.510 ± 0.014"}
+    assert dpo["seeds"] == "0, 1" and dpo["relation, other worlds"] == "0.700 ± 0.141"  # the other world: 0.8 and 0.6
+    assert dpo["wall clock"] == "10:30 ± 0:42"  # 630 s ± 42.4 s
+    assert scratch["seeds"] == "0" and scratch["relation"] == "0.500" and scratch["attribute swap"] == "0.300"
 
 
 def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
@@ -47,11 +62,21 @@ def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
 def test_readme_shows_the_published_table_of_the_published_results():
     readme, start, end = mt.readme_table()
     published = open(os.path.join(mt.PUBLISHED, "table.md")).read()
-    assert readme[start:end] == published, "README's table is not bench/results/table.md: run bench/methods_table.py --readme"
+    assert readme[start:end] == published, "README's table is not bench/results/table.md: run bench/methods_table.py --publish"
     results = json.load(open(os.path.join(mt.PUBLISHED, "results.json")))
-    assert mt.table(results, quick=False) == published
     assert sorted(r["name"] for r in results) == sorted(f"{m[0]}_s{s}" for m in mt.METHODS for s in (0, 1, 2))
-    assert "bench/results/probes_vs_step.png" in readme and os.path.exists(os.path.join(mt.PUBLISHED, "probes_vs_step.png"))
+    # every cell recomputed here from results.json, the naive way
+    for method, *_ in mt.METHODS:
+        runs = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        row = cells(published, method)
+        assert row["seeds"] == ", ".join(str(r["seed"]) for r in runs)
+        for key, label in mt.COLUMNS:
+            values = [r["metrics"]["test"][key] for r in runs]
+            assert row[label] == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}", (method, label)
+        other = [r["metrics"][w]["probe/relation"] for r in runs for w in ("world1", "world2")]
+        assert row["relation, other worlds"] == f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f}"
+    with Image.open(os.path.join(mt.PUBLISHED, "probes_vs_step.png")) as im:  # the plot README shows is a picture
+        assert "bench/results/probes_vs_step.png" in readme and im.size[0] > 300
 
 
 def test_publish_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch):
@@ -79,11 +104,14 @@ def test_the_table_end_to_end_and_resumed(tmp_path):
     dpo = results[1]
     assert f"--init {out / 'scratch_s0' / 'ckpt.pt'}" in dpo["command"] and dpo["steps"] == 4
     assert set(dpo["metrics"]) == {"test", "world1", "world2"} and dpo["metrics"]["test"] != dpo["metrics"]["world1"]
-    by_eval = json.load(open(out / "dpo_s0" / "eval_world2.json"))
-    assert dpo["metrics"]["world2"]["probe/relation"] == by_eval["probe/relation"]
+    # the run's metrics are the checkpoint's own, evaluated here in process on the same worlds
+    model, _, tokenizer = load_model(str(out / "dpo_s0" / "ckpt.pt"))
+    for world, seed in (("test", None), ("world2", 2)):
+        want = ev.eval_shapes(model, tokenizer, model.image_size, "cpu", n=40, seed=seed)
+        assert {k: dpo["metrics"][world][k] for k in want} == pytest.approx(want, abs=1e-6), world
     table = open(out / "table.md").read()
-    assert table == mt.table([json.load(open(out / n / "result.json")) for n in ("scratch_s0", "dpo_s0")], quick=True)
-    assert f"{dpo['metrics']['test']['probe/relation']:.3f}" in table.splitlines()[3]
+    for key, label in mt.COLUMNS:  # one seed: each cell is its run's value, under its own column
+        assert cells(table, "dpo")[label] == f"{dpo['metrics']['test'][key]:.3f}", label
     stamp = os.path.getmtime(out / "dpo_s0" / "result.json")
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
