@@ -16,7 +16,7 @@ import data
 import eval as ev
 import shapes
 from conftest import ROOT, run, statement_rates, vsr_rates
-from model import CLIP, model_config
+from model import CLIP, load_model, model_config
 
 HELD = shapes.holdout_combos()
 
@@ -62,12 +62,35 @@ def test_no_held_out_combination_reaches_a_training_batch(name):
     assert leaks(batches(name, None))  # without the hold-out they do appear: the check can fail
 
 
+def stated(scene):
+    """the combinations a scene's caption states, read off its words (not shapes.combos): its pairs, and its
+    triple both ways (the converse relation with the objects exchanged)"""
+    pairs, triples = shapes.text_combos(scene.caption())
+    return pairs, triples | {(b, shapes.CONVERSE[r], a) for a, r, b in triples}
+
+
+def shows_held(scene):
+    pairs, triples = stated(scene)
+    return bool(pairs & HELD[0] or triples & HELD[1])
+
+
+def test_unseen_is_what_the_caption_states():
+    scenes = shapes.test_scenes(300)
+    assert [shapes.unseen(s, HELD) for s in scenes] == [shows_held(s) for s in scenes]
+    assert 50 < sum(map(shows_held, scenes)) < 250  # both kinds occur: the check can be True and False
+
+
 def test_training_scenes_and_their_twins_avoid_every_held_out_combination():
-    for key in range(200):
-        s, _ = shapes.training_scene("dpo", 0, key, HELD)
+    keys = list(range(200))
+    scenes = [shapes.training_scene("dpo", 0, key, HELD)[0] for key in keys]
+    for s in scenes:
         for x in (s, shapes.mirror(s), shapes.swap_colours(s), shapes.mirror(shapes.swap_colours(s))):
-            assert not shapes.unseen(x, HELD)  # the images of every group and twin row
-        assert shapes.training_scene("dpo", 0, key, HELD)[0] == s  # per (seed, key): resumes and ranks agree
+            assert not shows_held(x)  # the images of every group and twin row
+    # per (seed, key), whatever was drawn before: resumes and ranks agree
+    assert [shapes.training_scene("dpo", 0, key, HELD)[0] for key in reversed(keys)] == scenes[::-1]
+    assert [shapes.training_scene("dpo", 1, key, HELD)[0] for key in keys] != scenes  # and the seed matters
+    unheld = [shapes.training_scene("dpo", 0, key)[0] for key in keys]
+    assert any(map(shows_held, unheld))  # without the hold-out they do occur: the check above can fail
     assert shapes.training_scene("train", 0, 5)[0] == shapes.sample_scene(shapes.scene_rng("train", 0, 5))  # off: unchanged
 
 
@@ -86,10 +109,11 @@ def test_eval_reports_seen_and_unseen_scenes_apart():
     tok = data.get_tokenizer(32)
     m = ev.eval_shapes(model, tok, 32, "cpu", n=120, holdout=True)
     scenes = shapes.test_scenes(120)
-    seen = [s for s in scenes if not shapes.unseen(s, HELD)]
-    assert m["seen/n"] == len(seen) and m["seen/n"] + m["unseen/n"] == 120 and 20 < len(seen) < 100
-    direct = ev._shapes_metrics(model, tok, seen, 32, "cpu", None)
-    assert all(m[f"seen/{k}"] == v for k, v in direct.items())
+    for part, subset in (("seen", [s for s in scenes if not shows_held(s)]), ("unseen", [s for s in scenes if shows_held(s)])):
+        assert m[f"{part}/n"] == len(subset) and 20 < len(subset) < 100
+        direct = ev._shapes_metrics(model, tok, subset, 32, "cpu", None)  # each part a benchmark of its own
+        assert {k: m[f"{part}/{k}"] for k in direct} == direct, part
+    assert m["seen/retrieval/t2i_r1"] != m["unseen/retrieval/t2i_r1"] or m["seen/probe/relation"] != m["unseen/probe/relation"]
     assert set(ev.eval_shapes(model, tok, 32, "cpu", n=40)) == set(direct)  # without --holdout: the plain keys
 
 
@@ -106,5 +130,11 @@ def test_the_scripts_and_eval_take_the_flag(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / "m.json"))
     assert m["seen/n"] + m["unseen/n"] == 40 and set(statement_rates(m)) == {f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")}
+    # the script's final eval, eval.py's and eval_shapes in process agree on every seen/ and unseen/ value
+    model, _, tok = load_model(str(out / "ckpt.pt"))
+    direct = ev.eval_shapes(model, tok, 32, "cpu", n=40, holdout=True)
+    assert {k: m[k] for k in direct} == pytest.approx(direct, abs=1e-6)
+    assert {k: final[k] for k in direct if k in final} == pytest.approx({k: v for k, v in direct.items() if k in final}, abs=1e-6)
+    assert {k for k in direct if k.startswith("unseen/")} <= set(final)
     r = run(["clip_hardneg.py", "--data", "coco", "--data_root", "x", "--init", "x", "--holdout", "combos"])
     assert r.returncode == 2 and r.stderr.startswith("error: --holdout: held-out combinations are the shapes world's")
