@@ -260,6 +260,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
                          formatter_class=Help)
 
+    def add_argument(self, *names, **kw):  # a flag without help text shows its default too
+        if "help" not in kw and kw.get("action") not in ("help", "version"):
+            kw["help"] = "(default: %(default)s)"
+        return super().add_argument(*names, **kw)
+
     def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong
         self.exit(2, f"error: {message} (python {self.prog} --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
 

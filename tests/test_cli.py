@@ -4,6 +4,7 @@ metrics.jsonl, --epochs turned into steps."""
 import json
 import math
 import os
+import re
 import time
 
 import pytest
@@ -38,8 +39,12 @@ def test_bad_flags_are_one_line_before_anything_runs(script, argv, message):
 @pytest.mark.parametrize("script", [*SCRIPTS, "eval.py"])
 def test_help_shows_the_defaults(script):
     r = run([script, "--help"])
-    assert r.returncode == 0 and "(default: " in r.stdout
-    assert ("--eval_n" in r.stdout) and ("--overwrite" in r.stdout or script == "eval.py")
+    assert r.returncode == 0, r.stderr
+    options = r.stdout.split("\noptions:\n")[1].split("\n\n")[0]  # argparse's block of options, one entry each
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", options)]  # wrapped lines joined
+    assert len(entries) > 15 and ("--overwrite" in options or script == "eval.py")
+    missing = [e.split()[0] for e in entries if "(default: " not in e and not e.lstrip().startswith("-h")]
+    assert missing == [], f"{script} --help shows no default for {missing}"
 
 
 def test_a_name_without_its_pretrained_tag_is_refused_with_the_tags():

@@ -1,5 +1,6 @@
 """bench/export_shapes.py: the shapes world written in Flickr8k's and VSR's layouts round-trips
 through the real readers, the image loader, and the scripts' real-data path."""
+import json
 import os
 import random
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import clip_dpo
 import data
 import shapes
 from conftest import ROOT, VSR_RATES, eval_lines, run, vsr_rates
@@ -49,14 +51,24 @@ def test_vsr_export_reads_back_with_true_and_false_rows(export):
 
 @pytest.mark.slow
 def test_the_scripts_run_on_the_export(export, tmp_path):
+    """the real-data path on the export: each script's final test eval is what eval.py scores on the export
+    for the checkpoint it wrote, and the groups are VSR's rows as vsr_groups makes them"""
     r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", str(export / "flickr8k"), "--image_size", "32",
              "--batch_size", "64", "--max_steps", "2", "--cache_images", "--workers", "0", "--log_every", "1",
              "--out_dir", str(tmp_path / "scratch")])
     assert r.returncode == 0, r.stderr
-    assert "eval test step 2" in r.stdout and os.path.exists(tmp_path / "scratch" / "cache_flickr8k_train_32.u8")
+    assert os.path.exists(tmp_path / "scratch" / "cache_flickr8k_train_32.u8")
+    scratch = eval_lines(r.stdout)[-1]
     r = run(["clip_dpo.py", "--data", "vsr", "--data_root", str(export / "vsr"), "--init", str(tmp_path / "scratch" / "ckpt.pt"),
              "--epochs", "1", "--batch_size", "32", "--workers", "0", "--log_every", "1", "--out_dir", str(tmp_path / "dpo")])
     assert r.returncode == 0, r.stderr
     groups = int(r.stdout.split(" train rows -> ")[1].split(" preference groups")[0])
+    assert groups == len(clip_dpo.vsr_groups(data.read_vsr(str(export / "vsr"))["train"])[0])
     assert f"| 1 epochs of {groups:,} items = {groups // 32} steps ({groups // 32} an epoch) of global batch 32 (1 x 32) |" in r.stdout
-    assert set(vsr_rates(eval_lines(r.stdout)[-1])) == set(VSR_RATES)
+    dpo = eval_lines(r.stdout)[-1]
+    assert set(vsr_rates(dpo)) == set(VSR_RATES)
+    for ckpt, bench, printed in ((tmp_path / "scratch" / "ckpt.pt", "flickr8k", scratch), (tmp_path / "dpo" / "ckpt.pt", "vsr", dpo)):
+        e = run(["eval.py", "--model", str(ckpt), "--bench", bench, "--data_root", str(export / bench), "--json", str(tmp_path / "m.json")])
+        assert e.returncode == 0, e.stderr
+        scored = json.load(open(tmp_path / "m.json"))
+        assert {k: round(scored[k], 3) for k in printed} == pytest.approx(printed, abs=1.5e-3), bench  # printed to 3 decimals
