@@ -18,6 +18,7 @@ r = beta (z_policy - z_ref) and h = r(x, y_w) - r(x, y_l) (preference_loss, list
 --alpha mixes in CLIP's loss (dpo_clip), --imc_weight CE-CLIP's intra-modal term, --l2sp
 lambda ||theta - theta_ref||^2 (outside the alpha mixture). The reference is a frozen copy of --init,
 never saved (the checkpoint keeps its spec and checksum). The loop is the three scripts' same text.
+The equations next to the code, every default and the run that chose it: docs/clip_dpo.md.
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; its scenes give exact graded preferences: a scene

@@ -16,6 +16,7 @@ Data: the shapes world (exact negatives; with --neg_images each batch holds scen
 the mirror image and the colour swap), COCO with negatives from negatives.py's generator, NegCLIP's
 TSV, CE-CLIP's .npy (--allow_pickle) or HNC's JSON. The method is the loss functions, `step_loss`
 and `make_batch`; the loop at the bottom is the same text in the three scripts.
+The equations next to the code, every default and the run that chose it: docs/clip_hardneg.md.
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; there the negatives are exact and the hard-negative

@@ -14,6 +14,7 @@ pairs with `clips_loss`, `--captioner_weight 2` adds the captioner (model.Captio
 
 The method is `clip_loss` / `clips_loss` / `caption_loss`, `step_loss` and `make_batch`; the loop at
 the bottom is the same text in the three scripts. The checkpoint loads into open_clip.CLIP.
+The equations next to the code, every default and the run that chose it: docs/clip_scratch.md.
 
 Deviations from the papers
 1. Tiny models and the built-in shapes world by default, so it runs on a laptop CPU.
