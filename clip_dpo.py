@@ -18,6 +18,7 @@ r = beta (z_policy - z_ref) and h = r(x, y_w) - r(x, y_l) (preference_loss, list
 --alpha mixes in CLIP's loss (dpo_clip), --imc_weight CE-CLIP's intra-modal term, --l2sp
 lambda ||theta - theta_ref||^2 (outside the alpha mixture). The reference is a frozen copy of --init,
 never saved (the checkpoint keeps its spec and checksum). The loop is the three scripts' same text.
+The equations next to the code, every default and the run that chose it: docs/clip_dpo.md.
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; its scenes give exact graded preferences: a scene
@@ -27,9 +28,9 @@ Deviations from the papers
    is therefore in units of that scale (CLIP-PO's rewards are raw cosines: beta 0.5 here ~ 50 there).
 3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
-   blind to the relation. By its controls (README), the relation is the kick's and CLIP's term's
-   (it is reached without the preference term; DPO alone collapses retrieval) and the statements
-   are the preference term's. Real data: plain dpo_clip.
+   blind to the relation. By its controls (bench/LOG.md, 2026-12-05), the relation is the kick's
+   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval)
+   and the statements are the preference term's. Real data: plain dpo_clip.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).

@@ -16,6 +16,7 @@ Data: the shapes world (exact negatives; with --neg_images each batch holds scen
 the mirror image and the colour swap), COCO with negatives from negatives.py's generator, NegCLIP's
 TSV, CE-CLIP's .npy (--allow_pickle) or HNC's JSON. The method is the loss functions, `step_loss`
 and `make_batch`; the loop at the bottom is the same text in the three scripts.
+The equations next to the code, every default and the run that chose it: docs/clip_hardneg.md.
 
 Deviations from the papers
 1. Tiny models and the shapes world by default; there the negatives are exact and the hard-negative
@@ -32,7 +33,7 @@ Deviations from the papers
    so w = 0 left a logit of 0); the ramp to w is linear (the thesis: a staircase); the KL student
    term has a gradient (the thesis computed it under no_grad) and each model uses its own exp(logit_scale).
 7. Shapes only: the text tower learns at 0.1x lr, and CE-CLIP's CMR is off (--cmr_weight 0; 0.2 on
-   real data): the default is NegCLIP + IMC (bench/NOTES.md has the runs behind both).
+   real data): the default is NegCLIP + IMC (the runs behind both: bench/LOG.md, 2026-11-25).
 """
 import argparse
 import copy
@@ -302,7 +303,7 @@ def get_args(argv=None):
     # method
     p.add_argument("--loss", default="ceclip", choices=("negclip", "ceclip", "hnc"))
     p.add_argument("--cmr_weight", type=float, default=None, help="ceclip: weight of the cross-modal rank loss (default: 0 shapes, "
-                   "see deviation 8; 0.2 real data)")
+                   "see deviation 7; 0.2 real data)")
     p.add_argument("--imc_weight", type=float, default=0.3, help="ceclip: weight of the intra-modal contrastive loss")
     p.add_argument("--cmr_threshold", default="adaptive", choices=("adaptive", "fixed"), help="ceclip: CMR's threshold per negative type")
     p.add_argument("--cmr_upper_bound", type=float, default=10.0, help="ceclip: the adaptive threshold's upper clamp (logit units)")

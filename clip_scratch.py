@@ -14,12 +14,13 @@ pairs with `clips_loss`, `--captioner_weight 2` adds the captioner (model.Captio
 
 The method is `clip_loss` / `clips_loss` / `caption_loss`, `step_loss` and `make_batch`; the loop at
 the bottom is the same text in the three scripts. The checkpoint loads into open_clip.CLIP.
+The equations next to the code, every default and the run that chose it: docs/clip_scratch.md.
 
 Deviations from the papers
 1. Tiny models and the built-in shapes world by default, so it runs on a laptop CPU.
 2. No random crops or flips: a flip turns "left of" into a wrong caption (and resume stays exact).
 3. Shapes only: the text tower learns at 0.1x lr (--text_lr_mult); at full lr it turns blind to the
-   relation word for good (bench/NOTES.md).
+   relation word for good (the runs: bench/LOG.md, 2026-11-23).
 4. The text tower runs only up to the longest caption of the batch (causal mask: the same features).
 5. No gradient accumulation: the global batch is batch_size x world size.
 6. CLIPS on shapes: the web caption misbinds colours (or, --caption_style partial, leaves facts

@@ -9,8 +9,8 @@ spatial relation between them, deterministic per (split, seed, index). One Scene
 - a long always-true description (the CLIPS synthetic caption) and a terse partial caption;
 - VSR-style true/false statements ("The red circle is left of the blue square.").
 ShapesDataset is clip_scratch.py's training stream; eval.eval_shapes is the benchmark on
-test_scenes (a fixed seed, a different random stream from training). bench/NOTES.md has the
-calibration behind these choices (colour misbinding, sizes, backgrounds).
+test_scenes (a fixed seed, a different random stream from training). bench/LOG.md (2026-11-23) has
+the calibration behind these choices (colour misbinding, sizes, backgrounds).
 """
 import functools
 import random
@@ -295,7 +295,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Training scenes: an infinite stream, key = global sample index -> (image float [3, S, S],
     caption, synthetic caption, rng: the scene's random stream, for the script's text transforms). Like web alt-text, the training captions do not reliably bind
     attributes: with probability `swap_noise` the caption names the two colours the wrong way
-    round (bench/NOTES.md has why 0.5). caption_style="partial" makes them terse as well:
+    round (bench/LOG.md, 2026-11-23, has why 0.5). caption_style="partial" makes them terse as well:
     partial_caption() of the (possibly colour-swapped) scene. The synthetic caption (CLIPS) is the
     scene's description(), always true and complete."""
 

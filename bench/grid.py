@@ -2,7 +2,7 @@
 bundle their logs and metrics into one archive.
 
     python bench/grid.py JOBS.txt --out_dir out/grid --jobs 16 --deadline 540
-    python bench/grid.py bench/jobs/finetune_levers.txt --jobs 22     # bench/NOTES.md's fine-tuning tables (one GPU)
+    python bench/grid.py bench/jobs/finetune_levers.txt --jobs 22     # bench/LOG.md's 2026-11-25 fine-tuning tables (one GPU)
     python bench/grid.py bench/jobs/dpo_table.txt --jobs 2 --out_dir out/dpo_table --table  # 2 CPU cores
 
 JOBS.txt: one job a line, `NAME  SCRIPT ARGS...` (blank lines and # comments skipped); each job runs
