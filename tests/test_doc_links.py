@@ -8,7 +8,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))), "bench/LOG.md"]
-PENDING = {"docs/vsr.md"}  # written on the VSR branch; checked like any page once it exists
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 CODE = re.compile(r"^```.*?^```|`[^`\n]*`", re.S | re.M)  # fenced blocks and inline code: no links there
@@ -47,8 +46,6 @@ def test_every_relative_link_resolves(page):
             continue
         path, _, anchor = target.partition("#")
         file = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
-        if file in PENDING and not os.path.exists(os.path.join(ROOT, file)):
-            continue
         assert os.path.exists(os.path.join(ROOT, file)), f"{page}: ({target}): {file} does not exist"
         if anchor and file.endswith(".md"):
             assert anchor in anchors(file), f"{page}: ({target}): {file} has no heading with that anchor"
