@@ -159,6 +159,15 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
         return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device), reduction="none")
 
 
+def scores(features, query, cand, scale):
+    """z [M, K] = scale * f(query_m) . f(cand_mk) from features [N, D] (query [M], cand [M, K] index
+    it), fp32 also under autocast: autocast would run the einsum (a bmm) in bf16, whose step is
+    0.125-0.25 at z ~ 30, and round the policy-minus-reference difference DPO lives on away"""
+    with torch.autocast(features.device.type, enabled=False):
+        f = features.float()
+        return scale.float() * torch.einsum("md,mkd->mk", f[query], f[cand])
+
+
 def l2sp_penalty(model, reference):
     """L2-SP (the HNC thesis's anchor): ||theta - theta_ref||^2 over the trainable parameters, fp32"""
     return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(model.parameters(), reference.parameters()) if p.requires_grad)
@@ -189,13 +198,12 @@ def step_loss(model, batch, args, state):
     image_features, text_features, logit_scale = model(images, texts)
     features = torch.cat([image_features, text_features])  # [NI + NT, D]
     scale = logit_scale if args.train_logit_scale else logit_scale.detach()
-    z = scale * torch.einsum("md,mkd->mk", features[prefs["query"]], features[prefs["cand"]])  # [M, K]
+    z = scores(features, prefs["query"], prefs["cand"], scale)  # [M, K], fp32
     z_ref = torch.zeros_like(z)
     if args.loss != "bt":
         with torch.no_grad():
             ref_image, ref_text, ref_scale = reference(images, texts)
-            ref_features = torch.cat([ref_image, ref_text])
-            z_ref = ref_scale * torch.einsum("md,mkd->mk", ref_features[prefs["query"]], ref_features[prefs["cand"]])
+            z_ref = scores(torch.cat([ref_image, ref_text]), prefs["query"], prefs["cand"], ref_scale)
     m, a, b = prefs["pairs"].unbind(1)
     if args.loss == "listwise":
         per_query, r = listwise_loss(z, z_ref, prefs["rank"], args.beta)

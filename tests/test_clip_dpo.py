@@ -354,6 +354,48 @@ def test_bf16_reference_matches_the_policy_under_autocast():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+class StubCLIP(torch.nn.Module):
+    """a CLIP that returns fixed features: rows `images` of image, rows `texts` of text, and scale"""
+
+    def __init__(self, image, text, scale):
+        super().__init__()
+        self.image, self.text = torch.nn.Parameter(image), torch.nn.Parameter(text)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, images, texts):
+        return self.image[images], self.text[texts], self.logit_scale.exp()
+
+
+def stub_policy_reference_and_batch():
+    """two shapes groups' preferences over fixed features: the reference's, and the policy's 1e-3
+    from them; correlated (cosines ~0.8), so z = 100 cos ~ 80, where a bf16 step is 0.5"""
+    images, texts, prefs = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(32, generator=g)
+    ref = [F.normalize(base + 0.5 * torch.randn(n, 32, generator=g), dim=-1) for n in (len(images), len(texts))]
+    policy = [F.normalize(f + 1e-3 * torch.randn(f.shape, generator=g), dim=-1) for f in ref]
+    batch = (torch.arange(len(images)), torch.arange(len(texts)), prefs)
+    return StubCLIP(*policy, 100.0), StubCLIP(*ref, 100.0).requires_grad_(False), batch
+
+
+@pytest.mark.parametrize("loss, kw", [(k, {}) for k in (*clip_dpo.PAIR_LOSSES, "listwise")]
+                         + [("dpo_clip", {"alpha": 0.5}), ("dpo", {"imc_weight": 0.3})])
+def test_scores_are_fp32_under_bf16_autocast(loss, kw):
+    """the GPU path on CPU (CPU autocast runs bmm in bf16 as CUDA's does): the same step from the same
+    features, under bf16 autocast and in fp32, gives the same loss and stats to fp32 precision. With
+    bf16 scores, a quarter of the pairs had h exactly 0 and the margin was 2.5x its fp32 value."""
+    policy, reference, batch = stub_policy_reference_and_batch()
+    args = args_for(loss, label_smoothing=0.1, **kw)
+    loss32, stats32 = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, stats16 = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    assert loss16.dtype == torch.float32 and stats16.keys() == stats32.keys()
+    for k in ["loss", *stats32]:
+        a, b = (loss16, loss32) if k == "loss" else (stats16[k], stats32[k])
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=f"{loss} {k}")
+    assert 0 < stats32["reward_acc"].item() < 1 and stats32["margin"].abs().item() > 1e-4  # the rewards are not all ties
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = CLIP(**model_config("tiny", 32, 32))
