@@ -165,8 +165,9 @@ def step_loss(model, batch, args, state):
         return negclip_loss(image_features, t, n, valid, logit_scale)
     if args.loss == "ceclip":
         itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
-        pos = logit_scale * (image_features * t).sum(-1)
-        neg = logit_scale * torch.einsum("bd,bkd->bk", image_features, n)
+        with torch.autocast(images.device.type, enabled=False):  # fp32 scores: autocast runs the einsum (a bmm) in bf16
+            v, s = image_features.float(), logit_scale.float()
+            pos, neg = s * (v * t.float()).sum(-1), s * torch.einsum("bd,bkd->bk", v, n.float())
         threshold = state.threshold if args.cmr_threshold == "adaptive" else pos.new_full((K,), args.cmr_fixed_threshold)
         cmr, new = cmr_loss(pos, neg, valid, threshold, args.cmr_upper_bound)
         if args.cmr_threshold == "adaptive":
@@ -181,8 +182,9 @@ def step_loss(model, batch, args, state):
     if args.kl_weight:
         with torch.no_grad():
             ti, tt, ts = state.teacher(images, torch.cat([captions, negatives.flatten(0, 1)]))
-            teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(images.device.type, enabled=False):  # both logits in fp32 (candidates' matmul under autocast is bf16)
+            with torch.no_grad():
+                teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
             student_logits, _ = candidates(image_features.float(), t.float(), n.float(), valid, logit_scale.float())
             kl = kl_loss(student_logits, teacher_logits, args.kl_temperature)
         loss, stats["kl"] = loss + args.kl_weight * kl, kl.detach()
