@@ -222,6 +222,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
+                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
     args = p.parse_args(argv)
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
@@ -304,7 +306,7 @@ def make_data(args, rank, world):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, local_rank, world, device = setup_distributed(args.device)
+    rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank

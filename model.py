@@ -17,6 +17,7 @@ Method scripts import this module; it imports none of them (data.py's JSON reade
 """
 import argparse
 import codecs
+import datetime
 import difflib
 import json
 import math
@@ -262,14 +263,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python {self.prog} --help)\n")
 
 
-def setup_distributed(device_flag):
-    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+def setup_distributed(device_flag, timeout=7200):
+    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU.
+    timeout: seconds a collective waits for every rank (torch's defaults, 10 min for nccl and 30 for
+    gloo, are shorter than building the image cache of a large set or a rank-0 evaluation)."""
     if device_flag == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     else:
         rank, local_rank, world = 0, 0, 1
     if use_cuda:

@@ -84,3 +84,25 @@ def test_a_broken_hub_config_is_one_line(tmp_path, config, message):
     (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match=message):
         load_model(f"local-dir:{tmp_path}")
+
+
+@pytest.mark.parametrize("script", ["clip_scratch", "clip_hardneg", "clip_dpo"])
+def test_dist_timeout_reaches_init_process_group(monkeypatch, script):
+    """--dist_timeout (default 2 h: nccl's own 10 min is shorter than a large image cache or a rank-0
+    evaluation) goes from each script's main through setup_distributed to init_process_group"""
+    import datetime
+    import importlib
+    seen = []
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(model.dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw.get("timeout"))))
+    module = importlib.import_module(script)
+    assert module.get_args([]).dist_timeout == 7200
+
+    def stop(device, *timeout):  # the real setup_distributed, then stop before any data is read
+        model.setup_distributed(device, *timeout)
+        raise SystemExit("stopped")
+    monkeypatch.setattr(module, "setup_distributed", stop)
+    with pytest.raises(SystemExit, match="stopped"):
+        module.main(["--device", "cpu", "--dist_timeout", "99"])
+    assert seen == [("gloo", datetime.timedelta(seconds=99))]
