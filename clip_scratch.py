@@ -292,12 +292,8 @@ def make_data(args, rank, world):
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
     cache = os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8") if args.cache_images else None
-    if cache and rank > 0:
-        dist.barrier()  # rank 0 builds the cache once, the others reuse it
     os.makedirs(args.out_dir, exist_ok=True)
-    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache)
-    if cache and rank == 0 and world > 1:
-        dist.barrier()
+    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache, rank, world)  # every rank decodes its shard
     return train, len(train), splits
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from conftest import FIX, fixture_copy  # noqa: E402
+from conftest import FIX, fixture_copy, gloo_processes  # noqa: E402
 from data import (DataError, ImageTextDataset, build_image_cache, check_images, collate, get_tokenizer, load_image,
                   read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
 
@@ -354,6 +354,33 @@ def test_cache_equals_no_cache(tmp_path, capsys):
     assert os.path.getsize(cache) == (len(items) - 1) * 16 * 16 * 3
     assert torch.equal(small[3][0], to_tensor(load_image(items[3][0], 16)))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temp files left behind
+
+def _cache_worker(rank, items, cache, out):
+    import torch.distributed as dist
+    bad = ImageTextDataset(items, 24, cache_path=cache, rank=rank, world=dist.get_world_size()).bad
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(sorted(bad)))
+
+@pytest.mark.slow
+def test_two_ranks_build_the_cache_of_one_process(tmp_path):
+    """2 gloo ranks, each decoding half of the images (rank r: r::2) into the one memmap, build a cache
+    byte for byte the one process's, sidecar too; both ranks know every unreadable image (one on
+    each rank's half), and a second build reuses it"""
+    items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
+    items += [(noise_jpg(tmp_path / f"{w}.jpg", w, h, w), [f"{w}"]) for w, h in ((90, 40), (33, 71), (50, 50))]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    items.insert(1, (str(tmp_path / "bad.jpg"), ["broken"]))
+    items.insert(4, (str(tmp_path / "gone.jpg"), ["missing"]))
+    one, two = str(tmp_path / "one.u8"), str(tmp_path / "two.u8")
+    assert build_image_cache(items, 24, one) == [1, 4]
+    gloo_processes(tmp_path, _cache_worker, items, two, str(tmp_path / "bad"))
+    assert open(one, "rb").read() == open(two, "rb").read()
+    assert open(one + ".json").read() == open(two + ".json").read()
+    assert [open(tmp_path / f"bad.{r}").read() for r in range(2)] == ["[1, 4]"] * 2
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    stamp = os.stat(two).st_mtime_ns
+    gloo_processes(tmp_path, _cache_worker, items, two, str(tmp_path / "bad"))
+    assert os.stat(two).st_mtime_ns == stamp and open(tmp_path / "bad.1").read() == "[1, 4]"
 
 def test_matches_open_clip_preprocess(tmp_path):
     import open_clip
