@@ -54,7 +54,7 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   init_geometry, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+                   init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
                    set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
@@ -284,27 +284,28 @@ class ShapesPreferences(torch.utils.data.Dataset):
 
 class ImageGroups(torch.utils.data.Dataset):
     """Groups whose images are files (VSR, rankings): key (epoch * len + i) -> the group with its images
-    decoded at image_size (data.load_image), or None if one is unreadable (dropped and counted)."""
+    decoded at image_size (data.load_image) as the --init's evaluation does (preprocess:
+    model.init_preprocess's; None: OpenAI's), or None if one is unreadable (dropped and counted)."""
 
-    def __init__(self, groups, image_size):
-        self.groups, self.image_size = groups, image_size
+    def __init__(self, groups, image_size, preprocess=None):
+        self.groups, self.image_size, self.preprocess = groups, image_size, preprocess
 
     def __len__(self):
         return len(self.groups)
 
     def __getitem__(self, key):
         group = self.groups[key % len(self.groups)]
-        pixels = [data.load_image(path, self.image_size) for path in group["images"]]
-        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p) for p in pixels]}
+        pixels = [data.load_image(path, self.image_size, self.preprocess) for path in group["images"]]
+        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
 
 
 class HNCGroups(torch.utils.data.Dataset):
     """HNC as preference groups, read item by item (negatives.read_hnc): key -> an image and one of its
     positives (drawn per (seed, key)) ranked above that positive's negatives (i2t); None (dropped,
-    counted) if the image is unreadable or no positive has a negative."""
+    counted) if the image is unreadable or no positive has a negative. preprocess: as ImageGroups'."""
 
-    def __init__(self, hnc, image_size, seed=0):
-        self.hnc, self.image_size, self.seed = hnc, image_size, seed
+    def __init__(self, hnc, image_size, seed=0, preprocess=None):
+        self.hnc, self.image_size, self.seed, self.preprocess = hnc, image_size, seed, preprocess
 
     def __len__(self):
         return len(self.hnc)
@@ -315,10 +316,10 @@ class HNCGroups(torch.utils.data.Dataset):
         if not pairs:
             return None
         positive, negatives = random.Random(f"hnc:{self.seed}:{key}").choice(pairs)
-        pixels = data.load_image(path, self.image_size)
+        pixels = data.load_image(path, self.image_size, self.preprocess)
         if pixels is None:
             return None
-        image = data.to_tensor(pixels)
+        image = data.to_tensor(pixels, self.preprocess)
         n = 1 + len(negatives)
         return {"images": [image], "texts": [positive, *negatives], "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
                 "pos": [(0, 0)]}
@@ -428,6 +429,7 @@ def get_args(argv=None):
                 "local-dir:DIR or a minclip ckpt.pt")
     args.init = DEFAULT_INIT if args.init is None else args.init
     args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
@@ -463,6 +465,8 @@ def make_model(args, device):
     clip.train()
     if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
         raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
+        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
     set_trainable(clip, args.finetune)
     clip.logit_scale.requires_grad_(args.train_logit_scale)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")

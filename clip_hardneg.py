@@ -52,7 +52,7 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
-                   init_geometry, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
+                   init_geometry, init_preprocess, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
                    set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
@@ -226,10 +226,12 @@ class HardNegatives(torch.utils.data.Dataset):
     (an empty list = no negative), or None to generate them with negatives.caption_negatives(types).
     key = epoch * len + i (data.StepBatches): the caption, the negatives and the hard-negative
     image row are drawn from a random.Random of (seed, epoch, i), so resume and DDP are exact.
-    -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
+    preprocess: the --init's image preprocessing (model.init_preprocess; None: OpenAI's), the pixels
+    its evaluation sees. -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
 
-    def __init__(self, items, image_size, seed, types, neg_images):
+    def __init__(self, items, image_size, seed, types, neg_images, preprocess=None):
         self.items, self.image_size, self.seed, self.types, self.neg_images = items, image_size, seed, types, neg_images
+        self.preprocess = preprocess
 
     def __len__(self):
         return len(self.items)
@@ -239,8 +241,8 @@ class HardNegatives(torch.utils.data.Dataset):
         path, captions, neg_rows = self.items[i]
         caption, slots = captions[rng.randrange(len(captions))]
         negs = negatives.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
-        pixels = data.load_image(path, self.image_size)
-        return None if pixels is None else (data.to_tensor(pixels), caption, negs), rng, neg_rows
+        pixels = data.load_image(path, self.image_size, self.preprocess)
+        return None if pixels is None else (data.to_tensor(pixels, self.preprocess), caption, negs), rng, neg_rows
 
     def __getitem__(self, key):
         i, epoch = key % len(self.items), key // len(self.items)
@@ -347,6 +349,7 @@ def get_args(argv=None):
                 "local-dir:DIR or a minclip ckpt.pt")
     args.init = DEFAULT_INIT if args.init is None else args.init
     args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
@@ -385,6 +388,8 @@ def make_model(args, device):
     clip.train()
     if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
         raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
+        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
     teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
     trainable = set_trainable(clip, args.finetune)
     init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None

@@ -516,20 +516,41 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
 # -----------------------------------------------------------------------------
 # images, dataset, cache
 
-MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
-STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
-# [3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses
-NORMALISED = ((torch.arange(256.0)[None, :].div(255) - MEAN.view(3, 1)) / STD.view(3, 1)).numpy()
+# open_clip's evaluation preprocessing, PreprocessCfg's fields less size and mode: the default is OpenAI's
+# (and every minclip checkpoint's); a pretrained tag may change any of them (model.init_preprocess)
+PREPROCESS = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
-def load_image(path, size):
-    """decode, resize the shorter side to size (bicubic), center crop -> uint8 [size, size, 3], None if unreadable"""
+
+@functools.lru_cache(maxsize=None)
+def _normalised(mean, std):
+    """[3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses"""
+    mean, std = torch.tensor(mean).view(3, 1), torch.tensor(std).view(3, 1)
+    return ((torch.arange(256.0)[None, :].div(255) - mean) / std).numpy()
+
+
+def load_image(path, size, preprocess=None):
+    """decode and resize -> uint8 [size, size, 3], None if unreadable. preprocess: open_clip's
+    evaluation config (PREPROCESS's keys; None = PREPROCESS: the shorter side to size, bicubic,
+    centre crop), followed bit for bit: resize_mode shortest (resize, centre crop), squash (both
+    sides to size, the aspect ratio lost) or longest (the longer side to size, padded with fill_color);
+    interpolation bicubic or bilinear ('random' is bicubic, as open_clip evaluates it)."""
     # deterministic, and no random flips: a flip turns "the dog left of the cat" into a false caption
+    cfg = PREPROCESS | (preprocess or {})
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGB")  # before resizing, as eval.open_rgb does before open_clip's transform
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    mode = TF.InterpolationMode.BILINEAR if cfg["interpolation"] == "bilinear" else TF.InterpolationMode.BICUBIC
+    if cfg["resize_mode"] == "shortest":
+        im = TF.center_crop(TF.resize(im, size, interpolation=mode), size)
+    elif cfg["resize_mode"] == "squash":
+        im = TF.resize(im, [size, size], interpolation=mode)
+    elif cfg["resize_mode"] == "longest":
+        from open_clip.transform import ResizeKeepRatio, center_crop_or_pad  # open_clip's own, for its rounding and padding
+        im = center_crop_or_pad(ResizeKeepRatio(size, longest=1, interpolation=mode)(im), [size, size], fill=cfg["fill_color"])
+    else:
+        raise ValueError(f"unknown resize_mode {cfg['resize_mode']!r} (open_clip's: shortest, squash, longest)")
     return np.asarray(im, dtype=np.uint8)
 
 def check_images(items, what):
@@ -550,11 +571,14 @@ def check_images(items, what):
         raise DataError(f"{what}: {len(bad)} of {len(items)} images do not open: {', '.join(bad[:3])}"
                         f"{', ...' if len(bad) > 3 else ''}; evaluation needs every one (replace or remove them)")
 
-def to_tensor(pixels):
-    """uint8 [S, S, 3] -> float [3, S, S], normalised like openai clip's training images: bit for bit
-    open_clip's ToTensor + Normalize, looked up per channel (2x faster than computing it on 64 px)"""
+def to_tensor(pixels, preprocess=None):
+    """uint8 [S, S, 3] -> float [3, S, S], normalised with preprocess's mean and std (None: OpenAI's,
+    as openai clip's training images): bit for bit open_clip's ToTensor + Normalize, looked up per
+    channel (2x faster than computing it on 64 px)"""
+    cfg = PREPROCESS | (preprocess or {})
+    table = _normalised(*(tuple(x) if isinstance(x, (list, tuple)) else (x,) * 3 for x in (cfg["mean"], cfg["std"])))
     pixels = np.asarray(pixels)
-    return torch.from_numpy(np.stack([NORMALISED[c][pixels[..., c]] for c in range(3)]))
+    return torch.from_numpy(np.stack([table[c][pixels[..., c]] for c in range(3)]))
 
 def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1):
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar

@@ -554,6 +554,7 @@ def load_model(spec, device="cpu", flag="--model"):
         model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
+        model.preprocess_cfg = init_preprocess(spec)  # open_clip's default, as preprocess
         return model.to(device).eval(), preprocess, tokenizer
     kwargs = {}
     if spec.startswith("local-dir:"):
@@ -619,6 +620,7 @@ def load_model(spec, device="cpu", flag="--model"):
         raise SystemExit(f"error: {flag} {spec}: {why}")
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
+    model.preprocess_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in model.visual.preprocess_cfg.items() if k in init_preprocess(spec)}
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -665,21 +667,54 @@ def init_geometry(spec):
         return None
 
 
+def init_preprocess(spec):
+    """The evaluation preprocessing of the model a spec names, from its config alone (no weights, no
+    download but an hf-hub: config), as open_clip builds it: {mean, std, interpolation, resize_mode,
+    fill_color} (data.PREPROCESS's keys), its pretrained tag's (open_clip.pretrained.get_pretrained_cfg)
+    or its hub folder's, over open_clip's default (OpenAI's mean and std, the shorter side bicubic, a
+    centre crop), which minclip checkpoints and NAME:FILE weights keep. The fine-tuning scripts train on
+    these pixels (data.load_image, data.to_tensor), so training sees what evaluation does: e.g.
+    ViT-L-14:laion2b_s32b_b82k's mean and std are 0.5, the ViT-H-14 dfn5b tags squash the image."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from data import PREPROCESS
+    cfg = {}
+    try:
+        if is_checkpoint(spec):
+            pass
+        elif spec.startswith("local-dir:"):
+            with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
+                cfg = json.load(f).get("preprocess_cfg") or {}
+        elif spec.startswith("hf-hub:"):
+            from open_clip.factory import _get_hf_config
+            cfg = _get_hf_config(spec[len("hf-hub:"):]).get("preprocess_cfg") or {}
+        else:
+            import open_clip
+            name, _, tag = spec.partition(":")
+            cfg = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), tag) if tag else {}
+    except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
+        cfg = {}
+    merged = merge_preprocess_dict(PreprocessCfg(), cfg if isinstance(cfg, dict) else {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in PREPROCESS}
+
+
 def load_clip(spec, device="cpu", flag="--init"):
     """The --init of the fine-tuning scripts: any spec load_model accepts -> (minclip CLIP with its
-    weights, model_cfg, preprocess, tokenizer). open_clip's weights load into minclip's CLIP with
-    strict=True (same names, same maths), so every script trains one model class; a model that is not
-    the standard ViT + text Transformer CLIP is one clear error."""
-    model, preprocess, tokenizer = load_model(spec, device, flag)
-    if isinstance(model, CLIP):
-        return model, model.model_cfg, preprocess, tokenizer
-    try:
-        ours = CLIP(**model.model_cfg)
-        ours.load_state_dict(model.state_dict(), strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
-    ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
-    return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
+    weights, model_cfg, preprocess, tokenizer); model.preprocess_cfg is the one preprocess applies
+    (init_preprocess's keys). open_clip's weights load into minclip's CLIP with strict=True (same
+    names, same maths), so every script trains one model class; a model that is not the standard ViT
+    + text Transformer CLIP is one clear error. Loaded and converted on the CPU (minclip's CLIP built
+    on the meta device, then given open_clip's tensors), then moved: one copy on the device."""
+    model, preprocess, tokenizer = load_model(spec, "cpu", flag)
+    if not isinstance(model, CLIP):
+        try:
+            with torch.device("meta"):  # no random init of a copy: assign=True takes open_clip's tensors
+                ours = CLIP(**model.model_cfg)
+            ours.load_state_dict(model.state_dict(), strict=True, assign=True)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
+        ours.model_cfg, ours.image_size, ours.preprocess_cfg = model.model_cfg, model.image_size, model.preprocess_cfg
+        model = ours
+    return model.to(device).eval(), model.model_cfg, preprocess, tokenizer
 
 
 def export_open_clip(model, model_cfg, out_dir):

@@ -3,7 +3,7 @@ Peak memory of eval.retrieval_metrics on a large split (default: COCO val2014 wi
 JSON, 40,504 images x 202,520 captions, five per image), against what the whole similarity matrix
 would take (the former retrieval_metrics: the fp32 matrix, its masked copy and bool masks of its size).
 
-    python bench/retrieval_memory.py                        # 40k x 200k, dim 32: ~1-2 min on 2 CPU cores
+    python bench/retrieval_memory.py                        # 40k x 200k, dim 32: minutes on a 2-core CPU
     python bench/retrieval_memory.py --images 5000 --dim 512 --block 4096
 
 The features are random unit vectors (the ranks' values do not matter here, only the memory). The

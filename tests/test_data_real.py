@@ -389,6 +389,31 @@ def test_matches_open_clip_preprocess(tmp_path):
         path = noise_jpg(tmp_path / f"{w}.jpg", w, h, seed=w)
         assert torch.equal(to_tensor(load_image(path, 32)), preprocess(Image.open(path)))
 
+@pytest.mark.parametrize("spec, expect", [
+    ("ViT-B-32:openai", {"mean": (0.48145466, 0.4578275, 0.40821073), "resize_mode": "shortest"}),
+    ("ViT-L-14:laion2b_s32b_b82k", {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "shortest"}),
+    ("ViT-H-14-quickgelu:dfn5b", {"resize_mode": "squash", "interpolation": "bicubic"}),
+    (None, {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear", "resize_mode": "longest", "fill_color": 7}),
+])
+def test_training_pixels_are_open_clips_preprocess_per_tag(tmp_path, spec, expect):
+    """load_image + to_tensor with a tag's config (model.init_preprocess: open_clip's pretrained cfg, no
+    download) equal open_clip's own evaluation transform (image_transform_v2, is_train=False) bit for
+    bit, on random-size images: wide, tall, square, smaller than the target (upscaled), at two sizes.
+    None: a made-up config for the modes no tag above uses (bilinear, longest with a fill)."""
+    import open_clip
+    from model import init_preprocess
+    cfg = init_preprocess(spec) if spec else {**init_preprocess("ViT-B-32:openai"), **expect}
+    assert {k: cfg[k] for k in expect} == expect
+    images = [noise_jpg(tmp_path / f"{w}x{h}.jpg", w, h, seed=w + h) for w, h in ((90, 40), (33, 71), (50, 50), (20, 17), (301, 255))]
+    Image.open(images[0]).convert("L").save(tmp_path / "grey.png")  # not RGB: converted first, as eval.open_rgb does
+    for size in (32, 224):
+        transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=size, **cfg), is_train=False)
+        for path in [*images, str(tmp_path / "grey.png")]:
+            ours = to_tensor(load_image(path, size, cfg), cfg)
+            assert ours.shape == (3, size, size) and torch.equal(ours, transform(Image.open(path).convert("RGB"))), (path, size)
+    if spec != "ViT-B-32:openai":  # the OpenAI default would have given other pixels
+        assert not torch.equal(to_tensor(load_image(images[0], 32)), to_tensor(load_image(images[0], 32, cfg), cfg))
+
 def test_no_flip_resize_center_crop(tmp_path):
     # 40x20, red left half, blue right half: shorter side -> 16 gives 32x16, center crop keeps
     # columns 8..24, i.e. red on the left half, blue on the right, never mirrored

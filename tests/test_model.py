@@ -106,3 +106,47 @@ def test_dist_timeout_reaches_init_process_group(monkeypatch, script):
     with pytest.raises(SystemExit, match="stopped"):
         module.main(["--device", "cpu", "--dist_timeout", "99"])
     assert seen == [("gloo", datetime.timedelta(seconds=99))]
+
+
+def test_load_clip_reports_the_preprocessing_init_preprocess_reads(tmp_path):
+    """a hub folder whose config squashes with mean / std 0.5: init_preprocess reads it before any
+    weights, load_clip's model carries the same (what its preprocess applies), and the fine-tuning
+    scripts' get_args take it for their data; a minclip checkpoint keeps open_clip's default"""
+    from PIL import Image
+    import data
+    cfg = model_config("tiny", 32, 32)
+    hub = tmp_path / "hub"
+    export_open_clip(CLIP(**cfg), cfg, str(hub))
+    config = json.load(open(hub / "open_clip_config.json"))
+    config["preprocess_cfg"] |= {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+    json.dump(config, open(hub / "open_clip_config.json", "w"))
+    spec = f"local-dir:{hub}"
+    want = model.init_preprocess(spec)
+    assert want["mean"] == (0.5, 0.5, 0.5) and want["resize_mode"] == "squash"
+    clip, _, preprocess, _ = load_clip(spec)
+    assert clip.preprocess_cfg == want
+    Image.fromarray((torch.rand(40, 90, 3) * 255).byte().numpy()).save(tmp_path / "wide.png")
+    assert torch.equal(preprocess(Image.open(tmp_path / "wide.png")), data.to_tensor(data.load_image(tmp_path / "wide.png", 32, want), want))
+    import clip_dpo
+    import clip_hardneg
+    assert clip_dpo.get_args(["--init", spec]).preprocess == clip_hardneg.get_args(["--init", spec]).preprocess == want
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
+    assert load_clip(ckpt)[0].preprocess_cfg == model.init_preprocess(ckpt) == data.PREPROCESS
+
+
+def test_load_clip_converts_on_the_cpu_then_moves_one_copy(tmp_path, monkeypatch):
+    """open_clip's model is loaded on the CPU and turned into minclip's CLIP there (built on the meta
+    device: its tensors are open_clip's, no random copy), and only then moved: the device never holds
+    both (the meta device stands in for a GPU here)"""
+    cfg = model_config("tiny", 32, 32)
+    torch.manual_seed(0)
+    theirs = open_clip.CLIP(**cfg)
+    export_open_clip(theirs, cfg, str(tmp_path / "hub"))
+    asked, real = [], model.load_model
+    monkeypatch.setattr(model, "load_model", lambda spec, device="cpu", flag="--model": (asked.append(str(device)), real(spec, device, flag))[1])
+    on_meta, _, _, _ = load_clip(f"local-dir:{tmp_path / 'hub'}", device="meta")
+    assert asked == ["cpu"] and all(p.is_meta for p in on_meta.parameters())
+    ours, _, _, _ = load_clip(f"local-dir:{tmp_path / 'hub'}")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert all(p.requires_grad for p in ours.parameters())
