@@ -554,7 +554,7 @@ def make_data(args, rank, world):
             raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
         hnc = negatives.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
         print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
-        return HNCGroups(hnc, args.image_size, args.seed), len(hnc), None
+        return HNCGroups(hnc, args.image_size, args.seed, args.preprocess), len(hnc), None
     evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split)
@@ -567,7 +567,7 @@ def make_data(args, rank, world):
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
-    return ImageGroups(groups, args.image_size), len(groups), evalset
+    return ImageGroups(groups, args.image_size, args.preprocess), len(groups), evalset
 
 # -----------------------------------------------------------------------------
 # training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py

@@ -441,7 +441,7 @@ def make_data(args, rank, world):
         splits = splits if args.data == "coco" and root == args.data_root else data.read_dataset(args.eval_data or "coco", root)
     else:
         splits = None
-    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images), len(items), splits
+    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images, args.preprocess), len(items), splits
 
 
 class HNCItems:

@@ -25,6 +25,7 @@ from model import CLIP, model_config
 import negatives
 import shapes
 from model import load_model
+import model
 
 TINY = ["--batch_size", "2", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
@@ -824,3 +825,19 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     assert "step 2/2" in r.stdout and "has no eval split here" in r.stdout
     r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--direction", "t2i", "--out_dir", str(tmp_path / "o2")])
     assert r.returncode != 0 and "--data hnc gives captions ranked for an image only" in r.stderr
+
+
+@pytest.mark.parametrize("which", ["vsr", "hnc"])
+def test_real_images_follow_the_inits_preprocessing(which):
+    """--init ViT-L-14:laion2b_s32b_b82k (mean / std 0.5): make_data's groups hold the pixels open_clip's
+    evaluation transform of that tag gives (read from its config: no weights, no download)"""
+    init = "ViT-L-14:laion2b_s32b_b82k"
+    root = FIXTURE if which == "vsr" else os.path.join(FIX, "hnc", "hnc_clean_strict_train.json")
+    args = clip_dpo.get_args(["--data", which, "--data_root", root, "--init", init, "--direction", "i2t" if which == "hnc" else "both"])
+    assert args.preprocess == model.init_preprocess(init) and args.preprocess["mean"] == (0.5, 0.5, 0.5)
+    dataset, _, _ = clip_dpo.make_data(args, 0, 1)
+    key = next(k for k in range(len(dataset)) if dataset[k] is not None)
+    path = (dataset.groups[key]["images"] if which == "vsr" else [dataset.hnc[key][0]])[0]
+    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=224, **args.preprocess), is_train=False)
+    assert torch.equal(dataset[key]["images"][0], transform(Image.open(path).convert("RGB")))
+    assert not torch.equal(dataset[key]["images"][0], data.to_tensor(data.load_image(path, 224)))  # OpenAI's mean and std

@@ -484,3 +484,26 @@ def test_missing_default_init_says_to_run_clip_scratch_first(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "out/clip_scratch/ckpt.pt does not exist: run `python clip_scratch.py` first" in r.stderr, r.stderr
+
+
+def test_real_images_follow_the_inits_preprocessing(tmp_path):
+    """--init ViT-H-14-quickgelu:dfn5b (resize_mode squash): make_data's rows hold the pixels open_clip's
+    evaluation transform of that tag gives (read from its config: no weights, no download), not the
+    shorter side's centre crop (the fixture's images textured, so the two differ)"""
+    import numpy as np
+    from PIL import Image
+    import data
+    from conftest import fixture_copy
+    from model import init_preprocess
+    init, tsv = "ViT-H-14-quickgelu:dfn5b", str(fixture_copy(tmp_path, "negclip") / "train_neg_clip.tsv")
+    for i, (path, *_) in enumerate(negatives.read_negclip(tsv)):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(path, quality=95)
+    args = hn.get_args(["--data", "negclip", "--data_root", tsv, "--init", init])
+    assert args.preprocess == init_preprocess(init) and args.preprocess["resize_mode"] == "squash"
+    dataset, _, _ = hn.make_data(args, 0, 1)
+    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=args.image_size, **args.preprocess), is_train=False)
+    for key in range(2):
+        (image, _, _), = dataset[key]
+        path = dataset.items[key][0]
+        assert torch.equal(image, transform(Image.open(path).convert("RGB")))
+        assert not torch.equal(image, data.to_tensor(data.load_image(path, args.image_size)))  # the OpenAI default's crop
