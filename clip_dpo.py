@@ -161,11 +161,12 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
 
 def scores(features, query, cand, scale):
     """z [M, K] = scale * f(query_m) . f(cand_mk) from features [N, D] (query [M], cand [M, K] index
-    it), fp32 also under autocast: autocast would run the einsum (a bmm) in bf16, whose step is
-    0.125-0.25 at z ~ 30, and round the policy-minus-reference difference DPO lives on away"""
+    it), in fp32 also under autocast, which would run a matmul (einsum's bmm) in bf16: a step of
+    0.125-0.25 at z ~ 30 rounds away the policy-minus-reference difference DPO lives on. A product
+    and a sum, not a matmul, so TF32 (on in float32 runs on CUDA) does not round it either."""
     with torch.autocast(features.device.type, enabled=False):
         f = features.float()
-        return scale.float() * torch.einsum("md,mkd->mk", f[query], f[cand])
+        return scale.float() * (f[query][:, None, :] * f[cand]).sum(-1)
 
 
 def l2sp_penalty(model, reference):

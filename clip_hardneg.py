@@ -165,9 +165,9 @@ def step_loss(model, batch, args, state):
         return negclip_loss(image_features, t, n, valid, logit_scale)
     if args.loss == "ceclip":
         itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
-        with torch.autocast(images.device.type, enabled=False):  # fp32 scores: autocast runs the einsum (a bmm) in bf16
-            v, s = image_features.float(), logit_scale.float()
-            pos, neg = s * (v * t.float()).sum(-1), s * torch.einsum("bd,bkd->bk", v, n.float())
+        with torch.autocast(images.device.type, enabled=False):  # fp32 scores: autocast would run a matmul in bf16 (and
+            v, s = image_features.float(), logit_scale.float()  # TF32 one in tf32): products and sums, as the positives'
+            pos, neg = s * (v * t.float()).sum(-1), s * (v[:, None, :] * n.float()).sum(-1)
         threshold = state.threshold if args.cmr_threshold == "adaptive" else pos.new_full((K,), args.cmr_fixed_threshold)
         cmr, new = cmr_loss(pos, neg, valid, threshold, args.cmr_upper_bound)
         if args.cmr_threshold == "adaptive":
