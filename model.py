@@ -286,7 +286,12 @@ def print0(*a, **kw):
 
 
 def autocast_ctx(device, dtype):
+    """the step's precision: bf16 / fp16 autocast, or float32, whose matmuls and convolutions run in
+    TF32 on CUDA (switched on here, as nanoGPT does: ~8x the fp32 FLOP/s on A100 / H100; the scores
+    the losses compare are products and sums, which TF32 does not touch)"""
     if dtype == "float32":
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return nullcontext()
     return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
@@ -400,24 +405,49 @@ def global_mean(total, count):
     return total / (count.clamp(min=1) / _world())
 
 
+def to_cpu(obj):
+    """every tensor in obj (dicts, lists, tuples) detached and on the CPU"""
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj
+
+
 def save_checkpoint(path, obj):
-    """atomic: a crash mid-write leaves the previous checkpoint intact."""
+    """atomic: a crash mid-write leaves the previous checkpoint intact. Tensors are saved on the CPU,
+    so torch.load needs no map_location on a machine without the GPU (the optimizer's load_state_dict
+    moves its state back to the parameters' device on resume)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    torch.save(to_cpu(obj), tmp)
     os.replace(tmp, path)
 
 
-# peak dense bf16 tensor FLOP/s per device, for MFU (0 = unknown, MFU not reported)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# dense peak FLOP/s (NVIDIA's datasheets, without sparsity) by the exact torch.cuda.get_device_name, for
+# MFU: "bfloat16" / "float16" the 16-bit tensor cores, "float32" TF32's (autocast_ctx switches it on).
+# Exact names, because a substring reads an H100 PCIe or NVL as the SXM part; a name or dtype not here
+# (a MIG slice, an A10G) gives 0 and MFU is not reported
+_H100_SXM, _NVL = {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}, {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}
+_A100 = {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "NVIDIA H100 NVL": _NVL, "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _NVL,
+    "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100 80GB PCIe": _A100, "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "NVIDIA L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "NVIDIA A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
+    "NVIDIA GeForce RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},  # fp32 accumulation
+    "NVIDIA GeForce RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
+    "Tesla V100-SXM2-16GB": {"float16": 125e12}, "Tesla V100-SXM2-32GB": {"float16": 125e12},  # no bf16, no TF32
+}
 
 
-def peak_flops(device):
+def peak_flops(device, dtype="bfloat16"):
+    """a CUDA device's peak FLOP/s at the run's --dtype (PEAK_FLOPS), 0.0 where unknown or not CUDA"""
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((f for k, f in PEAK_FLOPS.items() if k in name), 0.0)
-
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device), {}).get(dtype, 0.0)
 
 
 @contextmanager

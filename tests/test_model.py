@@ -150,3 +150,59 @@ def test_load_clip_converts_on_the_cpu_then_moves_one_copy(tmp_path, monkeypatch
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
     assert all(p.requires_grad for p in ours.parameters())
+
+
+class OnGPU(torch.Tensor):
+    """a CPU tensor that says it lives on cuda:0 (a CPU-only machine has no CUDA tensor to save): every
+    op runs on its CPU data, and torch.save would write it as this class on that device"""
+
+    @staticmethod
+    def __new__(cls, data):
+        t = torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device="cuda")
+        t.cpu_data = data
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.cpu_data if isinstance(x, OnGPU) else x  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def test_checkpoints_hold_cpu_tensors_that_load_without_map_location(tmp_path):
+    """save_checkpoint moves every tensor of the checkpoint (weights, optimizer state, nested) to the CPU:
+    a checkpoint written on a GPU loads with torch.load(path, weights_only=True) on a CPU-only machine"""
+    w, m = torch.randn(3, 2), torch.randn(3, 2)
+    assert OnGPU(w).device.type == "cuda"
+    model.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"w": OnGPU(w)}, "step": 7, "args": {"lr": 0.1},
+                                                      "optimizer": {"state": {0: {"exp_avg": OnGPU(m), "step": torch.tensor(7.0)}},
+                                                                    "param_groups": [{"params": [0], "lr": 0.1}]}})
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # no map_location
+    assert type(ckpt["model"]["w"]) is torch.Tensor and ckpt["model"]["w"].device.type == "cpu" and torch.equal(ckpt["model"]["w"], w)
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], m) and ckpt["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    assert ckpt["step"] == 7 and ckpt["optimizer"]["param_groups"] == [{"params": [0], "lr": 0.1}]
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 80GB HBM3", "float32", 495e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 NVL", "bfloat16", 835e12), ("NVIDIA H200", "float16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", 0.0), ("Tesla V100-SXM2-16GB", "bfloat16", 0.0), ("NVIDIA A10G", "bfloat16", 0.0),
+])
+def test_peak_flops_by_exact_name_and_dtype(monkeypatch, name, dtype, peak):
+    """MFU's peak: the exact device name (an H100 PCIe or NVL is not the SXM part; a MIG slice or an
+    unlisted card is unknown: 0, no MFU) at the run's dtype (float32 runs use TF32's peak)"""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert model.peak_flops(torch.device("cuda"), dtype) == peak
+    assert model.peak_flops(torch.device("cpu"), dtype) == 0.0
+
+
+def test_float32_runs_on_cuda_switch_tf32_on():
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with model.autocast_ctx(torch.device("cpu"), "float32"):
+            assert not torch.backends.cuda.matmul.allow_tf32  # CPU runs: untouched
+        with model.autocast_ctx(torch.device("cuda"), "float32"):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
