@@ -54,8 +54,8 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops, print0, save_checkpoint,
-                   set_trainable, setup_distributed, to_device)
+                   host_ints, init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip, lr_at, param_groups, peak_flops,
+                   print0, save_checkpoint, set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
@@ -125,12 +125,9 @@ def clip_loss(image_features, text_features, logit_scale):
     with torch.autocast(image_features.device.type, enabled=False):
         image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
         n, device = len(image_features), image_features.device
-        counts, rank = torch.tensor([n], device=device), 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            every = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
-            dist.all_gather(every, counts)
-            counts, rank = torch.cat(every), dist.get_rank()
-        N = int(counts.max())
+        counts = host_ints(n, device)  # every rank's n, on the host: no device sync
+        rank, N = dist.get_rank() if len(counts) > 1 else 0, int(counts.max())
+        counts = counts.to(device)
         pad = (0, 0, 0, N - n)
         all_image, all_text = all_gather_with_grad(F.pad(image_features, pad)), all_gather_with_grad(F.pad(text_features, pad))
         valid = (torch.arange(N, device=device)[None, :] < counts[:, None]).flatten()  # [world*N] real pairs
@@ -223,7 +220,7 @@ def step_loss(model, batch, args, state):
         stats |= {"clip": contrastive.detach(), "acc": acc}
     imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
     if imc_weight:
-        i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
+        i2t = prefs["i2t"]  # image queries: their candidates are captions
         per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
         imc = global_mean(per_query.sum(), len(per_query))
         loss = loss + imc_weight * imc
@@ -350,8 +347,9 @@ def make_batch(groups, args):
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
     pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
-    tokens = data.get_tokenizer(args.context_length)(texts)
-    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos)}
+    tokens, = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
+    i2t = (query < n_images).nonzero().squeeze(1)  # the image queries (imc_loss's), found here on the CPU
+    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
 # -----------------------------------------------------------------------------
@@ -607,16 +605,25 @@ def main(argv=None):
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
+    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+        first = not_finite.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
+            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+
     def checkpoint(step):
+        stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
             save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
@@ -662,7 +669,8 @@ def main(argv=None):
            + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
-    peak, flops = peak_flops(device) * world, None
+    peak, flops = peak_flops(device, dtype) * world, None
+    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
     step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -677,12 +685,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:
+        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(model, batch, args, state)
-            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
@@ -692,6 +698,7 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
+            stop_if_not_finite()
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
             eta = int((args.max_steps - step) * dt / n_steps)

@@ -98,7 +98,7 @@ def negclip_loss(image_features, text_features, neg_features, neg_valid, logit_s
         logits_per_text = s * t @ all_gather_with_grad(v).T  # [B, W*B]
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits_per_text, labels))
         pos, neg = (v * t).sum(-1), torch.einsum("bd,bkd->bk", v, n)
-        hn_acc = (pos[:, None] > neg)[neg_valid].float().mean() if neg_valid.any() else pos.new_tensor(float("nan"))
+        hn_acc = ((pos[:, None] > neg) & neg_valid).sum() / neg_valid.sum()  # NaN without a valid negative; no host sync
     return loss, {"acc": (logits.argmax(1) == labels).float().mean().detach(), "hn_acc": hn_acc.detach()}
 
 
@@ -266,7 +266,7 @@ def make_batch(samples, args):
     valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in ns] for c, ns in zip(captions, negs)])
     tokenizer, K = data.get_tokenizer(args.context_length), valid.shape[1]
     flat = [n if ok else "" for ns, oks in zip(negs, valid.tolist()) for n, ok in zip(ns, oks)]
-    batch = (torch.stack(images), tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1), valid)
+    batch = (torch.stack(images), *data.trim_tokens(tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1)), valid)
     return batch, {"unreadable samples": len(samples) - len(kept), "invalid negatives": int((~valid).sum())}
 
 # -----------------------------------------------------------------------------
@@ -494,16 +494,25 @@ def main(argv=None):
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
+    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+        first = not_finite.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
+            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+
     def checkpoint(step):
+        stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
             save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
@@ -549,7 +558,8 @@ def main(argv=None):
            + (f" = {args.epochs} epochs of {n_items} items" if n_items is not None and args.epochs else "") + f" | device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
-    peak, flops = peak_flops(device) * world, None
+    peak, flops = peak_flops(device, dtype) * world, None
+    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
     step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -564,12 +574,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:
+        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(model, batch, args, state)
-            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
@@ -579,6 +587,7 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
+            stop_if_not_finite()
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
             eta = int((args.max_steps - step) * dt / n_steps)

@@ -46,6 +46,13 @@ def get_tokenizer(context_length=77):
     # strings -> long tensor [n, context_length]
     return SimpleTokenizer(context_length=context_length)
 
+def trim_tokens(*tokens):
+    """token tensors [..., L] (one batch's) cut to its longest text: up to the last EOT (the highest
+    id) + 1. The text tower's causal mask makes the rest padding that cannot change a feature; cut
+    here, on the CPU in the collate, the model needs no host sync to find where the texts end."""
+    L = max(int(t.argmax(-1).max()) + 1 for t in tokens)
+    return tuple(t[..., :L] for t in tokens)
+
 # -----------------------------------------------------------------------------
 # readers: each returns {"train" | "val" | "test": [(absolute image path, [captions]), ...]}
 

@@ -167,7 +167,10 @@ class CLIP(nn.Module):
 
     def encode_text(self, text, normalize=False, return_tokens=False):
         eot = text.argmax(dim=-1)  # the EOT token has the highest id (open_clip's 'argmax' pooling)
-        L = int(eot.max()) + 1  # causal mask: positions after the last EOT cannot change the result (a host sync; cheap)
+        # causal mask: positions after the last EOT cannot change the result. The scripts' collate cuts
+        # the batch there (data.trim_tokens), so on a GPU the tokens' length is used as given (finding it
+        # would be a host sync and a graph break); on the CPU, where reading it is free, any tokens are cut
+        L = int(eot.max()) + 1 if text.device.type == "cpu" else text.shape[1]
         x = self.token_embedding(text[:, :L]) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
@@ -271,8 +274,11 @@ def setup_distributed(device_flag, timeout=7200):
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
+        global _HOST_GROUP
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+        if use_cuda:  # host-side ints (host_ints) travel by gloo: nccl's would wait for the GPU's queue
+            _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     else:
         rank, local_rank, world = 0, 0, 1
     if use_cuda:
@@ -387,13 +393,24 @@ def global_sum(x):
     return x
 
 
-def global_min(n, device):
-    """an int, the smallest over ranks"""
+_HOST_GROUP = None  # setup_distributed's gloo group beside nccl
+
+
+def host_ints(n, device):
+    """an int from every rank -> long [world] on the CPU, rank order. Under nccl it travels by a gloo
+    group of its own (setup_distributed), so reading it waits for the other ranks, never for the GPU"""
     if _world() == 1:
-        return n
-    n = torch.tensor([n], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    return int(n)
+        return torch.tensor([n])
+    on_host = _HOST_GROUP is not None or dist.get_backend() == "gloo"
+    x = torch.tensor([n], device="cpu" if on_host else device)
+    every = [torch.zeros_like(x) for _ in range(_world())]
+    dist.all_gather(every, x, group=_HOST_GROUP)
+    return torch.cat(every).cpu()
+
+
+def global_min(n, device):
+    """an int, the smallest over ranks (host_ints: no device sync)"""
+    return n if _world() == 1 else int(host_ints(n, device).min())
 
 
 def global_mean(total, count):

@@ -349,7 +349,10 @@ def test_shapes_batches_hold_scenes_and_their_twins():
         assert twin_cap == negs[key % 2]  # the mirror's caption is the relation negative, the colour swap's the attribute one
         assert twin_negs[key % 2] == cap
     images, captions, negatives, valid = batch
-    assert images.shape == (8, 3, 32, 32) and negatives.shape == (8, 2, 32) and valid.all()
+    assert images.shape == (8, 3, 32, 32) and negatives.shape[:2] == (8, 2) and valid.all()
+    # the tokens are cut at the batch's longest text (data.trim_tokens): its EOT is the last column
+    L = captions.shape[1]
+    assert negatives.shape[2] == L < 32 and max(captions.argmax(-1).max(), negatives.argmax(-1).max()) == L - 1
 
 def test_negclip_samples_bring_one_of_their_neg_image_rows():
     import data
