@@ -456,7 +456,8 @@ def get_args(argv=None):
 
 def make_model(args, device):
     """-> (clip, the module that trains (the policy), preprocess, AdamW parameter groups, state):
-    the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping."""
+    the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping (compiled
+    like the policy with --compile)."""
     if is_checkpoint(args.init) and not os.path.isfile(args.init):
         raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
                          "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
@@ -472,6 +473,7 @@ def make_model(args, device):
     reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
     if args.loss != "bt" or args.l2sp:
         reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
+        reference = torch.compile(reference) if args.compile else reference  # a forward per step, as the policy's
     checksum = sum(p.double().sum().item() for p in clip.parameters())
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)

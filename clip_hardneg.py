@@ -391,6 +391,7 @@ def make_model(args, device):
     if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
         raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
     teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
+    teacher = torch.compile(teacher) if args.compile and teacher is not None else teacher  # a forward per step, as the student's
     trainable = set_trainable(clip, args.finetune)
     init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
     negs = ",".join(args.neg_types) if args.data in ("shapes", "coco") else args.data

@@ -168,9 +168,9 @@ class CLIP(nn.Module):
     def encode_text(self, text, normalize=False, return_tokens=False):
         eot = text.argmax(dim=-1)  # the EOT token has the highest id (open_clip's 'argmax' pooling)
         # causal mask: positions after the last EOT cannot change the result. The scripts' collate cuts
-        # the batch there (data.trim_tokens), so on a GPU the tokens' length is used as given (finding it
-        # would be a host sync and a graph break); on the CPU, where reading it is free, any tokens are cut
-        L = int(eot.max()) + 1 if text.device.type == "cpu" else text.shape[1]
+        # the batch there (data.trim_tokens), so on a GPU and under torch.compile the tokens' length is
+        # used as given (finding it is a host sync and a graph break); elsewhere any tokens are cut here
+        L = text.shape[1] if text.device.type != "cpu" or torch.compiler.is_compiling() else int(eot.max()) + 1
         x = self.token_embedding(text[:, :L]) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
@@ -667,7 +667,7 @@ def load_model(spec, device="cpu", flag="--model"):
         raise SystemExit(f"error: {flag} {spec}: {why}")
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
-    model.preprocess_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in model.visual.preprocess_cfg.items() if k in init_preprocess(spec)}
+    model.preprocess_cfg = _preprocess(model.visual.preprocess_cfg)  # what preprocess applies
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -722,8 +722,6 @@ def init_preprocess(spec):
     centre crop), which minclip checkpoints and NAME:FILE weights keep. The fine-tuning scripts train on
     these pixels (data.load_image, data.to_tensor), so training sees what evaluation does: e.g.
     ViT-L-14:laion2b_s32b_b82k's mean and std are 0.5, the ViT-H-14 dfn5b tags squash the image."""
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-    from data import PREPROCESS
     cfg = {}
     try:
         if is_checkpoint(spec):
@@ -740,6 +738,14 @@ def init_preprocess(spec):
             cfg = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), tag) if tag else {}
     except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
         cfg = {}
+    return _preprocess(cfg)
+
+
+def _preprocess(cfg):
+    """an open_clip preprocess config (a dict, its keys a subset of PreprocessCfg's) over open_clip's
+    defaults -> data.PREPROCESS's keys, lists as tuples"""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from data import PREPROCESS
     merged = merge_preprocess_dict(PreprocessCfg(), cfg if isinstance(cfg, dict) else {})
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in PREPROCESS}
 
