@@ -479,7 +479,7 @@ def make_model(args, device):
         clip.set_grad_checkpointing(True)
     twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
     what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
-    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum,
+    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
                                summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
                                f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
                                f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
@@ -487,8 +487,9 @@ def make_model(args, device):
 
 
 def save_state(state):
-    """the checkpoint's method part: which reference it was trained against (never its weights)"""
-    return {"reference": {"spec": state.spec, "checksum": state.checksum}}
+    """the checkpoint's method part: which reference it was trained against (never its weights), and
+    the --init's preprocessing (model.init_preprocess), which eval.py and --export then apply"""
+    return {"reference": {"spec": state.spec, "checksum": state.checksum}, "preprocess_cfg": state.preprocess_cfg}
 
 
 def resume(path, clip, state):

@@ -403,8 +403,9 @@ def make_model(args, device):
 
 
 def save_state(state):
-    """the checkpoint's method part: CE-CLIP's adaptive thresholds"""
-    return {"threshold": state.threshold.cpu()}
+    """the checkpoint's method part: CE-CLIP's adaptive thresholds, and the --init's preprocessing
+    (model.init_preprocess), which eval.py and --export then apply"""
+    return {"threshold": state.threshold.cpu(), "preprocess_cfg": state.clip.preprocess_cfg}
 
 
 def resume(path, clip, state):

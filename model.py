@@ -600,8 +600,9 @@ def load_model(spec, device="cpu", flag="--model"):
         model.load_state_dict(ckpt["model"], strict=True)
         model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
-        preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
-        model.preprocess_cfg = init_preprocess(spec)  # open_clip's default, as preprocess
+        model.preprocess_cfg = _preprocess(ckpt.get("preprocess_cfg"))  # a fine-tune's --init's; else open_clip's default (OpenAI's)
+        preprocess = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=model.image_size, **model.preprocess_cfg),
+                                                            is_train=False)
         return model.to(device).eval(), preprocess, tokenizer
     kwargs = {}
     if spec.startswith("local-dir:"):
@@ -718,14 +719,15 @@ def init_preprocess(spec):
     """The evaluation preprocessing of the model a spec names, from its config alone (no weights, no
     download but an hf-hub: config), as open_clip builds it: {mean, std, interpolation, resize_mode,
     fill_color} (data.PREPROCESS's keys), its pretrained tag's (open_clip.pretrained.get_pretrained_cfg)
-    or its hub folder's, over open_clip's default (OpenAI's mean and std, the shorter side bicubic, a
-    centre crop), which minclip checkpoints and NAME:FILE weights keep. The fine-tuning scripts train on
+    or its hub folder's or checkpoint's, over open_clip's default (OpenAI's mean and std, the shorter
+    side bicubic, a centre crop), which clip_scratch.py's checkpoints and NAME:FILE weights keep. The
+    fine-tuning scripts train on
     these pixels (data.load_image, data.to_tensor), so training sees what evaluation does: e.g.
     ViT-L-14:laion2b_s32b_b82k's mean and std are 0.5, the ViT-H-14 dfn5b tags squash the image."""
     cfg = {}
     try:
-        if is_checkpoint(spec):
-            pass
+        if is_checkpoint(spec):  # a fine-tune keeps its --init's (clip_hardneg.py, clip_dpo.py)
+            cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True).get("preprocess_cfg") or {}
         elif spec.startswith("local-dir:"):
             with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
                 cfg = json.load(f).get("preprocess_cfg") or {}
@@ -773,12 +775,11 @@ def load_clip(spec, device="cpu", flag="--init"):
 def export_open_clip(model, model_cfg, out_dir):
     """Write an open_clip hub directory: open_clip_config.json + open_clip_model.safetensors, which
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads with strict=True."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    config = {"model_cfg": model_cfg,
-              "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
-                                 "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    preprocess = getattr(model, "preprocess_cfg", None) or _preprocess({})  # a fine-tune's --init's, else OpenAI's
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"],
+                                                         **{k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}}}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous tensors
     # weights first: a crash between the two writes must not leave a config without weights, which
     # open_clip would load as a random model (see load_model)

@@ -485,7 +485,8 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
-    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference"}
+    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference", "preprocess_cfg"}
+    assert a["preprocess_cfg"] == data.PREPROCESS  # the --init's (a minclip checkpoint: open_clip's default), for eval.py and --export
     assert a["reference"] == {"spec": init, "checksum": sum(p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values())}
     theirs = open_clip.CLIP(**a["model_cfg"])
     theirs.load_state_dict(a["model"], strict=True)

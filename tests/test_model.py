@@ -206,3 +206,24 @@ def test_float32_runs_on_cuda_switch_tf32_on():
             assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
+
+
+def test_a_fine_tune_keeps_its_inits_preprocessing_through_eval_and_export(tmp_path):
+    """a checkpoint with the --init's preprocess_cfg (what clip_hardneg.py / clip_dpo.py save): init_preprocess
+    and load_model (eval.py) read it, its preprocess is open_clip's transform of it, --export writes it
+    to the hub folder open_clip loads; a checkpoint without one keeps open_clip's default"""
+    from PIL import Image
+    import data
+    cfg = model_config("tiny", 32, 32)
+    squash = {**data.PREPROCESS, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt", preprocess_cfg=squash)
+    assert model.init_preprocess(ckpt) == squash
+    loaded, preprocess, _ = load_model(ckpt)
+    assert loaded.preprocess_cfg == squash
+    Image.fromarray((torch.rand(40, 90, 3) * 255).byte().numpy()).save(tmp_path / "wide.png")
+    assert torch.equal(preprocess(Image.open(tmp_path / "wide.png")), data.to_tensor(data.load_image(tmp_path / "wide.png", 32, squash), squash))
+    export_open_clip(loaded, cfg, str(tmp_path / "hub"))
+    assert model.init_preprocess(f"local-dir:{tmp_path / 'hub'}") == squash
+    _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    assert torch.equal(theirs(Image.open(tmp_path / "wide.png")), preprocess(Image.open(tmp_path / "wide.png")))
+    assert load_model(tiny_ckpt(tmp_path / "plain.pt"))[0].preprocess_cfg == data.PREPROCESS
