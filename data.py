@@ -527,13 +527,11 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
 # (and every minclip checkpoint's); a pretrained tag may change any of them (model.init_preprocess)
 PREPROCESS = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
-
 @functools.lru_cache(maxsize=None)
 def _normalised(mean, std):
     """[3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses"""
     mean, std = torch.tensor(mean).view(3, 1), torch.tensor(std).view(3, 1)
     return ((torch.arange(256.0)[None, :].div(255) - mean) / std).numpy()
-
 
 def load_image(path, size, preprocess=None):
     """decode and resize -> uint8 [size, size, 3], None if unreadable. preprocess: open_clip's
@@ -591,8 +589,8 @@ def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1)
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
     (N, S, bad indices, image paths); a matching cache is reused. Returns the unreadable indices.
     Under torch.distributed every rank calls it with its (rank, world) and decodes the items
-    rank::world into the one file, so no rank waits alone for the others' images (Karpathy-COCO's
-    113k: ~11 min for one process); the file system must be shared by the ranks (as out_dir is)."""
+    rank::world into the one file, so no rank waits alone in a collective while one process decodes
+    a whole large set; the file system must be shared by the ranks (as out_dir is)."""
     n, s, paths, meta_path = len(items), image_size, [item[0] for item in items], cache_path + ".json"
     plan = [None]  # rank 0 decides for every rank: the reused cache's bad indices, or the file to fill
     if rank == 0:
@@ -617,8 +615,8 @@ def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1)
     tmp = plan[0]["tmp"]
     cache = np.memmap(tmp, np.uint8, "r+", shape=(n, s, s, 3))
     load, pool = functools.partial(load_image, size=s), multiprocessing.Pool(workers) if workers else None
-    mine, bad = range(rank, n, world), []
-    for i, pixels in zip(mine, pool.imap(load, [paths[i] for i in mine], chunksize=16) if pool else map(load, (paths[i] for i in mine))):
+    mine, bad = [paths[i] for i in range(rank, n, world)], []
+    for i, pixels in zip(range(rank, n, world), pool.imap(load, mine, chunksize=16) if pool else map(load, mine)):
         if pixels is None:
             bad.append(i)
         else:
