@@ -55,8 +55,8 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   init_geometry, is_checkpoint, load_checkpoint, load_clip, lr_at, one_error, param_groups, peak_flops, print0,
-                   save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
+                   host_ints, init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip, lr_at, one_error,
+                   param_groups, peak_flops, print0, save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
@@ -126,12 +126,9 @@ def clip_loss(image_features, text_features, logit_scale):
     with torch.autocast(image_features.device.type, enabled=False):
         image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
         n, device = len(image_features), image_features.device
-        counts, rank = torch.tensor([n], device=device), 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            every = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
-            dist.all_gather(every, counts)
-            counts, rank = torch.cat(every), dist.get_rank()
-        N = int(counts.max())
+        counts = host_ints(n, device)  # every rank's n, on the host: no device sync
+        rank, N = dist.get_rank() if len(counts) > 1 else 0, int(counts.max())
+        counts = counts.to(device)
         pad = (0, 0, 0, N - n)
         all_image, all_text = all_gather_with_grad(F.pad(image_features, pad)), all_gather_with_grad(F.pad(text_features, pad))
         valid = (torch.arange(N, device=device)[None, :] < counts[:, None]).flatten()  # [world*N] real pairs
@@ -158,6 +155,16 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
         text_text = (s * torch.einsum("md,mkd->mk", t_best, t)).masked_fill(~worse, float("-inf"))
         logits = torch.cat([s * (v * t_best).sum(-1, keepdim=True), text_text], dim=1)
         return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device), reduction="none")
+
+
+def scores(features, query, cand, scale):
+    """z [M, K] = scale * f(query_m) . f(cand_mk) from features [N, D] (query [M], cand [M, K] index
+    it), in fp32 also under autocast, which would run a matmul (einsum's bmm) in bf16: a step of
+    0.125-0.25 at z ~ 30 rounds away the policy-minus-reference difference DPO lives on. A product
+    and a sum, not a matmul, so TF32 (on in float32 runs on CUDA) does not round it either."""
+    with torch.autocast(features.device.type, enabled=False):
+        f = features.float()
+        return scale.float() * (f[query][:, None, :] * f[cand]).sum(-1)
 
 
 def l2sp_penalty(model, reference):
@@ -190,13 +197,12 @@ def step_loss(model, batch, args, state):
     image_features, text_features, logit_scale = model(images, texts)
     features = torch.cat([image_features, text_features])  # [NI + NT, D]
     scale = logit_scale if args.train_logit_scale else logit_scale.detach()
-    z = scale * torch.einsum("md,mkd->mk", features[prefs["query"]], features[prefs["cand"]])  # [M, K]
+    z = scores(features, prefs["query"], prefs["cand"], scale)  # [M, K], fp32
     z_ref = torch.zeros_like(z)
     if args.loss != "bt":
         with torch.no_grad():
             ref_image, ref_text, ref_scale = reference(images, texts)
-            ref_features = torch.cat([ref_image, ref_text])
-            z_ref = ref_scale * torch.einsum("md,mkd->mk", ref_features[prefs["query"]], ref_features[prefs["cand"]])
+            z_ref = scores(torch.cat([ref_image, ref_text]), prefs["query"], prefs["cand"], ref_scale)
     m, a, b = prefs["pairs"].unbind(1)
     if args.loss == "listwise":
         per_query, r = listwise_loss(z, z_ref, prefs["rank"], args.beta)
@@ -215,7 +221,7 @@ def step_loss(model, batch, args, state):
         stats |= {"clip": contrastive.detach(), "acc": acc}
     imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
     if imc_weight:
-        i2t = prefs["query"] < len(image_features)  # image queries: their candidates are captions
+        i2t = prefs["i2t"]  # image queries: their candidates are captions
         per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
         imc = global_mean(per_query.sum(), len(per_query))
         loss = loss + imc_weight * imc
@@ -277,27 +283,28 @@ class ShapesPreferences(torch.utils.data.Dataset):
 
 class ImageGroups(torch.utils.data.Dataset):
     """Groups whose images are files (VSR, rankings): key (epoch * len + i) -> the group with its images
-    decoded at image_size (data.load_image), or None if one is unreadable (dropped and counted)."""
+    decoded at image_size (data.load_image) as the --init's evaluation does (preprocess:
+    model.init_preprocess's; None: OpenAI's), or None if one is unreadable (dropped and counted)."""
 
-    def __init__(self, groups, image_size):
-        self.groups, self.image_size = groups, image_size
+    def __init__(self, groups, image_size, preprocess=None):
+        self.groups, self.image_size, self.preprocess = groups, image_size, preprocess
 
     def __len__(self):
         return len(self.groups)
 
     def __getitem__(self, key):
         group = self.groups[key % len(self.groups)]
-        pixels = [data.load_image(path, self.image_size) for path in group["images"]]
-        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p) for p in pixels]}
+        pixels = [data.load_image(path, self.image_size, self.preprocess) for path in group["images"]]
+        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
 
 
 class HNCGroups(torch.utils.data.Dataset):
     """HNC as preference groups, read item by item (negatives.read_hnc): key -> an image and one of its
     positives (drawn per (seed, key)) ranked above that positive's negatives (i2t); None (dropped,
-    counted) if the image is unreadable or no positive has a negative."""
+    counted) if the image is unreadable or no positive has a negative. preprocess: as ImageGroups'."""
 
-    def __init__(self, hnc, image_size, seed=0):
-        self.hnc, self.image_size, self.seed = hnc, image_size, seed
+    def __init__(self, hnc, image_size, seed=0, preprocess=None):
+        self.hnc, self.image_size, self.seed, self.preprocess = hnc, image_size, seed, preprocess
 
     def __len__(self):
         return len(self.hnc)
@@ -308,10 +315,10 @@ class HNCGroups(torch.utils.data.Dataset):
         if not pairs:
             return None
         positive, negatives = random.Random(f"hnc:{self.seed}:{key}").choice(pairs)
-        pixels = data.load_image(path, self.image_size)
+        pixels = data.load_image(path, self.image_size, self.preprocess)
         if pixels is None:
             return None
-        image = data.to_tensor(pixels)
+        image = data.to_tensor(pixels, self.preprocess)
         n = 1 + len(negatives)
         return {"images": [image], "texts": [positive, *negatives], "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
                 "pos": [(0, 0)]}
@@ -341,8 +348,9 @@ def make_batch(groups, args):
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
     pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
-    tokens = data.get_tokenizer(args.context_length)(texts)
-    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos)}
+    tokens, = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
+    i2t = (query < n_images).nonzero().squeeze(1)  # the image queries (imc_loss's), found here on the CPU
+    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
 # -----------------------------------------------------------------------------
@@ -411,6 +419,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
+                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
     args = p.parse_args(argv)
     if args.both_every < 1:
         p.error(f"--both_every {args.both_every}: must be >= 1")
@@ -423,6 +433,7 @@ def get_args(argv=None):
                 "local-dir:DIR or a minclip ckpt.pt")
     args.init = DEFAULT_INIT if args.init is None else args.init
     args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
@@ -453,7 +464,8 @@ def get_args(argv=None):
 
 def make_model(args, device):
     """-> (clip, the module that trains (the policy), preprocess, AdamW parameter groups, state):
-    the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping."""
+    the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping (compiled
+    like the policy with --compile)."""
     if is_checkpoint(args.init) and not os.path.isfile(args.init):
         raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
                          "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
@@ -461,18 +473,21 @@ def make_model(args, device):
     clip.train()
     if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
         raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
+        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
     set_trainable(clip, args.finetune)
     clip.logit_scale.requires_grad_(args.train_logit_scale)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
     if args.loss != "bt" or args.l2sp:
         reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
+        reference = torch.compile(reference) if args.compile else reference  # a forward per step, as the policy's
     checksum = sum(p.double().sum().item() for p in clip.parameters())
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
     what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
-    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum,
+    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
                                summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
                                f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
                                f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
@@ -480,8 +495,9 @@ def make_model(args, device):
 
 
 def save_state(state):
-    """the checkpoint's method part: which reference it was trained against (never its weights)"""
-    return {"reference": {"spec": state.spec, "checksum": state.checksum}}
+    """the checkpoint's method part: which reference it was trained against (never its weights), and
+    the --init's preprocessing (model.init_preprocess), which eval.py and --export then apply"""
+    return {"reference": {"spec": state.spec, "checksum": state.checksum}, "preprocess_cfg": state.preprocess_cfg}
 
 
 def resume(path, clip, state):
@@ -548,7 +564,7 @@ def make_data(args, rank, world):
             raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
         hnc = negatives.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
         print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
-        return HNCGroups(hnc, args.image_size, args.seed), len(hnc), None
+        return HNCGroups(hnc, args.image_size, args.seed, args.preprocess), len(hnc), None
     evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split, args.image_root)
@@ -561,7 +577,7 @@ def make_data(args, rank, world):
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
-    return ImageGroups(groups, args.image_size), len(groups), evalset
+    return ImageGroups(groups, args.image_size, args.preprocess), len(groups), evalset
 
 # -----------------------------------------------------------------------------
 # training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
@@ -569,7 +585,7 @@ def make_data(args, rank, world):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, local_rank, world, device = setup_distributed(args.device)
+    rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
@@ -599,16 +615,25 @@ def main(argv=None):
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
+    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+        first = not_finite.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
+            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+
     def checkpoint(step):
+        stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
             save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
@@ -653,7 +678,8 @@ def main(argv=None):
            f"| device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
-    peak, flops = peak_flops(device) * world, None
+    peak, flops = peak_flops(device, dtype) * world, None
+    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
     step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -668,12 +694,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:
+        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(model, batch, args, state)
-            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
@@ -683,6 +707,7 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
+            stop_if_not_finite()
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
             eta = int((args.max_steps - step) * dt / n_steps)

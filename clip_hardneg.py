@@ -53,7 +53,7 @@ import eval as ev
 import negatives
 import shapes
 from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
-                   init_geometry, load_checkpoint, load_clip, lr_at, one_error, param_groups, peak_flops, print0,
+                   init_geometry, init_preprocess, load_checkpoint, load_clip, lr_at, one_error, param_groups, peak_flops, print0,
                    save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def negclip_loss(image_features, text_features, neg_features, neg_valid, logit_s
         logits_per_text = s * t @ all_gather_with_grad(v).T  # [B, W*B]
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits_per_text, labels))
         pos, neg = (v * t).sum(-1), torch.einsum("bd,bkd->bk", v, n)
-        hn_acc = (pos[:, None] > neg)[neg_valid].float().mean() if neg_valid.any() else pos.new_tensor(float("nan"))
+        hn_acc = ((pos[:, None] > neg) & neg_valid).sum() / neg_valid.sum()  # NaN without a valid negative; no host sync
     return loss, {"acc": (logits.argmax(1) == labels).float().mean().detach(), "hn_acc": hn_acc.detach()}
 
 
@@ -166,8 +166,9 @@ def step_loss(model, batch, args, state):
         return negclip_loss(image_features, t, n, valid, logit_scale)
     if args.loss == "ceclip":
         itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
-        pos = logit_scale * (image_features * t).sum(-1)
-        neg = logit_scale * torch.einsum("bd,bkd->bk", image_features, n)
+        with torch.autocast(images.device.type, enabled=False):  # fp32 scores: autocast would run a matmul in bf16 (and
+            v, s = image_features.float(), logit_scale.float()  # TF32 one in tf32): products and sums, as the positives'
+            pos, neg = s * (v * t.float()).sum(-1), s * (v[:, None, :] * n.float()).sum(-1)
         threshold = state.threshold if args.cmr_threshold == "adaptive" else pos.new_full((K,), args.cmr_fixed_threshold)
         cmr, new = cmr_loss(pos, neg, valid, threshold, args.cmr_upper_bound)
         if args.cmr_threshold == "adaptive":
@@ -182,8 +183,9 @@ def step_loss(model, batch, args, state):
     if args.kl_weight:
         with torch.no_grad():
             ti, tt, ts = state.teacher(images, torch.cat([captions, negatives.flatten(0, 1)]))
-            teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(images.device.type, enabled=False):  # both logits in fp32 (candidates' matmul under autocast is bf16)
+            with torch.no_grad():
+                teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
             student_logits, _ = candidates(image_features.float(), t.float(), n.float(), valid, logit_scale.float())
             kl = kl_loss(student_logits, teacher_logits, args.kl_temperature)
         loss, stats["kl"] = loss + args.kl_weight * kl, kl.detach()
@@ -225,10 +227,12 @@ class HardNegatives(torch.utils.data.Dataset):
     (an empty list = no negative), or None to generate them with negatives.caption_negatives(types).
     key = epoch * len + i (data.StepBatches): the caption, the negatives and the hard-negative
     image row are drawn from a random.Random of (seed, epoch, i), so resume and DDP are exact.
-    -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
+    preprocess: the --init's image preprocessing (model.init_preprocess; None: OpenAI's), the pixels
+    its evaluation sees. -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
 
-    def __init__(self, items, image_size, seed, types, neg_images):
+    def __init__(self, items, image_size, seed, types, neg_images, preprocess=None):
         self.items, self.image_size, self.seed, self.types, self.neg_images = items, image_size, seed, types, neg_images
+        self.preprocess = preprocess
 
     def __len__(self):
         return len(self.items)
@@ -238,8 +242,8 @@ class HardNegatives(torch.utils.data.Dataset):
         path, captions, neg_rows = self.items[i]
         caption, slots = captions[rng.randrange(len(captions))]
         negs = negatives.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
-        pixels = data.load_image(path, self.image_size)
-        return None if pixels is None else (data.to_tensor(pixels), caption, negs), rng, neg_rows
+        pixels = data.load_image(path, self.image_size, self.preprocess)
+        return None if pixels is None else (data.to_tensor(pixels, self.preprocess), caption, negs), rng, neg_rows
 
     def __getitem__(self, key):
         i, epoch = key % len(self.items), key // len(self.items)
@@ -263,7 +267,7 @@ def make_batch(samples, args):
     valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in ns] for c, ns in zip(captions, negs)])
     tokenizer, K = data.get_tokenizer(args.context_length), valid.shape[1]
     flat = [n if ok else "" for ns, oks in zip(negs, valid.tolist()) for n, ok in zip(ns, oks)]
-    batch = (torch.stack(images), tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1), valid)
+    batch = (torch.stack(images), *data.trim_tokens(tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1)), valid)
     return batch, {"unreadable samples": len(samples) - len(kept), "invalid negatives": int((~valid).sum())}
 
 # -----------------------------------------------------------------------------
@@ -336,6 +340,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
+                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
     args = p.parse_args(argv)
     if args.image_root is not None and args.data not in ("negclip", "ceclip", "hnc"):
         p.error(f"--image_root: --data {args.data} does not read it (it is for --data negclip, ceclip and hnc)")
@@ -346,6 +352,7 @@ def get_args(argv=None):
                 "local-dir:DIR or a minclip ckpt.pt")
     args.init = DEFAULT_INIT if args.init is None else args.init
     args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
@@ -387,7 +394,10 @@ def make_model(args, device):
     clip.train()
     if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
         raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
+        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
     teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
+    teacher = torch.compile(teacher) if args.compile and teacher is not None else teacher  # a forward per step, as the student's
     trainable = set_trainable(clip, args.finetune)
     init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
     negs = ",".join(args.neg_types) if args.data in ("shapes", "coco") else args.data
@@ -399,8 +409,9 @@ def make_model(args, device):
 
 
 def save_state(state):
-    """the checkpoint's method part: CE-CLIP's adaptive thresholds"""
-    return {"threshold": state.threshold.cpu()}
+    """the checkpoint's method part: CE-CLIP's adaptive thresholds, and the --init's preprocessing
+    (model.init_preprocess), which eval.py and --export then apply"""
+    return {"threshold": state.threshold.cpu(), "preprocess_cfg": state.clip.preprocess_cfg}
 
 
 def resume(path, clip, state):
@@ -438,7 +449,7 @@ def make_data(args, rank, world):
         splits = splits if args.data == "coco" and root == args.data_root else data.read_dataset(args.eval_data or "coco", root)
     else:
         splits = None
-    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images), len(items), splits
+    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images, args.preprocess), len(items), splits
 
 
 class HNCItems:
@@ -460,7 +471,7 @@ class HNCItems:
 
 def main(argv=None):
     args = get_args(argv)
-    rank, local_rank, world, device = setup_distributed(args.device)
+    rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
@@ -490,16 +501,25 @@ def main(argv=None):
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
+    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+        first = not_finite.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
+            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+
     def checkpoint(step):
+        stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
             save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
@@ -544,7 +564,8 @@ def main(argv=None):
            f"| device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
-    peak, flops = peak_flops(device) * world, None
+    peak, flops = peak_flops(device, dtype) * world, None
+    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
     step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -559,12 +580,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:
+        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(model, batch, args, state)
-            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
@@ -574,6 +593,7 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
+            stop_if_not_finite()
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
             eta = int((args.max_steps - step) * dt / n_steps)

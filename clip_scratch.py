@@ -165,10 +165,10 @@ def make_batch(samples, args):
     if images is None:
         return None, counts
     if args.caption_mask == "none":
-        return (images, tokenizer(captions)), counts
+        return (images, *data.trim_tokens(tokenizer(captions))), counts
     reduced = [data.reduce_caption(syn, args.caption_mask, args.mask_len, args.context_length, rng, fallback=web)
                for web, syn, rng in zip(captions, synthetic, rngs)]
-    pair = torch.stack([tokenizer(captions), torch.stack(reduced)], dim=1)  # [B, 2, L]
+    pair, = data.trim_tokens(torch.stack([tokenizer(captions), torch.stack(reduced)], dim=1))  # [B, 2, L]
     return (images, (pair, data.get_tokenizer(args.captioner_len)(synthetic))), counts
 
 # -----------------------------------------------------------------------------
@@ -223,6 +223,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
+                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
     args = p.parse_args(argv)
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
@@ -294,12 +296,8 @@ def make_data(args, rank, world):
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
     cache = os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8") if args.cache_images else None
-    if cache and rank > 0:
-        dist.barrier()  # rank 0 builds the cache once, the others reuse it
     os.makedirs(args.out_dir, exist_ok=True)
-    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache)
-    if cache and rank == 0 and world > 1:
-        dist.barrier()
+    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache, rank, world)  # every rank decodes its shard
     return train, len(train), splits
 
 # -----------------------------------------------------------------------------
@@ -308,7 +306,7 @@ def make_data(args, rank, world):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, local_rank, world, device = setup_distributed(args.device)
+    rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)  # identical init on every rank
@@ -338,16 +336,25 @@ def main(argv=None):
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
         collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
 
+    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+        first = not_finite.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
+            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
+                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+
     def checkpoint(step):
+        stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
             save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
@@ -392,7 +399,8 @@ def main(argv=None):
            f"| device {device} {dtype}")
     if start_step == 0:
         start_metrics = evaluate(0, "test")
-    peak, flops = peak_flops(device) * world, None
+    peak, flops = peak_flops(device, dtype) * world, None
+    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
     step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -407,12 +415,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:
+        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(model, batch, args, state)
-            if not math.isfinite(loss.item()):  # stop before the update: the last checkpoint stays good
-                raise SystemExit(f"error: loss is not finite ({loss.item()}) at step {step}; stopping. "
-                                 f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
@@ -422,6 +428,7 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
+            stop_if_not_finite()
             dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
             last_logged, ips, n_images = step, n_images * world / dt, 0
             eta = int((args.max_steps - step) * dt / n_steps)

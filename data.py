@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
@@ -44,6 +45,13 @@ def get_tokenizer(context_length=77):
     # open_clip's bpe tokenizer, the one pretrained clip text towers expect; call it with a list of
     # strings -> long tensor [n, context_length]
     return SimpleTokenizer(context_length=context_length)
+
+def trim_tokens(*tokens):
+    """token tensors [..., L] (one batch's) cut to its longest text: up to the last EOT (the highest
+    id) + 1. The text tower's causal mask makes the rest padding that cannot change a feature; cut
+    here, on the CPU in the collate, the model needs no host sync to find where the texts end."""
+    L = max(int(t.argmax(-1).max()) + 1 for t in tokens)
+    return tuple(t[..., :L] for t in tokens)
 
 # -----------------------------------------------------------------------------
 # readers: each returns {"train" | "val" | "test": [(absolute image path, [captions]), ...]}
@@ -561,20 +569,39 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
 # -----------------------------------------------------------------------------
 # images, dataset, cache
 
-MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
-STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
-# [3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses
-NORMALISED = ((torch.arange(256.0)[None, :].div(255) - MEAN.view(3, 1)) / STD.view(3, 1)).numpy()
+# open_clip's evaluation preprocessing, PreprocessCfg's fields less size and mode: the default is OpenAI's
+# (and every minclip checkpoint's); a pretrained tag may change any of them (model.init_preprocess)
+PREPROCESS = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
-def load_image(path, size):
-    """decode, resize the shorter side to size (bicubic), center crop -> uint8 [size, size, 3], None if unreadable"""
+@functools.lru_cache(maxsize=None)
+def _normalised(mean, std):
+    """[3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses"""
+    mean, std = torch.tensor(mean).view(3, 1), torch.tensor(std).view(3, 1)
+    return ((torch.arange(256.0)[None, :].div(255) - mean) / std).numpy()
+
+def load_image(path, size, preprocess=None):
+    """decode and resize -> uint8 [size, size, 3], None if unreadable. preprocess: open_clip's
+    evaluation config (PREPROCESS's keys; None = PREPROCESS: the shorter side to size, bicubic,
+    centre crop), followed bit for bit: resize_mode shortest (resize, centre crop), squash (both
+    sides to size, the aspect ratio lost) or longest (the longer side to size, padded with fill_color);
+    interpolation bicubic or bilinear ('random' is bicubic, as open_clip evaluates it)."""
     # deterministic, and no random flips: a flip turns "the dog left of the cat" into a false caption
+    cfg = PREPROCESS | (preprocess or {})
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGB")  # before resizing, as eval.open_rgb does before open_clip's transform
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    mode = TF.InterpolationMode.BILINEAR if cfg["interpolation"] == "bilinear" else TF.InterpolationMode.BICUBIC
+    if cfg["resize_mode"] == "shortest":
+        im = TF.center_crop(TF.resize(im, size, interpolation=mode), size)
+    elif cfg["resize_mode"] == "squash":
+        im = TF.resize(im, [size, size], interpolation=mode)
+    elif cfg["resize_mode"] == "longest":
+        from open_clip.transform import ResizeKeepRatio, center_crop_or_pad  # open_clip's own, for its rounding and padding
+        im = center_crop_or_pad(ResizeKeepRatio(size, longest=1, interpolation=mode)(im), [size, size], fill=cfg["fill_color"])
+    else:
+        raise ValueError(f"unknown resize_mode {cfg['resize_mode']!r} (open_clip's: shortest, squash, longest)")
     return np.asarray(im, dtype=np.uint8)
 
 def check_images(items, what):
@@ -595,32 +622,47 @@ def check_images(items, what):
         raise DataError(f"{what}: {len(bad)} of {len(items)} images do not open: {', '.join(bad[:3])}"
                         f"{', ...' if len(bad) > 3 else ''}; evaluation needs every one (replace or remove them)")
 
-def to_tensor(pixels):
-    """uint8 [S, S, 3] -> float [3, S, S], normalised like openai clip's training images: bit for bit
-    open_clip's ToTensor + Normalize, looked up per channel (2x faster than computing it on 64 px)"""
+def to_tensor(pixels, preprocess=None):
+    """uint8 [S, S, 3] -> float [3, S, S], normalised with preprocess's mean and std (None: OpenAI's,
+    as openai clip's training images): bit for bit open_clip's ToTensor + Normalize, looked up per
+    channel (2x faster than computing it on 64 px)"""
+    cfg = PREPROCESS | (preprocess or {})
+    table = _normalised(*(tuple(x) if isinstance(x, (list, tuple)) else (x,) * 3 for x in (cfg["mean"], cfg["std"])))
     pixels = np.asarray(pixels)
-    return torch.from_numpy(np.stack([NORMALISED[c][pixels[..., c]] for c in range(3)]))
+    return torch.from_numpy(np.stack([table[c][pixels[..., c]] for c in range(3)]))
 
-def build_image_cache(items, image_size, cache_path, workers=0):
+def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1):
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
-    (N, S, bad indices, image paths); a matching cache is reused. Returns the unreadable indices."""
+    (N, S, bad indices, image paths); a matching cache is reused. Returns the unreadable indices.
+    Under torch.distributed every rank calls it with its (rank, world) and decodes the items
+    rank::world into the one file, so no rank waits alone in a collective while one process decodes
+    a whole large set; the file system must be shared by the ranks (as out_dir is)."""
     n, s, paths, meta_path = len(items), image_size, [item[0] for item in items], cache_path + ".json"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if (meta["n"], meta["size"], meta["paths"]) == (n, s, paths) and os.path.getsize(cache_path) == n * s * s * 3:
-            return meta["bad"]
-    except (OSError, ValueError, KeyError):
-        pass  # no cache, or a stale or broken one: rebuild
-    # the sidecar is the commit marker: drop it first, write it last, so a crash mid-build never
-    # leaves a cache that looks valid. temp names are per process so concurrent ranks never collide
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    tmp = f"{cache_path}.tmp{os.getpid()}"
-    cache = np.memmap(tmp, np.uint8, "w+", shape=(n, s, s, 3))
+    plan = [None]  # rank 0 decides for every rank: the reused cache's bad indices, or the file to fill
+    if rank == 0:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if (meta["n"], meta["size"], meta["paths"]) == (n, s, paths) and os.path.getsize(cache_path) == n * s * s * 3:
+                plan = [{"bad": meta["bad"]}]
+        except (OSError, ValueError, KeyError):
+            pass  # no cache, or a stale or broken one: rebuild
+        if plan[0] is None:
+            # the sidecar is the commit marker: drop it first, write it last, so a crash mid-build never
+            # leaves a cache that looks valid. the temp name is rank 0's pid: two runs never collide
+            if os.path.exists(meta_path):
+                os.remove(meta_path)
+            plan = [{"tmp": f"{cache_path}.tmp{os.getpid()}"}]
+            np.memmap(plan[0]["tmp"], np.uint8, "w+", shape=(n, s, s, 3)).flush()
+    if world > 1:
+        dist.broadcast_object_list(plan, src=0)
+    if "bad" in plan[0]:
+        return plan[0]["bad"]
+    tmp = plan[0]["tmp"]
+    cache = np.memmap(tmp, np.uint8, "r+", shape=(n, s, s, 3))
     load, pool = functools.partial(load_image, size=s), multiprocessing.Pool(workers) if workers else None
-    bad = []
-    for i, pixels in enumerate(pool.imap(load, paths, chunksize=16) if pool else map(load, paths)):
+    mine, bad = [paths[i] for i in range(rank, n, world)], []
+    for i, pixels in zip(range(rank, n, world), pool.imap(load, mine, chunksize=16) if pool else map(load, mine)):
         if pixels is None:
             bad.append(i)
         else:
@@ -629,13 +671,20 @@ def build_image_cache(items, image_size, cache_path, workers=0):
         pool.close()
     cache.flush()
     del cache
-    os.replace(tmp, cache_path)
-    if bad:
-        print(f"{cache_path}: skipped {len(bad)} unreadable image(s): "
-              f"{', '.join(os.path.basename(paths[i]) for i in bad[:3])}")
-    with open(tmp, "w") as f:
-        json.dump({"n": n, "size": s, "bad": bad, "paths": paths}, f)
-    os.replace(tmp, meta_path)
+    if world > 1:  # every shard is written (the barrier), and every rank has every unreadable index
+        shards = [None] * world
+        dist.all_gather_object(shards, bad)
+        bad = sorted(i for shard in shards for i in shard)
+    if rank == 0:
+        os.replace(tmp, cache_path)
+        if bad:
+            print(f"{cache_path}: skipped {len(bad)} unreadable image(s): "
+                  f"{', '.join(os.path.basename(paths[i]) for i in bad[:3])}")
+        with open(tmp, "w") as f:
+            json.dump({"n": n, "size": s, "bad": bad, "paths": paths}, f)
+        os.replace(tmp, meta_path)
+    if world > 1:
+        dist.barrier()  # the sidecar exists before any rank reads the cache
     return bad
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -645,12 +694,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
     into one multi-sentence text; rng is the sample's own random.Random for the training script's
     text transforms. Keys may exceed len: key = epoch * len + i, and the caption and rng are pure
     functions of (seed, epoch, i), so a sampler that yields such keys (StepBatches) resumes
-    exactly, whatever the number of dataloader workers."""
+    exactly, whatever the number of dataloader workers. cache_path: build_image_cache's, every rank
+    (rank, world) building its shard of it."""
 
-    def __init__(self, items, image_size, seed=0, cache_path=None):
+    def __init__(self, items, image_size, seed=0, cache_path=None, rank=0, world=1):
         self.items, self.image_size, self.seed = items, image_size, seed
         self.cache_path, self.cache = cache_path, None
-        self.bad = set(build_image_cache(items, image_size, cache_path)) if cache_path else set()
+        self.bad = set(build_image_cache(items, image_size, cache_path, rank=rank, world=world)) if cache_path else set()
 
     def __len__(self):
         return len(self.items)

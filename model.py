@@ -168,7 +168,10 @@ class CLIP(nn.Module):
 
     def encode_text(self, text, normalize=False, return_tokens=False):
         eot = text.argmax(dim=-1)  # the EOT token has the highest id (open_clip's 'argmax' pooling)
-        L = int(eot.max()) + 1  # causal mask: positions after the last EOT cannot change the result (a host sync; cheap)
+        # causal mask: positions after the last EOT cannot change the result. The scripts' collate cuts
+        # the batch there (data.trim_tokens), so on a GPU and under torch.compile the tokens' length is
+        # used as given (finding it is a host sync and a graph break); elsewhere any tokens are cut here
+        L = text.shape[1] if text.device.type != "cpu" or torch.compiler.is_compiling() else int(eot.max()) + 1
         x = self.token_embedding(text[:, :L]) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
@@ -292,14 +295,19 @@ def one_error():
         os._exit(code)
 
 
-def setup_distributed(device_flag):
-    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+def setup_distributed(device_flag, timeout=7200):
+    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU.
+    timeout: seconds a collective waits for every rank (torch's defaults, 10 min for nccl and 30 for
+    gloo, are shorter than building the image cache of a large set or a rank-0 evaluation)."""
     if device_flag == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
+        global _HOST_GROUP
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+        if use_cuda:  # host-side ints (host_ints) travel by gloo: nccl's would wait for the GPU's queue
+            _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     else:
         rank, local_rank, world = 0, 0, 1
     if use_cuda:
@@ -313,7 +321,12 @@ def print0(*a, **kw):
 
 
 def autocast_ctx(device, dtype):
+    """the step's precision: bf16 / fp16 autocast, or float32, whose matmuls and convolutions run in
+    TF32 on CUDA (switched on here, as nanoGPT does: ~8x the fp32 FLOP/s on A100 / H100; the scores
+    the losses compare are products and sums, which TF32 does not touch)"""
     if dtype == "float32":
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return nullcontext()
     return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
@@ -435,13 +448,24 @@ def global_sum(x):
     return x
 
 
-def global_min(n, device):
-    """an int, the smallest over ranks"""
+_HOST_GROUP = None  # setup_distributed's gloo group beside nccl
+
+
+def host_ints(n, device):
+    """an int from every rank -> long [world] on the CPU, rank order. Under nccl it travels by a gloo
+    group of its own (setup_distributed), so reading it waits for the other ranks, never for the GPU"""
     if _world() == 1:
-        return n
-    n = torch.tensor([n], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    return int(n)
+        return torch.tensor([n])
+    on_host = _HOST_GROUP is not None or dist.get_backend() == "gloo"
+    x = torch.tensor([n], device="cpu" if on_host else device)
+    every = [torch.zeros_like(x) for _ in range(_world())]
+    dist.all_gather(every, x, group=_HOST_GROUP)
+    return torch.cat(every).cpu()
+
+
+def global_min(n, device):
+    """an int, the smallest over ranks (host_ints: no device sync)"""
+    return n if _world() == 1 else int(host_ints(n, device).min())
 
 
 def global_mean(total, count):
@@ -453,24 +477,49 @@ def global_mean(total, count):
     return total / (count.clamp(min=1) / _world())
 
 
+def to_cpu(obj):
+    """every tensor in obj (dicts, lists, tuples) detached and on the CPU"""
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj
+
+
 def save_checkpoint(path, obj):
-    """atomic: a crash mid-write leaves the previous checkpoint intact."""
+    """atomic: a crash mid-write leaves the previous checkpoint intact. Tensors are saved on the CPU,
+    so torch.load needs no map_location on a machine without the GPU (the optimizer's load_state_dict
+    moves its state back to the parameters' device on resume)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    torch.save(to_cpu(obj), tmp)
     os.replace(tmp, path)
 
 
-# peak dense bf16 tensor FLOP/s per device, for MFU (0 = unknown, MFU not reported)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# dense peak FLOP/s (NVIDIA's datasheets, without sparsity) by the exact torch.cuda.get_device_name, for
+# MFU: "bfloat16" / "float16" the 16-bit tensor cores, "float32" TF32's (autocast_ctx switches it on).
+# Exact names, because a substring reads an H100 PCIe or NVL as the SXM part; a name or dtype not here
+# (a MIG slice, an A10G) gives 0 and MFU is not reported
+_H100_SXM, _NVL = {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}, {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}
+_A100 = {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "NVIDIA H100 NVL": _NVL, "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _NVL,
+    "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100 80GB PCIe": _A100, "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "NVIDIA L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "NVIDIA A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
+    "NVIDIA GeForce RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},  # fp32 accumulation
+    "NVIDIA GeForce RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
+    "Tesla V100-SXM2-16GB": {"float16": 125e12}, "Tesla V100-SXM2-32GB": {"float16": 125e12},  # no bf16, no TF32
+}
 
 
-def peak_flops(device):
+def peak_flops(device, dtype="bfloat16"):
+    """a CUDA device's peak FLOP/s at the run's --dtype (PEAK_FLOPS), 0.0 where unknown or not CUDA"""
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((f for k, f in PEAK_FLOPS.items() if k in name), 0.0)
-
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device), {}).get(dtype, 0.0)
 
 
 @contextmanager
@@ -607,7 +656,9 @@ def load_model(spec, device="cpu", flag="--model"):
         model.load_state_dict(ckpt["model"], strict=True)
         model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
-        preprocess = open_clip.transform.image_transform(model.image_size, is_train=False)  # openai mean/std, bicubic
+        model.preprocess_cfg = _preprocess(ckpt.get("preprocess_cfg"))  # a fine-tune's --init's; else open_clip's default (OpenAI's)
+        preprocess = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=model.image_size, **model.preprocess_cfg),
+                                                            is_train=False)
         return model.to(device).eval(), preprocess, tokenizer
     kwargs = {}
     if spec.startswith("local-dir:"):
@@ -673,6 +724,7 @@ def load_model(spec, device="cpu", flag="--model"):
         raise SystemExit(f"error: {flag} {spec}: {why}")
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
+    model.preprocess_cfg = _preprocess(model.visual.preprocess_cfg)  # what preprocess applies
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -727,32 +779,71 @@ def init_geometry(spec):
         return None
 
 
+def init_preprocess(spec):
+    """The evaluation preprocessing of the model a spec names, from its config alone (no weights, no
+    download but an hf-hub: config), as open_clip builds it: {mean, std, interpolation, resize_mode,
+    fill_color} (data.PREPROCESS's keys), its pretrained tag's (open_clip.pretrained.get_pretrained_cfg)
+    or its hub folder's or checkpoint's, over open_clip's default (OpenAI's mean and std, the shorter
+    side bicubic, a centre crop), which clip_scratch.py's checkpoints and NAME:FILE weights keep. The
+    fine-tuning scripts train on
+    these pixels (data.load_image, data.to_tensor), so training sees what evaluation does: e.g.
+    ViT-L-14:laion2b_s32b_b82k's mean and std are 0.5, the ViT-H-14 dfn5b tags squash the image."""
+    cfg = {}
+    try:
+        if is_checkpoint(spec):  # a fine-tune keeps its --init's (clip_hardneg.py, clip_dpo.py)
+            cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True).get("preprocess_cfg") or {}
+        elif spec.startswith("local-dir:"):
+            with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
+                cfg = json.load(f).get("preprocess_cfg") or {}
+        elif spec.startswith("hf-hub:"):
+            from open_clip.factory import _get_hf_config
+            cfg = _get_hf_config(spec[len("hf-hub:"):]).get("preprocess_cfg") or {}
+        else:
+            import open_clip
+            name, _, tag = spec.partition(":")
+            cfg = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), tag) if tag else {}
+    except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
+        cfg = {}
+    return _preprocess(cfg)
+
+
+def _preprocess(cfg):
+    """an open_clip preprocess config (a dict, its keys a subset of PreprocessCfg's) over open_clip's
+    defaults -> data.PREPROCESS's keys, lists as tuples"""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from data import PREPROCESS
+    merged = merge_preprocess_dict(PreprocessCfg(), cfg if isinstance(cfg, dict) else {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in PREPROCESS}
+
+
 def load_clip(spec, device="cpu", flag="--init"):
     """The --init of the fine-tuning scripts: any spec load_model accepts -> (minclip CLIP with its
-    weights, model_cfg, preprocess, tokenizer). open_clip's weights load into minclip's CLIP with
-    strict=True (same names, same maths), so every script trains one model class; a model that is not
-    the standard ViT + text Transformer CLIP is one clear error."""
-    model, preprocess, tokenizer = load_model(spec, device, flag)
-    if isinstance(model, CLIP):
-        return model, model.model_cfg, preprocess, tokenizer
-    try:
-        ours = CLIP(**model.model_cfg)
-        ours.load_state_dict(model.state_dict(), strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
-    ours.model_cfg, ours.image_size = model.model_cfg, model.image_size
-    return ours.to(device).eval(), model.model_cfg, preprocess, tokenizer
+    weights, model_cfg, preprocess, tokenizer); model.preprocess_cfg is the one preprocess applies
+    (init_preprocess's keys). open_clip's weights load into minclip's CLIP with strict=True (same
+    names, same maths), so every script trains one model class; a model that is not the standard ViT
+    + text Transformer CLIP is one clear error. Loaded and converted on the CPU (minclip's CLIP built
+    on the meta device, then given open_clip's tensors), then moved: one copy on the device."""
+    model, preprocess, tokenizer = load_model(spec, "cpu", flag)
+    if not isinstance(model, CLIP):
+        try:
+            with torch.device("meta"):  # no random init of a copy: assign=True takes open_clip's tensors
+                ours = CLIP(**model.model_cfg)
+            ours.load_state_dict(model.state_dict(), strict=True, assign=True)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
+        ours.model_cfg, ours.image_size, ours.preprocess_cfg = model.model_cfg, model.image_size, model.preprocess_cfg
+        model = ours
+    return model.to(device).eval(), model.model_cfg, preprocess, tokenizer
 
 
 def export_open_clip(model, model_cfg, out_dir):
     """Write an open_clip hub directory: open_clip_config.json + open_clip_model.safetensors, which
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads with strict=True."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
-    config = {"model_cfg": model_cfg,
-              "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
-                                 "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    preprocess = getattr(model, "preprocess_cfg", None) or _preprocess({})  # a fine-tune's --init's, else OpenAI's
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"],
+                                                         **{k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}}}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous tensors
     # weights first: a crash between the two writes must not leave a config without weights, which
     # open_clip would load as a random model (see load_model)

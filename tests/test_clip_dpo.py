@@ -25,6 +25,7 @@ from model import CLIP, model_config
 import negatives
 import shapes
 from model import load_model
+import model
 
 TINY = ["--batch_size", "2", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
@@ -354,6 +355,48 @@ def test_bf16_reference_matches_the_policy_under_autocast():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+class StubCLIP(torch.nn.Module):
+    """a CLIP that returns fixed features: rows `images` of image, rows `texts` of text, and scale"""
+
+    def __init__(self, image, text, scale):
+        super().__init__()
+        self.image, self.text = torch.nn.Parameter(image), torch.nn.Parameter(text)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, images, texts):
+        return self.image[images], self.text[texts], self.logit_scale.exp()
+
+
+def stub_policy_reference_and_batch():
+    """two shapes groups' preferences over fixed features: the reference's, and the policy's 1e-3
+    from them; correlated (cosines ~0.8), so z = 100 cos ~ 80, where a bf16 step is 0.5"""
+    images, texts, prefs = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(32, generator=g)
+    ref = [F.normalize(base + 0.5 * torch.randn(n, 32, generator=g), dim=-1) for n in (len(images), len(texts))]
+    policy = [F.normalize(f + 1e-3 * torch.randn(f.shape, generator=g), dim=-1) for f in ref]
+    batch = (torch.arange(len(images)), torch.arange(len(texts)), prefs)
+    return StubCLIP(*policy, 100.0), StubCLIP(*ref, 100.0).requires_grad_(False), batch
+
+
+@pytest.mark.parametrize("loss, kw", [(k, {}) for k in (*clip_dpo.PAIR_LOSSES, "listwise")]
+                         + [("dpo_clip", {"alpha": 0.5}), ("dpo", {"imc_weight": 0.3})])
+def test_scores_are_fp32_under_bf16_autocast(loss, kw):
+    """the GPU path on CPU (CPU autocast runs bmm in bf16 as CUDA's does): the same step from the same
+    features, under bf16 autocast and in fp32, gives the same loss and stats to fp32 precision. With
+    bf16 scores, a quarter of the pairs had h exactly 0 and the margin was 2.5x its fp32 value."""
+    policy, reference, batch = stub_policy_reference_and_batch()
+    args = args_for(loss, label_smoothing=0.1, **kw)
+    loss32, stats32 = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, stats16 = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    assert loss16.dtype == torch.float32 and stats16.keys() == stats32.keys()
+    for k in ["loss", *stats32]:
+        a, b = (loss16, loss32) if k == "loss" else (stats16[k], stats32[k])
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=f"{loss} {k}")
+    assert 0 < stats32["reward_acc"].item() < 1 and stats32["margin"].abs().item() > 1e-4  # the rewards are not all ties
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = CLIP(**model_config("tiny", 32, 32))
@@ -443,7 +486,8 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
-    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference"}
+    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference", "preprocess_cfg"}
+    assert a["preprocess_cfg"] == data.PREPROCESS  # the --init's (a minclip checkpoint: open_clip's default), for eval.py and --export
     assert a["reference"] == {"spec": init, "checksum": sum(p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values())}
     theirs = open_clip.CLIP(**a["model_cfg"])
     theirs.load_state_dict(a["model"], strict=True)
@@ -848,3 +892,19 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     assert "step 2/2" in r.stdout and "has no eval split here" in r.stdout
     r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--direction", "t2i", "--out_dir", str(tmp_path / "o2")])
     assert r.returncode != 0 and "--data hnc gives captions ranked for an image only" in r.stderr
+
+
+@pytest.mark.parametrize("which", ["vsr", "hnc"])
+def test_real_images_follow_the_inits_preprocessing(which):
+    """--init ViT-L-14:laion2b_s32b_b82k (mean / std 0.5): make_data's groups hold the pixels open_clip's
+    evaluation transform of that tag gives (read from its config: no weights, no download)"""
+    init = "ViT-L-14:laion2b_s32b_b82k"
+    root = FIXTURE if which == "vsr" else os.path.join(FIX, "hnc", "hnc_clean_strict_train.json")
+    args = clip_dpo.get_args(["--data", which, "--data_root", root, "--init", init, "--direction", "i2t" if which == "hnc" else "both"])
+    assert args.preprocess == model.init_preprocess(init) and args.preprocess["mean"] == (0.5, 0.5, 0.5)
+    dataset, _, _ = clip_dpo.make_data(args, 0, 1)
+    key = next(k for k in range(len(dataset)) if dataset[k] is not None)
+    path = (dataset.groups[key]["images"] if which == "vsr" else [dataset.hnc[key][0]])[0]
+    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=224, **args.preprocess), is_train=False)
+    assert torch.equal(dataset[key]["images"][0], transform(Image.open(path).convert("RGB")))
+    assert not torch.equal(dataset[key]["images"][0], data.to_tensor(data.load_image(path, 224)))  # OpenAI's mean and std

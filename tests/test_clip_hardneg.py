@@ -289,6 +289,51 @@ def test_kl_teacher_is_frozen_and_the_student_term_trains():
     assert hn.step_loss(clip, batch, args, state)[1]["kl"] < kl_before
 
 
+class StubCLIP(torch.nn.Module):
+    """a CLIP that returns fixed features: rows `images` of image, rows `texts` of text, and scale"""
+
+    def __init__(self, image, text, scale):
+        super().__init__()
+        self.image, self.text = torch.nn.Parameter(image), torch.nn.Parameter(text)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, images, texts):
+        return self.image[images], self.text[texts], self.logit_scale.exp()
+
+
+@pytest.mark.parametrize("loss, kw", [("negclip", {}), ("ceclip", {"cmr_weight": 0.2}), ("hnc", {"hn_weight": 2.0}),
+                                      ("hnc", {"kl_weight": 1.0})])
+def test_scores_are_fp32_under_bf16_autocast(loss, kw):
+    """the GPU path on CPU (CPU autocast runs matmul / bmm in bf16 as CUDA's does): the same step from
+    the same features, under bf16 autocast and in fp32, gives the same loss, stats and CE-CLIP
+    thresholds to fp32 precision; the KL teacher is the student, so its KL is 0 under autocast too.
+    Features are correlated (cosines ~0.8, logits ~80, where a bf16 step is 0.5)."""
+    B, K, D = 8, 2, 32
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(D, generator=g)
+    image, text = (F.normalize(base + 0.5 * torch.randn(n, D, generator=g), dim=-1) for n in (B, B + B * K))
+    model = StubCLIP(image, text, 100.0)
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[1, 0] = valid[4, 1] = False
+    batch = (torch.arange(B), torch.arange(B), torch.arange(B, B + B * K).view(B, K), valid)
+    args = hn.get_args(["--loss", loss, *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
+    out = []
+    for precision in (torch.float32, torch.bfloat16):
+        state = argparse.Namespace(step=0, threshold=torch.tensor([0.5, 1.0]), teacher=copy.deepcopy(model).requires_grad_(False),
+                                   init_params=None, clip=model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            loss_value, stats = hn.step_loss(model, batch, args, state)
+        out.append((loss_value, stats, state.threshold))
+    (loss32, stats32, tau32), (loss16, stats16, tau16) = out
+    assert loss16.dtype == torch.float32 and stats16.keys() == stats32.keys()
+    torch.testing.assert_close(loss16, loss32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tau16, tau32, rtol=1e-5, atol=1e-6)
+    for k in stats32:
+        torch.testing.assert_close(stats16[k].float(), stats32[k].float(), rtol=1e-5, atol=1e-6, msg=k)
+    if "kl" in stats16:
+        assert stats16["kl"].abs().item() < 1e-6
+
+
 def test_hn_weight_ramps_linearly():
     args = hn.get_args(["--loss", "hnc", "--hn_weight", "3", "--hn_warmup_steps", "10"])
     assert [hn.hn_weight_at(s, args) for s in (0, 5, 10, 50)] == [0.0, 1.5, 3.0, 3.0]
@@ -304,7 +349,10 @@ def test_shapes_batches_hold_scenes_and_their_twins():
         assert twin_cap == negs[key % 2]  # the mirror's caption is the relation negative, the colour swap's the attribute one
         assert twin_negs[key % 2] == cap
     images, captions, negatives, valid = batch
-    assert images.shape == (8, 3, 32, 32) and negatives.shape == (8, 2, 32) and valid.all()
+    assert images.shape == (8, 3, 32, 32) and negatives.shape[:2] == (8, 2) and valid.all()
+    # the tokens are cut at the batch's longest text (data.trim_tokens): its EOT is the last column
+    L = captions.shape[1]
+    assert negatives.shape[2] == L < 32 and max(captions.argmax(-1).max(), negatives.argmax(-1).max()) == L - 1
 
 def test_negclip_samples_bring_one_of_their_neg_image_rows():
     import data
@@ -439,3 +487,26 @@ def test_missing_default_init_says_to_run_clip_scratch_first(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "out/clip_scratch/ckpt.pt does not exist: run `python clip_scratch.py` first" in r.stderr, r.stderr
+
+
+def test_real_images_follow_the_inits_preprocessing(tmp_path):
+    """--init ViT-H-14-quickgelu:dfn5b (resize_mode squash): make_data's rows hold the pixels open_clip's
+    evaluation transform of that tag gives (read from its config: no weights, no download), not the
+    shorter side's centre crop (the fixture's images textured, so the two differ)"""
+    import numpy as np
+    from PIL import Image
+    import data
+    from conftest import fixture_copy
+    from model import init_preprocess
+    init, tsv = "ViT-H-14-quickgelu:dfn5b", str(fixture_copy(tmp_path, "negclip") / "train_neg_clip.tsv")
+    for i, (path, *_) in enumerate(negatives.read_negclip(tsv)):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(path, quality=95)
+    args = hn.get_args(["--data", "negclip", "--data_root", tsv, "--init", init])
+    assert args.preprocess == init_preprocess(init) and args.preprocess["resize_mode"] == "squash"
+    dataset, _, _ = hn.make_data(args, 0, 1)
+    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=args.image_size, **args.preprocess), is_train=False)
+    for key in range(2):
+        (image, _, _), = dataset[key]
+        path = dataset.items[key][0]
+        assert torch.equal(image, transform(Image.open(path).convert("RGB")))
+        assert not torch.equal(image, data.to_tensor(data.load_image(path, args.image_size)))  # the OpenAI default's crop

@@ -216,3 +216,24 @@ def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):
     with torch.no_grad():
         assert torch.allclose(ours.encode_image(images), theirs.encode_image(images), atol=1e-5)
         assert torch.allclose(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5)
+
+
+def test_the_loop_reads_the_device_only_on_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    """the real loop, in process: a run of 8 steps logging once makes as many Tensor.item() calls (host
+    syncs on a GPU) as a run of 2 steps logging once: none per step. The non-finite-loss stop reads
+    its device-side flag on the log and checkpoint steps (test_nan_loss_stops_... checks it stops)."""
+    import clip_scratch
+    reads, real = [0], torch.Tensor.item
+
+    def item(self):
+        reads[0] += 1
+        return real(self)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    torch.set_num_threads(1)
+    counts = []
+    for steps in (2, 8):
+        reads[0] = 0
+        clip_scratch.main(["--max_steps", str(steps), "--log_every", str(steps), "--ckpt_every", "0", "--out_dir", str(tmp_path / str(steps)),
+                           "--batch_size", "8", "--image_size", "32", "--eval_every", "0", "--eval_n", "40"])
+        counts.append(reads[0])
+    assert counts[0] == counts[1] > 0, counts

@@ -84,6 +84,11 @@ def test_subcaption_falls_back_to_the_web_caption_and_rejects_unknown_modes():
         data.reduce_caption(LONG, "shuffle", 8, 32, random.Random(0))
 
 
+def padded(tokens, L=32):
+    """tokens cut at the batch's longest text (data.trim_tokens) -> the tokenizer's full context L"""
+    return F.pad(tokens, (0, L - tokens.shape[-1]))
+
+
 def clips_args(*argv):
     return clip_scratch.get_args(["--image_size", "32", "--caption_mask", "subcaption", "--mask_len", "16", *argv])
 
@@ -95,8 +100,8 @@ def test_shapes_clips_batch_adds_only_the_synthetic_caption():
     (images2, (pair, full)), counts = clip_scratch.make_batch([plain[k] for k in keys], args)
     texts = lambda samples: clip_scratch.make_batch(samples, args)[0][1]  # noqa: E731  (pair, full)
     alone = [texts([plain[k]])[0][0] for k in keys]
-    assert torch.equal(torch.stack(alone), pair)  # per-sample randomness: DDP shards reduce as one process would
-    assert images.equal(images2) and pair[:, 0].equal(tokens) and counts == {"unreadable images": 0}  # the web caption is plain CLIP's caption
+    assert torch.equal(torch.stack([padded(a) for a in alone]), padded(pair))  # per-sample randomness: DDP shards reduce as one process would
+    assert images.equal(images2) and padded(pair[:, 0]).equal(padded(tokens)) and counts == {"unreadable images": 0}  # the web caption is plain CLIP's caption
     for i, key in enumerate(keys):
         s = shapes.sample_scene(shapes.scene_rng("train", 3, key))
         assert plain[key][2] == shapes.description(s)
@@ -104,7 +109,7 @@ def test_shapes_clips_batch_adds_only_the_synthetic_caption():
         assert len(content(pair[i, 1])) <= 14 and is_subsequence(content(pair[i, 1]), TOK.encode(shapes.description(s)))
     assert texts([plain[k] for k in keys])[0].equal(pair)  # a resumed run reduces the same way
     other = shapes.ShapesDataset(32, seed=4)
-    assert not texts([other[k] for k in keys])[0][:, 1].equal(pair[:, 1])  # ... per seed
+    assert not padded(texts([other[k] for k in keys])[0][:, 1]).equal(padded(pair[:, 1]))  # ... per seed
 
 
 PHRASE = re.compile(rf"a (?:(small|large) )?(?:({'|'.join(shapes.COLOURS)}) )?({'|'.join(shapes.SHAPES)})")
@@ -219,7 +224,7 @@ def test_image_text_dataset_synthetic_caption(tmp_path):
     (_, (pair, full)), _ = clip_scratch.make_batch([ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40"))
     web, synthetic = items[1][1][0], items[1][2]
     assert ds[1][1:3] == (web, synthetic)
-    assert pair[0, 0].equal(TOK([web])[0]) and full[0].equal(data.get_tokenizer(40)([synthetic])[0])
+    assert padded(pair[0, 0]).equal(TOK([web])[0]) and full[0].equal(data.get_tokenizer(40)([synthetic])[0])
     assert content(pair[0, 1]) in [TOK.encode(s)[:10] for s in re.split(r"[.!]+", synthetic) if s.strip()]
     # coco / flickr8k without a recaption file: the image's other captions, joined, are the synthetic caption
     five = [("x.jpg", ["a dog runs.", "a brown dog", "dog on grass", "a dog plays", "the dog is running"])]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from conftest import FIX, fixture_copy  # noqa: E402
+from conftest import FIX, fixture_copy, gloo_processes  # noqa: E402
 from data import (DataError, ImageTextDataset, build_image_cache, check_images, collate, get_tokenizer, load_image,
                   read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
 
@@ -355,12 +355,64 @@ def test_cache_equals_no_cache(tmp_path, capsys):
     assert torch.equal(small[3][0], to_tensor(load_image(items[3][0], 16)))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temp files left behind
 
+def _cache_worker(rank, items, cache, out):
+    import torch.distributed as dist
+    bad = ImageTextDataset(items, 24, cache_path=cache, rank=rank, world=dist.get_world_size()).bad
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(sorted(bad)))
+
+@pytest.mark.slow
+def test_two_ranks_build_the_cache_of_one_process(tmp_path):
+    """2 gloo ranks, each decoding half of the images (rank r: r::2) into the one memmap, build a cache
+    byte for byte the one process's, sidecar too; both ranks know every unreadable image (one on
+    each rank's half), and a second build reuses it"""
+    items = read_flickr8k(os.path.join(FIX, "flickr8k_kaggle"))["train"]
+    items += [(noise_jpg(tmp_path / f"{w}.jpg", w, h, w), [f"{w}"]) for w, h in ((90, 40), (33, 71), (50, 50))]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    items.insert(1, (str(tmp_path / "bad.jpg"), ["broken"]))
+    items.insert(4, (str(tmp_path / "gone.jpg"), ["missing"]))
+    one, two = str(tmp_path / "one.u8"), str(tmp_path / "two.u8")
+    assert build_image_cache(items, 24, one) == [1, 4]
+    gloo_processes(tmp_path, _cache_worker, items, two, str(tmp_path / "bad"))
+    assert open(one, "rb").read() == open(two, "rb").read()
+    assert open(one + ".json").read() == open(two + ".json").read()
+    assert [open(tmp_path / f"bad.{r}").read() for r in range(2)] == ["[1, 4]"] * 2
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    stamp = os.stat(two).st_mtime_ns
+    gloo_processes(tmp_path, _cache_worker, items, two, str(tmp_path / "bad"))
+    assert os.stat(two).st_mtime_ns == stamp and open(tmp_path / "bad.1").read() == "[1, 4]"
+
 def test_matches_open_clip_preprocess(tmp_path):
     import open_clip
     preprocess = open_clip.transform.image_transform(32, is_train=False)
     for w, h in ((90, 40), (33, 71)):
         path = noise_jpg(tmp_path / f"{w}.jpg", w, h, seed=w)
         assert torch.equal(to_tensor(load_image(path, 32)), preprocess(Image.open(path)))
+
+@pytest.mark.parametrize("spec, expect", [
+    ("ViT-B-32:openai", {"mean": (0.48145466, 0.4578275, 0.40821073), "resize_mode": "shortest"}),
+    ("ViT-L-14:laion2b_s32b_b82k", {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "shortest"}),
+    ("ViT-H-14-quickgelu:dfn5b", {"resize_mode": "squash", "interpolation": "bicubic"}),
+    (None, {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear", "resize_mode": "longest", "fill_color": 7}),
+])
+def test_training_pixels_are_open_clips_preprocess_per_tag(tmp_path, spec, expect):
+    """load_image + to_tensor with a tag's config (model.init_preprocess: open_clip's pretrained cfg, no
+    download) equal open_clip's own evaluation transform (image_transform_v2, is_train=False) bit for
+    bit, on random-size images: wide, tall, square, smaller than the target (upscaled), at two sizes.
+    None: a made-up config for the modes no tag above uses (bilinear, longest with a fill)."""
+    import open_clip
+    from model import init_preprocess
+    cfg = init_preprocess(spec) if spec else {**init_preprocess("ViT-B-32:openai"), **expect}
+    assert {k: cfg[k] for k in expect} == expect
+    images = [noise_jpg(tmp_path / f"{w}x{h}.jpg", w, h, seed=w + h) for w, h in ((90, 40), (33, 71), (50, 50), (20, 17), (301, 255))]
+    Image.open(images[0]).convert("L").save(tmp_path / "grey.png")  # not RGB: converted first, as eval.open_rgb does
+    for size in (32, 224):
+        transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=size, **cfg), is_train=False)
+        for path in [*images, str(tmp_path / "grey.png")]:
+            ours = to_tensor(load_image(path, size, cfg), cfg)
+            assert ours.shape == (3, size, size) and torch.equal(ours, transform(Image.open(path).convert("RGB"))), (path, size)
+    if spec != "ViT-B-32:openai":  # the OpenAI default would have given other pixels
+        assert not torch.equal(to_tensor(load_image(images[0], 32)), to_tensor(load_image(images[0], 32, cfg), cfg))
 
 def test_no_flip_resize_center_crop(tmp_path):
     # 40x20, red left half, blue right half: shorter side -> 16 gives 32x16, center crop keeps

@@ -36,8 +36,16 @@ def naive_ranks(sim, text_to_image):
     i2t = []
     for i in range(n_img):
         own = [t for t in range(n_txt) if text_to_image[t] == i]
+        if not own:  # no caption: its best is -inf, every text scores above it
+            i2t.append(n_txt)
+            continue
         i2t.append(min(sum(sim[i, u] >= sim[i, t] for u in range(n_txt) if text_to_image[u] != i) for t in own))
     return i2t, t2i
+
+
+def metrics_of(sim, text_to_image, **kw):
+    """retrieval_metrics of a given score matrix: features sim and the identity (sim @ I == sim exactly)"""
+    return ev.retrieval_metrics(sim, torch.eye(sim.shape[1]), text_to_image, **kw)
 
 
 def test_retrieval_metrics_hand_computed():
@@ -52,7 +60,7 @@ def test_retrieval_metrics_hand_computed():
     # text->image rank per column (other images above the true one)
     t2i_ranks = [0, 0, 1, 2, 0, 1, 0, 0, 2, 1, 0, 2, 2, 1, 0]
     assert naive_ranks(sim, t2i) == ([0, 3, 7], t2i_ranks)
-    m = ev.retrieval_metrics(sim, t2i)
+    m = metrics_of(sim, t2i)
     assert m["retrieval/i2t_r1"] == pytest.approx(1 / 3)
     assert m["retrieval/i2t_r5"] == pytest.approx(2 / 3)
     assert m["retrieval/i2t_r10"] == 1.0
@@ -65,15 +73,15 @@ def test_retrieval_metrics_hand_computed():
 
 def test_retrieval_metrics_ties_count_against_the_model():
     # a collapsed model (all scores equal) must not look perfect
-    m = ev.retrieval_metrics(torch.ones(2, 2), torch.tensor([0, 1]))
+    m = metrics_of(torch.ones(2, 2), torch.tensor([0, 1]))
     assert m["retrieval/i2t_r1"] == 0 and m["retrieval/t2i_r1"] == 0
     assert m["retrieval/i2t_medr"] == 2 and m["retrieval/t2i_medr"] == 2
     # a tie between two of an image's own captions is harmless; a tie with a wrong one is not
     sim = torch.tensor([[3., 3., 1.], [0., 0., 3.]])
-    m = ev.retrieval_metrics(sim, torch.tensor([0, 0, 1]))
+    m = metrics_of(sim, torch.tensor([0, 0, 1]))
     assert m["retrieval/i2t_r1"] == 1.0 and m["retrieval/t2i_r1"] == 1.0
     sim = torch.tensor([[3., 1., 3.], [0., 2., 3.]])  # image 0's best (3) ties with image 1's caption
-    m = ev.retrieval_metrics(sim, torch.tensor([0, 0, 1]))
+    m = metrics_of(sim, torch.tensor([0, 0, 1]))
     assert m["retrieval/i2t_r1"] == 0.5  # image 0 -> rank 1, image 1 -> rank 0
     assert m["retrieval/t2i_r1"] == pytest.approx(1 / 3)  # caption 1: 1 < 2 -> rank 1; caption 2: 3 ties 3 -> rank 1
 
@@ -84,11 +92,41 @@ def test_retrieval_metrics_matches_loop_on_random_ties():
     t2i = torch.randint(0, 7, (20,), generator=g)
     t2i[:7] = torch.arange(7)  # every image has a caption
     i2t_ranks, t2i_ranks = (torch.tensor(r) for r in naive_ranks(sim, t2i))
-    m = ev.retrieval_metrics(sim, t2i)
+    m = metrics_of(sim, t2i)
     for k in (1, 5, 10):
         assert m[f"retrieval/i2t_r{k}"] == pytest.approx((i2t_ranks < k).float().mean().item())
         assert m[f"retrieval/t2i_r{k}"] == pytest.approx((t2i_ranks < k).float().mean().item())
     assert m["retrieval/t2i_medr"] == np.floor(np.median(t2i_ranks.numpy())) + 1
+
+
+def full_matrix_ranks(sim, text_to_image):
+    """the former retrieval_metrics' ranks, on the whole [n_images, n_texts] matrix at once"""
+    cols = torch.arange(sim.shape[1])
+    true = torch.zeros_like(sim, dtype=torch.bool)
+    true[text_to_image, cols] = True
+    t2i = ((sim >= sim[text_to_image, cols][None, :]) & ~true).sum(0)
+    best = sim.masked_fill(~true, float("-inf")).max(1).values
+    return ((sim >= best[:, None]) & ~true).sum(1), t2i
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_retrieval_in_tiles_equals_the_whole_matrix(grouped):
+    """ranks computed block x block (every tile shape: blocks of 1, 3, 4, 7, 40 for 9 images x 31
+    texts) equal the naive loop's and the whole-matrix ones, on integer features (exact scores, many
+    ties) with captions grouped per image (eval_retrieval's order) or scattered, and an image with
+    no caption (rank = every text)"""
+    g = torch.Generator().manual_seed(1 + grouped)
+    img, txt = torch.randint(-2, 3, (9, 4), generator=g).float(), torch.randint(-2, 3, (31, 4), generator=g).float()
+    owner = torch.arange(31) * 8 // 31 if grouped else torch.randint(0, 8, (31,), generator=g)  # image 8 has no caption
+    owner[:8] = owner[:8] if grouped else torch.arange(8)
+    sim = img @ txt.T
+    i2t, t2i = naive_ranks(sim, owner)
+    full = full_matrix_ranks(sim, owner)
+    assert full[0].tolist() == i2t and full[1].tolist() == t2i and i2t[8] == 31
+    for block in (1, 3, 4, 7, 40):
+        a, b = ev.retrieval_ranks(img, txt, owner, block)
+        assert torch.equal(a, full[0]) and torch.equal(b, full[1]), block
+    assert ev.retrieval_metrics(img, txt, owner, block=3) == ev.retrieval_metrics(img, txt, owner, block=40)
 
 
 def test_pairwise_accuracy_ties_are_wrong():

@@ -84,3 +84,146 @@ def test_a_broken_hub_config_is_one_line(tmp_path, config, message):
     (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match=message):
         load_model(f"local-dir:{tmp_path}")
+
+
+@pytest.mark.parametrize("script", ["clip_scratch", "clip_hardneg", "clip_dpo"])
+def test_dist_timeout_reaches_init_process_group(monkeypatch, script):
+    """--dist_timeout (default 2 h: nccl's own 10 min is shorter than a large image cache or a rank-0
+    evaluation) goes from each script's main through setup_distributed to init_process_group"""
+    import datetime
+    import importlib
+    seen = []
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(model.dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw.get("timeout"))))
+    module = importlib.import_module(script)
+    assert module.get_args([]).dist_timeout == 7200
+
+    def stop(device, *timeout):  # the real setup_distributed, then stop before any data is read
+        model.setup_distributed(device, *timeout)
+        raise SystemExit("stopped")
+    monkeypatch.setattr(module, "setup_distributed", stop)
+    with pytest.raises(SystemExit, match="stopped"):
+        module.main(["--device", "cpu", "--dist_timeout", "99"])
+    assert seen == [("gloo", datetime.timedelta(seconds=99))]
+
+
+def test_load_clip_reports_the_preprocessing_init_preprocess_reads(tmp_path):
+    """a hub folder whose config squashes with mean / std 0.5: init_preprocess reads it before any
+    weights, load_clip's model carries the same (what its preprocess applies), and the fine-tuning
+    scripts' get_args take it for their data; a minclip checkpoint keeps open_clip's default"""
+    from PIL import Image
+    import data
+    cfg = model_config("tiny", 32, 32)
+    hub = tmp_path / "hub"
+    export_open_clip(CLIP(**cfg), cfg, str(hub))
+    config = json.load(open(hub / "open_clip_config.json"))
+    config["preprocess_cfg"] |= {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+    json.dump(config, open(hub / "open_clip_config.json", "w"))
+    spec = f"local-dir:{hub}"
+    want = model.init_preprocess(spec)
+    assert want["mean"] == (0.5, 0.5, 0.5) and want["resize_mode"] == "squash"
+    clip, _, preprocess, _ = load_clip(spec)
+    assert clip.preprocess_cfg == want
+    Image.fromarray((torch.rand(40, 90, 3) * 255).byte().numpy()).save(tmp_path / "wide.png")
+    assert torch.equal(preprocess(Image.open(tmp_path / "wide.png")), data.to_tensor(data.load_image(tmp_path / "wide.png", 32, want), want))
+    import clip_dpo
+    import clip_hardneg
+    assert clip_dpo.get_args(["--init", spec]).preprocess == clip_hardneg.get_args(["--init", spec]).preprocess == want
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
+    assert load_clip(ckpt)[0].preprocess_cfg == model.init_preprocess(ckpt) == data.PREPROCESS
+
+
+def test_load_clip_converts_on_the_cpu_then_moves_one_copy(tmp_path, monkeypatch):
+    """open_clip's model is loaded on the CPU and turned into minclip's CLIP there (built on the meta
+    device: its tensors are open_clip's, no random copy), and only then moved: the device never holds
+    both (the meta device stands in for a GPU here)"""
+    cfg = model_config("tiny", 32, 32)
+    torch.manual_seed(0)
+    theirs = open_clip.CLIP(**cfg)
+    export_open_clip(theirs, cfg, str(tmp_path / "hub"))
+    asked, real = [], model.load_model
+    monkeypatch.setattr(model, "load_model", lambda spec, device="cpu", flag="--model": (asked.append(str(device)), real(spec, device, flag))[1])
+    on_meta, _, _, _ = load_clip(f"local-dir:{tmp_path / 'hub'}", device="meta")
+    assert asked == ["cpu"] and all(p.is_meta for p in on_meta.parameters())
+    ours, _, _, _ = load_clip(f"local-dir:{tmp_path / 'hub'}")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+class OnGPU(torch.Tensor):
+    """a CPU tensor that says it lives on cuda:0 (a CPU-only machine has no CUDA tensor to save): every
+    op runs on its CPU data, and torch.save would write it as this class on that device"""
+
+    @staticmethod
+    def __new__(cls, data):
+        t = torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device="cuda")
+        t.cpu_data = data
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.cpu_data if isinstance(x, OnGPU) else x  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+def test_checkpoints_hold_cpu_tensors_that_load_without_map_location(tmp_path):
+    """save_checkpoint moves every tensor of the checkpoint (weights, optimizer state, nested) to the CPU:
+    a checkpoint written on a GPU loads with torch.load(path, weights_only=True) on a CPU-only machine"""
+    w, m = torch.randn(3, 2), torch.randn(3, 2)
+    assert OnGPU(w).device.type == "cuda"
+    model.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"w": OnGPU(w)}, "step": 7, "args": {"lr": 0.1},
+                                                      "optimizer": {"state": {0: {"exp_avg": OnGPU(m), "step": torch.tensor(7.0)}},
+                                                                    "param_groups": [{"params": [0], "lr": 0.1}]}})
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # no map_location
+    assert type(ckpt["model"]["w"]) is torch.Tensor and ckpt["model"]["w"].device.type == "cpu" and torch.equal(ckpt["model"]["w"], w)
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], m) and ckpt["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    assert ckpt["step"] == 7 and ckpt["optimizer"]["param_groups"] == [{"params": [0], "lr": 0.1}]
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 80GB HBM3", "float32", 495e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 NVL", "bfloat16", 835e12), ("NVIDIA H200", "float16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", 0.0), ("Tesla V100-SXM2-16GB", "bfloat16", 0.0), ("NVIDIA A10G", "bfloat16", 0.0),
+])
+def test_peak_flops_by_exact_name_and_dtype(monkeypatch, name, dtype, peak):
+    """MFU's peak: the exact device name (an H100 PCIe or NVL is not the SXM part; a MIG slice or an
+    unlisted card is unknown: 0, no MFU) at the run's dtype (float32 runs use TF32's peak)"""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert model.peak_flops(torch.device("cuda"), dtype) == peak
+    assert model.peak_flops(torch.device("cpu"), dtype) == 0.0
+
+
+def test_float32_runs_on_cuda_switch_tf32_on():
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with model.autocast_ctx(torch.device("cpu"), "float32"):
+            assert not torch.backends.cuda.matmul.allow_tf32  # CPU runs: untouched
+        with model.autocast_ctx(torch.device("cuda"), "float32"):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
+
+
+def test_a_fine_tune_keeps_its_inits_preprocessing_through_eval_and_export(tmp_path):
+    """a checkpoint with the --init's preprocess_cfg (what clip_hardneg.py / clip_dpo.py save): init_preprocess
+    and load_model (eval.py) read it, its preprocess is open_clip's transform of it, --export writes it
+    to the hub folder open_clip loads; a checkpoint without one keeps open_clip's default"""
+    from PIL import Image
+    import data
+    cfg = model_config("tiny", 32, 32)
+    squash = {**data.PREPROCESS, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt", preprocess_cfg=squash)
+    assert model.init_preprocess(ckpt) == squash
+    loaded, preprocess, _ = load_model(ckpt)
+    assert loaded.preprocess_cfg == squash
+    Image.fromarray((torch.rand(40, 90, 3) * 255).byte().numpy()).save(tmp_path / "wide.png")
+    assert torch.equal(preprocess(Image.open(tmp_path / "wide.png")), data.to_tensor(data.load_image(tmp_path / "wide.png", 32, squash), squash))
+    export_open_clip(loaded, cfg, str(tmp_path / "hub"))
+    assert model.init_preprocess(f"local-dir:{tmp_path / 'hub'}") == squash
+    _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    assert torch.equal(theirs(Image.open(tmp_path / "wide.png")), preprocess(Image.open(tmp_path / "wide.png")))
+    assert load_model(tiny_ckpt(tmp_path / "plain.pt"))[0].preprocess_cfg == data.PREPROCESS
