@@ -19,7 +19,7 @@ from PIL import Image
 import clip_dpo
 import data
 import eval as ev
-from conftest import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
+from helpers import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
                       run, statement_rates, tiny_ckpt, vsr_rates)
 from model import CLIP, model_config
 import negatives
