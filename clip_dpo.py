@@ -215,11 +215,13 @@ def step_loss(model, batch, args, state):
     # reward accuracy counts ties as half: exactly 0.5 at step 0, where policy == reference
     stats = {"pref": loss.detach(), "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
              "chosen": chosen.mean(), "rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
-    if args.alpha:
+    if args.clip_weight:
         pos = prefs["pos"]
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
-        loss = args.alpha * contrastive + (1 - args.alpha) * loss
+        loss = args.clip_weight * contrastive + args.pref_weight * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
+    else:
+        loss = args.pref_weight * loss
     imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
     if imc_weight:
         i2t = prefs["i2t"]  # image queries: their candidates are captions
@@ -263,7 +265,8 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
         texts += [shapes.statements(t)[0][0] for t in shown]  # each twin's true statement
         queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [("t2i", n + j, idx, wrong[j]) for j in idx]
     images = [data.to_tensor(shapes.render(t, image_size)) for t in shown]
-    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx]}
+    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx],
+            "statement_texts": list(range(n, len(texts)))}
 
 
 class ShapesPreferences(torch.utils.data.Dataset):
@@ -334,23 +337,26 @@ def make_batch(groups, args):
     if not kept:
         return None, {"unreadable groups": len(groups)}
     n_images = sum(len(g["images"]) for g in kept)
-    images, texts, rows, pos = [], [], [], []
+    images, texts, rows, pos, statement = [], [], [], [], []
     for g in kept:
         i0, t0 = len(images), n_images + len(texts)  # offsets into [image features; text features]
         images += g["images"]
         texts += g["texts"]
         pos += [(i0 + i, len(texts) - len(g["texts"]) + t) for i, t in g["pos"]]
+        stated = set(g.get("statement_texts", ()))  # the shapes world's statements: candidate sets of their own
         for direction, q, cands, ranks in g["queries"]:
             if args.direction in ("both", direction):
                 q0, c0 = (i0, t0) if direction == "i2t" else (t0, i0)
                 rows.append((q0 + q, [c0 + c for c in cands], ranks))
+                statement.append(direction == "i2t" and set(cands) <= stated)
     K = max(len(c) for _, c, _ in rows)
     query = torch.tensor([q for q, _, _ in rows])
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
     pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
     tokens, = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
-    i2t = (query < n_images).nonzero().squeeze(1)  # the image queries (imc_loss's), found here on the CPU
+    kicked = (query < n_images) & ~(torch.tensor(statement) if args.imc_sets == "captions" else torch.zeros(len(rows), dtype=torch.bool))
+    i2t = kicked.nonzero().squeeze(1)  # the image queries the intra-modal term runs on (--imc_sets), found here on the CPU
     prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
@@ -398,11 +404,15 @@ def get_args(argv=None):
                    help="i2t: captions ranked for an image; t2i: images ranked for a caption")
     p.add_argument("--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)")
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="weight of the CLIP loss mixed in (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
+    p.add_argument("--alpha", type=float, default=None, help="shorthand for the mixture: --clip_weight alpha, --pref_weight "
+                   "1 - alpha (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
+    p.add_argument("--clip_weight", type=float, default=None, help="weight of CLIP's loss (default: alpha)")
+    p.add_argument("--pref_weight", type=float, default=None, help="weight of the preference loss (default: 1 - alpha)")
     p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
     p.add_argument("--imc_weight", type=float, default=None,
                    help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)")
+    p.add_argument("--imc_sets", default="all", choices=("all", "captions"), help="the i2t candidate sets the "
+                   "intra-modal term runs on: all, or the captions only (shapes: not the statements)")
     p.add_argument("--imc_steps", type=int, default=None,
                    help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
@@ -457,6 +467,10 @@ def get_args(argv=None):
         p.error(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha {args.alpha}: must be in [0, 1]")
+    args.clip_weight = args.alpha if args.clip_weight is None else args.clip_weight
+    args.pref_weight = 1 - args.alpha if args.pref_weight is None else args.pref_weight
+    if args.clip_weight < 0 or args.pref_weight < 0:
+        p.error(f"--clip_weight {args.clip_weight} and --pref_weight {args.pref_weight} must be >= 0")
     if args.imc_weight < 0 or args.beta <= 0:
         p.error(f"--imc_weight {args.imc_weight} must be >= 0 and --beta {args.beta} > 0")
     return args
@@ -499,7 +513,7 @@ def make_model(args, device):
     twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
     what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
     state = State(reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
-                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
+                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} clip {args.clip_weight} pref {args.pref_weight:g} "
                   f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
                   f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
     return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
