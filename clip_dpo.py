@@ -29,8 +29,8 @@ Deviations from the papers
 3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
    blind to the relation. By its controls (bench/LOG.md, 2026-12-05), the relation is the kick's
-   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval)
-   and the statements are the preference term's. Real data: plain dpo_clip.
+   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval);
+   the statements rise most with the preference term. Real data: plain dpo_clip.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
