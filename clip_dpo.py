@@ -29,8 +29,8 @@ Deviations from the papers
 3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
    blind to the relation. By its controls (bench/LOG.md, 2026-12-05), the relation is the kick's
-   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval)
-   and the statements are the preference term's. Real data: plain dpo_clip.
+   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval);
+   the statements rise most with the preference term. Real data: plain dpo_clip.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
@@ -38,8 +38,8 @@ Deviations from the papers
 6. No gradient accumulation; the global batch is batch_size groups x world size.
 """
 import argparse
+from dataclasses import dataclass
 import copy
-import json
 import math
 import os
 import random
@@ -54,9 +54,10 @@ import data
 import eval as ev
 import negatives
 import shapes
-from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean, global_min,
-                   host_ints, init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip, lr_at, one_error,
-                   param_groups, peak_flops, print0, save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
+from model import (FINETUNE_MODES, export_open_clip, init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip,
+                   param_groups, save_checkpoint, set_trainable)
+from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_mean, global_min, host_ints,
+                      lr_at, one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
@@ -214,11 +215,13 @@ def step_loss(model, batch, args, state):
     # reward accuracy counts ties as half: exactly 0.5 at step 0, where policy == reference
     stats = {"pref": loss.detach(), "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
              "chosen": chosen.mean(), "rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
-    if args.alpha:
+    if args.clip_weight:
         pos = prefs["pos"]
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
-        loss = args.alpha * contrastive + (1 - args.alpha) * loss
+        loss = args.clip_weight * contrastive + args.pref_weight * loss
         stats |= {"clip": contrastive.detach(), "acc": acc}
+    else:
+        loss = args.pref_weight * loss
     imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
     if imc_weight:
         i2t = prefs["i2t"]  # image queries: their candidates are captions
@@ -262,7 +265,8 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
         texts += [shapes.statements(t)[0][0] for t in shown]  # each twin's true statement
         queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [("t2i", n + j, idx, wrong[j]) for j in idx]
     images = [data.to_tensor(shapes.render(t, image_size)) for t in shown]
-    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx]}
+    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx],
+            "statement_texts": list(range(n, len(texts)))}
 
 
 class ShapesPreferences(torch.utils.data.Dataset):
@@ -333,23 +337,26 @@ def make_batch(groups, args):
     if not kept:
         return None, {"unreadable groups": len(groups)}
     n_images = sum(len(g["images"]) for g in kept)
-    images, texts, rows, pos = [], [], [], []
+    images, texts, rows, pos, statement = [], [], [], [], []
     for g in kept:
         i0, t0 = len(images), n_images + len(texts)  # offsets into [image features; text features]
         images += g["images"]
         texts += g["texts"]
         pos += [(i0 + i, len(texts) - len(g["texts"]) + t) for i, t in g["pos"]]
+        stated = set(g.get("statement_texts", ()))  # the shapes world's statements: candidate sets of their own
         for direction, q, cands, ranks in g["queries"]:
             if args.direction in ("both", direction):
                 q0, c0 = (i0, t0) if direction == "i2t" else (t0, i0)
                 rows.append((q0 + q, [c0 + c for c in cands], ranks))
+                statement.append(direction == "i2t" and set(cands) <= stated)
     K = max(len(c) for _, c, _ in rows)
     query = torch.tensor([q for q, _, _ in rows])
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
     pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
     tokens, = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
-    i2t = (query < n_images).nonzero().squeeze(1)  # the image queries (imc_loss's), found here on the CPU
+    kicked = (query < n_images) & ~(torch.tensor(statement) if args.imc_sets == "captions" else torch.zeros(len(rows), dtype=torch.bool))
+    i2t = kicked.nonzero().squeeze(1)  # the image queries the intra-modal term runs on (--imc_sets), found here on the CPU
     prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
@@ -357,8 +364,16 @@ def make_batch(groups, args):
 # config
 
 
+# the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs (imc_steps: every step)
+SHAPES = dict(max_steps=3000, epochs=None, warmup_steps=50, eval_every=500, ckpt_every=250, batch_size=26, workers=0,
+              lr=4e-4, text_lr_mult=0.3, alpha=0.75, imc_weight=0.225, imc_steps=1000)
+REAL = dict(max_steps=None, epochs=5, warmup_steps=None, eval_every=None, ckpt_every=None, batch_size=64, workers=4,
+            lr=1e-5, text_lr_mult=1.0, alpha=0.5, imc_weight=0.0, imc_steps=None)
+
+
 def get_args(argv=None):
     p = Parser(__doc__)
+    p.presets(SHAPES, REAL, unset={"imc_steps": "every step"})
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "vsr", "rankings", "hnc"))
     p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON")
@@ -389,11 +404,15 @@ def get_args(argv=None):
                    help="i2t: captions ranked for an image; t2i: images ranked for a caption")
     p.add_argument("--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)")
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="weight of the CLIP loss mixed in (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
+    p.add_argument("--alpha", type=float, default=None, help="shorthand for the mixture: --clip_weight alpha, --pref_weight "
+                   "1 - alpha (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
+    p.add_argument("--clip_weight", type=float, default=None, help="weight of CLIP's loss (default: alpha)")
+    p.add_argument("--pref_weight", type=float, default=None, help="weight of the preference loss (default: 1 - alpha)")
     p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
     p.add_argument("--imc_weight", type=float, default=None,
                    help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)")
+    p.add_argument("--imc_sets", default="all", choices=("all", "captions"), help="the i2t candidate sets the "
+                   "intra-modal term runs on: all, or the captions only (shapes: not the statements)")
     p.add_argument("--imc_steps", type=int, default=None,
                    help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
     # optim
@@ -403,7 +422,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (model.WARMUP_FRACTION)")
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_dpo")
     p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)")
@@ -436,18 +455,10 @@ def get_args(argv=None):
     args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
-    args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
-    args.ckpt_every = (250 if args.data == "shapes" else None) if args.ckpt_every is None else args.ckpt_every
-    args.eval_every = (500 if args.data == "shapes" else None) if args.eval_every is None else args.eval_every
-    args.warmup_steps = (50 if args.data == "shapes" else None) if args.warmup_steps is None else args.warmup_steps
-    args.epochs = (None if args.data == "shapes" else 5) if args.epochs is None else args.epochs
-    args.batch_size = (26 if args.data == "shapes" else 64) if args.batch_size is None else args.batch_size
-    real, args.batch_items = args.data != "shapes", args.batch_size  # groups per process per step
-    args.workers = (4 if real else 0) if args.workers is None else args.workers
-    args.lr = (1e-5 if real else 4e-4) if args.lr is None else args.lr
-    args.text_lr_mult = (1.0 if real else 0.3) if args.text_lr_mult is None else args.text_lr_mult
-    args.alpha = ((0.5 if real else 0.75) if args.loss == "dpo_clip" else 0.0) if args.alpha is None else args.alpha
-    args.imc_weight = (0.0 if real else 0.225) if args.imc_weight is None else args.imc_weight
+    if args.alpha is None and args.loss != "dpo_clip":
+        args.alpha = 0.0  # the presets' alpha is dpo_clip's
+    apply_preset(args, SHAPES, REAL)
+    args.batch_items = args.batch_size  # groups per process per step
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.loss in ("cdpo", "robust") else 0.0
     elif args.loss not in ("cdpo", "robust"):
@@ -456,10 +467,24 @@ def get_args(argv=None):
         p.error(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
     if not 0 <= args.alpha <= 1:
         p.error(f"--alpha {args.alpha}: must be in [0, 1]")
-    args.imc_steps = (args.max_steps if real else 1000) if args.imc_steps is None else args.imc_steps
+    args.clip_weight = args.alpha if args.clip_weight is None else args.clip_weight
+    args.pref_weight = 1 - args.alpha if args.pref_weight is None else args.pref_weight
+    if args.clip_weight < 0 or args.pref_weight < 0:
+        p.error(f"--clip_weight {args.clip_weight} and --pref_weight {args.pref_weight} must be >= 0")
     if args.imc_weight < 0 or args.beta <= 0:
         p.error(f"--imc_weight {args.imc_weight} must be >= 0 and --beta {args.beta} > 0")
     return args
+
+
+@dataclass
+class State:
+    """the method's state beside the weights: what step_loss reads and save_state keeps"""
+    reference: object             # the frozen reference (make_reference); None for a reward model without --l2sp
+    spec: str                     # --init, which the checkpoint keeps instead of the reference's weights
+    checksum: float               # the sum of --init's weights: --resume checks the reference is unchanged
+    preprocess_cfg: dict          # the init's image preprocessing, kept in the checkpoint
+    summary: str                  # the start line's words on the method
+    step: int = 0                 # set by the loop before each step (the intra-modal kick's --imc_steps)
 
 
 def make_model(args, device):
@@ -487,11 +512,11 @@ def make_model(args, device):
         clip.set_grad_checkpointing(True)
     twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
     what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
-    state = argparse.Namespace(step=0, reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
-                               summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} alpha {args.alpha} "
-                               f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
-                               f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
-    return clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state
+    state = State(reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
+                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} clip {args.clip_weight} pref {args.pref_weight:g} "
+                  f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
+                  f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
+    return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
 
 
 def save_state(state):
@@ -580,14 +605,23 @@ def make_data(args, rank, world):
     return ImageGroups(groups, args.image_size, args.preprocess), len(groups), evalset
 
 # -----------------------------------------------------------------------------
-# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
+# the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
+# It calls this file's hooks, and only these:
+#   get_args(argv) -> args                       flags, with this script's shapes / real-data presets applied
+#   make_data(args, rank, world) -> (dataset, n_items, evalset)   n_items None = an endless stream;
+#                                                evalset: what eval.evaluate scores ("shapes-none", splits, VSR rows)
+#   make_model(args, device) -> training.Model(clip, module, preprocess, param_groups, state)
+#   make_batch(samples, args) -> (batch, {what was skipped: count})   the DataLoader's collate_fn
+#   step_loss(module, batch, args, state) -> (loss, {name: detached scalar})   the method, one step
+#   save_state(state) -> dict                    the method's part of a checkpoint
+#   resume(path, clip, state) -> checkpoint      a checkpoint checked against this run's models, loaded
+#   EQUAL_BATCHES                                every rank keeps the smallest rank's number of rows
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
-    master = rank == 0
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    master, dtype = rank == 0, resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)  # identical init on every rank
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -606,7 +640,7 @@ def main(argv=None):
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
-    # optimizer, resume
+    # optimizer, resume, DDP, batches
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
@@ -639,40 +673,21 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
-    def log(record):  # metrics.jsonl (and wandb) on rank 0
+    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics, t = None, time.time()
         if master:
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if args.wandb:
-                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
-
-    def evaluate(step, split):
-        # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
-        metrics = None
-        if master:
-            t = time.time()
             metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
             if metrics is None:
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
-                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                log({"step": step, "split": split, **metrics})
+                log.eval(step, split, metrics, time.time() - t)
         if world > 1:
             dist.barrier()
+        log.restart_clock()  # eval time is not training time
         return metrics
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
-        path = os.path.join(args.out_dir, "metrics.jsonl")
-        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(kept)
-    if master and args.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
-        wandb.init(project=args.wandb, config=vars(args), resume="allow")
+    # the loop
+    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
            f"| device {device} {dtype}")
@@ -680,7 +695,7 @@ def main(argv=None):
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
     not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
-    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
             skipped[k] = skipped.get(k, 0) + v
@@ -689,7 +704,7 @@ def main(argv=None):
             step += 1
             continue
         batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
-        n_images += len(batch[0])
+        log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -708,33 +723,20 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             stop_if_not_finite()
-            dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged, ips, n_images = step, n_images * world / dt, 0
-            eta = int((args.max_steps - step) * dt / n_steps)
-            print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
-                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
-            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
+            log.train(step, loss, stats, lr, clip.logit_scale, flops, peak, skipped)
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             evaluate(step, "val")
-            t0 = time.time()  # eval time is not training time
     checkpoint(step)
     if any(skipped.values()):
         print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
-    end_metrics = evaluate(step, "test")
-    if master and end_metrics and start_metrics:
-        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
-        for k, v in end_metrics.items():
-            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
+    log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     with one_error():

@@ -36,8 +36,8 @@ Deviations from the papers
    real data): the default is NegCLIP + IMC (the runs behind both: bench/LOG.md, 2026-11-25).
 """
 import argparse
+from dataclasses import dataclass
 import copy
-import json
 import math
 import os
 import random
@@ -52,9 +52,10 @@ import data
 import eval as ev
 import negatives
 import shapes
-from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_min, global_sum,
-                   init_geometry, init_preprocess, load_checkpoint, load_clip, lr_at, one_error, param_groups, peak_flops, print0,
-                   save_checkpoint, schedule, set_trainable, setup_distributed, to_device)
+from model import (FINETUNE_MODES, export_open_clip, init_geometry, init_preprocess, load_checkpoint, load_clip, param_groups,
+                   save_checkpoint, set_trainable)
+from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_min, global_sum, lr_at,
+                      one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device, world_size)
 
 # -----------------------------------------------------------------------------
 # the methods: losses on features. Shapes: image_features, text_features [B, D] (row i's image and
@@ -66,10 +67,6 @@ from model import (Parser, FINETUNE_MODES, all_gather_with_grad, autocast_ctx, c
 EQUAL_BATCHES = True  # every rank's batch holds the same number of rows (all_gather_with_grad needs it)
 
 
-def _world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def candidates(image_features, text_features, neg_features, neg_valid, logit_scale, hn_weight=1.0):
     """NegCLIP's image->text candidate set: every caption and every valid hard negative of the
     global batch. -> (logits [B, W*B + valid negatives], labels [B]); hn_weight multiplies
@@ -77,7 +74,7 @@ def candidates(image_features, text_features, neg_features, neg_valid, logit_sca
     B, K, D = neg_features.shape
     all_text, all_neg = all_gather_with_grad(text_features), all_gather_with_grad(neg_features.reshape(B * K, D))
     keep = all_gather_with_grad(neg_valid.reshape(B * K).float()) > 0.5  # invalid negatives are dropped columns
-    offset = dist.get_rank() * B if _world() > 1 else 0
+    offset = dist.get_rank() * B if world_size() > 1 else 0
     logits = logit_scale * image_features @ torch.cat([all_text, all_neg]).T  # [B, W*B + W*B*K]
     if hn_weight != 1.0:
         own = len(all_text) + (offset + torch.arange(B, device=logits.device))[:, None] * K + torch.arange(K, device=logits.device)
@@ -110,7 +107,7 @@ def cmr_loss(pos, neg, neg_valid, threshold, upper_bound=10.0):
     tau_k = mean_i S(i, t_i) - mean over valid i of S(i, n_ik), detached, clamped to [0, upper_bound],
     unchanged for a type with no valid item (so never NaN)."""
     with torch.autocast(pos.device.type, enabled=False):
-        pos, neg, W = pos.float(), neg.float(), _world()
+        pos, neg, W = pos.float(), neg.float(), world_size()
         terms = F.relu(threshold.to(neg)[None, :] + neg - pos[:, None]) * neg_valid
         stats = global_sum(torch.cat([torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
                                        (neg * neg_valid).sum(0), neg_valid.sum(0).to(neg)]))
@@ -176,7 +173,8 @@ def step_loss(model, batch, args, state):
         imc = imc_loss(image_features, t, n, valid, logit_scale)
         stats |= {"cmr": cmr.detach(), "imc": imc.detach(), **{f"tau{k}": threshold[k] for k in range(K)}}
         return itc + args.cmr_weight * cmr + args.imc_weight * imc, stats
-    # hnc
+    if args.loss != "hnc":
+        raise ValueError(f"unknown --loss {args.loss!r}")
     w = hn_weight_at(state.step, args)
     loss, stats = negclip_loss(image_features, t, n, valid, logit_scale, hn_weight=w)
     stats["w_hn"] = torch.tensor(w)
@@ -283,8 +281,16 @@ def n_negatives(args):
     return {"negclip": 1, "ceclip": len(negatives.CECLIP_TYPES), "hnc": 1}.get(args.data, len(args.neg_types))
 
 
+# the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs
+SHAPES = dict(max_steps=3000, epochs=None, warmup_steps=50, eval_every=500, ckpt_every=250, batch_size=64, workers=0,
+              lr=3e-4, text_lr_mult=0.1, neg_images=True, cmr_weight=0.0)
+REAL = dict(max_steps=None, epochs=5, warmup_steps=None, eval_every=None, ckpt_every=None, batch_size=256, workers=4,
+            lr=1e-5, text_lr_mult=1.0, neg_images=False, cmr_weight=0.2)
+
+
 def get_args(argv=None):
     p = Parser(__doc__)
+    p.presets(SHAPES, REAL)
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc"))
     p.add_argument("--data_root", default=None, help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON")
@@ -324,7 +330,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 3e-4 shapes, 1e-5 real data (a pretrained CLIP)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (model.WARMUP_FRACTION)")
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_hardneg")
     p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a start and a final eval always run)")
@@ -355,19 +361,8 @@ def get_args(argv=None):
     args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
-    args.max_steps = (3000 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
-    args.ckpt_every = (250 if args.data == "shapes" else None) if args.ckpt_every is None else args.ckpt_every
-    args.eval_every = (500 if args.data == "shapes" else None) if args.eval_every is None else args.eval_every
-    args.warmup_steps = (50 if args.data == "shapes" else None) if args.warmup_steps is None else args.warmup_steps
-    args.epochs = (None if args.data == "shapes" else 5) if args.epochs is None else args.epochs
-    args.batch_size = (64 if args.data == "shapes" else 256) if args.batch_size is None else args.batch_size
-    real = args.data != "shapes"
-    args.workers = (4 if real else 0) if args.workers is None else args.workers
-    args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
-    args.neg_images = not real if args.neg_images is None else args.neg_images
+    apply_preset(args, SHAPES, REAL)
     args.batch_items = args.batch_size // 2 if args.neg_images else args.batch_size  # samples (an image and its twin) per process
-    args.cmr_weight = (0.2 if real else 0.0) if args.cmr_weight is None else args.cmr_weight
-    args.lr = (1e-5 if real else 3e-4) if args.lr is None else args.lr
     if args.neg_types is not None and args.data not in ("shapes", "coco"):
         p.error(f"--neg_types: --data {args.data} brings its own negatives")
     known = shapes.NEGATIVES if args.data == "shapes" else negatives.NEGATIVE_TYPES
@@ -383,6 +378,17 @@ def get_args(argv=None):
     if args.loss != "hnc" and (args.hn_weight != 1.0 or args.hn_warmup_steps or args.l2sp or args.kl_weight):
         p.error("--hn_weight, --hn_warmup_steps, --l2sp and --kl_weight belong to --loss hnc")
     return args
+
+
+@dataclass
+class State:
+    """the method's state beside the weights: what step_loss reads and save_state keeps"""
+    threshold: torch.Tensor       # CE-CLIP's adaptive CMR thresholds, one per negative slot (start at 0; checkpointed)
+    teacher: object               # HNC's frozen KL teacher (--kl_weight), else None
+    init_params: object           # HNC's L2-SP anchor theta_0 (--l2sp), else None
+    clip: torch.nn.Module         # the CLIP (its preprocess_cfg goes into the checkpoint)
+    summary: str                  # the start line's words on the method
+    step: int = 0                 # set by the loop before each step
 
 
 def make_model(args, device):
@@ -401,11 +407,11 @@ def make_model(args, device):
     trainable = set_trainable(clip, args.finetune)
     init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
     negs = ",".join(args.neg_types) if args.data in ("shapes", "coco") else args.data
-    state = argparse.Namespace(step=0, threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
-                               teacher=teacher, init_params=init_params, clip=clip,
-                               summary=f"init {args.init} ({args.finetune}) | loss {args.loss} | negatives {negs}"
-                               + (" + hard-negative images" if args.neg_images else ""))
-    return clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state
+    state = State(threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
+                  teacher=teacher, init_params=init_params, clip=clip,
+                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} | negatives {negs}"
+                  + (" + hard-negative images" if args.neg_images else ""))
+    return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
 
 
 def save_state(state):
@@ -466,14 +472,23 @@ class HNCItems:
         return path, [(pos, [negs]) for pos, negs in pairs], None
 
 # -----------------------------------------------------------------------------
-# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
+# the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
+# It calls this file's hooks, and only these:
+#   get_args(argv) -> args                       flags, with this script's shapes / real-data presets applied
+#   make_data(args, rank, world) -> (dataset, n_items, evalset)   n_items None = an endless stream;
+#                                                evalset: what eval.evaluate scores ("shapes-none", splits, VSR rows)
+#   make_model(args, device) -> training.Model(clip, module, preprocess, param_groups, state)
+#   make_batch(samples, args) -> (batch, {what was skipped: count})   the DataLoader's collate_fn
+#   step_loss(module, batch, args, state) -> (loss, {name: detached scalar})   the method, one step
+#   save_state(state) -> dict                    the method's part of a checkpoint
+#   resume(path, clip, state) -> checkpoint      a checkpoint checked against this run's models, loaded
+#   EQUAL_BATCHES                                every rank keeps the smallest rank's number of rows
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
-    master = rank == 0
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    master, dtype = rank == 0, resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)  # identical init on every rank
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -492,7 +507,7 @@ def main(argv=None):
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
-    # optimizer, resume
+    # optimizer, resume, DDP, batches
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
@@ -525,40 +540,21 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
-    def log(record):  # metrics.jsonl (and wandb) on rank 0
+    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics, t = None, time.time()
         if master:
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if args.wandb:
-                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
-
-    def evaluate(step, split):
-        # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
-        metrics = None
-        if master:
-            t = time.time()
             metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
             if metrics is None:
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
-                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                log({"step": step, "split": split, **metrics})
+                log.eval(step, split, metrics, time.time() - t)
         if world > 1:
             dist.barrier()
+        log.restart_clock()  # eval time is not training time
         return metrics
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
-        path = os.path.join(args.out_dir, "metrics.jsonl")
-        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(kept)
-    if master and args.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
-        wandb.init(project=args.wandb, config=vars(args), resume="allow")
+    # the loop
+    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
            f"| device {device} {dtype}")
@@ -566,7 +562,7 @@ def main(argv=None):
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
     not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
-    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
             skipped[k] = skipped.get(k, 0) + v
@@ -575,7 +571,7 @@ def main(argv=None):
             step += 1
             continue
         batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
-        n_images += len(batch[0])
+        log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -594,33 +590,20 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             stop_if_not_finite()
-            dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged, ips, n_images = step, n_images * world / dt, 0
-            eta = int((args.max_steps - step) * dt / n_steps)
-            print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
-                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
-            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
+            log.train(step, loss, stats, lr, clip.logit_scale, flops, peak, skipped)
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             evaluate(step, "val")
-            t0 = time.time()  # eval time is not training time
     checkpoint(step)
     if any(skipped.values()):
         print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
-    end_metrics = evaluate(step, "test")
-    if master and end_metrics and start_metrics:
-        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
-        for k, v in end_metrics.items():
-            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
+    log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     with one_error():

@@ -30,8 +30,7 @@ Deviations from the papers
 7. The captioner is as wide and deep as the text tower, and its queries never read predicted
    tokens, so greedy captioning is one forward pass (eval.py --caption).
 """
-import argparse
-import json
+from dataclasses import dataclass
 import math
 import os
 import time
@@ -46,9 +45,9 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import shapes
-from model import (Parser, CLIP, MODEL_SIZES, Captioner, all_gather_with_grad, autocast_ctx, count_flops, export_open_clip, global_mean,
-                   global_min, load_checkpoint, lr_at, model_config, one_error, param_groups, peak_flops, print0, save_checkpoint,
-                   schedule, setup_distributed, to_device)
+from model import CLIP, MODEL_SIZES, Captioner, export_open_clip, load_checkpoint, model_config, param_groups, save_checkpoint
+from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_mean, global_min, lr_at,
+                      one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device)
 
 # -----------------------------------------------------------------------------
 # the method: the contrastive loss
@@ -175,8 +174,16 @@ def make_batch(samples, args):
 # config
 
 
+# the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs
+SHAPES = dict(max_steps=1750, epochs=None, warmup_steps=100, eval_every=500, ckpt_every=250, image_size=64, context_length=32,
+              workers=0, lr=2e-3, text_lr_mult=0.1)
+REAL = dict(max_steps=None, epochs=32, warmup_steps=None, eval_every=None, ckpt_every=None, image_size=224, context_length=77,
+            workers=4, lr=1e-3, text_lr_mult=1.0)
+
+
 def get_args(argv=None):
     p = Parser(__doc__)
+    p.presets(SHAPES, REAL)
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "flickr8k", "coco", "recap"))
     p.add_argument("--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file")
@@ -207,7 +214,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: 2e-3 shapes, 1e-3 real data)")
     p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 3; 1 real data)")
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 100 on shapes; real data: 5%% of the steps (model.WARMUP_FRACTION)")
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 100 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_scratch")
     p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)")
@@ -230,17 +237,8 @@ def get_args(argv=None):
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
-    args.max_steps = (1750 if args.data == "shapes" else None) if args.max_steps is None else args.max_steps
-    args.ckpt_every = (250 if args.data == "shapes" else None) if args.ckpt_every is None else args.ckpt_every
-    args.eval_every = (500 if args.data == "shapes" else None) if args.eval_every is None else args.eval_every
-    args.warmup_steps = (100 if args.data == "shapes" else None) if args.warmup_steps is None else args.warmup_steps
-    args.epochs = (None if args.data == "shapes" else 32) if args.epochs is None else args.epochs
-    real, args.batch_items = args.data != "shapes", args.batch_size  # dataset items per process per step
-    args.image_size = args.image_size or (224 if real else 64)
-    args.context_length = args.context_length or (77 if real else 32)
-    args.workers = (4 if real else 0) if args.workers is None else args.workers
-    args.text_lr_mult = (1.0 if real else 0.1) if args.text_lr_mult is None else args.text_lr_mult
-    args.lr = (1e-3 if real else 2e-3) if args.lr is None else args.lr
+    apply_preset(args, SHAPES, REAL)
+    args.batch_items = args.batch_size  # dataset items per process per step
     if args.caption_mask != "none" and not 3 <= args.mask_len <= args.context_length:
         p.error(f"--mask_len {args.mask_len}: must be between 3 and --context_length {args.context_length}")
     if args.captioner_weight and args.caption_mask == "none":
@@ -248,6 +246,15 @@ def get_args(argv=None):
     if args.captioner_weight and args.captioner_len < 2:
         p.error(f"--captioner_len {args.captioner_len}: must be at least 2")
     return args
+
+
+@dataclass
+class State:
+    """the method's state beside the weights: what step_loss reads and save_state keeps"""
+    summary: str                  # the start line's words on the method
+    captioner: object = None      # CLIPS's captioner (--captioner_weight > 0), else None
+    captioner_cfg: dict = None    # its constructor arguments, kept in the checkpoint
+    step: int = 0                 # set by the loop before each step
 
 
 def make_model(args, device):
@@ -267,9 +274,9 @@ def make_model(args, device):
         groups += param_groups(captioner, args.weight_decay)  # full lr: it is not the text tower
     preprocess = open_clip.transform.image_transform(args.image_size, is_train=False)
     model = clip if captioner is None else CLIPWithCaptioner(clip, captioner)
-    state = argparse.Namespace(step=0, captioner=captioner, captioner_cfg=captioner_cfg,
-                               summary=f"model {args.model_size}" + (f" | CLIPS {args.caption_mask} {args.mask_len}" if args.caption_mask != "none" else ""))
-    return clip, model, preprocess, groups, state
+    state = State(captioner=captioner, captioner_cfg=captioner_cfg,
+                  summary=f"model {args.model_size}" + (f" | CLIPS {args.caption_mask} {args.mask_len}" if args.caption_mask != "none" else ""))
+    return Model(clip, model, preprocess, groups, state)
 
 
 def save_state(state):
@@ -301,14 +308,23 @@ def make_data(args, rank, world):
     return train, len(train), splits
 
 # -----------------------------------------------------------------------------
-# training: the same loop in clip_scratch.py, clip_hardneg.py and clip_dpo.py
+# the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
+# It calls this file's hooks, and only these:
+#   get_args(argv) -> args                       flags, with this script's shapes / real-data presets applied
+#   make_data(args, rank, world) -> (dataset, n_items, evalset)   n_items None = an endless stream;
+#                                                evalset: what eval.evaluate scores ("shapes-none", splits, VSR rows)
+#   make_model(args, device) -> training.Model(clip, module, preprocess, param_groups, state)
+#   make_batch(samples, args) -> (batch, {what was skipped: count})   the DataLoader's collate_fn
+#   step_loss(module, batch, args, state) -> (loss, {name: detached scalar})   the method, one step
+#   save_state(state) -> dict                    the method's part of a checkpoint
+#   resume(path, clip, state) -> checkpoint      a checkpoint checked against this run's models, loaded
+#   EQUAL_BATCHES                                every rank keeps the smallest rank's number of rows
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = setup_distributed(args.device, args.dist_timeout)
-    master = rank == 0
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    master, dtype = rank == 0, resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)  # identical init on every rank
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -327,7 +343,7 @@ def main(argv=None):
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
-    # optimizer, resume
+    # optimizer, resume, DDP, batches
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
@@ -360,40 +376,21 @@ def main(argv=None):
                                         "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
                                         "start_metrics": start_metrics, **save_state(state)})
 
-    def log(record):  # metrics.jsonl (and wandb) on rank 0
+    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+        metrics, t = None, time.time()
         if master:
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if args.wandb:
-                wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"])
-
-    def evaluate(step, split):
-        # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
-        metrics = None
-        if master:
-            t = time.time()
             metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
             if metrics is None:
                 print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
             else:
-                print0(f"eval {split} step {step} ({time.time() - t:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-                log({"step": step, "split": split, **metrics})
+                log.eval(step, split, metrics, time.time() - t)
         if world > 1:
             dist.barrier()
+        log.restart_clock()  # eval time is not training time
         return metrics
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if master:  # metrics.jsonl holds this run only: from its start, or up to the step it resumes from
-        path = os.path.join(args.out_dir, "metrics.jsonl")
-        kept = [line for line in open(path) if json.loads(line)["step"] <= start_step] if start_step and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(kept)
-    if master and args.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
-        wandb.init(project=args.wandb, config=vars(args), resume="allow")
+    # the loop
+    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
     n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
     print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
            f"| device {device} {dtype}")
@@ -401,7 +398,7 @@ def main(argv=None):
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
     not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
-    step, last_logged, t0, n_images, skipped = start_step, start_step, time.time(), 0, {}
+    step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
             skipped[k] = skipped.get(k, 0) + v
@@ -410,7 +407,7 @@ def main(argv=None):
             step += 1
             continue
         batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
-        n_images += len(batch[0])
+        log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -429,33 +426,20 @@ def main(argv=None):
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
             stop_if_not_finite()
-            dt, n_steps, t0 = time.time() - t0, step - last_logged, time.time()
-            last_logged, ips, n_images = step, n_images * world / dt, 0
-            eta = int((args.max_steps - step) * dt / n_steps)
-            print0(f"step {step}/{args.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-                   + f"lr {lr:.2e} | scale {clip.logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
-                   + (f" | mfu {100 * flops * world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-                   + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
-            log({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
+            log.train(step, loss, stats, lr, clip.logit_scale, flops, peak, skipped)
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             evaluate(step, "val")
-            t0 = time.time()  # eval time is not training time
     checkpoint(step)
     if any(skipped.values()):
         print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
-    end_metrics = evaluate(step, "test")
-    if master and end_metrics and start_metrics:
-        print0(f"\n| metric | start | step {step} |\n|---|---|---|")
-        for k, v in end_metrics.items():
-            print0(f"| {k} | {start_metrics.get(k, float('nan')):.4f} | {v:.4f} |")
+    log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
         print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     with one_error():

@@ -35,7 +35,8 @@ import torch
 
 import data
 import shapes
-from model import Captioner, Parser, export_open_clip, is_checkpoint, load_checkpoint, load_model
+from model import Captioner, export_open_clip, is_checkpoint, load_checkpoint, load_model
+from training import Parser
 
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
 LABEL_H = 16      # height of the score strip under each image of a --grid

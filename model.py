@@ -1,33 +1,29 @@
 """
-The CLIP model and the system helpers every minclip script shares: what nanoGPT's model.py is.
+The CLIP model, its fine-tuning switches and its checkpoints: what nanoGPT's model.py is.
 
 - CLIP: a ViT image tower and a causal text Transformer with the constructor signature, forward
   and state-dict keys of `open_clip.CLIP`, so a minclip checkpoint loads into open_clip with
   strict=True and gives the same embeddings (tested), and open_clip weights load into it;
   model_config builds the named MODEL_SIZES (tiny is the CPU default).
 - Captioner: CLIPS's prefix-LM caption head (trained by clip_scratch.py, run by eval.py --caption).
-- System helpers: DDP setup, print0, autocast, the lr schedule, AdamW parameter groups, the
-  fine-tune modes (set_trainable), the autograd all-gather of the contrastive losses, sums / means
-  / minima over ranks, to_device, FLOP counting and the peak table for MFU.
-- Checkpoints: save_checkpoint (atomic), load_checkpoint (one line on what is wrong with a file),
-  load_model (a ckpt.pt, local-dir:DIR or open_clip's NAME:PRETRAINED), load_clip (any of them as
-  this file's CLIP), init_geometry, export_open_clip.
+- Fine-tuning: set_trainable (which parameters train), param_groups (AdamW's groups, the text
+  tower's lr multiplier).
+- Checkpoints: save_checkpoint (atomic, CPU tensors), load_checkpoint (one line on what is wrong
+  with a file), load_model (a ckpt.pt, local-dir:DIR or open_clip's NAME:PRETRAINED), load_clip (any
+  of them as this file's CLIP), init_geometry and init_preprocess (read before any weights),
+  export_open_clip.
 
+The training loop's utilities (DDP, schedule, all-gather, FLOPs, the run's log) are training.py's.
 Method scripts import this module; it imports none of them (data.py's JSON reader, lazily).
 """
-import argparse
 import codecs
-import datetime
 import difflib
 import json
 import math
 import os
-import sys
 import zipfile
-from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -251,117 +247,7 @@ def model_config(size, image_size, context_length=77, vocab_size=49408):
                 text_cfg=dict(context_length=context_length, vocab_size=vocab_size, width=tw, heads=max(tw // 64, 4), layers=tl))
 
 # -----------------------------------------------------------------------------
-# system helpers shared by the training scripts (DDP, precision, schedule, checkpoints)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with every default in --help and a bad flag or value refused in one line"""
-
-    def __init__(self, doc):
-        class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-            pass
-        super().__init__(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
-                         formatter_class=Help)
-
-    def add_argument(self, *names, **kw):  # a flag without help text shows its default too
-        if "help" not in kw and kw.get("action") not in ("help", "version"):
-            kw["help"] = "(default: %(default)s)"
-        return super().add_argument(*names, **kw)
-
-    def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong
-        self.exit(2, f"error: {message} (python {self.prog} --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
-
-
-@contextmanager
-def one_error():
-    """A script's `main()` runs in this. An error a user can fix is a SystemExit with its one line (or
-    the parser's exit 2); under torchrun every rank meets the same bad file or flag, so rank 0 alone
-    prints it, and the ranks meet before they exit with the same code (torchrun SIGTERMs the ranks still
-    running when the first one exits)."""
-    try:
-        yield
-    except SystemExit as e:
-        if e.code in (None, 0):
-            raise
-        code = 1 if isinstance(e.code, str) else e.code
-        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) == 0:
-            print(e.code, file=sys.stderr, flush=True)
-        if "RANK" not in os.environ:
-            raise SystemExit(code) from None
-        if not dist.is_initialized():  # an error before setup_distributed: a process group just to meet
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        dist.barrier()
-        sys.stdout.flush()
-        os._exit(code)
-
-
-def setup_distributed(device_flag, timeout=7200):
-    """Returns (rank, local_rank, world_size, device). torchrun sets RANK; nccl on CUDA, gloo on CPU.
-    timeout: seconds a collective waits for every rank (torch's defaults, 10 min for nccl and 30 for
-    gloo, are shorter than building the image cache of a large set or a rank-0 evaluation)."""
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ:
-        global _HOST_GROUP
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
-        if use_cuda:  # host-side ints (host_ints) travel by gloo: nccl's would wait for the GPU's queue
-            _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-    else:
-        rank, local_rank, world = 0, 0, 1
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-
-
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
-
-
-def autocast_ctx(device, dtype):
-    """the step's precision: bf16 / fp16 autocast, or float32, whose matmuls and convolutions run in
-    TF32 on CUDA (switched on here, as nanoGPT does: ~8x the fp32 FLOP/s on A100 / H100; the scores
-    the losses compare are products and sums, which TF32 does not touch)"""
-    if dtype == "float32":
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return nullcontext()
-    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-
-
-def lr_at(step, base_lr, warmup, max_steps):
-    """linear warmup then cosine decay to zero."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
-
-
-WARMUP_FRACTION = 0.05  # real data: the default warmup, a fraction of the run's steps
-
-
-def schedule(args, n_items, world):
-    """The run's plan, the same whatever the world size -> the start line's words. Sets args.max_steps,
-    warmup_steps, eval_every and ckpt_every where they are None. Shapes (n_items None, an endless
-    stream): the flags as given. Real data: an epoch is n_items // global batch steps (data.StepBatches
-    drops the last partial batch), the run --epochs of them unless --max_steps says otherwise (the
-    epochs are then what those steps make), warmup WARMUP_FRACTION of the steps, and a dev eval and a
-    checkpoint at the end of every epoch: 1 and 8 processes train the same epochs with the same
-    fraction of warmup and the same number of evals."""
-    global_batch = args.batch_items * world
-    if n_items is None:
-        what = f"{args.max_steps} steps"
-    else:
-        per_epoch = max(1, n_items // global_batch)
-        args.max_steps = args.epochs * per_epoch if args.max_steps is None else args.max_steps
-        args.warmup_steps = max(1, round(WARMUP_FRACTION * args.max_steps)) if args.warmup_steps is None else args.warmup_steps
-        args.eval_every = per_epoch if args.eval_every is None else args.eval_every
-        args.ckpt_every = per_epoch if args.ckpt_every is None else args.ckpt_every
-        what = f"{args.max_steps / per_epoch:.3g} epochs of {n_items:,} items = {args.max_steps} steps ({per_epoch} an epoch)"
-    every = lambda n: f"every {n} steps" if n else "at the end"  # noqa: E731
-    return (f"{what} of global batch {global_batch} ({world} x {args.batch_items}) | warmup {args.warmup_steps} steps | "
-            f"eval {every(args.eval_every)}, checkpoint {every(args.ckpt_every)}")
+# fine-tuning: which parameters train, their AdamW groups; checkpoints written atomically
 
 
 def param_groups(model, weight_decay, text_lr_mult=1.0):
@@ -404,79 +290,6 @@ def set_trainable(model, mode):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-class _AllGather(torch.autograd.Function):
-    """all_gather with a backward: the gradient w.r.t. the gathered tensor is summed over ranks and
-    each rank keeps its own slice (torch.distributed.nn's deprecated all_gather, with all_reduce)"""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def all_gather_with_grad(x):
-    """[B, ...] on every rank -> [world*B, ...], rank order, differentiable (B must be equal on all ranks).
-    A no-op without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    return _AllGather.apply(x)
-
-
-def to_device(x, device, n=None):
-    """a batch (a tensor, or tuples / dicts of them) on the device; n: keep the first n rows of each tensor"""
-    if isinstance(x, (tuple, list, dict)):
-        return {k: to_device(v, device, n) for k, v in x.items()} if isinstance(x, dict) else type(x)(to_device(y, device, n) for y in x)
-    return (x if n is None else x[:n]).to(device, non_blocking=True)
-
-
-def _world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_sum(x):
-    """a detached tensor summed over ranks (a statistic of the global batch)"""
-    x = x.detach().clone()
-    if _world() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-_HOST_GROUP = None  # setup_distributed's gloo group beside nccl
-
-
-def host_ints(n, device):
-    """an int from every rank -> long [world] on the CPU, rank order. Under nccl it travels by a gloo
-    group of its own (setup_distributed), so reading it waits for the other ranks, never for the GPU"""
-    if _world() == 1:
-        return torch.tensor([n])
-    on_host = _HOST_GROUP is not None or dist.get_backend() == "gloo"
-    x = torch.tensor([n], device="cpu" if on_host else device)
-    every = [torch.zeros_like(x) for _ in range(_world())]
-    dist.all_gather(every, x, group=_HOST_GROUP)
-    return torch.cat(every).cpu()
-
-
-def global_min(n, device):
-    """an int, the smallest over ranks (host_ints: no device sync)"""
-    return n if _world() == 1 else int(host_ints(n, device).min())
-
-
-def global_mean(total, count):
-    """total / (count summed over ranks / world), count >= 1: DDP averages gradients over ranks, so
-    this is the mean over the items of the global batch even when ranks hold different numbers"""
-    count = torch.as_tensor(count, dtype=torch.float32, device=total.device)
-    if _world() > 1:
-        count = global_sum(count)
-    return total / (count.clamp(min=1) / _world())
-
-
 def to_cpu(obj):
     """every tensor in obj (dicts, lists, tuples) detached and on the CPU"""
     if isinstance(obj, dict):
@@ -494,43 +307,6 @@ def save_checkpoint(path, obj):
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(to_cpu(obj), tmp)
     os.replace(tmp, path)
-
-
-# dense peak FLOP/s (NVIDIA's datasheets, without sparsity) by the exact torch.cuda.get_device_name, for
-# MFU: "bfloat16" / "float16" the 16-bit tensor cores, "float32" TF32's (autocast_ctx switches it on).
-# Exact names, because a substring reads an H100 PCIe or NVL as the SXM part; a name or dtype not here
-# (a MIG slice, an A10G) gives 0 and MFU is not reported
-_H100_SXM, _NVL = {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}, {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}
-_A100 = {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}
-PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
-    "NVIDIA H100 NVL": _NVL, "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _NVL,
-    "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100 80GB PCIe": _A100, "NVIDIA A100-PCIE-40GB": _A100,
-    "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
-    "NVIDIA L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
-    "NVIDIA A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
-    "NVIDIA GeForce RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},  # fp32 accumulation
-    "NVIDIA GeForce RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
-    "Tesla V100-SXM2-16GB": {"float16": 125e12}, "Tesla V100-SXM2-32GB": {"float16": 125e12},  # no bf16, no TF32
-}
-
-
-def peak_flops(device, dtype="bfloat16"):
-    """a CUDA device's peak FLOP/s at the run's --dtype (PEAK_FLOPS), 0.0 where unknown or not CUDA"""
-    if device.type != "cuda":
-        return 0.0
-    return PEAK_FLOPS.get(torch.cuda.get_device_name(device), {}).get(dtype, 0.0)
-
-
-@contextmanager
-def count_flops(enabled):
-    """torch's FLOP counter over a block (-> the counter) when enabled, else nothing (-> None)"""
-    if not enabled:
-        yield None
-        return
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        yield counter
 
 
 # -----------------------------------------------------------------------------

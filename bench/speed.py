@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_scratch  # noqa: E402
 import shapes  # noqa: E402
-from model import CLIP, autocast_ctx, model_config, param_groups  # noqa: E402
+from model import CLIP, model_config, param_groups
+from training import autocast_ctx
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=20, help="timed steps per row (after 3 warmup steps)")

@@ -13,7 +13,8 @@ import clip_dpo
 import clip_hardneg
 import eval as ev
 import model
-from conftest import FIX, run, statement_rates, tiny_ckpt, vsr_rates
+import training
+from helpers import FIX, run, statement_rates, tiny_ckpt, vsr_rates
 from model import CLIP, init_geometry, load_clip, load_model, model_config
 
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
@@ -193,7 +194,7 @@ def test_the_schedule_is_in_epochs_whatever_the_world_size(world):
     and checkpoints at the end of each epoch"""
     from argparse import Namespace
     args = Namespace(batch_items=64, epochs=5, max_steps=None, warmup_steps=None, eval_every=None, ckpt_every=None)
-    plan = model.schedule(args, 7033, world)
+    plan = training.schedule(args, 7033, world)
     per_epoch = 7033 // (64 * world)  # 109, 54, 13
     assert args.max_steps == 5 * per_epoch and args.eval_every == args.ckpt_every == per_epoch
     assert args.warmup_steps == max(1, round(0.05 * args.max_steps)) < per_epoch
@@ -203,17 +204,17 @@ def test_the_schedule_is_in_epochs_whatever_the_world_size(world):
                            f"({world} x 64) | warmup {args.warmup_steps} steps | eval every {per_epoch} steps")
     # --max_steps overrides the epochs, and the line says what it makes; given flags stay as given
     args = Namespace(batch_items=64, epochs=5, max_steps=3, warmup_steps=None, eval_every=0, ckpt_every=None)
-    assert model.schedule(args, 7033, world).startswith(f"{3 / per_epoch:.3g} epochs of 7,033 items = 3 steps")
+    assert training.schedule(args, 7033, world).startswith(f"{3 / per_epoch:.3g} epochs of 7,033 items = 3 steps")
     assert (args.max_steps, args.eval_every, args.warmup_steps) == (3, 0, 1)
     # the shapes world, an endless stream: the flags as they are
     args = Namespace(batch_items=26, epochs=None, max_steps=3000, warmup_steps=50, eval_every=500, ckpt_every=250)
-    assert model.schedule(args, None, world) == (f"3000 steps of global batch {26 * world} ({world} x 26) | warmup 50 steps | "
+    assert training.schedule(args, None, world) == (f"3000 steps of global batch {26 * world} ({world} x 26) | warmup 50 steps | "
                                                  "eval every 500 steps, checkpoint every 250 steps")
 
 
 @pytest.mark.slow
 def test_under_torchrun_an_error_is_said_once_and_every_rank_exits_alike(tmp_path):
-    from conftest import torchrun
+    from helpers import torchrun
     for argv, message in [(["--data", "vsr", "--data_root", str(tmp_path / "nowhere"), "--init", tiny_ckpt(tmp_path / "i.pt")],
                            f"error: --data_root {tmp_path / 'nowhere'}: no such directory"),
                           (["--alpha", "2"], "error: --alpha 2.0: must be in [0, 1]")]:

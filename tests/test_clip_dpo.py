@@ -19,7 +19,7 @@ from PIL import Image
 import clip_dpo
 import data
 import eval as ev
-from conftest import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
+from helpers import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
                       run, statement_rates, tiny_ckpt, vsr_rates)
 from model import CLIP, model_config
 import negatives
@@ -161,8 +161,8 @@ def test_mixed_twins_are_one_full_group_in_n_and_mirror_groups_between(every):
         assert len(g["images"]) == (4 if key % every == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
 
 
-def batch_of(groups, direction="both"):
-    args = type("A", (), {"direction": direction, "context_length": 32})
+def batch_of(groups, direction="both", imc_sets="all"):
+    args = type("A", (), {"direction": direction, "context_length": 32, "imc_sets": imc_sets})
     batch, _ = clip_dpo.make_batch(groups, args)
     return batch
 
@@ -176,6 +176,8 @@ def args_for(loss="dpo", **kw):
     a = clip_dpo.get_args(["--loss", loss])
     for k, v in ({"imc_weight": 0.0} | kw).items():  # the losses alone, without the shapes default's intra-modal kick
         setattr(a, k, v)
+    if "alpha" in kw:  # as get_args makes them from --alpha
+        a.clip_weight, a.pref_weight = kw.get("clip_weight", kw["alpha"]), kw.get("pref_weight", 1 - kw["alpha"])
     return a
 
 
@@ -239,7 +241,7 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
     assert weights == [0.5, 0.5, 0.0, 0.0]
     assert [has for _, _, has in losses] == [True, True, False, False]
     assert all(a > b for a, b, _ in losses[:2]) and all(a == b for a, b, _ in losses[2:])
-    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps == 7  # real data: every step
+    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps is None  # real data: every step
     assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3"]).imc_steps is None  # ... also when --epochs sets them
 
 
@@ -274,6 +276,11 @@ def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip()
     pos = prefs["pos"]
     contrastive, _ = clip_dpo.clip_loss(v[pos[:, 0]], t[pos[:, 1]], policy.logit_scale.exp())
     assert mix.item() == pytest.approx(0.3 * contrastive.item() + 0.7 * math.log(2), abs=1e-5)
+    # separate weights: each term's own, so a control can remove one and leave the others as they were
+    both = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", clip_weight=0.75, pref_weight=0.25, imc_weight=0.225), state_of(reference))
+    assert both[0].item() == pytest.approx(0.75 * contrastive.item() + 0.25 * math.log(2) + 0.225 * both[1]["imc"].item(), abs=1e-5)
+    alone = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", clip_weight=0.75, pref_weight=0.0, imc_weight=0.225), state_of(reference))
+    assert alone[0].item() == pytest.approx(0.75 * contrastive.item() + 0.225 * both[1]["imc"].item(), abs=1e-5)
     # l2sp is zero at the start and the squared distance after a change
     with torch.no_grad():
         policy.text_projection.add_(0.01)
@@ -908,3 +915,25 @@ def test_real_images_follow_the_inits_preprocessing(which):
     transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=224, **args.preprocess), is_train=False)
     assert torch.equal(dataset[key]["images"][0], transform(Image.open(path).convert("RGB")))
     assert not torch.equal(dataset[key]["images"][0], data.to_tensor(data.load_image(path, 224)))  # OpenAI's mean and std
+
+
+def test_each_weight_is_its_own_flag_and_alpha_a_shorthand():
+    default = clip_dpo.get_args([])
+    assert (default.alpha, default.clip_weight, default.pref_weight, default.imc_weight) == (0.75, 0.75, 0.25, 0.225)
+    control = clip_dpo.get_args(["--pref_weight", "0"])  # the preference term removed, nothing else changed
+    assert (control.clip_weight, control.pref_weight, control.imc_weight, control.imc_steps) == (0.75, 0.0, 0.225, 1000)
+    assert (clip_dpo.get_args(["--alpha", "1"]).clip_weight, clip_dpo.get_args(["--alpha", "1"]).pref_weight) == (1.0, 0.0)
+    assert clip_dpo.get_args(["--loss", "dpo"]).clip_weight == 0.0
+
+
+def test_the_kick_can_skip_the_statement_sets():
+    """--imc_sets captions: the intra-modal term's i2t sets are the caption sets only, never the statements"""
+    groups = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True, "mirror") for k in range(3)]
+    every, captions = batch_of(groups)[2], batch_of(groups, imc_sets="captions")[2]
+    n_images = 2 * 3
+    texts = [t for g in groups for t in g["texts"]]
+    def candidates(prefs):
+        return [[texts[int(c) - n_images] for c in prefs["cand"][m]] for m in prefs["i2t"].tolist()]
+    assert len(every["i2t"]) == 12 and len(captions["i2t"]) == 6  # per image: its caption set and its statement set
+    assert all(" is " not in t for cands in candidates(captions) for t in cands)  # captions only: no statement
+    assert sum(all(" is " in t for t in cands) for cands in candidates(every)) == 6

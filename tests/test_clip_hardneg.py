@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip_hardneg as hn
-from conftest import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt, torchrun
+from helpers import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt, torchrun
 from model import CLIP, model_config, param_groups, set_trainable
 import negatives
 import shapes
@@ -496,7 +496,7 @@ def test_real_images_follow_the_inits_preprocessing(tmp_path):
     import numpy as np
     from PIL import Image
     import data
-    from conftest import fixture_copy
+    from helpers import fixture_copy
     from model import init_preprocess
     init, tsv = "ViT-H-14-quickgelu:dfn5b", str(fixture_copy(tmp_path, "negclip") / "train_neg_clip.tsv")
     for i, (path, *_) in enumerate(negatives.read_negclip(tsv)):

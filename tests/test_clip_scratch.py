@@ -8,7 +8,7 @@ import torch
 
 import data
 from clip_scratch import clip_loss
-from conftest import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
+from helpers import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
 from model import CLIP, model_config, param_groups
 
 

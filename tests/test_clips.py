@@ -14,7 +14,7 @@ import clip_scratch
 import data
 import eval as ev
 from clip_scratch import caption_loss, clip_loss, clips_loss
-from conftest import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
+from helpers import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
 from model import CLIP, Captioner, model_config, param_groups, prefix_lm_mask
 from test_clip_scratch import naive_clip_loss
 import shapes

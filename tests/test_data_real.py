@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from conftest import FIX, fixture_copy, gloo_processes  # noqa: E402
+from helpers import FIX, fixture_copy, gloo_processes  # noqa: E402
 from data import (DataError, ImageTextDataset, build_image_cache, check_images, collate, get_tokenizer, load_image,
                   read_coco, read_dataset, read_flickr8k, read_karpathy, to_tensor)
 

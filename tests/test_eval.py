@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import FIX, fixture_copy, tiny_ckpt  # noqa: E402
+from helpers import FIX, fixture_copy, tiny_ckpt  # noqa: E402
 import eval as ev  # noqa: E402
 import data  # noqa: E402
 from model import CLIP, model_config  # noqa: E402

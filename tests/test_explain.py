@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import tiny_ckpt
+from helpers import tiny_ckpt
 import data
 import eval as ev
 from model import CLIP

@@ -11,7 +11,7 @@ import pytest
 import clip_dpo
 import data
 import shapes
-from conftest import ROOT, VSR_RATES, eval_lines, run, vsr_rates
+from helpers import ROOT, VSR_RATES, eval_lines, run, vsr_rates
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import export_shapes  # noqa: E402

@@ -15,7 +15,7 @@ import clip_scratch
 import data
 import eval as ev
 import shapes
-from conftest import ROOT, run, statement_rates, vsr_rates
+from helpers import ROOT, run, statement_rates, vsr_rates
 from model import CLIP, load_model, model_config
 
 HELD = shapes.holdout_combos()

@@ -6,8 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from conftest import tiny_ckpt
+from helpers import tiny_ckpt
 import model
+import training
 from model import CLIP, FINETUNE_MODES, model_config, param_groups, set_trainable
 from model import export_open_clip, load_clip, load_model
 
@@ -95,12 +96,12 @@ def test_dist_timeout_reaches_init_process_group(monkeypatch, script):
     seen = []
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(model.dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw.get("timeout"))))
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw.get("timeout"))))
     module = importlib.import_module(script)
     assert module.get_args([]).dist_timeout == 7200
 
     def stop(device, *timeout):  # the real setup_distributed, then stop before any data is read
-        model.setup_distributed(device, *timeout)
+        training.setup_distributed(device, *timeout)
         raise SystemExit("stopped")
     monkeypatch.setattr(module, "setup_distributed", stop)
     with pytest.raises(SystemExit, match="stopped"):
@@ -192,17 +193,17 @@ def test_peak_flops_by_exact_name_and_dtype(monkeypatch, name, dtype, peak):
     """MFU's peak: the exact device name (an H100 PCIe or NVL is not the SXM part; a MIG slice or an
     unlisted card is unknown: 0, no MFU) at the run's dtype (float32 runs use TF32's peak)"""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert model.peak_flops(torch.device("cuda"), dtype) == peak
-    assert model.peak_flops(torch.device("cpu"), dtype) == 0.0
+    assert training.peak_flops(torch.device("cuda"), dtype) == peak
+    assert training.peak_flops(torch.device("cpu"), dtype) == 0.0
 
 
 def test_float32_runs_on_cuda_switch_tf32_on():
     was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with model.autocast_ctx(torch.device("cpu"), "float32"):
+        with training.autocast_ctx(torch.device("cpu"), "float32"):
             assert not torch.backends.cuda.matmul.allow_tf32  # CPU runs: untouched
-        with model.autocast_ctx(torch.device("cuda"), "float32"):
+        with training.autocast_ctx(torch.device("cuda"), "float32"):
             assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import FIX, fixture_copy
+from helpers import FIX, fixture_copy
 import data
 from data import DataError
 import negatives

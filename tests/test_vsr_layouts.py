@@ -9,10 +9,9 @@ import shutil
 
 import pytest
 
-import clip_dpo
 import data
 import eval as ev
-from conftest import FIX, eval_lines, tiny_ckpt, torchrun
+from helpers import FIX, eval_lines, tiny_ckpt, torchrun
 
 FIXTURE = os.path.join(FIX, "vsr")
 IMAGES = [os.path.join(FIXTURE, d, f) for d in ("train2017", "val2017") for f in sorted(os.listdir(os.path.join(FIXTURE, d)))]
