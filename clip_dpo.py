@@ -37,13 +37,14 @@ Deviations from the papers
 5. The reward model (--loss bt) is a CLIP trained reference-free on score differences.
 6. No gradient accumulation; the global batch is batch_size groups x world size.
 """
+
 import argparse
-from dataclasses import dataclass
 import copy
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -54,20 +55,51 @@ import data
 import eval as ev
 import negatives
 import shapes
-from model import (FINETUNE_MODES, export_open_clip, init_geometry, init_preprocess, is_checkpoint, load_checkpoint, load_clip,
-                   param_groups, save_checkpoint, set_trainable)
-from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_mean, global_min, host_ints,
-                      lr_at, one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device)
+from model import (
+    FINETUNE_MODES,
+    export_open_clip,
+    init_geometry,
+    init_preprocess,
+    is_checkpoint,
+    load_checkpoint,
+    load_clip,
+    param_groups,
+    save_checkpoint,
+    set_trainable,
+)
+from training import (
+    Model,
+    Parser,
+    RunLog,
+    all_gather_with_grad,
+    apply_preset,
+    autocast_ctx,
+    count_flops,
+    global_mean,
+    global_min,
+    host_ints,
+    lr_at,
+    one_error,
+    peak_flops,
+    print0,
+    resolve_dtype,
+    schedule,
+    setup_distributed,
+    to_device,
+)
 
 # -----------------------------------------------------------------------------
 # the method: preference losses against a frozen reference
 
 PAIR_LOSSES = ("dpo", "ipo", "cdpo", "robust", "hinge", "bt")
 DEFAULT_INIT = "out/clip_scratch/ckpt.pt"  # clip_scratch.py's default run
-EQUAL_BATCHES = False  # groups hold different numbers of images: the losses handle unequal counts across ranks
+# groups hold different numbers of images: the losses handle unequal counts across ranks
+EQUAL_BATCHES = False
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind="dpo", label_smoothing=0.0):
+def preference_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind="dpo", label_smoothing=0.0
+):
     """Pairwise preference losses on the scores z of chosen and rejected candidates, all [P].
     Rewards r = beta (z_policy - z_ref), h = r_chosen - r_rejected; per pair:
       dpo     -log sigmoid(h)                                     (Rafailov et al. 2023)
@@ -112,8 +144,10 @@ def listwise_loss(policy, ref, ranks, beta):
     with torch.autocast(policy.device.type, enabled=False):
         r = beta * (policy.float() - ref.float())
         valid = ranks >= 0
-        below = (ranks[:, None, :] > ranks[:, :, None]) & valid[:, None, :] & valid[:, :, None]  # [M, k, j]: j ranked below k
-        own = torch.eye(r.shape[1], dtype=torch.bool, device=r.device).expand_as(below)  # k itself keeps every logsumexp finite
+        # [M, k, j]: j ranked below k
+        below = (ranks[:, None, :] > ranks[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+        # k itself keeps every logsumexp finite
+        own = torch.eye(r.shape[1], dtype=torch.bool, device=r.device).expand_as(below)
         lse = torch.logsumexp(r[:, None, :].masked_fill(~(below | own), float("-inf")), dim=-1)  # [M, K]
         loss = torch.where(below.any(-1), lse - r, torch.zeros_like(r)).sum(-1)
     return loss, r.detach()
@@ -125,18 +159,29 @@ def clip_loss(image_features, text_features, logit_scale):
     gathers with gradient, masks the padding out of the columns; the mean is over every rank's pairs
     (global_mean). -> (loss, image->text accuracy), fp32."""
     with torch.autocast(image_features.device.type, enabled=False):
-        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+        image_features, text_features, logit_scale = (
+            image_features.float(),
+            text_features.float(),
+            logit_scale.float(),
+        )
         n, device = len(image_features), image_features.device
         counts = host_ints(n, device)  # every rank's n, on the host: no device sync
         rank, N = dist.get_rank() if len(counts) > 1 else 0, int(counts.max())
         counts = counts.to(device)
         pad = (0, 0, 0, N - n)
-        all_image, all_text = all_gather_with_grad(F.pad(image_features, pad)), all_gather_with_grad(F.pad(text_features, pad))
+        all_image, all_text = (
+            all_gather_with_grad(F.pad(image_features, pad)),
+            all_gather_with_grad(F.pad(text_features, pad)),
+        )
         valid = (torch.arange(N, device=device)[None, :] < counts[:, None]).flatten()  # [world*N] real pairs
-        logits_per_image = (logit_scale * image_features @ all_text.T).masked_fill(~valid, float("-inf"))  # [n, world*N]
+        # [n, world*N]
+        logits_per_image = (logit_scale * image_features @ all_text.T).masked_fill(~valid, float("-inf"))
         logits_per_text = (logit_scale * text_features @ all_image.T).masked_fill(~valid, float("-inf"))
         labels = torch.arange(n, device=device) + rank * N
-        total = 0.5 * (F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(logits_per_text, labels, reduction="sum"))
+        total = 0.5 * (
+            F.cross_entropy(logits_per_image, labels, reduction="sum")
+            + F.cross_entropy(logits_per_text, labels, reduction="sum")
+        )
         acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
     return global_mean(total, n), acc.detach()
 
@@ -155,7 +200,9 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
         worse = (ranks > ranks[rows, best][:, None]) & (ranks >= 0)
         text_text = (s * torch.einsum("md,mkd->mk", t_best, t)).masked_fill(~worse, float("-inf"))
         logits = torch.cat([s * (v * t_best).sum(-1, keepdim=True), text_text], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device), reduction="none")
+        return F.cross_entropy(
+            logits, torch.zeros(len(v), dtype=torch.long, device=v.device), reduction="none"
+        )
 
 
 def scores(features, query, cand, scale):
@@ -170,7 +217,11 @@ def scores(features, query, cand, scale):
 
 def l2sp_penalty(model, reference):
     """L2-SP (the HNC thesis's anchor): ||theta - theta_ref||^2 over the trainable parameters, fp32"""
-    return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(model.parameters(), reference.parameters()) if p.requires_grad)
+    return sum(
+        ((p.float() - p0.float()) ** 2).sum()
+        for p, p0 in zip(model.parameters(), reference.parameters())
+        if p.requires_grad
+    )
 
 
 def make_reference(model, dtype="float32"):
@@ -210,11 +261,18 @@ def step_loss(model, batch, args, state):
         loss, chosen, rejected = global_mean(per_query.sum(), len(per_query)), r[m, a], r[m, b]
     else:
         kind = "dpo" if args.loss == "dpo_clip" else args.loss
-        per_pair, chosen, rejected = preference_loss(z[m, a], z[m, b], z_ref[m, a], z_ref[m, b], args.beta, kind, args.label_smoothing)
+        per_pair, chosen, rejected = preference_loss(
+            z[m, a], z[m, b], z_ref[m, a], z_ref[m, b], args.beta, kind, args.label_smoothing
+        )
         loss = global_mean(per_pair.sum(), len(per_pair))
     # reward accuracy counts ties as half: exactly 0.5 at step 0, where policy == reference
-    stats = {"pref": loss.detach(), "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
-             "chosen": chosen.mean(), "rejected": rejected.mean(), "margin": (chosen - rejected).mean()}
+    stats = {
+        "pref": loss.detach(),
+        "reward_acc": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean(),
+        "chosen": chosen.mean(),
+        "rejected": rejected.mean(),
+        "margin": (chosen - rejected).mean(),
+    }
     if args.clip_weight:
         pos = prefs["pos"]
         contrastive, acc = clip_loss(image_features[pos[:, 0]], text_features[pos[:, 1]], logit_scale)
@@ -222,10 +280,13 @@ def step_loss(model, batch, args, state):
         stats |= {"clip": contrastive.detach(), "acc": acc}
     else:
         loss = args.pref_weight * loss
-    imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0  # None: every step
+    # None: every step
+    imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0
     if imc_weight:
         i2t = prefs["i2t"]  # image queries: their candidates are captions
-        per_query = imc_loss(features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale)
+        per_query = imc_loss(
+            features[prefs["query"][i2t]], features[prefs["cand"][i2t]], prefs["rank"][i2t], scale
+        )
         imc = global_mean(per_query.sum(), len(per_query))
         loss = loss + imc_weight * imc
         stats["imc"] = imc.detach()
@@ -235,6 +296,7 @@ def step_loss(model, batch, args, state):
         stats["l2sp"] = penalty.detach()
     return loss, stats
 
+
 # -----------------------------------------------------------------------------
 # the batches: groups of images and texts with ranked candidates
 
@@ -243,7 +305,8 @@ def step_loss(model, batch, args, state):
 # query is an image and its candidates texts, t2i the reverse), pos [(image, text)]: true pairs.
 
 
-TWINS = {"both": (0, 1, 2, 3), "mirror": (0, 1), "swap": (0, 2)}  # twin codes: bit 0 = objects exchanged, bit 1 = colours exchanged
+# twin codes: bit 0 = objects exchanged, bit 1 = colours exchanged
+TWINS = {"both": (0, 1, 2, 3), "mirror": (0, 1), "swap": (0, 2)}
 
 
 def shapes_group(scene, image_size, with_statements, twins="both"):
@@ -263,21 +326,35 @@ def shapes_group(scene, image_size, with_statements, twins="both"):
     queries = [("i2t", i, idx, wrong[i]) for i in idx] + [("t2i", j, idx, wrong[j]) for j in idx]
     if with_statements:
         texts += [shapes.statements(t)[0][0] for t in shown]  # each twin's true statement
-        queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [("t2i", n + j, idx, wrong[j]) for j in idx]
+        queries += [("i2t", i, [n + j for j in idx], wrong[i]) for i in idx] + [
+            ("t2i", n + j, idx, wrong[j]) for j in idx
+        ]
     images = [data.to_tensor(shapes.render(t, image_size)) for t in shown]
-    return {"images": images, "texts": texts, "queries": queries, "pos": [(i, i) for i in idx],
-            "statement_texts": list(range(n, len(texts)))}
+    return {
+        "images": images,
+        "texts": texts,
+        "queries": queries,
+        "pos": [(i, i) for i in idx],
+        "statement_texts": list(range(n, len(texts))),
+    }
 
 
 class ShapesPreferences(torch.utils.data.Dataset):
     """An infinite stream of shapes_group()s, key = global group index, deterministic per (seed, key)."""
 
     def __init__(self, image_size, seed=0, with_statements=True, twins="both", held=None, both_every=8):
-        self.image_size, self.seed, self.with_statements, self.twins, self.held = image_size, seed, with_statements, twins, held
-        self.both_every = both_every  # twins "mixed": group key has both twins if key % both_every == 0, else the mirror
+        self.image_size, self.seed, self.with_statements, self.twins, self.held = (
+            image_size,
+            seed,
+            with_statements,
+            twins,
+            held,
+        )
+        # twins "mixed": group key has both twins if key % both_every == 0, else the mirror
+        self.both_every = both_every
 
     def __len__(self):
-        return 2 ** 62
+        return 2**62
 
     def __getitem__(self, key):
         twins = ("mirror" if key % self.both_every else "both") if self.twins == "mixed" else self.twins
@@ -299,7 +376,11 @@ class ImageGroups(torch.utils.data.Dataset):
     def __getitem__(self, key):
         group = self.groups[key % len(self.groups)]
         pixels = [data.load_image(path, self.image_size, self.preprocess) for path in group["images"]]
-        return None if any(p is None for p in pixels) else {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
+        return (
+            None
+            if any(p is None for p in pixels)
+            else {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
+        )
 
 
 class HNCGroups(torch.utils.data.Dataset):
@@ -324,8 +405,12 @@ class HNCGroups(torch.utils.data.Dataset):
             return None
         image = data.to_tensor(pixels, self.preprocess)
         n = 1 + len(negatives)
-        return {"images": [image], "texts": [positive, *negatives], "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
-                "pos": [(0, 0)]}
+        return {
+            "images": [image],
+            "texts": [positive, *negatives],
+            "queries": [("i2t", 0, list(range(n)), [0] + [1] * (n - 1))],
+            "pos": [(0, 0)],
+        }
 
 
 def make_batch(groups, args):
@@ -343,7 +428,8 @@ def make_batch(groups, args):
         images += g["images"]
         texts += g["texts"]
         pos += [(i0 + i, len(texts) - len(g["texts"]) + t) for i, t in g["pos"]]
-        stated = set(g.get("statement_texts", ()))  # the shapes world's statements: candidate sets of their own
+        # the shapes world's statements: candidate sets of their own
+        stated = set(g.get("statement_texts", ()))
         for direction, q, cands, ranks in g["queries"]:
             if args.direction in ("both", direction):
                 q0, c0 = (i0, t0) if direction == "i2t" else (t0, i0)
@@ -353,22 +439,58 @@ def make_batch(groups, args):
     query = torch.tensor([q for q, _, _ in rows])
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
-    pairs = torch.tensor([(m, a, b) for m, (_, _, r) in enumerate(rows) for a in range(len(r)) for b in range(len(r)) if r[a] < r[b]])
-    tokens, = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
-    kicked = (query < n_images) & ~(torch.tensor(statement) if args.imc_sets == "captions" else torch.zeros(len(rows), dtype=torch.bool))
-    i2t = kicked.nonzero().squeeze(1)  # the image queries the intra-modal term runs on (--imc_sets), found here on the CPU
+    pairs = torch.tensor(
+        [
+            (m, a, b)
+            for m, (_, _, r) in enumerate(rows)
+            for a in range(len(r))
+            for b in range(len(r))
+            if r[a] < r[b]
+        ]
+    )
+    (tokens,) = data.trim_tokens(data.get_tokenizer(args.context_length)(texts))
+    kicked = (query < n_images) & ~(
+        torch.tensor(statement) if args.imc_sets == "captions" else torch.zeros(len(rows), dtype=torch.bool)
+    )
+    # the image queries the intra-modal term runs on (--imc_sets), found here on the CPU
+    i2t = kicked.nonzero().squeeze(1)
     prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
+
 
 # -----------------------------------------------------------------------------
 # config
 
 
 # the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs (imc_steps: every step)
-SHAPES = dict(max_steps=3000, epochs=None, warmup_steps=50, eval_every=500, ckpt_every=250, batch_size=26, workers=0,
-              lr=4e-4, text_lr_mult=0.3, alpha=0.75, imc_weight=0.225, imc_steps=1000)
-REAL = dict(max_steps=None, epochs=5, warmup_steps=None, eval_every=None, ckpt_every=None, batch_size=64, workers=4,
-            lr=1e-5, text_lr_mult=1.0, alpha=0.5, imc_weight=0.0, imc_steps=None)
+SHAPES = dict(
+    max_steps=3000,
+    epochs=None,
+    warmup_steps=50,
+    eval_every=500,
+    ckpt_every=250,
+    batch_size=26,
+    workers=0,
+    lr=4e-4,
+    text_lr_mult=0.3,
+    alpha=0.75,
+    imc_weight=0.225,
+    imc_steps=1000,
+)
+REAL = dict(
+    max_steps=None,
+    epochs=5,
+    warmup_steps=None,
+    eval_every=None,
+    ckpt_every=None,
+    batch_size=64,
+    workers=4,
+    lr=1e-5,
+    text_lr_mult=1.0,
+    alpha=0.5,
+    imc_weight=0.0,
+    imc_steps=None,
+)
 
 
 def get_args(argv=None):
@@ -376,70 +498,194 @@ def get_args(argv=None):
     p.presets(SHAPES, REAL, unset={"imc_steps": "every step"})
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "vsr", "rankings", "hnc"))
-    p.add_argument("--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON")
-    p.add_argument("--image_root", default=None, help="vsr: the COCO images, when not in the clone's data/images/, "
-                   "data/trainval2017/ or train2017/ + val2017/ (data.VSR_IMAGE_DIRS); hnc: the GQA images (default: the JSON's "
-                   "folder's images/)")
+    p.add_argument(
+        "--data_root", default=None, help="vsr: the dataset folder; rankings: the JSONL file; hnc: the JSON"
+    )
+    p.add_argument(
+        "--image_root",
+        default=None,
+        help="vsr: the COCO images, when not in the clone's data/images/, "
+        "data/trainval2017/ or train2017/ + val2017/ (data.VSR_IMAGE_DIRS); hnc: the GQA images (default: the JSON's "
+        "folder's images/)",
+    )
     p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"))
-    p.add_argument("--vsr_false_rows", action="store_true",
-                   help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)")
-    p.add_argument("--twins", default="mixed", choices=[*TWINS, "mixed"],
-                   help="shapes: each scene's twins (shapes_group); mixed: one group in --both_every both, the others mirror")
-    p.add_argument("--both_every", type=int, default=8, help="--twins mixed: every N-th group has both twins (the statements "
-                   "learn from the mirror groups, the attribute swap from these)")
-    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
-                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
-    p.add_argument("--statements", action=argparse.BooleanOptionalAction, default=True,
-                   help="shapes: the VSR-style statements as a second candidate set (shapes_group)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
+    p.add_argument(
+        "--vsr_false_rows",
+        action="store_true",
+        help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)",
+    )
+    p.add_argument(
+        "--twins",
+        default="mixed",
+        choices=[*TWINS, "mixed"],
+        help="shapes: each scene's twins (shapes_group); mixed: one group in --both_every both, the others mirror",
+    )
+    p.add_argument(
+        "--both_every",
+        type=int,
+        default=8,
+        help="--twins mixed: every N-th group has both twins (the statements "
+        "learn from the mirror groups, the attribute swap from these)",
+    )
+    p.add_argument(
+        "--holdout",
+        default="none",
+        choices=("none", "combos"),
+        help="shapes: keep shapes.holdout_combos() out of "
+        "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart",
+    )
+    p.add_argument(
+        "--statements",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="shapes: the VSR-style statements as a second candidate set (shapes_group)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)"
+    )
     # model
-    p.add_argument("--init", default=None, help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
-                   f"default {DEFAULT_INIT} on shapes, required on real data")
-    p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
-    p.add_argument("--train_logit_scale", action="store_true", help="let the logit scale train (default: frozen at the reference's)")
-    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the towers' activations in backward (large models)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
+        f"default {DEFAULT_INIT} on shapes, required on real data",
+    )
+    p.add_argument(
+        "--finetune",
+        default="full",
+        choices=FINETUNE_MODES,
+        help="which parameters train (model.set_trainable)",
+    )
+    p.add_argument(
+        "--train_logit_scale",
+        action="store_true",
+        help="let the logit scale train (default: frozen at the reference's)",
+    )
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in backward (large models)",
+    )
     # method
     p.add_argument("--loss", default="dpo_clip", choices=(*PAIR_LOSSES, "listwise", "dpo_clip"))
-    p.add_argument("--direction", default="both", choices=("i2t", "t2i", "both"),
-                   help="i2t: captions ranked for an image; t2i: images ranked for a caption")
-    p.add_argument("--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)")
+    p.add_argument(
+        "--direction",
+        default="both",
+        choices=("i2t", "t2i", "both"),
+        help="i2t: captions ranked for an image; t2i: images ranked for a caption",
+    )
+    p.add_argument(
+        "--beta", type=float, default=0.5, help="reward scale beta (bt: the Bradley-Terry scale a)"
+    )
     p.add_argument("--label_smoothing", type=float, default=None, help="eps of cdpo / robust (default 0.1)")
-    p.add_argument("--alpha", type=float, default=None, help="shorthand for the mixture: --clip_weight alpha, --pref_weight "
-                   "1 - alpha (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="shorthand for the mixture: --clip_weight alpha, --pref_weight "
+        "1 - alpha (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)",
+    )
     p.add_argument("--clip_weight", type=float, default=None, help="weight of CLIP's loss (default: alpha)")
-    p.add_argument("--pref_weight", type=float, default=None, help="weight of the preference loss (default: 1 - alpha)")
-    p.add_argument("--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights")
-    p.add_argument("--imc_weight", type=float, default=None,
-                   help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)")
-    p.add_argument("--imc_sets", default="all", choices=("all", "captions"), help="the i2t candidate sets the "
-                   "intra-modal term runs on: all, or the captions only (shapes: not the statements)")
-    p.add_argument("--imc_steps", type=int, default=None,
-                   help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)")
+    p.add_argument(
+        "--pref_weight", type=float, default=None, help="weight of the preference loss (default: 1 - alpha)"
+    )
+    p.add_argument(
+        "--l2sp", type=float, default=0.0, help="lambda of the L2 pull toward the reference weights"
+    )
+    p.add_argument(
+        "--imc_weight",
+        type=float,
+        default=None,
+        help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)",
+    )
+    p.add_argument(
+        "--imc_sets",
+        default="all",
+        choices=("all", "captions"),
+        help="the i2t candidate sets the "
+        "intra-modal term runs on: all, or the captions only (shapes: not the statements)",
+    )
+    p.add_argument(
+        "--imc_steps",
+        type=int,
+        default=None,
+        help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)",
+    )
     # optim
-    p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
-    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training groups (default 5)")
-    p.add_argument("--batch_size", type=int, default=None, help="groups per process (default: 26 shapes, ~59 images; 64 real data)")
-    p.add_argument("--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)")
-    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)")
+    p.add_argument(
+        "--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="real data: passes over the training groups (default 5)"
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="groups per process (default: 26 shapes, ~59 images; 64 real data)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)"
+    )
+    p.add_argument(
+        "--text_lr_mult",
+        type=float,
+        default=None,
+        help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)",
+    )
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
+    p.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=None,
+        help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)",
+    )
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_dpo")
-    p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)")
-    p.add_argument("--ckpt_every", type=int, default=None, help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)")
+    p.add_argument(
+        "--eval_every",
+        type=int,
+        default=None,
+        help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)",
+    )
+    p.add_argument(
+        "--ckpt_every",
+        type=int,
+        default=None,
+        help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
-    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
-    p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint"
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (pip install wandb)",
+    )
+    p.add_argument(
+        "--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end"
+    )
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
     # system
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on cuda, else float32",
+    )
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
-                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
+    p.add_argument(
+        "--dist_timeout",
+        type=int,
+        default=7200,
+        help="torchrun: seconds a rank waits in a collective (the "
+        "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)",
+    )
     args = p.parse_args(argv)
     if args.both_every < 1:
         p.error(f"--both_every {args.both_every}: must be >= 1")
@@ -448,10 +694,13 @@ def get_args(argv=None):
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
-        p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
-                "local-dir:DIR or a minclip ckpt.pt")
+        p.error(
+            f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
+            "local-dir:DIR or a minclip ckpt.pt"
+        )
     args.init = DEFAULT_INIT if args.init is None else args.init
-    args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    # for the data; make_model confirms them
+    args.image_size, args.context_length = init_geometry(args.init) or (None, None)
     args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
@@ -479,12 +728,14 @@ def get_args(argv=None):
 @dataclass
 class State:
     """the method's state beside the weights: what step_loss reads and save_state keeps"""
-    reference: object             # the frozen reference (make_reference); None for a reward model without --l2sp
-    spec: str                     # --init, which the checkpoint keeps instead of the reference's weights
-    checksum: float               # the sum of --init's weights: --resume checks the reference is unchanged
-    preprocess_cfg: dict          # the init's image preprocessing, kept in the checkpoint
-    summary: str                  # the start line's words on the method
-    step: int = 0                 # set by the loop before each step (the intra-modal kick's --imc_steps)
+
+    # the frozen reference (make_reference); None for a reward model without --l2sp
+    reference: object
+    spec: str  # --init, which the checkpoint keeps instead of the reference's weights
+    checksum: float  # the sum of --init's weights: --resume checks the reference is unchanged
+    preprocess_cfg: dict  # the init's image preprocessing, kept in the checkpoint
+    summary: str  # the start line's words on the method
+    step: int = 0  # set by the loop before each step (the intra-modal kick's --imc_steps)
 
 
 def make_model(args, device):
@@ -492,37 +743,54 @@ def make_model(args, device):
     the --init CLIP as the policy, and its frozen reference, a copy made before any wrapping (compiled
     like the policy with --compile)."""
     if is_checkpoint(args.init) and not os.path.isfile(args.init):
-        raise SystemExit(f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
-                         "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)")
+        raise SystemExit(
+            f"error: --init {args.init}: no such checkpoint (train one with `python clip_scratch.py`, "
+            "or pass a checkpoint, local-dir:DIR or NAME:PRETRAINED)"
+        )
     clip, _, preprocess, _ = load_clip(args.init, device)
     clip.train()
-    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
-        raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    # make_data used init_geometry's
+    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):
+        raise SystemExit(
+            f"error: --init {args.init}: its image size and context length could not be read before loading it"
+        )
     if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
-        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
+        raise SystemExit(
+            f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it"
+        )
     set_trainable(clip, args.finetune)
     clip.logit_scale.requires_grad_(args.train_logit_scale)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     reference = None  # a reward model (bt) needs none, unless --l2sp pulls toward it
     if args.loss != "bt" or args.l2sp:
-        reference = make_reference(clip, "float32" if args.l2sp else dtype)  # l2sp wants the exact fp32 weights
-        reference = torch.compile(reference) if args.compile else reference  # a forward per step, as the policy's
+        # l2sp wants the exact fp32 weights
+        reference = make_reference(clip, "float32" if args.l2sp else dtype)
+        # a forward per step, as the policy's
+        reference = torch.compile(reference) if args.compile else reference
     checksum = sum(p.double().sum().item() for p in clip.parameters())
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     twins = args.twins + (f", both twins every {args.both_every} groups" if args.twins == "mixed" else "")
     what = f"{args.data} (twins {twins})" if args.data == "shapes" else args.data
-    state = State(reference=reference, spec=args.init, checksum=checksum, preprocess_cfg=clip.preprocess_cfg,
-                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} clip {args.clip_weight} pref {args.pref_weight:g} "
-                  f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
-                  f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}")
+    state = State(
+        reference=reference,
+        spec=args.init,
+        checksum=checksum,
+        preprocess_cfg=clip.preprocess_cfg,
+        summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} clip {args.clip_weight} pref {args.pref_weight:g} "
+        f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
+        f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}",
+    )
     return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
 
 
 def save_state(state):
     """the checkpoint's method part: which reference it was trained against (never its weights), and
     the --init's preprocessing (model.init_preprocess), which eval.py and --export then apply"""
-    return {"reference": {"spec": state.spec, "checksum": state.checksum}, "preprocess_cfg": state.preprocess_cfg}
+    return {
+        "reference": {"spec": state.spec, "checksum": state.checksum},
+        "preprocess_cfg": state.preprocess_cfg,
+    }
 
 
 def resume(path, clip, state):
@@ -530,9 +798,13 @@ def resume(path, clip, state):
     on what does not fit -> the checkpoint"""
     ckpt = load_checkpoint(path, clip, need=("optimizer", "step", "rng", "reference"))
     if ckpt["reference"]["spec"] != state.spec:
-        raise SystemExit(f"error: --resume: {path} was trained against --init {ckpt['reference']['spec']}, not {state.spec}")
+        raise SystemExit(
+            f"error: --resume: {path} was trained against --init {ckpt['reference']['spec']}, not {state.spec}"
+        )
     if ckpt["reference"]["checksum"] != state.checksum:
-        raise SystemExit(f"error: --resume: the weights of --init {state.spec} changed since {path} was written (checksum)")
+        raise SystemExit(
+            f"error: --resume: the weights of --init {state.spec} changed since {path} was written (checksum)"
+        )
     clip.load_state_dict(ckpt["model"])
     return ckpt
 
@@ -551,14 +823,26 @@ def vsr_groups(rows, false_rows=False):
             skipped += 1
         elif r.label or false_rows:
             ranks = [0, 1] if r.label else [1, 0]
-            groups.append({"images": [r.image], "texts": [r.caption, contrast], "queries": [("i2t", 0, [0, 1], ranks)],
-                           "pos": [(0, ranks.index(0))]})
+            groups.append(
+                {
+                    "images": [r.image],
+                    "texts": [r.caption, contrast],
+                    "queries": [("i2t", 0, [0, 1], ranks)],
+                    "pos": [(0, ranks.index(0))],
+                }
+            )
     for caption, (true, false) in by_caption.items():
         # one group per image of the longer side, paired round-robin with the shorter side: two images
         # per group, so a popular caption (30 images in the random split) does not make one huge group
         for k in range(max(len(true), len(false)) if true and false else 0):
-            groups.append({"images": [true[k % len(true)], false[k % len(false)]], "texts": [caption], "pos": [(0, 0)],
-                           "queries": [("t2i", 0, [0, 1], [0, 1])]})
+            groups.append(
+                {
+                    "images": [true[k % len(true)], false[k % len(false)]],
+                    "texts": [caption],
+                    "pos": [(0, 0)],
+                    "queries": [("t2i", 0, [0, 1], [0, 1])],
+                }
+            )
     return groups, skipped
 
 
@@ -568,9 +852,23 @@ def ranking_groups(rows):
     for r in rows:
         K, best = len(r["candidates"]), r["ranks"].index(min(r["ranks"]))
         if r["direction"] == "i2t":
-            groups.append({"images": [r["query"]], "texts": r["candidates"], "queries": [("i2t", 0, list(range(K)), r["ranks"])], "pos": [(0, best)]})
+            groups.append(
+                {
+                    "images": [r["query"]],
+                    "texts": r["candidates"],
+                    "queries": [("i2t", 0, list(range(K)), r["ranks"])],
+                    "pos": [(0, best)],
+                }
+            )
         else:
-            groups.append({"images": r["candidates"], "texts": [r["query"]], "queries": [("t2i", 0, list(range(K)), r["ranks"])], "pos": [(best, 0)]})
+            groups.append(
+                {
+                    "images": r["candidates"],
+                    "texts": [r["query"]],
+                    "queries": [("t2i", 0, list(range(K)), r["ranks"])],
+                    "pos": [(best, 0)],
+                }
+            )
     return groups
 
 
@@ -579,30 +877,42 @@ def make_data(args, rank, world):
     "shapes-none" | "shapes-combos" (--holdout), VSR's rows {"val": dev, "test", "calib": dev}, or None)."""
     if args.data == "shapes":
         held = shapes.holdout_combos() if args.holdout == "combos" else None
-        return ShapesPreferences(args.image_size, args.seed, args.statements, args.twins, held, args.both_every), None, f"shapes-{args.holdout}"
+        return (
+            ShapesPreferences(args.image_size, args.seed, args.statements, args.twins, held, args.both_every),
+            None,
+            f"shapes-{args.holdout}",
+        )
     if args.data not in ("vsr", "rankings", "hnc"):
         raise data.DataError(f"--data {args.data}: unknown dataset, choose from shapes, vsr, rankings, hnc")
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     if args.data == "hnc":
         if args.direction == "t2i":
-            raise data.DataError("--data hnc gives captions ranked for an image only: use --direction i2t or both")
-        hnc = negatives.read_hnc(args.data_root, args.image_root)  # one streaming pass: an index of byte offsets
-        print0(f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)")
+            raise data.DataError(
+                "--data hnc gives captions ranked for an image only: use --direction i2t or both"
+            )
+        # one streaming pass: an index of byte offsets
+        hnc = negatives.read_hnc(args.data_root, args.image_root)
+        print0(
+            f"hnc: {len(hnc)} images with a positive caption ({hnc.orphans} negatives without their positive dropped)"
+        )
         return HNCGroups(hnc, args.image_size, args.seed, args.preprocess), len(hnc), None
     evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split, args.image_root)
         groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows)
         evalset = {"val": splits["dev"], "test": splits["test"], "calib": splits["dev"]}
-        print0(f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "
-               f"({skipped} rows skipped: relation without a contrast)")
+        print0(
+            f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "
+            f"({skipped} rows skipped: relation without a contrast)"
+        )
     else:
         groups = ranking_groups(data.read_rankings(args.data_root))
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
     return ImageGroups(groups, args.image_size, args.preprocess), len(groups), evalset
+
 
 # -----------------------------------------------------------------------------
 # the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
@@ -628,15 +938,21 @@ def main(argv=None):
     # data first: a missing or bad file is one line before any model is built or downloaded
     try:
         dataset, n_items, evalset = make_data(args, rank, world)
-        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+        # fail now, not at an eval after hours of training
+        for split in ("val", "test") if isinstance(evalset, dict) else ():
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
-        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run (told after what a flag can fix)
-        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
+        raise SystemExit(
+            f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
+        )
+    # never lose a run (told after what a flag can fix)
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise SystemExit(
+            f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
+        )
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
@@ -644,41 +960,69 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
+        # checked against this run's models: or one line on what is wrong
+        ckpt = resume(ckpt_path, clip, state)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+    if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
-        collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
+        dataset,
+        batch_sampler=data.StepBatches(
+            n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps
+        ),
+        collate_fn=partial(make_batch, args=args),
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
-    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+    # a host sync and a collective: on log and checkpoint steps only, every rank together
+    def stop_if_not_finite():
         first = not_finite.clone()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
-            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            raise SystemExit(
+                f"error: loss is not finite at step {int(first.item())}; stopping. "
+                f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}"
+            )
 
     def checkpoint(step):
         stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
-                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
-                                        "start_metrics": start_metrics, **save_state(state)})
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": clip.state_dict(),
+                    "model_cfg": clip.model_cfg,
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                    "rng": {"cpu": torch.get_rng_state()},
+                    "start_metrics": start_metrics,
+                    **save_state(state),
+                },
+            )
 
-    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    def evaluate(step, split):
         metrics, t = None, time.time()
         if master:
-            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            metrics = ev.evaluate(
+                clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n
+            )
             if metrics is None:
-                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
+                print0(
+                    f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ..."
+                )
             else:
                 log.eval(step, split, metrics, time.time() - t)
         if world > 1:
@@ -687,14 +1031,21 @@ def main(argv=None):
         return metrics
 
     # the loop
-    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
-    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
-    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
-           f"| device {device} {dtype}")
+    # metrics.jsonl (this run's lines), --wandb, the printed lines
+    log = RunLog(args, start_step, master, world)
+    n_params, n_train = (
+        sum(p.numel() for p in clip.parameters()),
+        sum(p.numel() for p in clip.parameters() if p.requires_grad),
+    )
+    print0(
+        f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
+        f"| device {device} {dtype}"
+    )
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
-    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
+    # the first step whose loss was not finite, kept on the device
+    not_finite = torch.tensor(math.inf, device=device)
     step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -703,19 +1054,25 @@ def main(argv=None):
         if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)
         log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
+        # the counted step runs eager (the module inside torch.compile's)
+        with count_flops(peak and flops is None) as counter:
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
-            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
+                loss, stats = step_loss(
+                    getattr(model, "_orig_mod", model) if counter else model, batch, args, state
+                )
+            # no host sync
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
+        # one step's FLOPs, counted once (GPUs with a known peak)
+        flops = counter.get_total_flops() if counter else flops
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -730,13 +1087,19 @@ def main(argv=None):
             evaluate(step, "val")
     checkpoint(step)
     if any(skipped.values()):
-        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
+        print0(
+            "skipped in total (counted per sample drawn): "
+            + ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
+        )
     log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
-        print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
+        print0(
+            f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))"
+        )
     if world > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     with one_error():

@@ -35,13 +35,14 @@ Deviations from the papers
 7. Shapes only: the text tower learns at 0.1x lr, and CE-CLIP's CMR is off (--cmr_weight 0; 0.2 on
    real data): the default is NegCLIP + IMC (the runs behind both: bench/LOG.md, 2026-11-25).
 """
+
 import argparse
-from dataclasses import dataclass
 import copy
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -52,10 +53,37 @@ import data
 import eval as ev
 import negatives
 import shapes
-from model import (FINETUNE_MODES, export_open_clip, init_geometry, init_preprocess, load_checkpoint, load_clip, param_groups,
-                   save_checkpoint, set_trainable)
-from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_min, global_sum, lr_at,
-                      one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device, world_size)
+from model import (
+    FINETUNE_MODES,
+    export_open_clip,
+    init_geometry,
+    init_preprocess,
+    load_checkpoint,
+    load_clip,
+    param_groups,
+    save_checkpoint,
+    set_trainable,
+)
+from training import (
+    Model,
+    Parser,
+    RunLog,
+    all_gather_with_grad,
+    apply_preset,
+    autocast_ctx,
+    count_flops,
+    global_min,
+    global_sum,
+    lr_at,
+    one_error,
+    peak_flops,
+    print0,
+    resolve_dtype,
+    schedule,
+    setup_distributed,
+    to_device,
+    world_size,
+)
 
 # -----------------------------------------------------------------------------
 # the methods: losses on features. Shapes: image_features, text_features [B, D] (row i's image and
@@ -72,13 +100,23 @@ def candidates(image_features, text_features, neg_features, neg_valid, logit_sca
     global batch. -> (logits [B, W*B + valid negatives], labels [B]); hn_weight multiplies
     exp(S(i, n_ik)) of row i's own negatives (adds log hn_weight to their logits, HNC)."""
     B, K, D = neg_features.shape
-    all_text, all_neg = all_gather_with_grad(text_features), all_gather_with_grad(neg_features.reshape(B * K, D))
-    keep = all_gather_with_grad(neg_valid.reshape(B * K).float()) > 0.5  # invalid negatives are dropped columns
+    all_text, all_neg = (
+        all_gather_with_grad(text_features),
+        all_gather_with_grad(neg_features.reshape(B * K, D)),
+    )
+    # invalid negatives are dropped columns
+    keep = all_gather_with_grad(neg_valid.reshape(B * K).float()) > 0.5
     offset = dist.get_rank() * B if world_size() > 1 else 0
     logits = logit_scale * image_features @ torch.cat([all_text, all_neg]).T  # [B, W*B + W*B*K]
     if hn_weight != 1.0:
-        own = len(all_text) + (offset + torch.arange(B, device=logits.device))[:, None] * K + torch.arange(K, device=logits.device)
-        bias = torch.zeros_like(logits).scatter_(1, own, math.log(hn_weight) if hn_weight > 0 else float("-inf"))
+        own = (
+            len(all_text)
+            + (offset + torch.arange(B, device=logits.device))[:, None] * K
+            + torch.arange(K, device=logits.device)
+        )
+        bias = torch.zeros_like(logits).scatter_(
+            1, own, math.log(hn_weight) if hn_weight > 0 else float("-inf")
+        )
         logits = logits + bias
     logits = logits[:, torch.cat([keep.new_ones(len(all_text)), keep])]
     return logits, torch.arange(B, device=logits.device) + offset
@@ -96,7 +134,8 @@ def negclip_loss(image_features, text_features, neg_features, neg_valid, logit_s
         logits_per_text = s * t @ all_gather_with_grad(v).T  # [B, W*B]
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits_per_text, labels))
         pos, neg = (v * t).sum(-1), torch.einsum("bd,bkd->bk", v, n)
-        hn_acc = ((pos[:, None] > neg) & neg_valid).sum() / neg_valid.sum()  # NaN without a valid negative; no host sync
+        # NaN without a valid negative; no host sync
+        hn_acc = ((pos[:, None] > neg) & neg_valid).sum() / neg_valid.sum()
     return loss, {"acc": (logits.argmax(1) == labels).float().mean().detach(), "hn_acc": hn_acc.detach()}
 
 
@@ -109,13 +148,20 @@ def cmr_loss(pos, neg, neg_valid, threshold, upper_bound=10.0):
     with torch.autocast(pos.device.type, enabled=False):
         pos, neg, W = pos.float(), neg.float(), world_size()
         terms = F.relu(threshold.to(neg)[None, :] + neg - pos[:, None]) * neg_valid
-        stats = global_sum(torch.cat([torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
-                                       (neg * neg_valid).sum(0), neg_valid.sum(0).to(neg)]))
+        stats = global_sum(
+            torch.cat(
+                [
+                    torch.stack([pos.sum(), pos.new_tensor(len(pos))]),
+                    (neg * neg_valid).sum(0),
+                    neg_valid.sum(0).to(neg),
+                ]
+            )
+        )
         K = neg.shape[1]
-        count = stats[2 + K:]
+        count = stats[2 + K :]
         # each rank divides by (global count / W): DDP's gradient average then gives the global mean
         loss = terms.sum() / (count.sum().clamp(min=1) / W)
-        gap = stats[0] / stats[1] - stats[2:2 + K] / count.clamp(min=1)
+        gap = stats[0] / stats[1] - stats[2 : 2 + K] / count.clamp(min=1)
         new = torch.where(count > 0, gap.clamp(0, upper_bound), threshold.to(gap))
     return loss, new.detach()
 
@@ -127,7 +173,9 @@ def imc_loss(image_features, text_features, neg_features, neg_valid, logit_scale
     with torch.autocast(image_features.device.type, enabled=False):
         v, t, n, s = image_features.float(), text_features.float(), neg_features.float(), logit_scale.float()
         logits = torch.cat([s * (v * t).sum(-1, keepdim=True), s * torch.einsum("bd,bkd->bk", t, n)], dim=1)
-        logits = logits.masked_fill(torch.cat([neg_valid.new_ones(len(v), 1), neg_valid], dim=1) == 0, float("-inf"))
+        logits = logits.masked_fill(
+            torch.cat([neg_valid.new_ones(len(v), 1), neg_valid], dim=1) == 0, float("-inf")
+        )
         return F.cross_entropy(logits, torch.zeros(len(v), dtype=torch.long, device=v.device))
 
 
@@ -137,7 +185,7 @@ def kl_loss(student_logits, teacher_logits, temperature):
     with torch.autocast(student_logits.device.type, enabled=False):
         log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
         log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-        return temperature ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+        return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
 
 
 def l2sp_loss(named_params, init):
@@ -163,10 +211,16 @@ def step_loss(model, batch, args, state):
         return negclip_loss(image_features, t, n, valid, logit_scale)
     if args.loss == "ceclip":
         itc, stats = negclip_loss(image_features, t, n, valid, logit_scale)
-        with torch.autocast(images.device.type, enabled=False):  # fp32 scores: autocast would run a matmul in bf16 (and
-            v, s = image_features.float(), logit_scale.float()  # TF32 one in tf32): products and sums, as the positives'
+        # fp32 scores: autocast would run a matmul in bf16 (and
+        with torch.autocast(images.device.type, enabled=False):
+            # TF32 one in tf32): products and sums, as the positives'
+            v, s = image_features.float(), logit_scale.float()
             pos, neg = s * (v * t.float()).sum(-1), s * (v[:, None, :] * n.float()).sum(-1)
-        threshold = state.threshold if args.cmr_threshold == "adaptive" else pos.new_full((K,), args.cmr_fixed_threshold)
+        threshold = (
+            state.threshold
+            if args.cmr_threshold == "adaptive"
+            else pos.new_full((K,), args.cmr_fixed_threshold)
+        )
         cmr, new = cmr_loss(pos, neg, valid, threshold, args.cmr_upper_bound)
         if args.cmr_threshold == "adaptive":
             state.threshold = new  # used at the next step
@@ -181,16 +235,25 @@ def step_loss(model, batch, args, state):
     if args.kl_weight:
         with torch.no_grad():
             ti, tt, ts = state.teacher(images, torch.cat([captions, negatives.flatten(0, 1)]))
-        with torch.autocast(images.device.type, enabled=False):  # both logits in fp32 (candidates' matmul under autocast is bf16)
+        # both logits in fp32 (candidates' matmul under autocast is bf16)
+        with torch.autocast(images.device.type, enabled=False):
             with torch.no_grad():
-                teacher_logits, _ = candidates(ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float())
-            student_logits, _ = candidates(image_features.float(), t.float(), n.float(), valid, logit_scale.float())
+                teacher_logits, _ = candidates(
+                    ti.float(), tt[:B].float(), tt[B:].view(B, K, -1).float(), valid, ts.float()
+                )
+            student_logits, _ = candidates(
+                image_features.float(), t.float(), n.float(), valid, logit_scale.float()
+            )
             kl = kl_loss(student_logits, teacher_logits, args.kl_temperature)
         loss, stats["kl"] = loss + args.kl_weight * kl, kl.detach()
     if args.l2sp:
-        reg = l2sp_loss(((name, p) for name, p in state.clip.named_parameters() if name in state.init_params), state.init_params)
+        reg = l2sp_loss(
+            ((name, p) for name, p in state.clip.named_parameters() if name in state.init_params),
+            state.init_params,
+        )
         loss, stats["l2sp"] = loss + args.l2sp * reg, reg.detach()
     return loss, stats
+
 
 # -----------------------------------------------------------------------------
 # the batches: a sample is one image row (or, with --neg_images, an image row and its hard-negative
@@ -204,13 +267,23 @@ class ShapesHardNegatives(torch.utils.data.Dataset):
     negatives are exact (shapes.NEGATIVES[kind] for each kind in types)."""
 
     def __init__(self, image_size, seed, types, neg_images, held=None):
-        self.image_size, self.seed, self.types, self.neg_images, self.held = image_size, seed, types, neg_images, held
+        self.image_size, self.seed, self.types, self.neg_images, self.held = (
+            image_size,
+            seed,
+            types,
+            neg_images,
+            held,
+        )
 
     def __len__(self):
-        return 2 ** 62
+        return 2**62
 
     def row(self, scene):
-        return (data.to_tensor(shapes.render(scene, self.image_size)), scene.caption(), [shapes.NEGATIVES[k](scene) for k in self.types])
+        return (
+            data.to_tensor(shapes.render(scene, self.image_size)),
+            scene.caption(),
+            [shapes.NEGATIVES[k](scene) for k in self.types],
+        )
 
     def __getitem__(self, key):
         s, _ = shapes.training_scene("hardneg", self.seed, key, self.held, self.types)
@@ -229,7 +302,13 @@ class HardNegatives(torch.utils.data.Dataset):
     its evaluation sees. -> [row] or [row, its hard-negative image's row]; None if an image is unreadable."""
 
     def __init__(self, items, image_size, seed, types, neg_images, preprocess=None):
-        self.items, self.image_size, self.seed, self.types, self.neg_images = items, image_size, seed, types, neg_images
+        self.items, self.image_size, self.seed, self.types, self.neg_images = (
+            items,
+            image_size,
+            seed,
+            types,
+            neg_images,
+        )
         self.preprocess = preprocess
 
     def __len__(self):
@@ -239,9 +318,17 @@ class HardNegatives(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed},{epoch},{i}")
         path, captions, neg_rows = self.items[i]
         caption, slots = captions[rng.randrange(len(captions))]
-        negs = negatives.caption_negatives(caption, rng, self.types) if slots is None else [rng.choice(c) if c else None for c in slots]
+        negs = (
+            negatives.caption_negatives(caption, rng, self.types)
+            if slots is None
+            else [rng.choice(c) if c else None for c in slots]
+        )
         pixels = data.load_image(path, self.image_size, self.preprocess)
-        return None if pixels is None else (data.to_tensor(pixels, self.preprocess), caption, negs), rng, neg_rows
+        return (
+            None if pixels is None else (data.to_tensor(pixels, self.preprocess), caption, negs),
+            rng,
+            neg_rows,
+        )
 
     def __getitem__(self, key):
         i, epoch = key % len(self.items), key // len(self.items)
@@ -262,11 +349,18 @@ def make_batch(samples, args):
     if not rows:
         return None, {"unreadable samples": len(samples), "invalid negatives": 0}
     images, captions, negs = zip(*rows)
-    valid = torch.tensor([[bool(n) and n.strip().lower() != c.strip().lower() for n in ns] for c, ns in zip(captions, negs)])
+    valid = torch.tensor(
+        [[bool(n) and n.strip().lower() != c.strip().lower() for n in ns] for c, ns in zip(captions, negs)]
+    )
     tokenizer, K = data.get_tokenizer(args.context_length), valid.shape[1]
     flat = [n if ok else "" for ns, oks in zip(negs, valid.tolist()) for n, ok in zip(ns, oks)]
-    batch = (torch.stack(images), *data.trim_tokens(tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1)), valid)
+    batch = (
+        torch.stack(images),
+        *data.trim_tokens(tokenizer(list(captions)), tokenizer(flat).view(len(rows), K, -1)),
+        valid,
+    )
     return batch, {"unreadable samples": len(samples) - len(kept), "invalid negatives": int((~valid).sum())}
+
 
 # -----------------------------------------------------------------------------
 # config
@@ -282,10 +376,32 @@ def n_negatives(args):
 
 
 # the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs
-SHAPES = dict(max_steps=3000, epochs=None, warmup_steps=50, eval_every=500, ckpt_every=250, batch_size=64, workers=0,
-              lr=3e-4, text_lr_mult=0.1, neg_images=True, cmr_weight=0.0)
-REAL = dict(max_steps=None, epochs=5, warmup_steps=None, eval_every=None, ckpt_every=None, batch_size=256, workers=4,
-            lr=1e-5, text_lr_mult=1.0, neg_images=False, cmr_weight=0.2)
+SHAPES = dict(
+    max_steps=3000,
+    epochs=None,
+    warmup_steps=50,
+    eval_every=500,
+    ckpt_every=250,
+    batch_size=64,
+    workers=0,
+    lr=3e-4,
+    text_lr_mult=0.1,
+    neg_images=True,
+    cmr_weight=0.0,
+)
+REAL = dict(
+    max_steps=None,
+    epochs=5,
+    warmup_steps=None,
+    eval_every=None,
+    ckpt_every=None,
+    batch_size=256,
+    workers=4,
+    lr=1e-5,
+    text_lr_mult=1.0,
+    neg_images=False,
+    cmr_weight=0.2,
+)
 
 
 def get_args(argv=None):
@@ -293,86 +409,229 @@ def get_args(argv=None):
     p.presets(SHAPES, REAL)
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc"))
-    p.add_argument("--data_root", default=None, help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON")
-    p.add_argument("--image_root", default=None, help="negclip / ceclip: the folder image paths are relative to (default: the file's); hnc: the GQA images (default: the file's images/)")
-    p.add_argument("--allow_pickle", action="store_true", help="ceclip: unpickle the .npy files (this runs code stored in them)")
-    p.add_argument("--neg_types", default=None, help=f"comma list. shapes: of {', '.join(shapes.NEGATIVES)} (default "
-                   f"{','.join(SHAPES_TYPES)}); coco: of {', '.join(negatives.NEGATIVE_TYPES)} (default all)")
-    p.add_argument("--neg_images", action=argparse.BooleanOptionalAction, default=None,
-                   help="half of each batch = the other half's hard-negative images (shapes: twins; negclip: neg_image rows); "
-                   "default: on for shapes, off for real data")
-    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
-                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
-    p.add_argument("--eval_data", default=None, choices=("coco", "flickr8k"), help="real data: retrieval eval set (default: coco for --data coco)")
+    p.add_argument(
+        "--data_root",
+        default=None,
+        help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON",
+    )
+    p.add_argument(
+        "--image_root",
+        default=None,
+        help="negclip / ceclip: the folder image paths are relative to (default: the file's); hnc: the GQA images (default: the file's images/)",
+    )
+    p.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help="ceclip: unpickle the .npy files (this runs code stored in them)",
+    )
+    p.add_argument(
+        "--neg_types",
+        default=None,
+        help=f"comma list. shapes: of {', '.join(shapes.NEGATIVES)} (default "
+        f"{','.join(SHAPES_TYPES)}); coco: of {', '.join(negatives.NEGATIVE_TYPES)} (default all)",
+    )
+    p.add_argument(
+        "--neg_images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="half of each batch = the other half's hard-negative images (shapes: twins; negclip: neg_image rows); "
+        "default: on for shapes, off for real data",
+    )
+    p.add_argument(
+        "--holdout",
+        default="none",
+        choices=("none", "combos"),
+        help="shapes: keep shapes.holdout_combos() out of "
+        "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart",
+    )
+    p.add_argument(
+        "--eval_data",
+        default=None,
+        choices=("coco", "flickr8k"),
+        help="real data: retrieval eval set (default: coco for --data coco)",
+    )
     p.add_argument("--eval_root", default=None, help="its folder (default: --data_root for --data coco)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)"
+    )
     # model
-    p.add_argument("--init", default=None, help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
-                   f"default {DEFAULT_INIT} on shapes, required on real data")
-    p.add_argument("--finetune", default="full", choices=FINETUNE_MODES, help="which parameters train (model.set_trainable)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help=f"the starting CLIP: ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip); "
+        f"default {DEFAULT_INIT} on shapes, required on real data",
+    )
+    p.add_argument(
+        "--finetune",
+        default="full",
+        choices=FINETUNE_MODES,
+        help="which parameters train (model.set_trainable)",
+    )
     # method
     p.add_argument("--loss", default="ceclip", choices=("negclip", "ceclip", "hnc"))
-    p.add_argument("--cmr_weight", type=float, default=None, help="ceclip: weight of the cross-modal rank loss (default: 0 shapes, "
-                   "see deviation 7; 0.2 real data)")
-    p.add_argument("--imc_weight", type=float, default=0.3, help="ceclip: weight of the intra-modal contrastive loss")
-    p.add_argument("--cmr_threshold", default="adaptive", choices=("adaptive", "fixed"), help="ceclip: CMR's threshold per negative type")
-    p.add_argument("--cmr_upper_bound", type=float, default=10.0, help="ceclip: the adaptive threshold's upper clamp (logit units)")
-    p.add_argument("--cmr_fixed_threshold", type=float, default=1.0, help="ceclip, --cmr_threshold fixed: the threshold (logit units)")
-    p.add_argument("--hn_weight", type=float, default=1.0, help="hnc: weight of each image's own hard negatives in its softmax")
-    p.add_argument("--hn_warmup_steps", type=int, default=0, help="hnc: ramp the weight linearly from 0 over this many steps")
+    p.add_argument(
+        "--cmr_weight",
+        type=float,
+        default=None,
+        help="ceclip: weight of the cross-modal rank loss (default: 0 shapes, "
+        "see deviation 7; 0.2 real data)",
+    )
+    p.add_argument(
+        "--imc_weight", type=float, default=0.3, help="ceclip: weight of the intra-modal contrastive loss"
+    )
+    p.add_argument(
+        "--cmr_threshold",
+        default="adaptive",
+        choices=("adaptive", "fixed"),
+        help="ceclip: CMR's threshold per negative type",
+    )
+    p.add_argument(
+        "--cmr_upper_bound",
+        type=float,
+        default=10.0,
+        help="ceclip: the adaptive threshold's upper clamp (logit units)",
+    )
+    p.add_argument(
+        "--cmr_fixed_threshold",
+        type=float,
+        default=1.0,
+        help="ceclip, --cmr_threshold fixed: the threshold (logit units)",
+    )
+    p.add_argument(
+        "--hn_weight",
+        type=float,
+        default=1.0,
+        help="hnc: weight of each image's own hard negatives in its softmax",
+    )
+    p.add_argument(
+        "--hn_warmup_steps",
+        type=int,
+        default=0,
+        help="hnc: ramp the weight linearly from 0 over this many steps",
+    )
     p.add_argument("--l2sp", type=float, default=0.0, help="hnc: lambda of lambda * ||theta - theta_0||^2")
-    p.add_argument("--kl_weight", type=float, default=0.0, help="hnc: weight of the KL distillation from the frozen initial model")
+    p.add_argument(
+        "--kl_weight",
+        type=float,
+        default=0.0,
+        help="hnc: weight of the KL distillation from the frozen initial model",
+    )
     p.add_argument("--kl_temperature", type=float, default=4.0, help="hnc: the distillation temperature T")
     # optim
-    p.add_argument("--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs")
-    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 5: NegCLIP's 5)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per process (with --neg_images, half are hard-negative images (default: 64 shapes, 256 real data)")
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 shapes, 1e-5 real data (a pretrained CLIP)")
-    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)")
+    p.add_argument(
+        "--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="real data: passes over the training items (default 5: NegCLIP's 5)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per process (with --neg_images, half are hard-negative images (default: 64 shapes, 256 real data)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 3e-4 shapes, 1e-5 real data (a pretrained CLIP)"
+    )
+    p.add_argument(
+        "--text_lr_mult",
+        type=float,
+        default=None,
+        help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)",
+    )
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
+    p.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=None,
+        help="default: 50 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)",
+    )
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_hardneg")
-    p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a start and a final eval always run)")
-    p.add_argument("--ckpt_every", type=int, default=None, help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)")
+    p.add_argument(
+        "--eval_every",
+        type=int,
+        default=None,
+        help="default: 500 on shapes; real data: every epoch. 0 disables (a start and a final eval always run)",
+    )
+    p.add_argument(
+        "--ckpt_every",
+        type=int,
+        default=None,
+        help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
-    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
-    p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint"
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (pip install wandb)",
+    )
+    p.add_argument(
+        "--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end"
+    )
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
     # system
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on cuda, else float32",
+    )
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
-                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
+    p.add_argument(
+        "--dist_timeout",
+        type=int,
+        default=7200,
+        help="torchrun: seconds a rank waits in a collective (the "
+        "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)",
+    )
     args = p.parse_args(argv)
     if args.image_root is not None and args.data not in ("negclip", "ceclip", "hnc"):
-        p.error(f"--image_root: --data {args.data} does not read it (it is for --data negclip, ceclip and hnc)")
+        p.error(
+            f"--image_root: --data {args.data} does not read it (it is for --data negclip, ceclip and hnc)"
+        )
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
-        p.error(f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
-                "local-dir:DIR or a minclip ckpt.pt")
+        p.error(
+            f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
+            "local-dir:DIR or a minclip ckpt.pt"
+        )
     args.init = DEFAULT_INIT if args.init is None else args.init
-    args.image_size, args.context_length = init_geometry(args.init) or (None, None)  # for the data; make_model confirms them
+    # for the data; make_model confirms them
+    args.image_size, args.context_length = init_geometry(args.init) or (None, None)
     args.preprocess = init_preprocess(args.init)  # the real data's pixels: those the --init is evaluated on
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     apply_preset(args, SHAPES, REAL)
-    args.batch_items = args.batch_size // 2 if args.neg_images else args.batch_size  # samples (an image and its twin) per process
+    # samples (an image and its twin) per process
+    args.batch_items = args.batch_size // 2 if args.neg_images else args.batch_size
     if args.neg_types is not None and args.data not in ("shapes", "coco"):
         p.error(f"--neg_types: --data {args.data} brings its own negatives")
     known = shapes.NEGATIVES if args.data == "shapes" else negatives.NEGATIVE_TYPES
-    args.neg_types = (SHAPES_TYPES if args.data == "shapes" else tuple(known)) if args.neg_types is None else tuple(args.neg_types.split(","))
+    args.neg_types = (
+        (SHAPES_TYPES if args.data == "shapes" else tuple(known))
+        if args.neg_types is None
+        else tuple(args.neg_types.split(","))
+    )
     if not args.neg_types or any(t not in known for t in args.neg_types):
         p.error(f"--neg_types {','.join(args.neg_types)}: choose from {', '.join(known)}")
     if args.neg_images and args.data not in ("shapes", "negclip"):
         p.error(f"--neg_images: --data {args.data} has no hard-negative images (shapes and negclip do)")
     if args.neg_images and args.batch_size % 2:
-        p.error(f"--batch_size {args.batch_size}: must be even with --neg_images (samples and their hard-negative images)")
+        p.error(
+            f"--batch_size {args.batch_size}: must be even with --neg_images (samples and their hard-negative images)"
+        )
     if args.hn_weight < 0 or args.l2sp < 0 or args.kl_weight < 0 or args.kl_temperature <= 0:
         p.error("--hn_weight, --l2sp and --kl_weight must be >= 0 and --kl_temperature > 0")
     if args.loss != "hnc" and (args.hn_weight != 1.0 or args.hn_warmup_steps or args.l2sp or args.kl_weight):
@@ -383,34 +642,54 @@ def get_args(argv=None):
 @dataclass
 class State:
     """the method's state beside the weights: what step_loss reads and save_state keeps"""
-    threshold: torch.Tensor       # CE-CLIP's adaptive CMR thresholds, one per negative slot (start at 0; checkpointed)
-    teacher: object               # HNC's frozen KL teacher (--kl_weight), else None
-    init_params: object           # HNC's L2-SP anchor theta_0 (--l2sp), else None
-    clip: torch.nn.Module         # the CLIP (its preprocess_cfg goes into the checkpoint)
-    summary: str                  # the start line's words on the method
-    step: int = 0                 # set by the loop before each step
+
+    # CE-CLIP's adaptive CMR thresholds, one per negative slot (start at 0; checkpointed)
+    threshold: torch.Tensor
+    teacher: object  # HNC's frozen KL teacher (--kl_weight), else None
+    init_params: object  # HNC's L2-SP anchor theta_0 (--l2sp), else None
+    clip: torch.nn.Module  # the CLIP (its preprocess_cfg goes into the checkpoint)
+    summary: str  # the start line's words on the method
+    step: int = 0  # set by the loop before each step
 
 
 def make_model(args, device):
     """-> (clip, the module that trains (the same CLIP), preprocess, AdamW parameter groups, state):
     the --init CLIP, whose initial weights are also the KL teacher and L2-SP's theta_0."""
     if args.init == DEFAULT_INIT and not os.path.exists(args.init):
-        raise SystemExit(f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)")
+        raise SystemExit(
+            f"error: --init {args.init} does not exist: run `python clip_scratch.py` first (or pass --init)"
+        )
     clip, _, preprocess, _ = load_clip(args.init, device)
     clip.train()
-    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):  # make_data used init_geometry's
-        raise SystemExit(f"error: --init {args.init}: its image size and context length could not be read before loading it")
+    # make_data used init_geometry's
+    if (args.image_size, args.context_length) != (clip.image_size, clip.context_length):
+        raise SystemExit(
+            f"error: --init {args.init}: its image size and context length could not be read before loading it"
+        )
     if clip.preprocess_cfg != args.preprocess:  # make_data used init_preprocess's
-        raise SystemExit(f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it")
-    teacher = copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
-    teacher = torch.compile(teacher) if args.compile and teacher is not None else teacher  # a forward per step, as the student's
+        raise SystemExit(
+            f"error: --init {args.init}: its preprocessing {clip.preprocess_cfg} is not the one read before loading it"
+        )
+    teacher = (
+        copy.deepcopy(clip).eval().requires_grad_(False) if args.loss == "hnc" and args.kl_weight else None
+    )
+    # a forward per step, as the student's
+    teacher = torch.compile(teacher) if args.compile and teacher is not None else teacher
     trainable = set_trainable(clip, args.finetune)
-    init_params = {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"} if args.l2sp else None
+    init_params = (
+        {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"}
+        if args.l2sp
+        else None
+    )
     negs = ",".join(args.neg_types) if args.data in ("shapes", "coco") else args.data
-    state = State(threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
-                  teacher=teacher, init_params=init_params, clip=clip,
-                  summary=f"init {args.init} ({args.finetune}) | loss {args.loss} | negatives {negs}"
-                  + (" + hard-negative images" if args.neg_images else ""))
+    state = State(
+        threshold=torch.zeros(n_negatives(args), device=device),  # CE-CLIP's thresholds start at 0
+        teacher=teacher,
+        init_params=init_params,
+        clip=clip,
+        summary=f"init {args.init} ({args.finetune}) | loss {args.loss} | negatives {negs}"
+        + (" + hard-negative images" if args.neg_images else ""),
+    )
     return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
 
 
@@ -433,7 +712,11 @@ def make_data(args, rank, world):
     "shapes-none" | "shapes-combos" (--holdout), the splits of --eval_data, or None)."""
     if args.data == "shapes":
         held = shapes.holdout_combos() if args.holdout == "combos" else None
-        return ShapesHardNegatives(args.image_size, args.seed, args.neg_types, args.neg_images, held), None, f"shapes-{args.holdout}"
+        return (
+            ShapesHardNegatives(args.image_size, args.seed, args.neg_types, args.neg_images, held),
+            None,
+            f"shapes-{args.holdout}",
+        )
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     if args.data == "coco":
@@ -452,10 +735,18 @@ def make_data(args, rank, world):
         items = HNCItems(hnc)
     if args.eval_data or args.data == "coco":
         root = args.eval_root or args.data_root
-        splits = splits if args.data == "coco" and root == args.data_root else data.read_dataset(args.eval_data or "coco", root)
+        splits = (
+            splits
+            if args.data == "coco" and root == args.data_root
+            else data.read_dataset(args.eval_data or "coco", root)
+        )
     else:
         splits = None
-    return HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images, args.preprocess), len(items), splits
+    return (
+        HardNegatives(items, args.image_size, args.seed, args.neg_types, args.neg_images, args.preprocess),
+        len(items),
+        splits,
+    )
 
 
 class HNCItems:
@@ -470,6 +761,7 @@ class HNCItems:
     def __getitem__(self, i):
         path, pairs = self.hnc[i]
         return path, [(pos, [negs]) for pos, negs in pairs], None
+
 
 # -----------------------------------------------------------------------------
 # the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
@@ -495,15 +787,21 @@ def main(argv=None):
     # data first: a missing or bad file is one line before any model is built or downloaded
     try:
         dataset, n_items, evalset = make_data(args, rank, world)
-        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+        # fail now, not at an eval after hours of training
+        for split in ("val", "test") if isinstance(evalset, dict) else ():
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
-        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run (told after what a flag can fix)
-        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
+        raise SystemExit(
+            f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
+        )
+    # never lose a run (told after what a flag can fix)
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise SystemExit(
+            f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
+        )
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
@@ -511,41 +809,69 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
+        # checked against this run's models: or one line on what is wrong
+        ckpt = resume(ckpt_path, clip, state)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+    if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
-        collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
+        dataset,
+        batch_sampler=data.StepBatches(
+            n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps
+        ),
+        collate_fn=partial(make_batch, args=args),
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
-    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+    # a host sync and a collective: on log and checkpoint steps only, every rank together
+    def stop_if_not_finite():
         first = not_finite.clone()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
-            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            raise SystemExit(
+                f"error: loss is not finite at step {int(first.item())}; stopping. "
+                f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}"
+            )
 
     def checkpoint(step):
         stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
-                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
-                                        "start_metrics": start_metrics, **save_state(state)})
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": clip.state_dict(),
+                    "model_cfg": clip.model_cfg,
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                    "rng": {"cpu": torch.get_rng_state()},
+                    "start_metrics": start_metrics,
+                    **save_state(state),
+                },
+            )
 
-    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    def evaluate(step, split):
         metrics, t = None, time.time()
         if master:
-            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            metrics = ev.evaluate(
+                clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n
+            )
             if metrics is None:
-                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
+                print0(
+                    f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ..."
+                )
             else:
                 log.eval(step, split, metrics, time.time() - t)
         if world > 1:
@@ -554,14 +880,21 @@ def main(argv=None):
         return metrics
 
     # the loop
-    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
-    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
-    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
-           f"| device {device} {dtype}")
+    # metrics.jsonl (this run's lines), --wandb, the printed lines
+    log = RunLog(args, start_step, master, world)
+    n_params, n_train = (
+        sum(p.numel() for p in clip.parameters()),
+        sum(p.numel() for p in clip.parameters() if p.requires_grad),
+    )
+    print0(
+        f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
+        f"| device {device} {dtype}"
+    )
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
-    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
+    # the first step whose loss was not finite, kept on the device
+    not_finite = torch.tensor(math.inf, device=device)
     step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -570,19 +903,25 @@ def main(argv=None):
         if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)
         log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
+        # the counted step runs eager (the module inside torch.compile's)
+        with count_flops(peak and flops is None) as counter:
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
-            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
+                loss, stats = step_loss(
+                    getattr(model, "_orig_mod", model) if counter else model, batch, args, state
+                )
+            # no host sync
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
+        # one step's FLOPs, counted once (GPUs with a known peak)
+        flops = counter.get_total_flops() if counter else flops
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -597,13 +936,19 @@ def main(argv=None):
             evaluate(step, "val")
     checkpoint(step)
     if any(skipped.values()):
-        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
+        print0(
+            "skipped in total (counted per sample drawn): "
+            + ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
+        )
     log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
-        print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
+        print0(
+            f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))"
+        )
     if world > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     with one_error():

@@ -30,10 +30,11 @@ Deviations from the papers
 7. The captioner is as wide and deep as the text tower, and its queries never read predicted
    tokens, so greedy captioning is one forward pass (eval.py --caption).
 """
-from dataclasses import dataclass
+
 import math
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import open_clip
@@ -45,9 +46,35 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import shapes
-from model import CLIP, MODEL_SIZES, Captioner, export_open_clip, load_checkpoint, model_config, param_groups, save_checkpoint
-from training import (Model, Parser, RunLog, all_gather_with_grad, apply_preset, autocast_ctx, count_flops, global_mean, global_min, lr_at,
-                      one_error, peak_flops, print0, resolve_dtype, schedule, setup_distributed, to_device)
+from model import (
+    CLIP,
+    MODEL_SIZES,
+    Captioner,
+    export_open_clip,
+    load_checkpoint,
+    model_config,
+    param_groups,
+    save_checkpoint,
+)
+from training import (
+    Model,
+    Parser,
+    RunLog,
+    all_gather_with_grad,
+    apply_preset,
+    autocast_ctx,
+    count_flops,
+    global_mean,
+    global_min,
+    lr_at,
+    one_error,
+    peak_flops,
+    print0,
+    resolve_dtype,
+    schedule,
+    setup_distributed,
+    to_device,
+)
 
 # -----------------------------------------------------------------------------
 # the method: the contrastive loss
@@ -66,15 +93,20 @@ def clip_loss(image_features, text_features, logit_scale):
     Returns (loss, accuracy of the image->text argmax), both fp32, also when called under autocast.
     """
     with torch.autocast(image_features.device.type, enabled=False):
-        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+        image_features, text_features, logit_scale = (
+            image_features.float(),
+            text_features.float(),
+            logit_scale.float(),
+        )
         all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
         offset = dist.get_rank() * image_features.shape[0] if all_image is not image_features else 0
         logits_per_image = logit_scale * image_features @ all_text.T  # [B, world*B]
-        logits_per_text = logit_scale * text_features @ all_image.T   # [B, world*B]
+        logits_per_text = logit_scale * text_features @ all_image.T  # [B, world*B]
         labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
         loss = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
         acc = (logits_per_image.argmax(dim=1) == labels).float().mean()
     return loss, acc.detach()
+
 
 # CLIPS (Liu et al. 2024, "CLIPS: An Enhanced CLIP Framework for Learning with Synthetic Captions"):
 # each image has a web caption and a long synthetic one; the text encoder sees a *reduced* synthetic
@@ -106,7 +138,12 @@ def caption_loss(logits, caption, vocab=None):
         if (vocab[index] != target)[~pad].any():
             raise ValueError("caption_loss: a caption token is outside the captioner's vocab")
         target = index
-    total = F.cross_entropy(logits.float().flatten(0, 1), target.masked_fill(pad, -100).flatten(), ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        target.masked_fill(pad, -100).flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
     return global_mean(total, (~pad).sum())
 
 
@@ -126,7 +163,12 @@ class CLIPWithCaptioner(nn.Module):
         text_features, text_tokens = self.clip.encode_text(text, normalize=True, return_tokens=True)
         B = image.shape[0]
         logits = self.captioner(image_tokens, text_tokens[:B], text[:B])
-        return image_features, text_features, self.clip.logit_scale.exp(), caption_loss(logits, synthetic, self.captioner.vocab)
+        return (
+            image_features,
+            text_features,
+            self.clip.logit_scale.exp(),
+            caption_loss(logits, synthetic, self.captioner.vocab),
+        )
 
 
 def step_loss(model, batch, args, state):
@@ -139,7 +181,8 @@ def step_loss(model, batch, args, state):
         loss, acc = clip_loss(image_features, text_features, logit_scale)
         return loss, {"acc": acc}
     pair, synthetic = texts
-    tokens = pair.transpose(0, 1).flatten(0, 1)  # [B, 2, L] -> [2B, L]: the B web captions, then the B reduced synthetic ones
+    # [B, 2, L] -> [2B, L]: the B web captions, then the B reduced synthetic ones
+    tokens = pair.transpose(0, 1).flatten(0, 1)
     if not args.captioner_weight:
         image_features, text_features, logit_scale = model(images, tokens)
         loss, acc = clips_loss(image_features, text_features, logit_scale)
@@ -147,6 +190,7 @@ def step_loss(model, batch, args, state):
     image_features, text_features, logit_scale, cap_loss = model(images, tokens, synthetic)
     loss, acc = clips_loss(image_features, text_features, logit_scale)
     return loss + args.captioner_weight * cap_loss, {"acc": acc, "caption loss": cap_loss.detach()}
+
 
 # -----------------------------------------------------------------------------
 # the batches: which texts the text tower sees
@@ -165,20 +209,43 @@ def make_batch(samples, args):
         return None, counts
     if args.caption_mask == "none":
         return (images, *data.trim_tokens(tokenizer(captions))), counts
-    reduced = [data.reduce_caption(syn, args.caption_mask, args.mask_len, args.context_length, rng, fallback=web)
-               for web, syn, rng in zip(captions, synthetic, rngs)]
-    pair, = data.trim_tokens(torch.stack([tokenizer(captions), torch.stack(reduced)], dim=1))  # [B, 2, L]
+    reduced = [
+        data.reduce_caption(syn, args.caption_mask, args.mask_len, args.context_length, rng, fallback=web)
+        for web, syn, rng in zip(captions, synthetic, rngs)
+    ]
+    (pair,) = data.trim_tokens(torch.stack([tokenizer(captions), torch.stack(reduced)], dim=1))  # [B, 2, L]
     return (images, (pair, data.get_tokenizer(args.captioner_len)(synthetic))), counts
+
 
 # -----------------------------------------------------------------------------
 # config
 
 
 # the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs
-SHAPES = dict(max_steps=1750, epochs=None, warmup_steps=100, eval_every=500, ckpt_every=250, image_size=64, context_length=32,
-              workers=0, lr=2e-3, text_lr_mult=0.1)
-REAL = dict(max_steps=None, epochs=32, warmup_steps=None, eval_every=None, ckpt_every=None, image_size=224, context_length=77,
-            workers=4, lr=1e-3, text_lr_mult=1.0)
+SHAPES = dict(
+    max_steps=1750,
+    epochs=None,
+    warmup_steps=100,
+    eval_every=500,
+    ckpt_every=250,
+    image_size=64,
+    context_length=32,
+    workers=0,
+    lr=2e-3,
+    text_lr_mult=0.1,
+)
+REAL = dict(
+    max_steps=None,
+    epochs=32,
+    warmup_steps=None,
+    eval_every=None,
+    ckpt_every=None,
+    image_size=224,
+    context_length=77,
+    workers=4,
+    lr=1e-3,
+    text_lr_mult=1.0,
+)
 
 
 def get_args(argv=None):
@@ -186,52 +253,141 @@ def get_args(argv=None):
     p.presets(SHAPES, REAL)
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "flickr8k", "coco", "recap"))
-    p.add_argument("--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file")
+    p.add_argument(
+        "--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file"
+    )
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, 224 for real data")
-    p.add_argument("--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)")
-    p.add_argument("--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap")
-    p.add_argument("--swap_noise", type=float, default=0.5, help="shapes: fraction of captions with the colours misbound (shapes.ShapesDataset)")
-    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: keep shapes.holdout_combos() out of "
-                   "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart")
-    p.add_argument("--caption_style", default="full", choices=shapes.CAPTION_STYLES,
-                   help="shapes: full captions, or terse partial ones (shapes.partial_caption; the CLIPS setting)")
+    p.add_argument(
+        "--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers per process (default: 0 shapes, 4 real)"
+    )
+    p.add_argument(
+        "--cache_images", action="store_true", help="decode+resize every image once into a uint8 memmap"
+    )
+    p.add_argument(
+        "--swap_noise",
+        type=float,
+        default=0.5,
+        help="shapes: fraction of captions with the colours misbound (shapes.ShapesDataset)",
+    )
+    p.add_argument(
+        "--holdout",
+        default="none",
+        choices=("none", "combos"),
+        help="shapes: keep shapes.holdout_combos() out of "
+        "every training scene, caption, negative and group; evaluate seen and unseen test scenes apart",
+    )
+    p.add_argument(
+        "--caption_style",
+        default="full",
+        choices=shapes.CAPTION_STYLES,
+        help="shapes: full captions, or terse partial ones (shapes.partial_caption; the CLIPS setting)",
+    )
     p.add_argument("--image_key", default="image", help="recap: the image column")
     p.add_argument("--caption_key", default="caption", help="recap: the web caption column")
     p.add_argument("--recap_key", default="re_caption", help="recap: the synthetic caption column")
     # CLIPS: synthetic captions (off by default)
-    p.add_argument("--caption_mask", default="none", choices=data.CAPTION_MASKS,
-                   help="train on (web, synthetic) caption pairs with the synthetic one reduced this way; none = plain CLIP")
-    p.add_argument("--mask_len", type=int, default=32, help="K: tokens of the reduced synthetic caption, SOT and EOT included")
-    p.add_argument("--captioner_weight", type=float, default=0.0, help="weight of the captioner loss (0: no captioner; CLIPS uses 2.0)")
-    p.add_argument("--captioner_len", type=int, default=77, help="tokens of the full synthetic caption the captioner predicts (longer ones are cut)")
+    p.add_argument(
+        "--caption_mask",
+        default="none",
+        choices=data.CAPTION_MASKS,
+        help="train on (web, synthetic) caption pairs with the synthetic one reduced this way; none = plain CLIP",
+    )
+    p.add_argument(
+        "--mask_len",
+        type=int,
+        default=32,
+        help="K: tokens of the reduced synthetic caption, SOT and EOT included",
+    )
+    p.add_argument(
+        "--captioner_weight",
+        type=float,
+        default=0.0,
+        help="weight of the captioner loss (0: no captioner; CLIPS uses 2.0)",
+    )
+    p.add_argument(
+        "--captioner_len",
+        type=int,
+        default=77,
+        help="tokens of the full synthetic caption the captioner predicts (longer ones are cut)",
+    )
     # model
     p.add_argument("--model_size", default="tiny", choices=list(MODEL_SIZES))
     # optim
-    p.add_argument("--max_steps", type=int, default=None, help="default: 1750 on shapes; real data: from --epochs")
-    p.add_argument("--epochs", type=int, default=None, help="real data: passes over the training items (default 32: CLIP's 32)")
-    p.add_argument("--batch_size", type=int, default=128, help="per process; global batch = batch_size x world size")
+    p.add_argument(
+        "--max_steps", type=int, default=None, help="default: 1750 on shapes; real data: from --epochs"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="real data: passes over the training items (default 32: CLIP's 32)",
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=128, help="per process; global batch = batch_size x world size"
+    )
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: 2e-3 shapes, 1e-3 real data)")
-    p.add_argument("--text_lr_mult", type=float, default=None, help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 3; 1 real data)")
+    p.add_argument(
+        "--text_lr_mult",
+        type=float,
+        default=None,
+        help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 3; 1 real data)",
+    )
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 100 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)")
+    p.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=None,
+        help="default: 100 on shapes; real data: 5%% of the steps (training.WARMUP_FRACTION)",
+    )
     # eval / checkpoints
     p.add_argument("--out_dir", default="out/clip_scratch")
-    p.add_argument("--eval_every", type=int, default=None, help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)")
-    p.add_argument("--ckpt_every", type=int, default=None, help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)")
+    p.add_argument(
+        "--eval_every",
+        type=int,
+        default=None,
+        help="default: 500 on shapes; real data: every epoch. 0 disables (a final eval always runs)",
+    )
+    p.add_argument(
+        "--ckpt_every",
+        type=int,
+        default=None,
+        help="default: 250 on shapes; real data: every epoch. 0 disables (a final checkpoint is always written)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt if it exists")
-    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project (pip install wandb)")
-    p.add_argument("--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint"
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (pip install wandb)",
+    )
+    p.add_argument(
+        "--export", default=None, metavar="DIR", help="also write an open_clip hub directory at the end"
+    )
     p.add_argument("--eval_n", type=int, default=1000, help="shapes test scenes per eval")
     p.add_argument("--log_every", type=int, default=10)
     # system
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, else float32")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on cuda, else float32",
+    )
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--dist_timeout", type=int, default=7200, help="torchrun: seconds a rank waits in a collective (the "
-                   "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)")
+    p.add_argument(
+        "--dist_timeout",
+        type=int,
+        default=7200,
+        help="torchrun: seconds a rank waits in a collective (the "
+        "image cache, a rank-0 evaluation) before torch.distributed gives up (nccl's own default: 600)",
+    )
     args = p.parse_args(argv)
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
@@ -251,10 +407,11 @@ def get_args(argv=None):
 @dataclass
 class State:
     """the method's state beside the weights: what step_loss reads and save_state keeps"""
-    summary: str                  # the start line's words on the method
-    captioner: object = None      # CLIPS's captioner (--captioner_weight > 0), else None
-    captioner_cfg: dict = None    # its constructor arguments, kept in the checkpoint
-    step: int = 0                 # set by the loop before each step
+
+    summary: str  # the start line's words on the method
+    captioner: object = None  # CLIPS's captioner (--captioner_weight > 0), else None
+    captioner_cfg: dict = None  # its constructor arguments, kept in the checkpoint
+    step: int = 0  # set by the loop before each step
 
 
 def make_model(args, device):
@@ -267,21 +424,35 @@ def make_model(args, device):
     groups = param_groups(clip, args.weight_decay, args.text_lr_mult)
     if args.captioner_weight:
         v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-        captioner_cfg = dict(vision_width=v["width"], text_width=t["width"], width=t["width"], layers=t["layers"],
-                             heads=t["heads"], n_query=args.captioner_len - 1, vocab_size=t["vocab_size"],
-                             vocab=shapes.shapes_vocab() if args.data == "shapes" else None)  # deviation 6
+        captioner_cfg = dict(
+            vision_width=v["width"],
+            text_width=t["width"],
+            width=t["width"],
+            layers=t["layers"],
+            heads=t["heads"],
+            n_query=args.captioner_len - 1,
+            vocab_size=t["vocab_size"],
+            vocab=shapes.shapes_vocab() if args.data == "shapes" else None,
+        )  # deviation 6
         captioner = Captioner(**captioner_cfg).to(device)
         groups += param_groups(captioner, args.weight_decay)  # full lr: it is not the text tower
     preprocess = open_clip.transform.image_transform(args.image_size, is_train=False)
     model = clip if captioner is None else CLIPWithCaptioner(clip, captioner)
-    state = State(captioner=captioner, captioner_cfg=captioner_cfg,
-                  summary=f"model {args.model_size}" + (f" | CLIPS {args.caption_mask} {args.mask_len}" if args.caption_mask != "none" else ""))
+    state = State(
+        captioner=captioner,
+        captioner_cfg=captioner_cfg,
+        summary=f"model {args.model_size}"
+        + (f" | CLIPS {args.caption_mask} {args.mask_len}" if args.caption_mask != "none" else ""),
+    )
     return Model(clip, model, preprocess, groups, state)
 
 
 def save_state(state):
     """the checkpoint's method part: the CLIPS captioner (open_clip's CLIP has no place for it)"""
-    return {"captioner": state.captioner and state.captioner.state_dict(), "captioner_cfg": state.captioner_cfg}
+    return {
+        "captioner": state.captioner and state.captioner.state_dict(),
+        "captioner_cfg": state.captioner_cfg,
+    }
 
 
 def resume(path, clip, state):
@@ -298,14 +469,24 @@ def make_data(args, rank, world):
     "shapes-none" | "shapes-combos" (--holdout), or the dataset's splits)."""
     if args.data == "shapes":
         held = shapes.holdout_combos() if args.holdout == "combos" else None
-        return shapes.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style, held), None, f"shapes-{args.holdout}"
+        return (
+            shapes.ShapesDataset(args.image_size, args.seed, args.swap_noise, args.caption_style, held),
+            None,
+            f"shapes-{args.holdout}",
+        )
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
     splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
-    cache = os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8") if args.cache_images else None
+    cache = (
+        os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8")
+        if args.cache_images
+        else None
+    )
     os.makedirs(args.out_dir, exist_ok=True)
-    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache, rank, world)  # every rank decodes its shard
+    # every rank decodes its shard
+    train = data.ImageTextDataset(splits["train"], args.image_size, args.seed, cache, rank, world)
     return train, len(train), splits
+
 
 # -----------------------------------------------------------------------------
 # the loop: the same text in clip_scratch.py, clip_hardneg.py and clip_dpo.py (a test keeps it so).
@@ -331,15 +512,21 @@ def main(argv=None):
     # data first: a missing or bad file is one line before any model is built or downloaded
     try:
         dataset, n_items, evalset = make_data(args, rank, world)
-        for split in ("val", "test") if isinstance(evalset, dict) else ():  # fail now, not at an eval after hours of training
+        # fail now, not at an eval after hours of training
+        for split in ("val", "test") if isinstance(evalset, dict) else ():
             data.check_images(evalset[split], f"--data {args.data}: the {split} split")
     except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     clip, model, preprocess, groups, state = make_model(args, device)
     if n_items is not None and n_items < args.batch_items * world:
-        raise SystemExit(f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)")
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run (told after what a flag can fix)
-        raise SystemExit(f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)")
+        raise SystemExit(
+            f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
+        )
+    # never lose a run (told after what a flag can fix)
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise SystemExit(
+            f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
+        )
     plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
     tokenizer = data.get_tokenizer(args.context_length)
 
@@ -347,41 +534,69 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = resume(ckpt_path, clip, state)  # checked against this run's models: or one line on what is wrong
+        # checked against this run's models: or one line on what is wrong
+        ckpt = resume(ckpt_path, clip, state)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if args.compile:  # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
+    if args.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps),
-        collate_fn=partial(make_batch, args=args), num_workers=args.workers, pin_memory=device.type == "cuda")
+        dataset,
+        batch_sampler=data.StepBatches(
+            n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps
+        ),
+        collate_fn=partial(make_batch, args=args),
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
-    def stop_if_not_finite():  # a host sync and a collective: on log and checkpoint steps only, every rank together
+    # a host sync and a collective: on log and checkpoint steps only, every rank together
+    def stop_if_not_finite():
         first = not_finite.clone()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
-            raise SystemExit(f"error: loss is not finite at step {int(first.item())}; stopping. "
-                             f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}")
+            raise SystemExit(
+                f"error: loss is not finite at step {int(first.item())}; stopping. "
+                f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}"
+            )
 
     def checkpoint(step):
         stop_if_not_finite()
         if master:  # "model" loads into open_clip.CLIP with strict=True
-            save_checkpoint(ckpt_path, {"model": clip.state_dict(), "model_cfg": clip.model_cfg, "optimizer": optimizer.state_dict(),
-                                        "step": step, "args": vars(args), "rng": {"cpu": torch.get_rng_state()},
-                                        "start_metrics": start_metrics, **save_state(state)})
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": clip.state_dict(),
+                    "model_cfg": clip.model_cfg,
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                    "rng": {"cpu": torch.get_rng_state()},
+                    "start_metrics": start_metrics,
+                    **save_state(state),
+                },
+            )
 
-    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
+    def evaluate(step, split):
         metrics, t = None, time.time()
         if master:
-            metrics = ev.evaluate(clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n)
+            metrics = ev.evaluate(
+                clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n
+            )
             if metrics is None:
-                print0(f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ...")
+                print0(
+                    f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ..."
+                )
             else:
                 log.eval(step, split, metrics, time.time() - t)
         if world > 1:
@@ -390,14 +605,21 @@ def main(argv=None):
         return metrics
 
     # the loop
-    log = RunLog(args, start_step, master, world)  # metrics.jsonl (this run's lines), --wandb, the printed lines
-    n_params, n_train = sum(p.numel() for p in clip.parameters()), sum(p.numel() for p in clip.parameters() if p.requires_grad)
-    print0(f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
-           f"| device {device} {dtype}")
+    # metrics.jsonl (this run's lines), --wandb, the printed lines
+    log = RunLog(args, start_step, master, world)
+    n_params, n_train = (
+        sum(p.numel() for p in clip.parameters()),
+        sum(p.numel() for p in clip.parameters() if p.requires_grad),
+    )
+    print0(
+        f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
+        f"| device {device} {dtype}"
+    )
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
-    not_finite = torch.tensor(math.inf, device=device)  # the first step whose loss was not finite, kept on the device
+    # the first step whose loss was not finite, kept on the device
+    not_finite = torch.tensor(math.inf, device=device)
     step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -406,19 +628,25 @@ def main(argv=None):
         if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        batch = to_device(batch, device, n if EQUAL_BATCHES else None)  # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        # EQUAL_BATCHES: every rank keeps the smallest rank's n
+        batch = to_device(batch, device, n if EQUAL_BATCHES else None)
         log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        with count_flops(peak and flops is None) as counter:  # the counted step runs eager (the module inside torch.compile's)
+        # the counted step runs eager (the module inside torch.compile's)
+        with count_flops(peak and flops is None) as counter:
             with autocast_ctx(device, dtype):
-                loss, stats = step_loss(getattr(model, "_orig_mod", model) if counter else model, batch, args, state)
-            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))  # no host sync
+                loss, stats = step_loss(
+                    getattr(model, "_orig_mod", model) if counter else model, batch, args, state
+                )
+            # no host sync
+            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-        flops = counter.get_total_flops() if counter else flops  # one step's FLOPs, counted once (GPUs with a known peak)
+        # one step's FLOPs, counted once (GPUs with a known peak)
+        flops = counter.get_total_flops() if counter else flops
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
@@ -433,13 +661,19 @@ def main(argv=None):
             evaluate(step, "val")
     checkpoint(step)
     if any(skipped.values()):
-        print0("skipped in total (counted per sample drawn): " + ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
+        print0(
+            "skipped in total (counted per sample drawn): "
+            + ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
+        )
     log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
-        print0(f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))")
+        print0(
+            f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))"
+        )
     if world > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     with one_error():

@@ -14,6 +14,7 @@ Data shared by the minclip scripts.
 The shapes world is shapes.py; hard-negative captions and their files are negatives.py.
 Datasets return raw texts; each training script turns them into the tokens its method needs.
 """
+
 import codecs
 import csv
 import functools
@@ -37,14 +38,17 @@ SPLITS = ("train", "val", "test")
 # -----------------------------------------------------------------------------
 # errors and tokenizer
 
+
 class DataError(ValueError):
     """a bad dataset file, line or flag; scripts catch it at top level and print `error: <msg>`"""
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def get_tokenizer(context_length=77):
     # open_clip's bpe tokenizer, the one pretrained clip text towers expect; call it with a list of
     # strings -> long tensor [n, context_length]
     return SimpleTokenizer(context_length=context_length)
+
 
 def trim_tokens(*tokens):
     """token tensors [..., L] (one batch's) cut to its longest text: up to the last EOT (the highest
@@ -53,13 +57,16 @@ def trim_tokens(*tokens):
     L = max(int(t.argmax(-1).max()) + 1 for t in tokens)
     return tuple(t[..., :L] for t in tokens)
 
+
 # -----------------------------------------------------------------------------
 # readers: each returns {"train" | "val" | "test": [(absolute image path, [captions]), ...]}
+
 
 def _need(path, what="file"):
     if not os.path.exists(path):
         raise DataError(f"missing {what}: {path}")
     return path
+
 
 def _caption(text, where):
     text = text.strip()  # coco captions carry trailing spaces and newlines
@@ -67,8 +74,10 @@ def _caption(text, where):
         raise DataError(f"{where}: empty caption")
     return text
 
+
 # text files: every reader opens its files through these three, so a byte-order mark, a byte that
 # is not UTF-8, a NUL byte or an unclosed CSV quote get the same answer in every format
+
 
 def text_lines(path):
     """the lines of a UTF-8 text file, line endings kept -> iterator of str. Lines end at \\n, \\r\\n
@@ -79,10 +88,13 @@ def text_lines(path):
         try:
             for n, line in enumerate(f, 1):
                 if "\0" in line:
-                    raise DataError(f"{path}:{n}: a NUL byte (column {line.index(chr(0)) + 1}): a damaged file, or not a text file")
+                    raise DataError(
+                        f"{path}:{n}: a NUL byte (column {line.index(chr(0)) + 1}): a damaged file, or not a text file"
+                    )
                 yield line
         except UnicodeDecodeError:
             raise DataError(_not_utf8(path)) from None
+
 
 def _not_utf8(path):
     # the decoder reads ahead in blocks, so the error does not say which line: find the byte again
@@ -95,9 +107,13 @@ def _not_utf8(path):
     except UnicodeDecodeError as e:
         at = bom + e.start
     line = len(re.findall(rb"\r\n|\r|\n", raw[:at])) + 1  # counted as text_lines splits
-    column = at - max(raw.rfind(b"\n", 0, at), raw.rfind(b"\r", 0, at), bom - 1)  # the bom is no column of line 1
-    return (f"{path}:{line}: byte 0x{raw[at]:02x} (byte {column} of the line) is not UTF-8: "
-            "the file must be UTF-8 (re-save it as UTF-8)")
+    # the bom is no column of line 1
+    column = at - max(raw.rfind(b"\n", 0, at), raw.rfind(b"\r", 0, at), bom - 1)
+    return (
+        f"{path}:{line}: byte 0x{raw[at]:02x} (byte {column} of the line) is not UTF-8: "
+        "the file must be UTF-8 (re-save it as UTF-8)"
+    )
+
 
 def csv_rows(path, delimiter=","):
     """the records of a CSV file (text_lines' rules) -> iterator of (line where the record starts,
@@ -115,11 +131,14 @@ def csv_rows(path, delimiter=","):
         except csv.Error as e:
             # a record runs over line ends only inside a quoted field; "end of data": the file ended inside one
             if rows.line_num > start or "end of data" in str(e):
-                raise DataError(f"{path}:{start}: a quoted field starting on this line is never closed (csv read on "
-                                f"to line {rows.line_num}: {e}); close it, or write a literal quote as \"\"") from None
+                raise DataError(
+                    f"{path}:{start}: a quoted field starting on this line is never closed (csv read on "
+                    f'to line {rows.line_num}: {e}); close it, or write a literal quote as ""'
+                ) from None
             raise DataError(f"{path}:{start}: malformed CSV ({e})") from None
         if row:
             yield start, row
+
 
 def jsonl_rows(path):
     """a JSON-lines file (text_lines' rules) -> (line number, object) per non-blank line; a line that
@@ -135,6 +154,7 @@ def jsonl_rows(path):
             raise DataError(f"{path}:{n}: expected a JSON object")
         yield n, row
 
+
 def read_json(path):
     """a whole JSON file (text_lines' rules) -> its value; malformed JSON -> DataError with file:line"""
     text = "".join(text_lines(path))
@@ -143,6 +163,7 @@ def read_json(path):
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
+
 def _assemble(captions, split_of, image_dir, source, splits=SPLITS):
     """captions: image name -> [captions]; split_of: image name -> split, in output order"""
     # an entry without an image file is skipped, not fatal: the original flickr8k token file lists
@@ -150,8 +171,10 @@ def _assemble(captions, split_of, image_dir, source, splits=SPLITS):
     missing = dict.fromkeys(n for n in captions if not os.path.isfile(os.path.join(image_dir, n)))
     missing |= dict.fromkeys(n for n in split_of if n not in captions)
     if missing:
-        print(f"{source}: skipped {len(missing)} image(s) without an image file or captions: "
-              f"{', '.join(list(missing)[:3])}")
+        print(
+            f"{source}: skipped {len(missing)} image(s) without an image file or captions: "
+            f"{', '.join(list(missing)[:3])}"
+        )
     out = {s: [] for s in splits}
     for name, split in split_of.items():
         if name not in missing:
@@ -160,6 +183,7 @@ def _assemble(captions, split_of, image_dir, source, splits=SPLITS):
         if not out[s]:
             raise DataError(f"{source}: split '{s}' has no usable image (images looked up in {image_dir})")
     return out
+
 
 def _parse_karpathy(path):
     """karpathy split json -> (image name -> captions, image name -> split)"""
@@ -177,10 +201,12 @@ def _parse_karpathy(path):
         raise DataError(f"{path}: images[{i}]: missing or malformed field {e}") from None
     return captions, split_of
 
+
 def read_karpathy(json_path, image_root):
     """a karpathy split json (flickr8k/30k, coco) with images under image_root; restval -> train"""
     captions, split_of = _parse_karpathy(json_path)
     return _assemble(captions, split_of, image_root, json_path)
+
 
 def _seeded_split(names, seed):
     # the kaggle layout (and a recaption file) has no split: hold out 1000 + 1000 images like
@@ -189,8 +215,9 @@ def _seeded_split(names, seed):
     k = max(1, min(1000, round(len(names) * 1000 / 8091)))
     order = sorted(names)
     random.Random(seed).shuffle(order)
-    split = {n: "test" for n in order[:k]} | {n: "val" for n in order[k:2 * k]}
+    split = {n: "test" for n in order[:k]} | {n: "val" for n in order[k : 2 * k]}
     return {n: split.get(n, "train") for n in names}
+
 
 def read_flickr8k(root, seed=0):
     """flickr8k in any of its three layouts; seed only picks the split when none ships with the data"""
@@ -207,10 +234,14 @@ def read_flickr8k(root, seed=0):
             if len(row) != 2:
                 raise DataError(f"{where}: expected 2 columns (image,caption), got {len(row)}")
             if "\n" in row[1] or "\r" in row[1]:  # no flickr8k caption has one: a stray quote swallowed lines
-                raise DataError(f"{where}: the caption runs over several lines: a quoted field starting on this "
-                                "line is closed only on a later one")
+                raise DataError(
+                    f"{where}: the caption runs over several lines: a quoted field starting on this "
+                    "line is closed only on a later one"
+                )
             captions.setdefault(row[0], []).append(_caption(row[1], where))
-        split_of = _parse_karpathy(karpathy)[1] if os.path.exists(karpathy) else _seeded_split(list(captions), seed)
+        split_of = (
+            _parse_karpathy(karpathy)[1] if os.path.exists(karpathy) else _seeded_split(list(captions), seed)
+        )
         return _assemble(captions, split_of, _need(j("Images"), "folder"), path)
     if os.path.exists(j("Flickr8k.token.txt")):  # (b) original: "<file>.jpg#<k>\t<caption>"
         path, captions = j("Flickr8k.token.txt"), {}
@@ -220,7 +251,9 @@ def read_flickr8k(root, seed=0):
             key, tab, text = line.rstrip("\r\n").partition("\t")
             name, hash_, k = key.rpartition("#")
             if not tab or not hash_ or not k.isdigit():
-                raise DataError(f"{path}:{n}: expected '<image>#<k><TAB><caption>', got {line.strip()[:60]!r}")
+                raise DataError(
+                    f"{path}:{n}: expected '<image>#<k><TAB><caption>', got {line.strip()[:60]!r}"
+                )
             captions.setdefault(name, []).append(_caption(text, f"{path}:{n}"))
         split_of = {}
         for split, stem in (("train", "train"), ("val", "dev"), ("test", "test")):
@@ -232,9 +265,12 @@ def read_flickr8k(root, seed=0):
         for d in ("Images", "Flicker8k_Dataset", "images"):
             if os.path.isdir(j(d)):
                 return read_karpathy(karpathy, j(d))
-    raise DataError(f"no Flickr8k layout under {root}: looked for captions.txt + Images/ (Kaggle), "
-                    "Flickr8k.token.txt + Flicker8k_Dataset/ + Flickr_8k.*Images.txt (original), "
-                    "dataset_flickr8k.json + Images/ or Flicker8k_Dataset/ or images/ (Karpathy)")
+    raise DataError(
+        f"no Flickr8k layout under {root}: looked for captions.txt + Images/ (Kaggle), "
+        "Flickr8k.token.txt + Flicker8k_Dataset/ + Flickr_8k.*Images.txt (original), "
+        "dataset_flickr8k.json + Images/ or Flicker8k_Dataset/ or images/ (Karpathy)"
+    )
+
 
 def read_coco(root):
     """coco 2014 captions; karpathy's splits if root/dataset_coco.json exists, else val2014 is val and test"""
@@ -262,6 +298,7 @@ def read_coco(root):
     print(f"{root}: no dataset_coco.json (karpathy split), so val and test are both val2014")
     return out | {"test": list(out["val"])}
 
+
 def read_recap(path, image_key="image", caption_key="caption", recap_key="re_caption", seed=0):
     """CLIPS-style recaptioned data: a CSV (header row) or JSONL file (by its extension) of rows
     (image path relative to the file's folder, web caption, long synthetic caption); the column
@@ -280,7 +317,9 @@ def read_recap(path, image_key="image", caption_key="caption", recap_key="re_cap
             raise DataError(f"{path}:{n}: no column {', '.join(missing)} (columns: {', '.join(header)})")
         for n, row in records:
             if len(row) != len(header):  # an unquoted comma would shift a caption into the next column
-                raise DataError(f"{path}:{n}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+                raise DataError(
+                    f"{path}:{n}: expected {len(header)} columns ({','.join(header)}), got {len(row)}"
+                )
             rows.append((n, dict(zip(header, row))))
     else:
         rows = list(jsonl_rows(path))
@@ -298,11 +337,14 @@ def read_recap(path, image_key="image", caption_key="caption", recap_key="re_cap
             continue
         items[image] = ([_caption(row[caption_key], where)], _caption(row[recap_key], where))
     if skipped:
-        print(f"{path}: skipped {len(skipped)} row(s) with a missing or repeated image: {', '.join(skipped[:3])}")
+        print(
+            f"{path}: skipped {len(skipped)} row(s) with a missing or repeated image: {', '.join(skipped[:3])}"
+        )
     if len(items) < 3:
         raise DataError(f"{path}: {len(items)} usable row(s); need at least 3 (train, val, test)")
     split_of = _seeded_split(list(items), seed)
     return {s: [(p, *items[p]) for p in items if split_of[p] == s] for s in SPLITS}
+
 
 def read_dataset(name, root, recap_keys=("image", "caption", "re_caption")):
     """--data name, --data_root root -> splits; recap_keys: the --image_key, --caption_key and
@@ -316,6 +358,7 @@ def read_dataset(name, root, recap_keys=("image", "caption", "re_caption")):
         raise DataError(f"--data_root {root}: no such directory")
     return readers[name](root)
 
+
 # -----------------------------------------------------------------------------
 # preference data: VSR (Liu et al. 2023, "Visual Spatial Reasoning") and ranked-candidate files
 
@@ -323,25 +366,73 @@ def read_dataset(name, root, recap_keys=("image", "caption", "re_caption")):
 # false when it is true, read with the same subject and object. None = no sensible contrast: the
 # relation is skipped (and counted) wherever a contrast caption is needed.
 VSR_CONTRAST = {
-    "above": "below", "below": "above", "over": "under", "under": "on top of", "on top of": "beneath",
-    "beneath": "on top of", "on": "under", "off": "on",
-    "left of": "right of", "right of": "left of",
-    "at the left side of": "at the right side of", "at the right side of": "at the left side of",
-    "in front of": "behind", "behind": "in front of", "ahead of": "behind", "at the back of": "in front of",
-    "inside": "outside", "outside": "inside", "in": "outside", "within": "outside", "into": "out of", "out of": "into",
-    "contains": "inside", "surrounding": "enclosed by", "enclosed by": "surrounding",
-    "part of": "has as a part", "has as a part": "part of", "consists of": "part of",
-    "touching": "away from", "away from": "touching", "against": "away from", "toward": "away from",
-    "attached to": "detached from", "connected to": "detached from", "detached from": "attached to",
-    "near": "far from", "close to": "far from", "next to": "far from", "beside": "far from", "by": "far from",
-    "adjacent to": "far from", "alongside": "far from", "at the side of": "far from",
-    "far from": "near", "far away from": "close to", "across from": "next to", "opposite to": "next to",
-    "facing": "facing away from", "facing away from": "facing",
-    "parallel to": "perpendicular to", "perpendicular to": "parallel to",
-    "at the edge of": "in the middle of", "in the middle of": "at the edge of",
+    "above": "below",
+    "below": "above",
+    "over": "under",
+    "under": "on top of",
+    "on top of": "beneath",
+    "beneath": "on top of",
+    "on": "under",
+    "off": "on",
+    "left of": "right of",
+    "right of": "left of",
+    "at the left side of": "at the right side of",
+    "at the right side of": "at the left side of",
+    "in front of": "behind",
+    "behind": "in front of",
+    "ahead of": "behind",
+    "at the back of": "in front of",
+    "inside": "outside",
+    "outside": "inside",
+    "in": "outside",
+    "within": "outside",
+    "into": "out of",
+    "out of": "into",
+    "contains": "inside",
+    "surrounding": "enclosed by",
+    "enclosed by": "surrounding",
+    "part of": "has as a part",
+    "has as a part": "part of",
+    "consists of": "part of",
+    "touching": "away from",
+    "away from": "touching",
+    "against": "away from",
+    "toward": "away from",
+    "attached to": "detached from",
+    "connected to": "detached from",
+    "detached from": "attached to",
+    "near": "far from",
+    "close to": "far from",
+    "next to": "far from",
+    "beside": "far from",
+    "by": "far from",
+    "adjacent to": "far from",
+    "alongside": "far from",
+    "at the side of": "far from",
+    "far from": "near",
+    "far away from": "close to",
+    "across from": "next to",
+    "opposite to": "next to",
+    "facing": "facing away from",
+    "facing away from": "facing",
+    "parallel to": "perpendicular to",
+    "perpendicular to": "parallel to",
+    "at the edge of": "in the middle of",
+    "in the middle of": "at the edge of",
     # no contrast that is false whenever the caption is true (directions of motion, vague or rare relations)
-    "across": None, "along": None, "among": None, "around": None, "at": None, "between": None, "beyond": None,
-    "congruent": None, "down": None, "down from": None, "past": None, "through": None, "with": None,
+    "across": None,
+    "along": None,
+    "among": None,
+    "around": None,
+    "at": None,
+    "between": None,
+    "beyond": None,
+    "congruent": None,
+    "down": None,
+    "down from": None,
+    "past": None,
+    "through": None,
+    "with": None,
 }
 # VSR's meta-categories of its relations, exactly as its repository lists them in
 # analysis_scripts/rel_meta_category_dict.txt (github.com/cambridgeltl/visual-spatial-reasoning, read by
@@ -351,19 +442,77 @@ VSR_CONTRAST = {
 # list (VSR's script prints it as having no category): None. Neither has a contrast, so the contrast
 # protocol never scores them.
 VSR_META_LISTS = {
-    "Adjacency": ("adjacent to", "alongside", "at the side of", "at the right side of", "at the left side of", "attached to",
-                  "at the back of", "ahead of", "against", "at the edge of"),
-    "Directional": ("off", "past", "toward", "down", "deep down", "up", "away from", "along", "around", "from", "into", "to",
-                    "across", "across from", "through", "down from"),
+    "Adjacency": (
+        "adjacent to",
+        "alongside",
+        "at the side of",
+        "at the right side of",
+        "at the left side of",
+        "attached to",
+        "at the back of",
+        "ahead of",
+        "against",
+        "at the edge of",
+    ),
+    "Directional": (
+        "off",
+        "past",
+        "toward",
+        "down",
+        "deep down",
+        "up",
+        "away from",
+        "along",
+        "around",
+        "from",
+        "into",
+        "to",
+        "across",
+        "across from",
+        "through",
+        "down from",
+    ),
     "Orientation": ("facing", "facing away from", "parallel to", "perpendicular to"),
-    "Projective": ("on top of", "beneath", "beside", "behind", "left of", "right of", "under", "in front of", "below", "above",
-                   "over", "in the middle of"),
+    "Projective": (
+        "on top of",
+        "beneath",
+        "beside",
+        "behind",
+        "left of",
+        "right of",
+        "under",
+        "in front of",
+        "below",
+        "above",
+        "over",
+        "in the middle of",
+    ),
     "Proximity": ("by", "close to", "near", "far from", "far away from"),
-    "Topological": ("connected to", "detached from", "has as a part", "part of", "contains", "within", "at", "on", "in", "with",
-                    "surrounding", "among", "consists of", "out of", "between", "inside", "outside", "touching"),
+    "Topological": (
+        "connected to",
+        "detached from",
+        "has as a part",
+        "part of",
+        "contains",
+        "within",
+        "at",
+        "on",
+        "in",
+        "with",
+        "surrounding",
+        "among",
+        "consists of",
+        "out of",
+        "between",
+        "inside",
+        "outside",
+        "touching",
+    ),
     "Unallocated": ("beyond", "next to", "opposite to", "after", "among", "enclosed by"),
 }
-VSR_META = {r: None for r in VSR_CONTRAST} | {r: c for c, rs in VSR_META_LISTS.items() for r in rs if r in VSR_CONTRAST}
+VSR_META = {r: None for r in VSR_CONTRAST} | {
+    r: c for c, rs in VSR_META_LISTS.items() for r in rs if r in VSR_CONTRAST
+}
 VSR_RELATIONS = tuple(sorted(VSR_CONTRAST))
 VSR_SKIPPED = tuple(r for r in VSR_RELATIONS if VSR_CONTRAST[r] is None)
 VSR_VERB_RELATIONS = ("contains", "consists of", "has as a part")  # "The bowl contains the apple." (no "is")
@@ -384,16 +533,18 @@ def contrast_caption(caption, relation):
         return None
     pattern = re.compile(r"(?<![\w-])" + re.escape(relation_phrase(relation)) + r"(?![\w-])")
     if len(pattern.findall(caption)) != 1:
-        raise ValueError(f"caption {caption!r} does not contain {relation_phrase(relation)!r} exactly once as whole words")
+        raise ValueError(
+            f"caption {caption!r} does not contain {relation_phrase(relation)!r} exactly once as whole words"
+        )
     return pattern.sub(relation_phrase(VSR_CONTRAST[relation]), caption)
 
 
 class VSRRow(NamedTuple):
-    image: str      # absolute path
+    image: str  # absolute path
     caption: str
-    label: bool     # the caption is true of the image
+    label: bool  # the caption is true of the image
     relation: str
-    where: str      # "file:line", for messages
+    where: str  # "file:line", for messages
 
 
 def _vote_ids(value, where, key):
@@ -408,17 +559,30 @@ def _vote_ids(value, where, key):
     return value
 
 
-VSR_IMAGE_DIRS = ("images", "data/images", "trainval2017", "data/trainval2017", "train2017", "val2017",
-                  "data/train2017", "data/val2017")  # under --data_root, in this order
+VSR_IMAGE_DIRS = (
+    "images",
+    "data/images",
+    "trainval2017",
+    "data/trainval2017",
+    "train2017",
+    "val2017",
+    "data/train2017",
+    "data/val2017",
+)  # under --data_root, in this order
 
 
 def _vsr_file(root, split, part):
-    for path in (os.path.join(root, "splits", split, f"{part}.jsonl"), os.path.join(root, "data", "splits", split, f"{part}.jsonl"),
-                 os.path.join(root, f"{part}.jsonl")):
+    for path in (
+        os.path.join(root, "splits", split, f"{part}.jsonl"),
+        os.path.join(root, "data", "splits", split, f"{part}.jsonl"),
+        os.path.join(root, f"{part}.jsonl"),
+    ):
         if os.path.isfile(path):
             return path
-    raise DataError(f"--data_root {root}: no VSR {split} {part} file (looked for splits/{split}/{part}.jsonl, "
-                    f"data/splits/{split}/{part}.jsonl, {part}.jsonl)")
+    raise DataError(
+        f"--data_root {root}: no VSR {split} {part} file (looked for splits/{split}/{part}.jsonl, "
+        f"data/splits/{split}/{part}.jsonl, {part}.jsonl)"
+    )
 
 
 def vsr_image_dirs(root, image_root=None):
@@ -454,7 +618,8 @@ def read_vsr(root, split="random", image_root=None, parts=VSR_SPLIT_FILES):
         raise DataError(f"--vsr_split {split}: choose random or zeroshot")
     if not os.path.isdir(root):
         raise DataError(f"--data_root {root}: no such directory")
-    paths = {part: _vsr_file(root, split, part) for part in parts}  # every split file before any image folder is listed
+    # every split file before any image folder is listed
+    paths = {part: _vsr_file(root, split, part) for part in parts}
     image_dirs, looked_in = vsr_image_dirs(root, image_root)
     out = {}
     for part in parts:
@@ -468,8 +633,18 @@ def read_vsr(root, split="random", image_root=None, parts=VSR_SPLIT_FILES):
                 raise DataError(f"{where}: label must be 1 or 0, got {row.get('label')!r}")
             if row["relation"] not in VSR_CONTRAST:
                 raise DataError(f"{where}: unknown relation {row['relation']!r} (not one of VSR's 66)")
-            if len(re.findall(r"(?<![\w-])" + re.escape(relation_phrase(row["relation"])) + r"(?![\w-])", row["caption"])) != 1:
-                raise DataError(f"{where}: caption {row['caption']!r} does not contain {relation_phrase(row['relation'])!r} once")
+            if (
+                len(
+                    re.findall(
+                        r"(?<![\w-])" + re.escape(relation_phrase(row["relation"])) + r"(?![\w-])",
+                        row["caption"],
+                    )
+                )
+                != 1
+            ):
+                raise DataError(
+                    f"{where}: caption {row['caption']!r} does not contain {relation_phrase(row['relation'])!r} once"
+                )
             for key in ("vote_true_validator_id", "vote_false_validator_id"):
                 if key in row:
                     _vote_ids(row[key], where, key)
@@ -477,12 +652,21 @@ def read_vsr(root, split="random", image_root=None, parts=VSR_SPLIT_FILES):
             if folder is None:
                 missing.append((where, row["image"]))
                 continue
-            rows.append(VSRRow(os.path.abspath(os.path.join(folder, row["image"])), row["caption"].strip(), bool(row["label"]),
-                               row["relation"], where))
+            rows.append(
+                VSRRow(
+                    os.path.abspath(os.path.join(folder, row["image"])),
+                    row["caption"].strip(),
+                    bool(row["label"]),
+                    row["relation"],
+                    where,
+                )
+            )
         if missing:
             (where, name), more = missing[0], len(missing) - 1
-            raise DataError(f"{where}: image {name} not found in {looked_in}"
-                            + (f"; {more} more rows of {path} lack their image" if more else ""))
+            raise DataError(
+                f"{where}: image {name} not found in {looked_in}"
+                + (f"; {more} more rows of {path} lack their image" if more else "")
+            )
         if not rows:
             raise DataError(f"{path}: no rows")
         out[part] = rows
@@ -502,22 +686,29 @@ def read_rankings(path, ranked=True):
     for n, row in jsonl_rows(path):
         where = f"{path}:{n}"
         if ("image" in row) == ("text" in row):
-            raise DataError(f"{where}: expected an object with either \"image\" + \"texts\" or \"text\" + \"images\"")
+            raise DataError(f'{where}: expected an object with either "image" + "texts" or "text" + "images"')
         direction = "i2t" if "image" in row else "t2i"
         query, key = (row["image"], "texts") if direction == "i2t" else (row["text"], "images")
         candidates = row.get(key)
         if not isinstance(query, str) or not query.strip():
             raise DataError(f"{where}: empty {'image' if direction == 'i2t' else 'text'}")
-        if not isinstance(candidates, list) or len(candidates) < 2 or not all(isinstance(c, str) and c.strip() for c in candidates):
-            raise DataError(f"{where}: \"{key}\" must be a list of at least 2 non-empty strings")
+        if (
+            not isinstance(candidates, list)
+            or len(candidates) < 2
+            or not all(isinstance(c, str) and c.strip() for c in candidates)
+        ):
+            raise DataError(f'{where}: "{key}" must be a list of at least 2 non-empty strings')
         ranks = list(range(len(candidates)))
         if ranked and "ranks" in row:
             ranks = row["ranks"]
-            if (not isinstance(ranks, list) or len(ranks) != len(candidates)
-                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
-                raise DataError(f"{where}: \"ranks\" must be {len(candidates)} integers >= 0, got {ranks!r}")
+            if (
+                not isinstance(ranks, list)
+                or len(ranks) != len(candidates)
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)
+            ):
+                raise DataError(f'{where}: "ranks" must be {len(candidates)} integers >= 0, got {ranks!r}')
             if len(set(ranks)) < 2:
-                raise DataError(f"{where}: \"ranks\" are all equal: no preference to learn")
+                raise DataError(f'{where}: "ranks" are all equal: no preference to learn')
         images = [query] if direction == "i2t" else candidates
         for image in images:
             if not os.path.isfile(os.path.join(folder, image)):
@@ -527,15 +718,19 @@ def read_rankings(path, ranked=True):
             query = absolute(query)
         else:
             candidates = [absolute(c) for c in candidates]
-        out.append({"direction": direction, "query": query, "candidates": candidates, "ranks": ranks, "where": where})
+        out.append(
+            {"direction": direction, "query": query, "candidates": candidates, "ranks": ranks, "where": where}
+        )
     if not out:
         raise DataError(f"{path}: no rows")
     return out
+
 
 # -----------------------------------------------------------------------------
 # CLIPS (Liu et al. 2024): a long synthetic caption is reduced before the text encoder sees it
 
 CAPTION_MASKS = ("none", "truncate", "random", "block", "subcaption")
+
 
 def reduce_caption(text, mode, K, context_length, rng, fallback=""):
     """CLIPS's token reduction of a synthetic caption -> long [context_length]: SOT, at most K - 2
@@ -556,28 +751,37 @@ def reduce_caption(text, mode, K, context_length, rng, fallback=""):
             ids = [ids[i] for i in sorted(rng.sample(range(len(ids)), keep))]
         elif mode == "block":
             start = rng.randint(0, len(ids) - keep)
-            ids = ids[start:start + keep]
+            ids = ids[start : start + keep]
         elif mode == "subcaption":
             sentences = [s for s in re.split(r"[.!]+", text) if s.strip()]
             ids = tokenizer.encode(rng.choice(sentences) if sentences else fallback)[:keep]
         else:
             raise ValueError(f"unknown caption mask {mode!r}, choose from {CAPTION_MASKS[1:]}")
     out = torch.zeros(context_length, dtype=torch.long)
-    out[:len(ids) + 2] = torch.tensor([tokenizer.sot_token_id, *ids, tokenizer.eot_token_id])
+    out[: len(ids) + 2] = torch.tensor([tokenizer.sot_token_id, *ids, tokenizer.eot_token_id])
     return out
+
 
 # -----------------------------------------------------------------------------
 # images, dataset, cache
 
 # open_clip's evaluation preprocessing, PreprocessCfg's fields less size and mode: the default is OpenAI's
 # (and every minclip checkpoint's); a pretrained tag may change any of them (model.init_preprocess)
-PREPROCESS = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+PREPROCESS = {
+    "mean": OPENAI_DATASET_MEAN,
+    "std": OPENAI_DATASET_STD,
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+    "fill_color": 0,
+}
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _normalised(mean, std):
     """[3, 256]: (v / 255 - mean) / std for every uint8 value v, in the float32 operations open_clip uses"""
     mean, std = torch.tensor(mean).view(3, 1), torch.tensor(std).view(3, 1)
     return ((torch.arange(256.0)[None, :].div(255) - mean) / std).numpy()
+
 
 def load_image(path, size, preprocess=None):
     """decode and resize -> uint8 [size, size, 3], None if unreadable. preprocess: open_clip's
@@ -592,17 +796,26 @@ def load_image(path, size, preprocess=None):
             im = im.convert("RGB")  # before resizing, as eval.open_rgb does before open_clip's transform
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    mode = TF.InterpolationMode.BILINEAR if cfg["interpolation"] == "bilinear" else TF.InterpolationMode.BICUBIC
+    mode = (
+        TF.InterpolationMode.BILINEAR if cfg["interpolation"] == "bilinear" else TF.InterpolationMode.BICUBIC
+    )
     if cfg["resize_mode"] == "shortest":
         im = TF.center_crop(TF.resize(im, size, interpolation=mode), size)
     elif cfg["resize_mode"] == "squash":
         im = TF.resize(im, [size, size], interpolation=mode)
     elif cfg["resize_mode"] == "longest":
-        from open_clip.transform import ResizeKeepRatio, center_crop_or_pad  # open_clip's own, for its rounding and padding
-        im = center_crop_or_pad(ResizeKeepRatio(size, longest=1, interpolation=mode)(im), [size, size], fill=cfg["fill_color"])
+        # open_clip's own, for its rounding and padding
+        from open_clip.transform import ResizeKeepRatio, center_crop_or_pad
+
+        im = center_crop_or_pad(
+            ResizeKeepRatio(size, longest=1, interpolation=mode)(im), [size, size], fill=cfg["fill_color"]
+        )
     else:
-        raise ValueError(f"unknown resize_mode {cfg['resize_mode']!r} (open_clip's: shortest, squash, longest)")
+        raise ValueError(
+            f"unknown resize_mode {cfg['resize_mode']!r} (open_clip's: shortest, squash, longest)"
+        )
     return np.asarray(im, dtype=np.uint8)
+
 
 def check_images(items, what):
     """Fail fast: every image of an evaluation split must open, else DataError naming the files, so
@@ -619,17 +832,23 @@ def check_images(items, what):
         except (OSError, ValueError, Image.DecompressionBombError):
             bad.append(path)
     if bad:
-        raise DataError(f"{what}: {len(bad)} of {len(items)} images do not open: {', '.join(bad[:3])}"
-                        f"{', ...' if len(bad) > 3 else ''}; evaluation needs every one (replace or remove them)")
+        raise DataError(
+            f"{what}: {len(bad)} of {len(items)} images do not open: {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}; evaluation needs every one (replace or remove them)"
+        )
+
 
 def to_tensor(pixels, preprocess=None):
     """uint8 [S, S, 3] -> float [3, S, S], normalised with preprocess's mean and std (None: OpenAI's,
     as openai clip's training images): bit for bit open_clip's ToTensor + Normalize, looked up per
     channel (2x faster than computing it on 64 px)"""
     cfg = PREPROCESS | (preprocess or {})
-    table = _normalised(*(tuple(x) if isinstance(x, (list, tuple)) else (x,) * 3 for x in (cfg["mean"], cfg["std"])))
+    table = _normalised(
+        *(tuple(x) if isinstance(x, (list, tuple)) else (x,) * 3 for x in (cfg["mean"], cfg["std"]))
+    )
     pixels = np.asarray(pixels)
     return torch.from_numpy(np.stack([table[c][pixels[..., c]] for c in range(3)]))
+
 
 def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1):
     """decode every image once into a uint8 memmap [N, S, S, 3] at cache_path, with a json sidecar
@@ -643,7 +862,9 @@ def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1)
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-            if (meta["n"], meta["size"], meta["paths"]) == (n, s, paths) and os.path.getsize(cache_path) == n * s * s * 3:
+            if (meta["n"], meta["size"], meta["paths"]) == (n, s, paths) and os.path.getsize(
+                cache_path
+            ) == n * s * s * 3:
                 plan = [{"bad": meta["bad"]}]
         except (OSError, ValueError, KeyError):
             pass  # no cache, or a stale or broken one: rebuild
@@ -662,7 +883,9 @@ def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1)
     cache = np.memmap(tmp, np.uint8, "r+", shape=(n, s, s, 3))
     load, pool = functools.partial(load_image, size=s), multiprocessing.Pool(workers) if workers else None
     mine, bad = [paths[i] for i in range(rank, n, world)], []
-    for i, pixels in zip(range(rank, n, world), pool.imap(load, mine, chunksize=16) if pool else map(load, mine)):
+    for i, pixels in zip(
+        range(rank, n, world), pool.imap(load, mine, chunksize=16) if pool else map(load, mine)
+    ):
         if pixels is None:
             bad.append(i)
         else:
@@ -678,14 +901,17 @@ def build_image_cache(items, image_size, cache_path, workers=0, rank=0, world=1)
     if rank == 0:
         os.replace(tmp, cache_path)
         if bad:
-            print(f"{cache_path}: skipped {len(bad)} unreadable image(s): "
-                  f"{', '.join(os.path.basename(paths[i]) for i in bad[:3])}")
+            print(
+                f"{cache_path}: skipped {len(bad)} unreadable image(s): "
+                f"{', '.join(os.path.basename(paths[i]) for i in bad[:3])}"
+            )
         with open(tmp, "w") as f:
             json.dump({"n": n, "size": s, "bad": bad, "paths": paths}, f)
         os.replace(tmp, meta_path)
     if world > 1:
         dist.barrier()  # the sidecar exists before any rank reads the cache
     return bad
+
 
 class ImageTextDataset(torch.utils.data.Dataset):
     """One sample = one image with ONE of its captions -> (image float [3, S, S], caption, synthetic
@@ -700,7 +926,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __init__(self, items, image_size, seed=0, cache_path=None, rank=0, world=1):
         self.items, self.image_size, self.seed = items, image_size, seed
         self.cache_path, self.cache = cache_path, None
-        self.bad = set(build_image_cache(items, image_size, cache_path, rank=rank, world=world)) if cache_path else set()
+        self.bad = (
+            set(build_image_cache(items, image_size, cache_path, rank=rank, world=world))
+            if cache_path
+            else set()
+        )
 
     def __len__(self):
         return len(self.items)
@@ -734,7 +964,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if pixels is None:
             return None
         caption, epoch = self.caption(key), key // len(self.items)
-        return to_tensor(pixels), caption, self.synthetic(key, caption), random.Random(f"{self.seed},{epoch},{i},clips")
+        return (
+            to_tensor(pixels),
+            caption,
+            self.synthetic(key, caption),
+            random.Random(f"{self.seed},{epoch},{i},clips"),
+        )
+
 
 def collate(batch):
     """drop unreadable samples (None) -> (images [B', 3, S, S], captions [B'], synthetic captions [B'],
@@ -753,7 +989,15 @@ class StepBatches(torch.utils.data.Sampler):
     per epoch, key = epoch * n + item (the dataset decodes both)."""
 
     def __init__(self, n, batch_size, rank, world, seed, start, max_steps):
-        self.n, self.B, self.rank, self.world, self.seed, self.start, self.max_steps = n, batch_size, rank, world, seed, start, max_steps
+        self.n, self.B, self.rank, self.world, self.seed, self.start, self.max_steps = (
+            n,
+            batch_size,
+            rank,
+            world,
+            seed,
+            start,
+            max_steps,
+        )
 
     def __len__(self):
         return self.max_steps - self.start
@@ -768,5 +1012,5 @@ class StepBatches(torch.utils.data.Sampler):
             per_epoch = self.n // gB
             epoch, pos = divmod(step, per_epoch)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            idx = perm[pos * gB + self.rank * self.B: pos * gB + (self.rank + 1) * self.B]
+            idx = perm[pos * gB + self.rank * self.B : pos * gB + (self.rank + 1) * self.B]
             yield (idx + epoch * self.n).tolist()

@@ -24,6 +24,7 @@ meta-category of VSR's and per relation (vsr/by_meta/, vsr/by_relation/). The sh
 true/false statements (statements/ keys) are scored by the contrast protocol. The compositional
 benchmarks are one file each in tasks/.
 """
+
 import importlib
 import json
 import math
@@ -39,7 +40,7 @@ from model import Captioner, export_open_clip, is_checkpoint, load_checkpoint, l
 from training import Parser
 
 SHAPES_SIZE = 64  # the shapes bench's default resolution, what external models see before their preprocess
-LABEL_H = 16      # height of the score strip under each image of a --grid
+LABEL_H = 16  # height of the score strip under each image of a --grid
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -57,23 +58,29 @@ def retrieval_ranks(image_features, text_features, text_to_image, block=2048):
     owner = text_to_image.long().cpu()  # the tile bookkeeping stays on the host: no device sync
     t2i_dev, device = owner.to(img.device), img.device
     n_img, n_txt = len(img), len(txt)
-    tile = lambda i, j: img[i:i + block] @ txt[j:j + block].T  # noqa: E731
+    tile = lambda i, j: img[i : i + block] @ txt[j : j + block].T  # noqa: E731
     own = torch.empty(n_txt, device=device)  # S[text_to_image[t], t]
     for j in range(0, n_txt, block):
-        for i in ((owner[j:j + block] // block).unique() * block).tolist():
-            here = ((owner[j:j + block] >= i) & (owner[j:j + block] < i + block)).nonzero().squeeze(1)
+        for i in ((owner[j : j + block] // block).unique() * block).tolist():
+            here = ((owner[j : j + block] >= i) & (owner[j : j + block] < i + block)).nonzero().squeeze(1)
             own[j + here.to(device)] = tile(i, j)[(owner[j + here] - i).to(device), here.to(device)]
-    best = torch.full((n_img,), float("-inf"), device=device).scatter_reduce(0, t2i_dev, own, "amax")  # an image's best caption
-    i2t, t2i = torch.zeros(n_img, dtype=torch.long, device=device), torch.zeros(n_txt, dtype=torch.long, device=device)
+    # an image's best caption
+    best = torch.full((n_img,), float("-inf"), device=device).scatter_reduce(0, t2i_dev, own, "amax")
+    i2t, t2i = (
+        torch.zeros(n_img, dtype=torch.long, device=device),
+        torch.zeros(n_txt, dtype=torch.long, device=device),
+    )
     for i in range(0, n_img, block):
         for j in range(0, n_txt, block):
             s = tile(i, j)
-            above_best, above_own = s >= best[i:i + block, None], s >= own[None, j:j + block]
-            if owner[j:j + block].max() >= i and owner[j:j + block].min() < i + block:  # the tile holds true pairs: not counted
-                wrong = t2i_dev[None, j:j + block] != torch.arange(i, i + len(s), device=device)[:, None]
+            above_best, above_own = s >= best[i : i + block, None], s >= own[None, j : j + block]
+            # the tile holds true pairs: not counted
+            if owner[j : j + block].max() >= i and owner[j : j + block].min() < i + block:
+                wrong = t2i_dev[None, j : j + block] != torch.arange(i, i + len(s), device=device)[:, None]
                 above_best, above_own = above_best & wrong, above_own & wrong
-            i2t[i:i + block] += above_best.sum(1, dtype=torch.int32)  # int32 sums: faster than int64 ones on CPU
-            t2i[j:j + block] += above_own.sum(0, dtype=torch.int32)
+            # int32 sums: faster than int64 ones on CPU
+            i2t[i : i + block] += above_best.sum(1, dtype=torch.int32)
+            t2i[j : j + block] += above_own.sum(0, dtype=torch.int32)
     return i2t.cpu(), t2i.cpu()
 
 
@@ -96,6 +103,7 @@ def pairwise_accuracy(pos_scores, neg_scores):
     """fraction where the positive scores strictly higher than the negative (ties are wrong)."""
     return (pos_scores > neg_scores).float().mean().item()
 
+
 def binary_metrics(pred, label):
     """VSR's metrics for true/false predictions: pred, label bool [n] -> accuracy, and per class
     (true, false) precision, recall and F1, and their macro means (macro F1 = the mean of the two
@@ -105,8 +113,11 @@ def binary_metrics(pred, label):
     for name, p, t in (("true", pred, label), ("false", ~pred, ~label)):
         tp, n_pred, n_true = (p & t).sum().item(), p.sum().item(), t.sum().item()
         precision, recall = tp / n_pred if n_pred else 0.0, tp / n_true if n_true else 0.0
-        out |= {f"{name}_precision": precision, f"{name}_recall": recall,
-                f"{name}_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+        out |= {
+            f"{name}_precision": precision,
+            f"{name}_recall": recall,
+            f"{name}_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        }
     for m in ("precision", "recall", "f1"):
         out[f"macro_{m}"] = (out[f"true_{m}"] + out[f"false_{m}"]) / 2
     return out
@@ -122,39 +133,56 @@ def calibrate_threshold(scores, label):
     acc = ((scores[None, :] > candidates[:, None]) == label[None, :]).double().mean(1)
     return candidates[acc.argmax()].item()  # argmax returns the first maximum
 
+
 # -----------------------------------------------------------------------------
 # encoding helpers
 
 
 @torch.no_grad()
 def encode_images(model, images, device, batch_size=256):
-    return torch.cat([model.encode_image(images[i:i + batch_size].to(device), normalize=True).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            model.encode_image(images[i : i + batch_size].to(device), normalize=True).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, batch_size=256):
-    return torch.cat([model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
-                      for i in range(0, len(texts), batch_size)])
+    return torch.cat(
+        [
+            model.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
 
 
 def open_rgb(image):
     """a PIL image, or a path to one -> RGB PIL image"""
     from PIL import Image
+
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     try:
         with Image.open(image) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:  # a test split must be whole: fail with the file's name
-        raise SystemExit(f"error: {image}: unreadable image ({e})")
+        raise SystemExit(f"error: {image}: unreadable image ({e})") from None
 
 
 def encode_pil(model, preprocess, images, device, batch_size=128):
     """images: PIL images or paths, decoded one batch at a time (coco's 5k test photos decoded at
     once would take ~5 GB) -> [n, D] normalised features"""
-    return torch.cat([encode_images(model, torch.stack([preprocess(open_rgb(im)) for im in images[i:i + batch_size]]), device)
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            encode_images(
+                model, torch.stack([preprocess(open_rgb(im)) for im in images[i : i + batch_size]]), device
+            )
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
 
 # -----------------------------------------------------------------------------
 # benchmarks
@@ -173,8 +201,14 @@ def eval_shapes(model, tokenizer, image_size, device, n=1000, seed=None, preproc
         return _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess)
     held = shapes.holdout_combos()
     out = {}
-    for name, part in (("seen", [s for s in scenes if not shapes.unseen(s, held)]), ("unseen", [s for s in scenes if shapes.unseen(s, held)])):
-        out |= {f"{name}/{k}": v for k, v in _shapes_metrics(model, tokenizer, part, image_size, device, preprocess).items()}
+    for name, part in (
+        ("seen", [s for s in scenes if not shapes.unseen(s, held)]),
+        ("unseen", [s for s in scenes if shapes.unseen(s, held)]),
+    ):
+        out |= {
+            f"{name}/{k}": v
+            for k, v in _shapes_metrics(model, tokenizer, part, image_size, device, preprocess).items()
+        }
         out[f"{name}/n"] = len(part)
     return out
 
@@ -187,6 +221,7 @@ def _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess):
         images = torch.stack([data.to_tensor(shapes.render(s, image_size)) for s in scenes])
     else:  # external models: render, then their own preprocessing
         from PIL import Image
+
         images = torch.stack([preprocess(Image.fromarray(shapes.render(s, image_size))) for s in scenes])
     img = encode_images(model, images, device)
     txt = encode_texts(model, tokenizer, [s.caption() for s in scenes], device)
@@ -199,11 +234,22 @@ def _shapes_metrics(model, tokenizer, scenes, image_size, device, preprocess):
             out["diag/relation_text_cos"] = (txt * neg).sum(-1).mean().item()
     # VSR's contrast protocol on the scenes' true/false statements ("The red circle is left of the
     # blue square."): two rows per scene, the true statement and its converse, balanced
-    rows = [(i, text, label, rel) for i, s in enumerate(scenes) for (text, label), rel in zip(shapes.statements(s), (s.relation(), shapes.CONVERSE[s.relation()]))]
+    rows = [
+        (i, text, label, rel)
+        for i, s in enumerate(scenes)
+        for (text, label), rel in zip(shapes.statements(s), (s.relation(), shapes.CONVERSE[s.relation()]))
+    ]
     index, texts, labels, relations = zip(*rows)
-    m = vsr_contrast(img[list(index)], encode_texts(model, tokenizer, list(texts), device),
-                     encode_texts(model, tokenizer, [data.contrast_caption(t, r) for t, r in zip(texts, relations)], device), labels)
-    out["statements/acc"], out["statements/macro_f1"] = m["acc"], m["macro_f1"]  # not VSR's data: statements/, not vsr/
+    m = vsr_contrast(
+        img[list(index)],
+        encode_texts(model, tokenizer, list(texts), device),
+        encode_texts(
+            model, tokenizer, [data.contrast_caption(t, r) for t, r in zip(texts, relations)], device
+        ),
+        labels,
+    )
+    # not VSR's data: statements/, not vsr/
+    out["statements/acc"], out["statements/macro_f1"] = m["acc"], m["macro_f1"]
     model.train(was_training)
     return out
 
@@ -229,7 +275,9 @@ def vsr_breakdown(correct, relations, by_relation=True):
     (relations as VSR names them, in sorted order); a category or relation without rows has no keys."""
     correct, out = torch.as_tensor(correct, dtype=torch.bool), {}
     groups = [("by_meta", c, [data.VSR_META[r] == c for r in relations]) for c in data.VSR_META_LISTS]
-    groups += [("by_relation", r, [x == r for x in relations]) for r in data.VSR_RELATIONS] if by_relation else []
+    groups += (
+        [("by_relation", r, [x == r for x in relations]) for r in data.VSR_RELATIONS] if by_relation else []
+    )
     for kind, name, member in groups:
         member = torch.tensor(member, dtype=torch.bool)
         if n := int(member.sum()):  # VSR's scripts' sum(correct) / len, exactly
@@ -255,9 +303,17 @@ def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=
     scored = [r for r in rows if data.VSR_CONTRAST[r.relation] is not None]
     out = {}
     if scored:
-        pred = contrast_pred(img[[where[r.image] for r in scored]],
-                             encode_texts(model, tokenizer, [r.caption for r in scored], device, batch_size),
-                             encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in scored], device, batch_size))
+        pred = contrast_pred(
+            img[[where[r.image] for r in scored]],
+            encode_texts(model, tokenizer, [r.caption for r in scored], device, batch_size),
+            encode_texts(
+                model,
+                tokenizer,
+                [data.contrast_caption(r.caption, r.relation) for r in scored],
+                device,
+                batch_size,
+            ),
+        )
         label = torch.tensor([r.label for r in scored])
         out |= {f"vsr/{k}": v for k, v in binary_metrics(pred, label).items()}
     out |= {"vsr/n": len(scored), "vsr/skipped": len(rows) - len(scored)}
@@ -265,7 +321,11 @@ def eval_vsr(model, preprocess, tokenizer, rows, calib_rows, device, batch_size=
         out |= vsr_breakdown(pred == label, [r.relation for r in scored], by_relation)
 
     def cosines(rs):
-        return (img[[where[r.image] for r in rs]] * encode_texts(model, tokenizer, [r.caption for r in rs], device, batch_size)).sum(-1)
+        return (
+            img[[where[r.image] for r in rs]]
+            * encode_texts(model, tokenizer, [r.caption for r in rs], device, batch_size)
+        ).sum(-1)
+
     tau = calibrate_threshold(cosines(calib_rows), [r.label for r in calib_rows])
     m = binary_metrics(cosines(rows) > tau, [r.label for r in rows])
     out |= {f"vsr_threshold/{k}": v for k, v in m.items()} | {"vsr_threshold/tau": tau}
@@ -319,6 +379,7 @@ def save_grid(images, scores, path):
     """images (PIL or paths) as a square grid with the score written under each; tiny images
     (the shapes world) are upscaled with nearest neighbour so their pixels stay visible."""
     from PIL import Image, ImageDraw, ImageOps
+
     images = [open_rgb(im) for im in images]
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)  # k = 9 -> 3 x 3
@@ -328,7 +389,10 @@ def save_grid(images, scores, path):
     for j, (im, score) in enumerate(zip(images, scores)):
         x, y = (j % cols) * cell, (j // cols) * (cell + LABEL_H)
         small = min(im.size) < cell
-        grid.paste(ImageOps.fit(im, (cell, cell), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC), (x, y))
+        grid.paste(
+            ImageOps.fit(im, (cell, cell), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC),
+            (x, y),
+        )
         draw.text((x + 4, y + cell + 2), f"{score:.3f}", fill="black")  # pil's default bitmap font
     _save_png(grid, path)
 
@@ -344,8 +408,10 @@ def load_captioner(path, device="cpu"):
     """the CLIPS captioner saved beside the towers in a clip_scratch.py checkpoint, or one clear error"""
     ckpt = load_checkpoint(path)
     if not ckpt.get("captioner_cfg"):
-        raise SystemExit(f"error: {path} has no captioner: --caption needs a checkpoint trained with "
-                         "clip_scratch.py --captioner_weight 2")
+        raise SystemExit(
+            f"error: {path} has no captioner: --caption needs a checkpoint trained with "
+            "clip_scratch.py --captioner_weight 2"
+        )
     captioner = Captioner(**ckpt["captioner_cfg"])
     captioner.load_state_dict(ckpt["captioner"], strict=True)
     return captioner.to(device).eval()
@@ -360,9 +426,8 @@ def generate_caption(model, captioner, image, web_caption, tokenizer, device="cp
     _, image_tokens = model.encode_image(image[None].to(device), return_tokens=True)
     _, text_tokens = model.encode_text(web, return_tokens=True)
     ids = captioner.greedy(captioner(image_tokens, text_tokens, web))[0].tolist()
-    ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
+    ids = ids[: ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     return tokenizer.decode(ids).strip()
-
 
 
 def evaluate(model, preprocess, tokenizer, device, evalset, split, image_size, n=1000):
@@ -378,7 +443,9 @@ def evaluate(model, preprocess, tokenizer, device, evalset, split, image_size, n
     if evalset is None:
         return None
     if "calib" in evalset:
-        return eval_vsr(model, preprocess, tokenizer, evalset[split], evalset["calib"], device, by_relation=False)
+        return eval_vsr(
+            model, preprocess, tokenizer, evalset[split], evalset["calib"], device, by_relation=False
+        )
     return eval_retrieval(model, preprocess, tokenizer, evalset[split], device)
 
 
@@ -392,9 +459,9 @@ def tasks():
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
     return sorted(m.name for m in pkgutil.iter_modules([folder]) if hasattr(task(m.name), "run"))
 
+
 # -----------------------------------------------------------------------------
 # cli
-
 
 
 def main(argv=None):
@@ -403,51 +470,135 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="ckpt.pt | local-dir:DIR | NAME:PRETRAINED (open_clip)")
     # benchmark
     p.add_argument("--bench", default="shapes", choices=("shapes", "flickr8k", "coco", "vsr", *tasks()))
-    p.add_argument("--data_root", default=None, help="dataset folder (flickr8k, coco, vsr, and the compositional benchmarks)")
-    p.add_argument("--image_root", default=None, help="vsr, sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
-                   "the images, when not in the default place under --data_root (see README)")
-    p.add_argument("--vsr_split", default="random", choices=("random", "zeroshot"), help="vsr: which split's dev/test")
+    p.add_argument(
+        "--data_root",
+        default=None,
+        help="dataset folder (flickr8k, coco, vsr, and the compositional benchmarks)",
+    )
+    p.add_argument(
+        "--image_root",
+        default=None,
+        help="vsr, sugarcrepe, valse, vlchecklist, intrinsic --data hnc: "
+        "the images, when not in the default place under --data_root (see README)",
+    )
+    p.add_argument(
+        "--vsr_split", default="random", choices=("random", "zeroshot"), help="vsr: which split's dev/test"
+    )
     p.add_argument("--eval_n", "--n", type=int, default=1000, help="shapes: number of test scenes")
-    p.add_argument("--seed", type=int, default=None, help="shapes: draw the test scenes from this seed (default: the "
-                   "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)")
-    p.add_argument("--holdout", default="none", choices=("none", "combos"), help="shapes: every metric on the scenes "
-                   "that show no held-out combination (seen/) and on the others (unseen/)")
-    p.add_argument("--data", default="shapes", choices=("shapes", "hnc"), help="intrinsic: the shapes world's test "
-                   "scenes, or HNC's test file under --data_root")
-    p.add_argument("--threshold", type=float, default=1.0, help="intrinsic: distinguishing accuracy counts "
-                   "cos(v, t+) / (cos(v, t-) + 1e-8) >= threshold")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="shapes: draw the test scenes from this seed (default: the "
+        "fixed test seed); aro: seed of the order perturbations (default 1, ARO's)",
+    )
+    p.add_argument(
+        "--holdout",
+        default="none",
+        choices=("none", "combos"),
+        help="shapes: every metric on the scenes "
+        "that show no held-out combination (seen/) and on the others (unseen/)",
+    )
+    p.add_argument(
+        "--data",
+        default="shapes",
+        choices=("shapes", "hnc"),
+        help="intrinsic: the shapes world's test scenes, or HNC's test file under --data_root",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=1.0,
+        help="intrinsic: distinguishing accuracy counts cos(v, t+) / (cos(v, t-) + 1e-8) >= threshold",
+    )
     # retrieval demo (replaces the metrics)
     p.add_argument("--query", default=None, help="rank the bench's test images by similarity to this text")
     p.add_argument("--top", type=int, default=9, help="with --query: how many matches to show")
-    p.add_argument("--grid", default=None, metavar="PNG", help="with --query: save the top matches as an image grid")
+    p.add_argument(
+        "--grid", default=None, metavar="PNG", help="with --query: save the top matches as an image grid"
+    )
     # captioning demo (replaces the metrics)
-    p.add_argument("--caption", default=None, metavar="IMAGE_OR_INDEX",
-                   help="print the CLIPS captioner's greedy caption of an image file, or of shapes test scene INDEX")
-    p.add_argument("--web_caption", default=None, help="with --caption: the web caption it is conditioned on "
-                   "(default: the scene's caption; '' for an image file)")
+    p.add_argument(
+        "--caption",
+        default=None,
+        metavar="IMAGE_OR_INDEX",
+        help="print the CLIPS captioner's greedy caption of an image file, or of shapes test scene INDEX",
+    )
+    p.add_argument(
+        "--web_caption",
+        default=None,
+        help="with --caption: the web caption it is conditioned on "
+        "(default: the scene's caption; '' for an image file)",
+    )
     # explanation demo (replaces the metrics)
-    p.add_argument("--explain", default=None, metavar="IMAGE_OR_INDEX",
-                   help="draw which words of a caption match which patches of an image file, or of shapes test scene INDEX")
-    p.add_argument("--text", default=None, help="with --explain: the caption (default: the scene's; needed for an image file)")
-    p.add_argument("--span", default=None, help="with --explain: one panel for these words of the caption (default: one per word)")
-    p.add_argument("--layer", type=int, default=-1, help="with --explain: the transformer block whose input is attributed (both towers)")
-    p.add_argument("--steps", type=int, default=10, help="with --explain: interpolation steps of the integrated Jacobians")
+    p.add_argument(
+        "--explain",
+        default=None,
+        metavar="IMAGE_OR_INDEX",
+        help="draw which words of a caption match which patches of an image file, or of shapes test scene INDEX",
+    )
+    p.add_argument(
+        "--text",
+        default=None,
+        help="with --explain: the caption (default: the scene's; needed for an image file)",
+    )
+    p.add_argument(
+        "--span",
+        default=None,
+        help="with --explain: one panel for these words of the caption (default: one per word)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=-1,
+        help="with --explain: the transformer block whose input is attributed (both towers)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="with --explain: interpolation steps of the integrated Jacobians",
+    )
     # reward model: rank candidates (replaces the metrics)
-    p.add_argument("--rank", default=None, metavar="CANDIDATES.jsonl",
-                   help="score each row's candidates with --model and write them best first to --out (the input of clip_dpo.py --data rankings)")
+    p.add_argument(
+        "--rank",
+        default=None,
+        metavar="CANDIDATES.jsonl",
+        help="score each row's candidates with --model and write them best first to --out (the input of clip_dpo.py --data rankings)",
+    )
     # output
-    p.add_argument("--out", default=None, metavar="FILE", help="with --explain: where to write the picture (default explain.png); "
-                   "with --rank: where to write the rankings (required)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="with --explain: where to write the picture (default explain.png); "
+        "with --rank: where to write the rankings (required)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the metrics as a flat JSON dict")
-    p.add_argument("--export", default=None, metavar="DIR", help="write a minclip checkpoint as an open_clip hub directory, then stop")
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="write a minclip checkpoint as an open_clip hub directory, then stop",
+    )
     # system
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
-    reads_image_root = ("vsr", "sugarcrepe", "valse", "vlchecklist", *(("intrinsic",) if args.data == "hnc" else ()))
+    reads_image_root = (
+        "vsr",
+        "sugarcrepe",
+        "valse",
+        "vlchecklist",
+        *(("intrinsic",) if args.data == "hnc" else ()),
+    )
     if args.image_root is not None and args.bench not in reads_image_root:
-        p.error(f"--image_root: --bench {args.bench}{' --data shapes' if args.bench == 'intrinsic' else ''} does not read it "
-                f"(it is for --bench {', '.join(reads_image_root[:4])}, intrinsic --data hnc)")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        p.error(
+            f"--image_root: --bench {args.bench}{' --data shapes' if args.bench == 'intrinsic' else ''} does not read it "
+            f"(it is for --bench {', '.join(reads_image_root[:4])}, intrinsic --data hnc)"
+        )
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
     if args.export and not is_checkpoint(args.model):
         raise SystemExit(f"error: --export needs a minclip checkpoint (*.pt), got --model {args.model}")
@@ -458,14 +609,18 @@ def main(argv=None):
         try:
             rows = data.read_rankings(args.rank, ranked=False)
         except data.DataError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e}") from None
         folder = os.path.dirname(os.path.abspath(args.out))
-        rel = lambda p: os.path.relpath(p, folder)  # noqa: E731  (image paths relative to the output file, as read_rankings wants)
+        # noqa: E731  (image paths relative to the output file, as read_rankings wants)
+        rel = lambda p: os.path.relpath(p, folder)
         with open(f"{args.out}.tmp", "w") as f:
             for r, (order, scores) in zip(rows, rank_candidates(model, preprocess, tokenizer, rows, device)):
                 ranked = [r["candidates"][i] for i in order]
-                line = ({"image": rel(r["query"]), "texts": ranked} if r["direction"] == "i2t" else
-                        {"text": r["query"], "images": [rel(p) for p in ranked]})
+                line = (
+                    {"image": rel(r["query"]), "texts": ranked}
+                    if r["direction"] == "i2t"
+                    else {"text": r["query"], "images": [rel(p) for p in ranked]}
+                )
                 f.write(json.dumps(line | {"scores": [round(s, 6) for s in scores]}) + "\n")
         os.replace(f"{args.out}.tmp", args.out)
         print(f"ranked the candidates of {len(rows)} rows of {args.rank} with {args.model}; wrote {args.out}")
@@ -485,7 +640,9 @@ def main(argv=None):
         else:
             image, web = preprocess(open_rgb(args.caption)), ""
         web = web if args.web_caption is None else args.web_caption
-        print(f"web caption: {web!r}\ncaption:     {generate_caption(model, captioner, image, web, tokenizer, device)}")
+        print(
+            f"web caption: {web!r}\ncaption:     {generate_caption(model, captioner, image, web, tokenizer, device)}"
+        )
         return
     native = is_checkpoint(args.model)  # minclip models see the world at their own resolution
     image_size = model.image_size if native else SHAPES_SIZE
@@ -500,26 +657,38 @@ def main(argv=None):
         try:
             metrics = task(args.bench).run(model, preprocess, tokenizer, device, args)
         except data.DataError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e}") from None
         return report(args, metrics)
 
     # the bench's test images (PIL images or paths) with one caption each, for the demo
     if args.bench == "shapes":
         from PIL import Image
-        scenes = shapes.test_scenes(args.eval_n, shapes.TEST_SEED if args.seed is None else args.seed) if args.query else []
-        images, labels = [Image.fromarray(shapes.render(s, image_size)) for s in scenes], [s.caption() for s in scenes]
+
+        scenes = (
+            shapes.test_scenes(args.eval_n, shapes.TEST_SEED if args.seed is None else args.seed)
+            if args.query
+            else []
+        )
+        images, labels = (
+            [Image.fromarray(shapes.render(s, image_size)) for s in scenes],
+            [s.caption() for s in scenes],
+        )
     else:
         if args.data_root is None:
             raise SystemExit(f"error: --bench {args.bench} needs --data_root")
         try:
             if args.bench == "vsr":
-                vsr = data.read_vsr(args.data_root, args.vsr_split, args.image_root, parts=("dev", "test"))  # their images only
+                # their images only
+                vsr = data.read_vsr(args.data_root, args.vsr_split, args.image_root, parts=("dev", "test"))
                 items = [(r.image, [r.caption]) for r in vsr["test"]]
             else:
                 items = data.read_dataset(args.bench, args.data_root)["test"]
         except data.DataError as e:
-            raise SystemExit(f"error: {e}")
-        images, labels = [path for path, _ in items], [f"{os.path.basename(path)}  {caps[0]}" for path, caps in items]
+            raise SystemExit(f"error: {e}") from None
+        images, labels = (
+            [path for path, _ in items],
+            [f"{os.path.basename(path)}  {caps[0]}" for path, caps in items],
+        )
 
     if args.query:
         matches = find_matches(model, preprocess, tokenizer, images, args.query, device, args.top)
@@ -532,8 +701,16 @@ def main(argv=None):
         return
 
     if args.bench == "shapes":
-        metrics = eval_shapes(model, tokenizer, image_size, device, n=args.eval_n, seed=args.seed,
-                              preprocess=None if native else preprocess, holdout=args.holdout == "combos")
+        metrics = eval_shapes(
+            model,
+            tokenizer,
+            image_size,
+            device,
+            n=args.eval_n,
+            seed=args.seed,
+            preprocess=None if native else preprocess,
+            holdout=args.holdout == "combos",
+        )
     elif args.bench == "vsr":
         metrics = eval_vsr(model, preprocess, tokenizer, vsr["test"], vsr["dev"], device)
     else:
@@ -565,12 +742,27 @@ def vsr_table(metrics, width=110):
     for category in data.VSR_META_LISTS:
         if f"vsr/by_meta/{category}/n" not in metrics:
             continue
-        rels = sorted((r for r in data.VSR_RELATIONS if data.VSR_META[r] == category and f"vsr/by_relation/{r}/n" in metrics),
-                      key=lambda r: (-metrics[f"vsr/by_relation/{r}/n"], r))
+        rels = sorted(
+            (
+                r
+                for r in data.VSR_RELATIONS
+                if data.VSR_META[r] == category and f"vsr/by_relation/{r}/n" in metrics
+            ),
+            key=lambda r: (-metrics[f"vsr/by_relation/{r}/n"], r),
+        )
         head = f"  {category:<12} {metrics[f'vsr/by_meta/{category}/acc']:.4f} {metrics[f'vsr/by_meta/{category}/n']:6d}  "
         # no-break spaces inside an item: textwrap breaks between "relation acc (n)" items only
-        items = ", ".join(f"{r} {metrics[f'vsr/by_relation/{r}/acc']:.2f} ({metrics[f'vsr/by_relation/{r}/n']})".replace(" ", "\xa0") for r in rels)
-        wrapped = textwrap.wrap(items, width, initial_indent=head, subsequent_indent=" " * len(head)) if rels else [head.rstrip()]
+        items = ", ".join(
+            f"{r} {metrics[f'vsr/by_relation/{r}/acc']:.2f} ({metrics[f'vsr/by_relation/{r}/n']})".replace(
+                " ", "\xa0"
+            )
+            for r in rels
+        )
+        wrapped = (
+            textwrap.wrap(items, width, initial_indent=head, subsequent_indent=" " * len(head))
+            if rels
+            else [head.rstrip()]
+        )
         lines += [line.replace("\xa0", " ") for line in wrapped]
     return lines
 

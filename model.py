@@ -16,6 +16,7 @@ The CLIP model, its fine-tuning switches and its checkpoints: what nanoGPT's mod
 The training loop's utilities (DDP, schedule, all-gather, FLOPs, the run's log) are training.py's.
 Method scripts import this module; it imports none of them (data.py's JSON reader, lazily).
 """
+
 import codecs
 import difflib
 import json
@@ -49,7 +50,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # mask: bool, True = may attend
+        # mask: bool, True = may attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -75,7 +77,9 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, mlp_ratio=4.0, act=nn.GELU):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)]
+        )
         self.grad_checkpointing = False  # keep only each block's input; recompute the rest in backward
 
     def forward(self, x, causal=False, mask=None):
@@ -98,7 +102,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, image_size, patch_size, width, layers, head_width, mlp_ratio, output_dim, act):
         super().__init__()
         grid = image_size // patch_size
-        scale = width ** -0.5
+        scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
@@ -111,14 +115,18 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_post(self.transformer(self.ln_pre(x)))  # layernorm is per token: ln_post(x)[:, 0] == ln_post(x[:, 0])
+        # layernorm is per token: ln_post(x)[:, 0] == ln_post(x[:, 0])
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
         pooled = x[:, 0] @ self.proj
         return (pooled, x[:, 1:]) if return_tokens else pooled
 
 
-VISION_KEYS, TEXT_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}, \
-    {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-VISION_KEYS_DEFAULT, TEXT_KEYS_DEFAULT = {"pool_type": "tok"}, {"pool_type": "argmax"}  # what minclip does anyway
+VISION_KEYS, TEXT_KEYS = (
+    {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"},
+    {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"},
+)
+# what minclip does anyway
+VISION_KEYS_DEFAULT, TEXT_KEYS_DEFAULT = {"pool_type": "tok"}, {"pool_type": "argmax"}
 
 
 class CLIP(nn.Module):
@@ -126,18 +134,42 @@ class CLIP(nn.Module):
     `open_clip.CLIP(**model_cfg).load_state_dict(CLIP(**model_cfg).state_dict())` is exact.
     Only the standard ViT + causal text Transformer configuration is supported."""
 
-    def __init__(self, embed_dim, vision_cfg, text_cfg, quick_gelu=False, init_logit_scale=math.log(1 / 0.07), **unsupported):
+    def __init__(
+        self,
+        embed_dim,
+        vision_cfg,
+        text_cfg,
+        quick_gelu=False,
+        init_logit_scale=math.log(1 / 0.07),
+        **unsupported,
+    ):
         super().__init__()
         v, t = dict(vision_cfg), dict(text_cfg)
         # any other open_clip option that is set (layer scale, attentional pooling, an HF text tower,
         # another pooling...) would be silently ignored here: refuse it instead
-        unsupported |= {f"vision_cfg.{k}": x for k, x in v.items() if k not in VISION_KEYS and x not in (None, False, 0, VISION_KEYS_DEFAULT.get(k))}
-        unsupported |= {f"text_cfg.{k}": x for k, x in t.items() if k not in TEXT_KEYS and x not in (None, False, 0, TEXT_KEYS_DEFAULT.get(k))}
+        unsupported |= {
+            f"vision_cfg.{k}": x
+            for k, x in v.items()
+            if k not in VISION_KEYS and x not in (None, False, 0, VISION_KEYS_DEFAULT.get(k))
+        }
+        unsupported |= {
+            f"text_cfg.{k}": x
+            for k, x in t.items()
+            if k not in TEXT_KEYS and x not in (None, False, 0, TEXT_KEYS_DEFAULT.get(k))
+        }
         if any(x not in (None, False, 0) for x in unsupported.values()):
             raise ValueError(f"unsupported open_clip options: {unsupported}")
         act = QuickGELU if quick_gelu else nn.GELU
-        self.visual = VisionTransformer(v.get("image_size", 224), v.get("patch_size", 16), v.get("width", 768),
-                                        v.get("layers", 12), v.get("head_width", 64), v.get("mlp_ratio", 4.0), embed_dim, act)
+        self.visual = VisionTransformer(
+            v.get("image_size", 224),
+            v.get("patch_size", 16),
+            v.get("width", 768),
+            v.get("layers", 12),
+            v.get("head_width", 64),
+            v.get("mlp_ratio", 4.0),
+            embed_dim,
+            act,
+        )
         width, layers = t.get("width", 512), t.get("layers", 12)
         self.context_length, self.vocab_size = t.get("context_length", 77), t.get("vocab_size", 49408)
         self.token_embedding = nn.Embedding(self.vocab_size, width)
@@ -149,13 +181,13 @@ class CLIP(nn.Module):
         # open_clip's text-tower init (OpenAI's)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+        proj_std, attn_std, fc_std = (width**-0.5) * ((2 * layers) ** -0.5), width**-0.5, (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def encode_image(self, image, normalize=False, return_tokens=False):
         x, tokens = self.visual(image, return_tokens=True)
@@ -167,7 +199,11 @@ class CLIP(nn.Module):
         # causal mask: positions after the last EOT cannot change the result. The scripts' collate cuts
         # the batch there (data.trim_tokens), so on a GPU and under torch.compile the tokens' length is
         # used as given (finding it is a host sync and a graph break); elsewhere any tokens are cut here
-        L = text.shape[1] if text.device.type != "cpu" or torch.compiler.is_compiling() else int(eot.max()) + 1
+        L = (
+            text.shape[1]
+            if text.device.type != "cpu" or torch.compiler.is_compiling()
+            else int(eot.max()) + 1
+        )
         x = self.token_embedding(text[:, :L]) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
@@ -193,7 +229,8 @@ def prefix_lm_mask(prefix_valid, n_query):
     B, P = prefix_valid.shape
     T = P + n_query
     allowed = torch.ones(T, T, dtype=torch.bool, device=prefix_valid.device).tril()
-    allowed[:, :P] = True  # everyone sees the whole prefix; the triangle keeps queries causal and out of the prefix's view
+    # everyone sees the whole prefix; the triangle keeps queries causal and out of the prefix's view
+    allowed[:, :P] = True
     keys = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_query)], dim=1)  # [B, T]
     return (allowed[None] & keys[:, None, :])[:, None]
 
@@ -221,9 +258,11 @@ class Captioner(nn.Module):
         outputs), text long [B, >= L] (its token ids: the prefix ends at each caption's EOT)
         -> logits [B, n_query, len(vocab)]"""
         B, Q, L = image_tokens.shape[0], self.queries.shape[0], text_tokens.shape[1]
-        text_valid = torch.arange(L, device=text.device) <= text.argmax(-1, keepdim=True)  # [B, L]: up to its EOT
-        prefix = torch.cat([self.image_proj(image_tokens), self.text_proj(text_tokens)], dim=1)  # [B, P, width]
-        x = torch.cat([prefix, self.queries.to(prefix.dtype).expand(B, -1, -1)], dim=1)   # [B, P+Q, width]
+        # [B, L]: up to its EOT
+        text_valid = torch.arange(L, device=text.device) <= text.argmax(-1, keepdim=True)
+        # [B, P, width]
+        prefix = torch.cat([self.image_proj(image_tokens), self.text_proj(text_tokens)], dim=1)
+        x = torch.cat([prefix, self.queries.to(prefix.dtype).expand(B, -1, -1)], dim=1)  # [B, P+Q, width]
         valid = torch.cat([text_valid.new_ones(B, image_tokens.shape[1]), text_valid], dim=1)
         x = self.transformer(x, mask=prefix_lm_mask(valid, Q))
         return self.head(self.ln_final(x[:, -Q:]))
@@ -236,15 +275,26 @@ class Captioner(nn.Module):
 
 
 # vision width, vision layers, text width, text layers, embed dim, patch size
-MODEL_SIZES = {"tiny": (128, 4, 128, 2, 128, 16), "small": (384, 6, 256, 4, 256, 16), "base": (768, 12, 512, 12, 512, 16)}
+MODEL_SIZES = {
+    "tiny": (128, 4, 128, 2, 128, 16),
+    "small": (384, 6, 256, 4, 256, 16),
+    "base": (768, 12, 512, 12, 512, 16),
+}
 
 
 def model_config(size, image_size, context_length=77, vocab_size=49408):
     """open_clip-style model_cfg for a named size. 'tiny' is the CPU default for the shapes world."""
     w, l, tw, tl, embed, patch = MODEL_SIZES[size]
-    return dict(embed_dim=embed,
-                vision_cfg=dict(image_size=image_size, patch_size=patch, width=w, layers=l, head_width=64 if w >= 256 else 32),
-                text_cfg=dict(context_length=context_length, vocab_size=vocab_size, width=tw, heads=max(tw // 64, 4), layers=tl))
+    return dict(
+        embed_dim=embed,
+        vision_cfg=dict(
+            image_size=image_size, patch_size=patch, width=w, layers=l, head_width=64 if w >= 256 else 32
+        ),
+        text_cfg=dict(
+            context_length=context_length, vocab_size=vocab_size, width=tw, heads=max(tw // 64, 4), layers=tl
+        ),
+    )
+
 
 # -----------------------------------------------------------------------------
 # fine-tuning: which parameters train, their AdamW groups; checkpoints written atomically
@@ -261,8 +311,14 @@ def param_groups(model, weight_decay, text_lr_mult=1.0):
             continue
         text = not name.startswith("visual.") and name != "logit_scale"
         key = (p.ndim >= 2, text)
-        g = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if key[0] else 0.0,
-                                    "lr_mult": text_lr_mult if text else 1.0})
+        g = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "weight_decay": weight_decay if key[0] else 0.0,
+                "lr_mult": text_lr_mult if text else 1.0,
+            },
+        )
         g["params"].append(p)
     return list(groups.values())
 
@@ -281,10 +337,14 @@ def set_trainable(model, mode):
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tune mode {mode!r}, choose from {', '.join(FINETUNE_MODES)}")
     last_v, last_t = len(model.visual.transformer.resblocks) - 1, len(model.transformer.resblocks) - 1
-    rule = {"full": lambda n: True,
-            "text": lambda n: not n.startswith("visual."),
-            "vision": lambda n: n.startswith("visual."),
-            "last": lambda n: n.startswith((f"visual.transformer.resblocks.{last_v}.", f"transformer.resblocks.{last_t}."))}[mode]
+    rule = {
+        "full": lambda n: True,
+        "text": lambda n: not n.startswith("visual."),
+        "vision": lambda n: n.startswith("visual."),
+        "last": lambda n: n.startswith(
+            (f"visual.transformer.resblocks.{last_v}.", f"transformer.resblocks.{last_t}.")
+        ),
+    }[mode]
     for name, p in model.named_parameters():
         p.requires_grad_(name == "logit_scale" or rule(name))
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -341,27 +401,44 @@ def load_checkpoint(path, clip=None, captioner=None, need=()):
         head = f.read(64)
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if path.endswith(".safetensors") or (head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < size):
-        _refuse(path, "a .safetensors file holds weights without the config that builds them: give its folder "
-                f"as local-dir:{os.path.dirname(path) or '.'} (an open_clip hub folder, open_clip_config.json beside it)")
+        _refuse(
+            path,
+            "a .safetensors file holds weights without the config that builds them: give its folder "
+            f"as local-dir:{os.path.dirname(path) or '.'} (an open_clip hub folder, open_clip_config.json beside it)",
+        )
     if size == 0:
         _refuse(path, "empty (0 bytes): copied before the checkpoint was written?")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... by the damage
+    # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... by the damage
+    except Exception as e:
         _refuse(path, _unreadable(path, e))
     if not isinstance(ckpt, dict):
         _refuse(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict")
     tensors = lambda d: isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
     if "model_cfg" not in ckpt:  # not written by minclip: say what it is and how to load it
         if ckpt and tensors(ckpt) or "state_dict" in ckpt:  # open_clip loads both kinds as NAME:FILE
-            what = "an open_clip training checkpoint" if "state_dict" in ckpt else f"a bare state dict ({len(ckpt)} tensors)"
-            _refuse(path, f"{what} without the model_cfg that says which model it is: give it as NAME:{path} with its "
-                    "open_clip architecture NAME (e.g. ViT-B-32; OpenAI's and other QuickGELU weights as ViT-B-32-quickgelu), or "
-                    "re-save it with the model_cfg of its --model_size")
+            what = (
+                "an open_clip training checkpoint"
+                if "state_dict" in ckpt
+                else f"a bare state dict ({len(ckpt)} tensors)"
+            )
+            _refuse(
+                path,
+                f"{what} without the model_cfg that says which model it is: give it as NAME:{path} with its "
+                "open_clip architecture NAME (e.g. ViT-B-32; OpenAI's and other QuickGELU weights as ViT-B-32-quickgelu), or "
+                "re-save it with the model_cfg of its --model_size",
+            )
         if "model" in ckpt:
-            _refuse(path, "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the "
-                    "model_cfg of its --model_size")
-        _refuse(path, f"not a minclip checkpoint: no 'model' and 'model_cfg' (keys: {', '.join(map(str, list(ckpt)[:6]))})")
+            _refuse(
+                path,
+                "'model' without 'model_cfg' (the open_clip config that builds it): re-save it with the "
+                "model_cfg of its --model_size",
+            )
+        _refuse(
+            path,
+            f"not a minclip checkpoint: no 'model' and 'model_cfg' (keys: {', '.join(map(str, list(ckpt)[:6]))})",
+        )
     for key in ("model", *need):
         if key not in ckpt:
             _refuse(path, f"no '{key}' in the checkpoint (keys: {', '.join(map(str, ckpt))})")
@@ -375,13 +452,17 @@ def load_checkpoint(path, clip=None, captioner=None, need=()):
             clip = _build(path, CLIP, ckpt["model_cfg"], "model_cfg")
             if ckpt.get("captioner_cfg"):
                 captioner = _build(path, Captioner, ckpt["captioner_cfg"], "captioner_cfg")
-    own = clip.state_dict() | {f"captioner.{k}": v for k, v in (captioner.state_dict() if captioner is not None else {}).items()}
+    own = clip.state_dict() | {
+        f"captioner.{k}": v for k, v in (captioner.state_dict() if captioner is not None else {}).items()
+    }
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     problems = []
     if shapes:
         k = shapes[0]
-        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model)")
+        problems.append(
+            f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model)"
+        )
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
@@ -413,8 +494,10 @@ def _unreadable(path, error):
     except UnicodeDecodeError:
         pass
     if "Weights only load failed" in str(error):
-        return ("it holds Python objects besides tensors, numbers and containers, which are not loaded "
-                "(weights_only=True): not a minclip checkpoint")
+        return (
+            "it holds Python objects besides tensors, numbers and containers, which are not loaded "
+            "(weights_only=True): not a minclip checkpoint"
+        )
     message = str(error).strip().splitlines()[0][:120] if str(error).strip() else "no message"
     return f"not a checkpoint torch can read ({type(error).__name__}: {message})"
 
@@ -426,19 +509,25 @@ def load_model(spec, device="cpu", flag="--model"):
     also carry model.model_cfg. A NAME without PRETRAINED (random weights) is refused, and weights
     that are neither cached nor downloadable fail at once; every error is one line naming `flag`."""
     import open_clip
+
     if is_checkpoint(spec):
         ckpt = load_checkpoint(spec)
         model = _build(spec, CLIP, ckpt["model_cfg"], "model_cfg")
         model.load_state_dict(ckpt["model"], strict=True)
-        model.model_cfg, model.image_size = ckpt["model_cfg"], int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224))
+        model.model_cfg, model.image_size = (
+            ckpt["model_cfg"],
+            int(ckpt["model_cfg"]["vision_cfg"].get("image_size", 224)),
+        )
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
-        model.preprocess_cfg = _preprocess(ckpt.get("preprocess_cfg"))  # a fine-tune's --init's; else open_clip's default (OpenAI's)
-        preprocess = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=model.image_size, **model.preprocess_cfg),
-                                                            is_train=False)
+        # a fine-tune's --init's; else open_clip's default (OpenAI's)
+        model.preprocess_cfg = _preprocess(ckpt.get("preprocess_cfg"))
+        preprocess = open_clip.transform.image_transform_v2(
+            open_clip.transform.PreprocessCfg(size=model.image_size, **model.preprocess_cfg), is_train=False
+        )
         return model.to(device).eval(), preprocess, tokenizer
     kwargs = {}
     if spec.startswith("local-dir:"):
-        d, name = spec[len("local-dir:"):], spec
+        d, name = spec[len("local-dir:") :], spec
         # open_clip itself only logs a warning and returns a *randomly initialised* model when the
         # directory has a config but no weights file, so check for both here
         if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
@@ -446,12 +535,13 @@ def load_model(spec, device="cpu", flag="--model"):
         if not any(f.endswith((".safetensors", ".bin", ".pth")) for f in os.listdir(d)):
             raise SystemExit(f"error: {flag} {spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
         from data import DataError, read_json  # model.py imports no other minclip module at the top
+
         try:
             config = read_json(os.path.join(d, "open_clip_config.json"))
         except DataError as err:
-            raise SystemExit(f"error: {flag} {spec}: {err}")
+            raise SystemExit(f"error: {flag} {spec}: {err}") from None
         if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-            raise SystemExit(f"error: {flag} {spec}: {d}/open_clip_config.json has no \"model_cfg\" object")
+            raise SystemExit(f'error: {flag} {spec}: {d}/open_clip_config.json has no "model_cfg" object')
         model_cfg = config["model_cfg"]
     else:
         name, _, pretrained = spec.partition(":") if not spec.startswith("hf-hub:") else (spec, "", "")
@@ -459,9 +549,12 @@ def load_model(spec, device="cpu", flag="--model"):
         # open_clip's own error for an unknown name lists every config it has (~3,000 characters)
         if not name.startswith("hf-hub:") and arch not in known:
             close = difflib.get_close_matches(name, known, n=3)
-            raise SystemExit(f"error: {flag} {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
-                             "NAME:PRETRAINED" + (f" (close names: {', '.join(close)})" if close else "")
-                             + (f"; an open_clip hub folder is given as local-dir:{spec}" if os.path.isdir(spec) else ""))
+            raise SystemExit(
+                f"error: {flag} {spec}: neither a checkpoint file, a local-dir: folder nor a known open_clip "
+                "NAME:PRETRAINED"
+                + (f" (close names: {', '.join(close)})" if close else "")
+                + (f"; an open_clip hub folder is given as local-dir:{spec}" if os.path.isdir(spec) else "")
+            )
         # pitfall: OpenAI's ViT-B-32 (and any *-quickgelu tag) was trained with QuickGELU. open_clip
         # 3.x builds plain `ViT-B-32` with GELU and only *warns* about the mismatch, and a fine-tuned
         # checkpoint passed as a file path gets no warning at all: every score silently changes.
@@ -470,13 +563,25 @@ def load_model(spec, device="cpu", flag="--model"):
         if pretrained and not tag and not os.path.isfile(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(arch)
             close = difflib.get_close_matches(pretrained.lower().replace("-", "_"), tags, n=3)
-            raise SystemExit(f"error: {flag} {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
-                             + (f" (close tags: {', '.join(close)})" if close else f" ({len(tags)} tags: open_clip.list_pretrained())"))
+            raise SystemExit(
+                f"error: {flag} {spec}: '{pretrained}' is neither a pretrained tag of {name} nor a file"
+                + (
+                    f" (close tags: {', '.join(close)})"
+                    if close
+                    else f" ({len(tags)} tags: open_clip.list_pretrained())"
+                )
+            )
         if not pretrained and not name.startswith("hf-hub:"):
             tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise SystemExit(f"error: {flag} {spec}: no PRETRAINED tag, so its weights would be random: give NAME:PRETRAINED"
-                             + (f", one of {', '.join(f'{name}:{t}' for t in tags[:4])}" + (f" ({len(tags)} tags)" if len(tags) > 4 else "")
-                                if tags else " (open_clip has no pretrained tag for it: a weights file as NAME:PATH)"))
+            raise SystemExit(
+                f"error: {flag} {spec}: no PRETRAINED tag, so its weights would be random: give NAME:PRETRAINED"
+                + (
+                    f", one of {', '.join(f'{name}:{t}' for t in tags[:4])}"
+                    + (f" ({len(tags)} tags)" if len(tags) > 4 else "")
+                    if tags
+                    else " (open_clip has no pretrained tag for it: a weights file as NAME:PATH)"
+                )
+            )
         if pretrained and not os.path.isfile(pretrained):
             _check_download(open_clip, arch, pretrained, spec, flag)
         kwargs["pretrained"] = pretrained or None
@@ -487,7 +592,8 @@ def load_model(spec, device="cpu", flag="--model"):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
-    except Exception as e:  # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
+    # open_clip's: no download, a bad config, a PRETRAINED file that is damaged or does not fit
+    except Exception as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = why if len(why) <= 200 else why[:200].rsplit(" ", 1)[0] + " ..."  # at a word boundary
         weights = kwargs.get("pretrained") or ""
@@ -497,7 +603,7 @@ def load_model(spec, device="cpu", flag="--model"):
                 why = f"the weights in {weights} do not fit open_clip's {name} ({why})"
             except Exception as load_error:
                 why = f"{weights}: {_unreadable(weights, load_error)}"
-        raise SystemExit(f"error: {flag} {spec}: {why}")
+        raise SystemExit(f"error: {flag} {spec}: {why}") from None
     size = model.visual.image_size
     model.image_size, model.model_cfg = int(size[0] if isinstance(size, (tuple, list)) else size), model_cfg
     model.preprocess_cfg = _preprocess(model.visual.preprocess_cfg)  # what preprocess applies
@@ -510,20 +616,25 @@ def _check_download(open_clip, arch, tag, spec, flag, timeout=3.0):
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
+
     cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
     repo = (cfg.get("hf_hub") or "").rstrip("/")
     if not repo:
         return  # a plain url: let open_clip try it
-    names = [n for n in (cfg.get("hf_filename"), "open_clip_model.safetensors", "open_clip_pytorch_model.bin") if n]
+    names = [
+        n for n in (cfg.get("hf_filename"), "open_clip_model.safetensors", "open_clip_pytorch_model.bin") if n
+    ]
     if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
         return
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError:
-        raise SystemExit(f"error: {flag} {spec}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) and {host} "
-                         f"cannot be reached (offline?): fetch them once where there is a network, or give a weights file as "
-                         f"{file_arch(open_clip, arch, tag)}:PATH") from None
+        raise SystemExit(
+            f"error: {flag} {spec}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) and {host} "
+            f"cannot be reached (offline?): fetch them once where there is a network, or give a weights file as "
+            f"{file_arch(open_clip, arch, tag)}:PATH"
+        ) from None
 
 
 def file_arch(open_clip, arch, tag):
@@ -531,7 +642,11 @@ def file_arch(open_clip, arch, tag):
     trained with QuickGELU (OpenAI's, and every *-quickgelu tag) needs the NAME-quickgelu config, since
     a file path gets no tag and plain NAME builds GELU: every score would silently change"""
     quick = open_clip.pretrained.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
-    return f"{arch}-quickgelu" if quick and not arch.endswith("-quickgelu") and f"{arch}-quickgelu" in open_clip.list_models() else arch
+    return (
+        f"{arch}-quickgelu"
+        if quick and not arch.endswith("-quickgelu") and f"{arch}-quickgelu" in open_clip.list_models()
+        else arch
+    )
 
 
 def init_geometry(spec):
@@ -541,16 +656,20 @@ def init_geometry(spec):
         if is_checkpoint(spec):
             cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)["model_cfg"]
         elif spec.startswith("local-dir:"):
-            with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
+            with open(os.path.join(spec[len("local-dir:") :], "open_clip_config.json")) as f:
                 cfg = json.load(f)["model_cfg"]
         elif spec.startswith("hf-hub:"):
             from open_clip.factory import _get_hf_config  # a small download: the weights come later
-            cfg = _get_hf_config(spec[len("hf-hub:"):])["model_cfg"]
+
+            cfg = _get_hf_config(spec[len("hf-hub:") :])["model_cfg"]
         else:
             import open_clip
+
             cfg = open_clip.get_model_config(spec.partition(":")[0])
         size = cfg["vision_cfg"]["image_size"]
-        return int(size[0] if isinstance(size, (tuple, list)) else size), int(cfg["text_cfg"].get("context_length", 77))
+        return int(size[0] if isinstance(size, (tuple, list)) else size), int(
+            cfg["text_cfg"].get("context_length", 77)
+        )
     except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
         return None
 
@@ -567,15 +686,19 @@ def init_preprocess(spec):
     cfg = {}
     try:
         if is_checkpoint(spec):  # a fine-tune keeps its --init's (clip_hardneg.py, clip_dpo.py)
-            cfg = torch.load(spec, map_location="cpu", weights_only=True, mmap=True).get("preprocess_cfg") or {}
+            cfg = (
+                torch.load(spec, map_location="cpu", weights_only=True, mmap=True).get("preprocess_cfg") or {}
+            )
         elif spec.startswith("local-dir:"):
-            with open(os.path.join(spec[len("local-dir:"):], "open_clip_config.json")) as f:
+            with open(os.path.join(spec[len("local-dir:") :], "open_clip_config.json")) as f:
                 cfg = json.load(f).get("preprocess_cfg") or {}
         elif spec.startswith("hf-hub:"):
             from open_clip.factory import _get_hf_config
-            cfg = _get_hf_config(spec[len("hf-hub:"):]).get("preprocess_cfg") or {}
+
+            cfg = _get_hf_config(spec[len("hf-hub:") :]).get("preprocess_cfg") or {}
         else:
             import open_clip
+
             name, _, tag = spec.partition(":")
             cfg = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), tag) if tag else {}
     except Exception:  # a missing or damaged file, an unknown name: load_model's one line says which
@@ -587,7 +710,9 @@ def _preprocess(cfg):
     """an open_clip preprocess config (a dict, its keys a subset of PreprocessCfg's) over open_clip's
     defaults -> data.PREPROCESS's keys, lists as tuples"""
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
     from data import PREPROCESS
+
     merged = merge_preprocess_dict(PreprocessCfg(), cfg if isinstance(cfg, dict) else {})
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in PREPROCESS}
 
@@ -606,8 +731,14 @@ def load_clip(spec, device="cpu", flag="--init"):
                 ours = CLIP(**model.model_cfg)
             ours.load_state_dict(model.state_dict(), strict=True, assign=True)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})")
-        ours.model_cfg, ours.image_size, ours.preprocess_cfg = model.model_cfg, model.image_size, model.preprocess_cfg
+            raise SystemExit(
+                f"error: {flag} {spec}: minclip's CLIP cannot hold this model ({str(e).splitlines()[0]})"
+            ) from None
+        ours.model_cfg, ours.image_size, ours.preprocess_cfg = (
+            model.model_cfg,
+            model.image_size,
+            model.preprocess_cfg,
+        )
         model = ours
     return model.to(device).eval(), model.model_cfg, preprocess, tokenizer
 
@@ -616,14 +747,25 @@ def export_open_clip(model, model_cfg, out_dir):
     """Write an open_clip hub directory: open_clip_config.json + open_clip_model.safetensors, which
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads with strict=True."""
     from safetensors.torch import save_file
+
     os.makedirs(out_dir, exist_ok=True)
-    preprocess = getattr(model, "preprocess_cfg", None) or _preprocess({})  # a fine-tune's --init's, else OpenAI's
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"],
-                                                         **{k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}}}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # safetensors wants contiguous tensors
+    # a fine-tune's --init's, else OpenAI's
+    preprocess = getattr(model, "preprocess_cfg", None) or _preprocess({})
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {
+            "size": model_cfg["vision_cfg"]["image_size"],
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()},
+        },
+    }
+    # safetensors wants contiguous tensors
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # weights first: a crash between the two writes must not leave a config without weights, which
     # open_clip would load as a random model (see load_model)
-    weights, cfg_path = os.path.join(out_dir, "open_clip_model.safetensors"), os.path.join(out_dir, "open_clip_config.json")
+    weights, cfg_path = (
+        os.path.join(out_dir, "open_clip_model.safetensors"),
+        os.path.join(out_dir, "open_clip_config.json"),
+    )
     save_file(state, f"{weights}.tmp")
     os.replace(f"{weights}.tmp", weights)
     with open(f"{cfg_path}.tmp", "w") as f:

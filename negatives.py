@@ -10,6 +10,7 @@ Hard negatives for real captions, and the released hard-negative training files.
 Every bad input raises data.DataError naming the file and line. The shapes world's negatives are
 exact and live with the world (shapes.NEGATIVES).
 """
+
 import functools
 import json
 import os
@@ -24,29 +25,157 @@ from data import DataError, _caption, _need, csv_rows
 # the generator
 
 
-NEG_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "silver")
+NEG_COLOURS = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "gray",
+    "silver",
+)
 NEG_MATERIALS = ("wooden", "metal", "glass", "plastic", "stone", "brick", "paper", "leather", "ceramic")
 NEG_COUNTS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")  # not "one": "one dogs"
-NEG_SIZES = {"small": "large", "large": "small", "big": "little", "little": "big", "tiny": "huge", "huge": "tiny",
-             "tall": "short", "short": "tall", "long": "short"}  # antonyms: "big" -> "large" would be no negative
-NEG_OBJECTS = ("man", "woman", "boy", "girl", "child", "person", "player", "dog", "cat", "horse", "cow", "sheep",
-               "elephant", "giraffe", "zebra", "bear", "bird", "car", "bus", "truck", "train", "bicycle", "motorcycle",
-               "boat", "airplane", "table", "chair", "bed", "couch", "bench", "tree", "building", "plate", "bowl",
-               "cup", "pizza", "sandwich", "cake", "banana", "apple", "laptop", "phone", "clock", "kite", "umbrella",
-               "ball", "frisbee", "skateboard", "surfboard", "shirt", "hat", "sign", "window", "door", "wall",
-               "toilet", "sink", "box", "bag", "bottle", "vase", "book", "computer", "desk", "fence", "road")
-IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people", "sheep": "sheep"}
-NEG_VERBS = (("sitting", "sits"), ("standing", "stands"), ("holding", "holds"), ("riding", "rides"), ("eating", "eats"),
-             ("walking", "walks"), ("running", "runs"), ("playing", "plays"), ("flying", "flies"), ("lying", "lies"),
-             ("looking", "looks"), ("carrying", "carries"), ("throwing", "throws"), ("catching", "catches"),
-             ("drinking", "drinks"), ("cutting", "cuts"), ("watching", "watches"), ("driving", "drives"),
-             ("jumping", "jumps"), ("sleeping", "sleeps"), ("reading", "reads"), ("pulling", "pulls"),
-             ("pushing", "pushes"), ("kicking", "kicks"), ("wearing", "wears"), ("climbing", "climbs"))
+NEG_SIZES = {
+    "small": "large",
+    "large": "small",
+    "big": "little",
+    "little": "big",
+    "tiny": "huge",
+    "huge": "tiny",
+    # antonyms: "big" -> "large" would be no negative
+    "tall": "short",
+    "short": "tall",
+    "long": "short",
+}
+NEG_OBJECTS = (
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "child",
+    "person",
+    "player",
+    "dog",
+    "cat",
+    "horse",
+    "cow",
+    "sheep",
+    "elephant",
+    "giraffe",
+    "zebra",
+    "bear",
+    "bird",
+    "car",
+    "bus",
+    "truck",
+    "train",
+    "bicycle",
+    "motorcycle",
+    "boat",
+    "airplane",
+    "table",
+    "chair",
+    "bed",
+    "couch",
+    "bench",
+    "tree",
+    "building",
+    "plate",
+    "bowl",
+    "cup",
+    "pizza",
+    "sandwich",
+    "cake",
+    "banana",
+    "apple",
+    "laptop",
+    "phone",
+    "clock",
+    "kite",
+    "umbrella",
+    "ball",
+    "frisbee",
+    "skateboard",
+    "surfboard",
+    "shirt",
+    "hat",
+    "sign",
+    "window",
+    "door",
+    "wall",
+    "toilet",
+    "sink",
+    "box",
+    "bag",
+    "bottle",
+    "vase",
+    "book",
+    "computer",
+    "desk",
+    "fence",
+    "road",
+)
+IRREGULAR_PLURALS = {
+    "man": "men",
+    "woman": "women",
+    "child": "children",
+    "person": "people",
+    "sheep": "sheep",
+}
+NEG_VERBS = (
+    ("sitting", "sits"),
+    ("standing", "stands"),
+    ("holding", "holds"),
+    ("riding", "rides"),
+    ("eating", "eats"),
+    ("walking", "walks"),
+    ("running", "runs"),
+    ("playing", "plays"),
+    ("flying", "flies"),
+    ("lying", "lies"),
+    ("looking", "looks"),
+    ("carrying", "carries"),
+    ("throwing", "throws"),
+    ("catching", "catches"),
+    ("drinking", "drinks"),
+    ("cutting", "cuts"),
+    ("watching", "watches"),
+    ("driving", "drives"),
+    ("jumping", "jumps"),
+    ("sleeping", "sleeps"),
+    ("reading", "reads"),
+    ("pulling", "pulls"),
+    ("pushing", "pushes"),
+    ("kicking", "kicks"),
+    ("wearing", "wears"),
+    ("climbing", "climbs"),
+)
 # spatial relations and their converses; multi-word phrases are matched before their parts
-NEG_RELATIONS = {"left": "right", "right": "left", "above": "below", "below": "above", "on top of": "under",
-                 "on": "under", "under": "on", "beneath": "on top of", "in front of": "behind", "behind": "in front of",
-                 "inside": "outside", "outside": "inside", "top": "bottom", "bottom": "top", "near": "far from",
-                 "far from": "near", "over": "under"}
+NEG_RELATIONS = {
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "on top of": "under",
+    "on": "under",
+    "under": "on",
+    "beneath": "on top of",
+    "in front of": "behind",
+    "behind": "in front of",
+    "inside": "outside",
+    "outside": "inside",
+    "top": "bottom",
+    "bottom": "top",
+    "near": "far from",
+    "far from": "near",
+    "over": "under",
+}
 
 
 def _plural(noun):
@@ -55,10 +184,19 @@ def _plural(noun):
     return noun + "es" if noun.endswith(("s", "x", "ch", "sh")) else noun + "s"
 
 
-NEG_NOUNS = {**{o: (o, False) for o in NEG_OBJECTS}, **{_plural(o): (o, True) for o in NEG_OBJECTS if o != "sheep"}}
-NEG_ATTRIBUTES = {"colour": NEG_COLOURS, "material": NEG_MATERIALS, "count": NEG_COUNTS, "size": tuple(NEG_SIZES)}
+NEG_NOUNS = {
+    **{o: (o, False) for o in NEG_OBJECTS},
+    **{_plural(o): (o, True) for o in NEG_OBJECTS if o != "sheep"},
+}
+NEG_ATTRIBUTES = {
+    "colour": NEG_COLOURS,
+    "material": NEG_MATERIALS,
+    "count": NEG_COUNTS,
+    "size": tuple(NEG_SIZES),
+}
 _ADJECTIVES = {w for words in NEG_ATTRIBUTES.values() for w in words}
-_WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*")  # "t-shirt" and "man's" are one word each: never "shirt", "man"
+# "t-shirt" and "man's" are one word each: never "shirt", "man"
+_WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*")
 
 
 def _words(caption):
@@ -87,7 +225,7 @@ def _find_relations(words):
     while i < len(low):
         for p in phrases:
             n = len(p.split())
-            if low[i:i + n] == p.split():
+            if low[i : i + n] == p.split():
                 spans.append((i, i + n, p))
                 i += n - 1
                 break
@@ -139,11 +277,16 @@ def relation_swap(caption, rng):
     if not options:
         return None
     (a0, a1), (b0, b1) = rng.choice(options)
-    has_det = [words[a0][0].lower() in _DETERMINERS + NEG_COUNTS, words[b0][0].lower() in _DETERMINERS + NEG_COUNTS]
-    if has_det[0] != has_det[1]:  # "a man" <-> "road" (of "a dirt road") would give "a dirt a man": keep determiners
+    has_det = [
+        words[a0][0].lower() in _DETERMINERS + NEG_COUNTS,
+        words[b0][0].lower() in _DETERMINERS + NEG_COUNTS,
+    ]
+    # "a man" <-> "road" (of "a dirt road") would give "a dirt a man": keep determiners
+    if has_det[0] != has_det[1]:
         a0, b0 = a0 + has_det[0], b0 + has_det[1]
     A, B = [list(w) for w in words[a0:a1]], [list(w) for w in words[b0:b1]]
-    A[-1][1], B[-1][1] = words[b1 - 1][1], words[a1 - 1][1]  # each phrase takes the other's trailing separator
+    # each phrase takes the other's trailing separator
+    A[-1][1], B[-1][1] = words[b1 - 1][1], words[a1 - 1][1]
     if a0 == 0:  # keep a sentence-initial capital where it was
         B[0][0], A[0][0] = _match_case(B[0][0], words[0][0]), A[0][0].lower()
     out = words[:a0] + B + words[a1:b0] + A + words[b1:]
@@ -153,7 +296,12 @@ def relation_swap(caption, rng):
 def attribute_replace(caption, rng):
     """one colour, material, count or size word replaced by another of its kind (sizes by their antonym)."""
     lead, words = _words(caption)
-    options = [(i, kind) for i, (w, _) in enumerate(words) for kind, vocab in NEG_ATTRIBUTES.items() if w.lower() in vocab]
+    options = [
+        (i, kind)
+        for i, (w, _) in enumerate(words)
+        for kind, vocab in NEG_ATTRIBUTES.items()
+        if w.lower() in vocab
+    ]
     if not options:
         return None
     i, kind = rng.choice(options)
@@ -168,12 +316,20 @@ def attribute_swap(caption, rng):
     options = []
     for vocab in NEG_ATTRIBUTES.values():
         found = [i for i, (w, _) in enumerate(words) if w.lower() in vocab]
-        options += [(i, j) for n, i in enumerate(found) for j in found[n + 1:] if words[i][0].lower() != words[j][0].lower()]
+        options += [
+            (i, j)
+            for n, i in enumerate(found)
+            for j in found[n + 1 :]
+            if words[i][0].lower() != words[j][0].lower()
+        ]
     if not options:
         return None
     i, j = rng.choice(options)
     out = [list(w) for w in words]
-    out[i][0], out[j][0] = _match_case(words[j][0].lower(), words[i][0]), _match_case(words[i][0].lower(), words[j][0])
+    out[i][0], out[j][0] = (
+        _match_case(words[j][0].lower(), words[i][0]),
+        _match_case(words[i][0].lower(), words[j][0]),
+    )
     return _join(lead, out, [i, j])
 
 
@@ -200,6 +356,7 @@ def verb_replace(caption, rng):
     f, pair = form[words[i][0].lower()]
     return _replace_span(lead, words, i, i + 1, rng.choice([p for p in NEG_VERBS if p != pair])[f])
 
+
 # ARO's four order perturbations, on the normalised caption (lowercase, punctuation dropped). ARO
 # finds nouns and adjectives with a POS tagger; here they are the generator's word lists.
 
@@ -209,13 +366,17 @@ def _shuffle_order(caption, rng, how):
     for _ in range(10):  # a shuffle can give back the same order: retry, then give up
         out = list(words)
         if how in ("nouns_adjectives", "other_words"):
-            idx = [i for i, w in enumerate(words) if (w in NEG_NOUNS or w in _ADJECTIVES) == (how == "nouns_adjectives")]
+            idx = [
+                i
+                for i, w in enumerate(words)
+                if (w in NEG_NOUNS or w in _ADJECTIVES) == (how == "nouns_adjectives")
+            ]
             picked = [words[i] for i in idx]
             rng.shuffle(picked)
             for i, w in zip(idx, picked):
                 out[i] = w
         else:
-            trigrams = [words[i:i + 3] for i in range(0, len(words), 3)]
+            trigrams = [words[i : i + 3] for i in range(0, len(words), 3)]
             if how == "within_trigrams":
                 for t in trigrams:
                     rng.shuffle(t)
@@ -228,16 +389,30 @@ def _shuffle_order(caption, rng, how):
 
 
 CAPTION_NEGATIVES = {
-    "relation_swap": relation_swap, "relation_replace": relation_replace, "attribute_replace": attribute_replace,
-    "attribute_swap": attribute_swap, "object_replace": object_replace, "verb_replace": verb_replace,
+    "relation_swap": relation_swap,
+    "relation_replace": relation_replace,
+    "attribute_replace": attribute_replace,
+    "attribute_swap": attribute_swap,
+    "object_replace": object_replace,
+    "verb_replace": verb_replace,
     "shuffle_nouns_adjectives": functools.partial(_shuffle_order, how="nouns_adjectives"),
     "shuffle_other_words": functools.partial(_shuffle_order, how="other_words"),
     "shuffle_within_trigrams": functools.partial(_shuffle_order, how="within_trigrams"),
-    "shuffle_trigrams": functools.partial(_shuffle_order, how="trigrams")}
+    "shuffle_trigrams": functools.partial(_shuffle_order, how="trigrams"),
+}
 # the hard-negative *types* a caption gets, one negative each (CE-CLIP's four + ARO's order)
-NEGATIVE_TYPES = {"relation": ("relation_swap", "relation_replace"), "attribute": ("attribute_replace", "attribute_swap"),
-                  "object": ("object_replace",), "verb": ("verb_replace",),
-                  "order": ("shuffle_nouns_adjectives", "shuffle_other_words", "shuffle_within_trigrams", "shuffle_trigrams")}
+NEGATIVE_TYPES = {
+    "relation": ("relation_swap", "relation_replace"),
+    "attribute": ("attribute_replace", "attribute_swap"),
+    "object": ("object_replace",),
+    "verb": ("verb_replace",),
+    "order": (
+        "shuffle_nouns_adjectives",
+        "shuffle_other_words",
+        "shuffle_within_trigrams",
+        "shuffle_trigrams",
+    ),
+}
 
 
 def caption_negative(caption, kind, rng):
@@ -285,12 +460,20 @@ def read_negclip(path, image_root=None):
     counted from 0: the rows whose images are this row's hard-negative images).
     -> [(absolute image path, caption, [negative captions], [neg image rows])], one per row"""
     import ast
+
     image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
-    rows, records = [], csv_rows(path, delimiter="\t")  # text_lines' rules: UTF-8 with or without a BOM, strict quoting
+    # text_lines' rules: UTF-8 with or without a BOM, strict quoting
+    rows, records = [], csv_rows(path, delimiter="\t")
     _, header = next(records, (1, []))
-    cols = {name: header.index(name) for name in ("title", "filepath", "neg_caption", "neg_image") if name in header}
+    cols = {
+        name: header.index(name)
+        for name in ("title", "filepath", "neg_caption", "neg_image")
+        if name in header
+    }
     if len(cols) < 4:
-        raise DataError(f"{path}:1: expected the tab-separated columns title, filepath, neg_caption, neg_image; got {header}")
+        raise DataError(
+            f"{path}:1: expected the tab-separated columns title, filepath, neg_caption, neg_image; got {header}"
+        )
     for line, row in records:
         where = f"{path}:{line}"
         if len(row) != len(header):
@@ -303,11 +486,17 @@ def read_negclip(path, image_root=None):
                 parsed[name] = None
         negs, neg_rows = parsed["neg_caption"], parsed["neg_image"]
         if not (isinstance(negs, list) and negs and all(isinstance(n, str) for n in negs)):
-            raise DataError(f"{where}: neg_caption is not a list literal of strings: {row[cols['neg_caption']][:60]!r}")
+            raise DataError(
+                f"{where}: neg_caption is not a list literal of strings: {row[cols['neg_caption']][:60]!r}"
+            )
         if not (isinstance(neg_rows, list) and all(isinstance(n, int) for n in neg_rows)):
-            raise DataError(f"{where}: neg_image is not a list literal of row numbers: {row[cols['neg_image']][:60]!r}")
+            raise DataError(
+                f"{where}: neg_image is not a list literal of row numbers: {row[cols['neg_image']][:60]!r}"
+            )
         image = _image(os.path.join(image_root, row[cols["filepath"]]), where)
-        rows.append((where, (image, _caption(row[cols["title"]], where), [n.strip() for n in negs], neg_rows)))
+        rows.append(
+            (where, (image, _caption(row[cols["title"]], where), [n.strip() for n in negs], neg_rows))
+        )
     for where, (_, _, _, neg_rows) in rows:
         bad = [n for n in neg_rows if not 0 <= n < len(rows)]
         if bad:
@@ -326,12 +515,18 @@ def read_ceclip(path, image_root=None, allow_pickle=False):
     (image_root defaults to the file's folder). Unpickling runs code stored in the file, so this
     refuses unless allow_pickle (the --allow_pickle flag) says the file is trusted.
     -> [(absolute image path, caption, [relation, adjective, noun, verb negative or None])]"""
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy")) if os.path.isdir(path) else [_need(path)]
+    files = (
+        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
+        if os.path.isdir(path)
+        else [_need(path)]
+    )
     if not files:
         raise DataError(f"{path}: no .npy file in this folder")
     if not allow_pickle:
-        raise DataError(f"{files[0]}: CE-CLIP's .npy files are pickled object arrays, and unpickling runs code "
-                        "stored in the file: pass --allow_pickle if you trust it")
+        raise DataError(
+            f"{files[0]}: CE-CLIP's .npy files are pickled object arrays, and unpickling runs code "
+            "stored in the file: pass --allow_pickle if you trust it"
+        )
     image_root = os.path.dirname(os.path.abspath(files[0])) if image_root is None else image_root
     out = []
     for file in files:
@@ -344,11 +539,20 @@ def read_ceclip(path, image_root=None, allow_pickle=False):
             try:
                 valid = [int(v) for v in r["valid_caption"]]
                 if len(valid) != 5:
-                    raise DataError(f"{where}: valid_caption has {len(valid)} entries, expected 5 (the caption + 4 negatives)")
+                    raise DataError(
+                        f"{where}: valid_caption has {len(valid)} entries, expected 5 (the caption + 4 negatives)"
+                    )
                 caption = _caption(r["caption"], where)
-                negs = [r[k].strip() if ok and isinstance(r[k], str) and r[k].strip() not in ("###", "", caption) else None
-                        for k, ok in zip(CECLIP_TYPES, valid[1:])]
-                image = _image(os.path.join(image_root, "train2014", f"COCO_train2014_{int(r['image_id']):012d}.jpg"), where)
+                negs = [
+                    r[k].strip()
+                    if ok and isinstance(r[k], str) and r[k].strip() not in ("###", "", caption)
+                    else None
+                    for k, ok in zip(CECLIP_TYPES, valid[1:])
+                ]
+                image = _image(
+                    os.path.join(image_root, "train2014", f"COCO_train2014_{int(r['image_id']):012d}.jpg"),
+                    where,
+                )
             except (KeyError, TypeError, ValueError, IndexError) as e:
                 if isinstance(e, DataError):
                     raise
@@ -384,7 +588,7 @@ def _json_object_items(path, chunk=1 << 20):
             while True:
                 advance(_JSON_WS.match(buf, pos).end())
                 if pos < len(buf) or not fill():
-                    return buf[pos:pos + 1]
+                    return buf[pos : pos + 1]
 
         def value():
             while True:
@@ -421,12 +625,13 @@ def _json_object_items(path, chunk=1 << 20):
 
 def _hnc_pairs(key, value, where):
     """one image's HNC entry -> (image file name, [(positive caption, [its negative captions])], orphans)"""
-    if isinstance(value, dict) and isinstance(value.get("captions"), dict):  # train / val: negatives name their positive
+    # train / val: negatives name their positive
+    if isinstance(value, dict) and isinstance(value.get("captions"), dict):
         entries, name = value["captions"], f"{key}.jpg"
         try:
             pos = {str(k): (c["caption"].strip(), []) for k, c in entries.items() if int(c["label"]) == 1}
             orphans = 0
-            for k, c in entries.items():
+            for c in entries.values():
                 if int(c["label"]) == 0:
                     parent = pos.get(str(c.get("cpt_p_id")))
                     if parent is None:
@@ -467,7 +672,11 @@ class HNCData:
 
     def __init__(self, path, image_root=None, in_memory=False):
         self.path, self.orphans, self.index, self.items = path, 0, [], None
-        image_root = os.path.join(os.path.dirname(os.path.abspath(path)), "images") if image_root is None else image_root
+        image_root = (
+            os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+            if image_root is None
+            else image_root
+        )
         kept = []
         for key, value, start, n in _json_object_items(path):
             name, pairs, orphans = _hnc_pairs(key, value, f"{path}: image {key}")

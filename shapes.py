@@ -12,6 +12,7 @@ ShapesDataset is clip_scratch.py's training stream; eval.eval_shapes is the benc
 test_scenes (a fixed seed, a different random stream from training). bench/LOG.md (2026-11-23) has
 the calibration behind these choices (colour misbinding, sizes, backgrounds).
 """
+
 import functools
 import random
 import re
@@ -22,9 +23,18 @@ import torch
 
 from data import get_tokenizer, to_tensor
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 215, 50),
-           "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (240, 240, 240), "cyan": (60, 210, 220),
-           "pink": (250, 140, 200), "brown": (150, 95, 45)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 215, 50),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "cyan": (60, 210, 220),
+    "pink": (250, 140, 200),
+    "brown": (150, 95, 45),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SIZES = {"small": 0.11, "large": 0.19}  # half-extent as a fraction of the image side
 BACKGROUNDS = ("plain", "striped", "dotted", "checkered")  # dark, low-contrast textures
@@ -52,6 +62,7 @@ class Obj:
 class Scene:
     """Two objects on a background. objs[0] is left of (axis 'h') or above (axis 'v') objs[1];
     subj is the object the caption names first ("A left of B" and "B right of A" are both used)."""
+
     objs: tuple
     axis: str
     background: str
@@ -105,6 +116,7 @@ def test_scenes(n, seed=TEST_SEED):
             scenes.append(s)
     return scenes
 
+
 # twins: the same scene changed in exactly one compositional respect. The twin's caption is, word
 # for word, the original's hard negative, so a batch holding both (NegCLIP's hard-negative images,
 # TripletCLIP's grouped negatives) shows the same string as a positive and as a negative.
@@ -127,6 +139,7 @@ def _replace_one(s, attr, choices):
     i, used = rng.randrange(2), {getattr(o, attr) for o in s.objs}
     new = rng.choice([c for c in choices if c not in used])
     return replace(s, objs=tuple(replace(o, **{attr: new}) if j == i else o for j, o in enumerate(s.objs)))
+
 
 # exact hard-negative captions: each is false of the scene and differs from its caption
 
@@ -160,8 +173,13 @@ def word_shuffle(s):
     return " ".join(words)
 
 
-NEGATIVES = {"relation": relation_flip, "attribute_swap": attribute_swap, "colour_replace": colour_replace,
-             "shape_replace": shape_replace, "word_order": word_shuffle}
+NEGATIVES = {
+    "relation": relation_flip,
+    "attribute_swap": attribute_swap,
+    "colour_replace": colour_replace,
+    "shape_replace": shape_replace,
+    "word_order": word_shuffle,
+}
 
 
 # the systematic-generalisation split (--holdout combos): some colour-shape pairs and some
@@ -169,8 +187,10 @@ NEGATIVES = {"relation": relation_flip, "attribute_swap": attribute_swap, "colou
 # show one are "unseen", the others "seen". Does a fix compose, or memorise the combinations?
 HOLDOUT_SEED, HOLDOUT_SHARE = 4321, 0.15
 _PAIR = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
-_TRIPLE = re.compile(rf"\b({'|'.join(SHAPES)}) (?:is )?({'|'.join(CONVERSE)}) (?:a|the) (?:(?:{'|'.join(SIZES)}) )?"
-                     rf"(?:(?:{'|'.join(COLOURS)}) )?({'|'.join(SHAPES)})\b")
+_TRIPLE = re.compile(
+    rf"\b({'|'.join(SHAPES)}) (?:is )?({'|'.join(CONVERSE)}) (?:a|the) (?:(?:{'|'.join(SIZES)}) )?"
+    rf"(?:(?:{'|'.join(COLOURS)}) )?({'|'.join(SHAPES)})\b"
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -180,7 +200,9 @@ def holdout_combos(seed=HOLDOUT_SEED, share=HOLDOUT_SHARE):
     rng = random.Random(f"holdout-{seed}")
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     triples = [(a, r, b) for a in SHAPES for r in CONVERSE for b in SHAPES if a != b]
-    return frozenset(rng.sample(pairs, round(share * len(pairs)))), frozenset(rng.sample(triples, round(share * len(triples))))
+    return frozenset(rng.sample(pairs, round(share * len(pairs)))), frozenset(
+        rng.sample(triples, round(share * len(triples)))
+    )
 
 
 def combos(s):
@@ -206,8 +228,12 @@ def trainable(s, held, negatives=()):
     (their captions, statements, descriptions and partial captions state nothing else), and the
     hard negatives of `negatives` (NEGATIVES keys) besides the twins' (relation, attribute_swap)"""
     twins = (s, mirror(s), swap_colours(s), mirror(swap_colours(s)))
-    extra = [_replace_one(x, k, list(COLOURS) if k == "colour" else SHAPES) for x in twins for k, kind in
-             (("colour", "colour_replace"), ("shape", "shape_replace")) if kind in negatives]
+    extra = [
+        _replace_one(x, k, list(COLOURS) if k == "colour" else SHAPES)
+        for x in twins
+        for k, kind in (("colour", "colour_replace"), ("shape", "shape_replace"))
+        if kind in negatives
+    ]
     if any(unseen(x, held) for x in (*twins, *extra)):
         return False
     shuffled = [text_combos(word_shuffle(x)) for x in twins] if "word_order" in negatives else []
@@ -218,11 +244,18 @@ def description(s):
     """a long, multi-sentence description (the CLIPS "synthetic caption"), longer than the text
     context: every fact of the scene, one per sentence."""
     a, b = s.objs[s.subj], s.objs[1 - s.subj]
-    where = {"left of": "on the left", "right of": "on the right", "above": "at the top", "below": "at the bottom"}
-    return (f"The image shows two shapes on a {s.background} dark background. "
-            f"{a.name().capitalize()} is {a.size}. {b.name().capitalize()} is {b.size}. "
-            f"{a.name().capitalize()} is {s.relation()} {b.name()}. {b.name().capitalize()} is {CONVERSE[s.relation()]} {a.name()}. "
-            f"{a.name().capitalize()} is {where[s.relation()]} and {b.name()} is {where[CONVERSE[s.relation()]]}.")
+    where = {
+        "left of": "on the left",
+        "right of": "on the right",
+        "above": "at the top",
+        "below": "at the bottom",
+    }
+    return (
+        f"The image shows two shapes on a {s.background} dark background. "
+        f"{a.name().capitalize()} is {a.size}. {b.name().capitalize()} is {b.size}. "
+        f"{a.name().capitalize()} is {s.relation()} {b.name()}. {b.name().capitalize()} is {CONVERSE[s.relation()]} {a.name()}. "
+        f"{a.name().capitalize()} is {where[s.relation()]} and {b.name()} is {where[CONVERSE[s.relation()]]}."
+    )
 
 
 def partial_caption(s, rng):
@@ -230,16 +263,28 @@ def partial_caption(s, rng):
     templates, each true of `s` and each leaving facts out (always the sizes or the second object;
     then the relation and background, or the colours and background). description(s) has them all."""
     a, b = s.objs[s.subj], s.objs[1 - s.subj]
-    return rng.choice([f"a {a.colour} {a.shape} and a {b.colour} {b.shape}",
-                       f"a {a.shape} {s.relation()} a {b.shape}",
-                       f"a {a.size} {a.colour} {a.shape} on a {s.background} background"])
+    return rng.choice(
+        [
+            f"a {a.colour} {a.shape} and a {b.colour} {b.shape}",
+            f"a {a.shape} {s.relation()} a {b.shape}",
+            f"a {a.size} {a.colour} {a.shape} on a {s.background} background",
+        ]
+    )
 
 
 def shapes_vocab():
     """the sorted token ids of every word the world's texts use (captions, negatives, descriptions,
     statements) + SOT/EOT: the captioner's output vocabulary on the shapes world"""
-    words = [*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *CONVERSE, "a the an on is and image shows two shapes of dark background",
-             "at top bottom left right", ". ,"]
+    words = [
+        *COLOURS,
+        *SHAPES,
+        *SIZES,
+        *BACKGROUNDS,
+        *CONVERSE,
+        "a the an on is and image shows two shapes of dark background",
+        "at top bottom left right",
+        ". ,",
+    ]
     tokenizer = get_tokenizer()
     return sorted(set(tokenizer.encode(" ".join(words))) | {tokenizer.sot_token_id, tokenizer.eot_token_id})
 
@@ -248,15 +293,21 @@ def statements(s):
     """true/false spatial statements in VSR's form "The <subj> is <relation> the <obj>." ->
     [(text, label)]: the caption's relation (True) and its converse (False)."""
     a, b = s.objs[s.subj], s.objs[1 - s.subj]
-    return [(f"The {a.colour} {a.shape} is {r} the {b.colour} {b.shape}.", r == s.relation())
-            for r in (s.relation(), CONVERSE[s.relation()])]
+    return [
+        (f"The {a.colour} {a.shape} is {r} the {b.colour} {b.shape}.", r == s.relation())
+        for r in (s.relation(), CONVERSE[s.relation()])
+    ]
 
 
 @functools.lru_cache(maxsize=16)
 def _canvas(background, size):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    texture = {"plain": np.zeros_like(xx), "striped": ((xx + yy) // 4) % 2, "dotted": (xx % 6 < 2) & (yy % 6 < 2),
-               "checkered": (xx // 8 + yy // 8) % 2}[background]
+    texture = {
+        "plain": np.zeros_like(xx),
+        "striped": ((xx + yy) // 4) % 2,
+        "dotted": (xx % 6 < 2) & (yy % 6 < 2),
+        "checkered": (xx // 8 + yy // 8) % 2,
+    }[background]
     return np.repeat((18.0 + 30.0 * texture)[..., None], 3, axis=2), yy + 0.5, xx + 0.5
 
 
@@ -302,11 +353,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, image_size, seed=0, swap_noise=0.5, caption_style="full", held=None):
         if caption_style not in CAPTION_STYLES:
             raise ValueError(f"caption_style={caption_style!r}: expected one of {CAPTION_STYLES}")
-        self.image_size, self.seed, self.swap_noise, self.caption_style = image_size, seed, swap_noise, caption_style
+        self.image_size, self.seed, self.swap_noise, self.caption_style = (
+            image_size,
+            seed,
+            swap_noise,
+            caption_style,
+        )
         self.held = held  # holdout_combos() or None
 
     def __len__(self):
-        return 2 ** 62
+        return 2**62
 
     def __getitem__(self, key):
         s, rng = training_scene("train", self.seed, key, self.held)

@@ -6,6 +6,7 @@ run's log (metrics.jsonl, wandb, the printed lines). The model and its checkpoin
 
 Method scripts import this module; it imports none of them.
 """
+
 import argparse
 import datetime
 import json
@@ -29,8 +30,12 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, doc):
         class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
             pass
-        super().__init__(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
-                         formatter_class=Help)
+
+        super().__init__(
+            description=doc.split("\n\n")[0],
+            epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+            formatter_class=Help,
+        )
 
     def add_argument(self, *names, **kw):  # a flag without help text shows its default too
         if "help" not in kw and kw.get("action") not in ("help", "version"):
@@ -41,12 +46,28 @@ class Parser(argparse.ArgumentParser):
         """the defaults that depend on --data, shown at the end of --help: every flag of the presets has
         default None, which apply_preset fills after parsing. unset: what a None means ({flag: words} or
         the words for every flag)"""
-        say = lambda k, v: ("-" if k == "epochs" else unset.get(k, "from the run's length") if isinstance(unset, dict) else unset) if v is None else v  # noqa: E731
+        # noqa: E731
+        say = lambda k, v: (
+            (
+                "-"
+                if k == "epochs"
+                else unset.get(k, "from the run's length")
+                if isinstance(unset, dict)
+                else unset
+            )
+            if v is None
+            else v
+        )
         rows = [f"  --{k:<16} {str(say(k, shapes[k])):<12} {say(k, real[k])}" for k in shapes]
         self.epilog = (self.epilog or "") + "\n\nDefaults by --data (shapes | real data):\n" + "\n".join(rows)
 
     def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong
-        self.exit(2, f"error: {message} (python {self.prog} --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
+        self.exit(
+            2,
+            f"error: {message} (python {self.prog} --help)\n"
+            if int(os.environ.get("RANK", 0)) == 0
+            else None,
+        )
 
 
 @contextmanager
@@ -91,7 +112,11 @@ def setup_distributed(device_flag, timeout=7200):
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if "RANK" in os.environ:
         global _HOST_GROUP
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank, world = (
+            int(os.environ["RANK"]),
+            int(os.environ["LOCAL_RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+        )
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
         if use_cuda:  # host-side ints (host_ints) travel by gloo: nccl's would wait for the GPU's queue
             _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -142,13 +167,19 @@ def schedule(args, n_items, world):
     else:
         per_epoch = max(1, n_items // global_batch)
         args.max_steps = args.epochs * per_epoch if args.max_steps is None else args.max_steps
-        args.warmup_steps = max(1, round(WARMUP_FRACTION * args.max_steps)) if args.warmup_steps is None else args.warmup_steps
+        args.warmup_steps = (
+            max(1, round(WARMUP_FRACTION * args.max_steps))
+            if args.warmup_steps is None
+            else args.warmup_steps
+        )
         args.eval_every = per_epoch if args.eval_every is None else args.eval_every
         args.ckpt_every = per_epoch if args.ckpt_every is None else args.ckpt_every
         what = f"{args.max_steps / per_epoch:.3g} epochs of {n_items:,} items = {args.max_steps} steps ({per_epoch} an epoch)"
     every = lambda n: f"every {n} steps" if n else "at the end"  # noqa: E731
-    return (f"{what} of global batch {global_batch} ({world} x {args.batch_items}) | warmup {args.warmup_steps} steps | "
-            f"eval {every(args.eval_every)}, checkpoint {every(args.ckpt_every)}")
+    return (
+        f"{what} of global batch {global_batch} ({world} x {args.batch_items}) | warmup {args.warmup_steps} steps | "
+        f"eval {every(args.eval_every)}, checkpoint {every(args.ckpt_every)}"
+    )
 
 
 class _AllGather(torch.autograd.Function):
@@ -179,7 +210,11 @@ def all_gather_with_grad(x):
 def to_device(x, device, n=None):
     """a batch (a tensor, or tuples / dicts of them) on the device; n: keep the first n rows of each tensor"""
     if isinstance(x, (tuple, list, dict)):
-        return {k: to_device(v, device, n) for k, v in x.items()} if isinstance(x, dict) else type(x)(to_device(y, device, n) for y in x)
+        return (
+            {k: to_device(v, device, n) for k, v in x.items()}
+            if isinstance(x, dict)
+            else type(x)(to_device(y, device, n) for y in x)
+        )
     return (x if n is None else x[:n]).to(device, non_blocking=True)
 
 
@@ -228,18 +263,30 @@ def global_mean(total, count):
 # MFU: "bfloat16" / "float16" the 16-bit tensor cores, "float32" TF32's (autocast_ctx switches it on).
 # Exact names, because a substring reads an H100 PCIe or NVL as the SXM part; a name or dtype not here
 # (a MIG slice, an A10G) gives 0 and MFU is not reported
-_H100_SXM, _NVL = {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}, {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}
+_H100_SXM, _NVL = (
+    {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},
+    {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12},
+)
 _A100 = {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}
 PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
-    "NVIDIA H100 NVL": _NVL, "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _NVL,
-    "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100 80GB PCIe": _A100, "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
     "NVIDIA L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
     "NVIDIA L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
     "NVIDIA A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
-    "NVIDIA GeForce RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},  # fp32 accumulation
+    # fp32 accumulation
+    "NVIDIA GeForce RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},
     "NVIDIA GeForce RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
-    "Tesla V100-SXM2-16GB": {"float16": 125e12}, "Tesla V100-SXM2-32GB": {"float16": 125e12},  # no bf16, no TF32
+    # no bf16, no TF32
+    "Tesla V100-SXM2-16GB": {"float16": 125e12},
+    "Tesla V100-SXM2-32GB": {"float16": 125e12},
 }
 
 
@@ -257,15 +304,15 @@ def count_flops(enabled):
         yield None
         return
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         yield counter
-
-
 
 
 def resolve_dtype(flag, device):
     """--dtype auto: bfloat16 autocast on CUDA, float32 elsewhere"""
     return flag if flag != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+
 
 # -----------------------------------------------------------------------------
 # the loop's contract and its log
@@ -280,6 +327,7 @@ class Model(NamedTuple):
     param_groups: AdamW's groups (model.param_groups), each with its 'lr_mult'
     state: the method's state, the script's State dataclass (step_loss reads it; save_state keeps its
         part of a checkpoint; the loop sets state.step before each step)"""
+
     clip: torch.nn.Module
     module: torch.nn.Module
     preprocess: object
@@ -299,7 +347,9 @@ class RunLog:
         os.makedirs(args.out_dir, exist_ok=True)
         if master:
             keep = start_step and os.path.exists(self.path)
-            kept = [line for line in open(self.path) if json.loads(line)["step"] <= start_step] if keep else []
+            kept = (
+                [line for line in open(self.path) if json.loads(line)["step"] <= start_step] if keep else []
+            )
             with open(self.path, "w") as f:
                 f.writelines(kept)
             if args.wandb:
@@ -320,8 +370,10 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.wandb:
-                self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")},
-                               step=record["step"])
+                self.wandb.log(
+                    {f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")},
+                    step=record["step"],
+                )
 
     def train(self, step, loss, stats, lr, logit_scale, flops, peak, skipped):
         """the log line of the --log_every steps since the last one, and its record (a host sync)"""
@@ -329,14 +381,29 @@ class RunLog:
         ips, eta = self.n_images * self.world / dt, int((self.max_steps - step) * dt / n_steps)
         self.last_step, self.n_images = step, 0
         self.restart_clock()
-        print0(f"step {step}/{self.max_steps} | loss {loss.item():.4f} | " + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
-               + f"lr {lr:.2e} | scale {logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
-               + (f" | mfu {100 * flops * self.world * n_steps / dt / peak:.1f}%" if peak and flops else "")
-               + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v))
-        self({"step": step, "split": "train", "loss": loss.item(), **{k: v.item() for k, v in stats.items()}, "lr": lr})
+        print0(
+            f"step {step}/{self.max_steps} | loss {loss.item():.4f} | "
+            + "".join(f"{k} {v.item():.3f} | " for k, v in stats.items())
+            + f"lr {lr:.2e} | scale {logit_scale.exp().item():.1f} | {dt / n_steps * 1000:.0f} ms/step | {ips:.0f} img/s"
+            + (f" | mfu {100 * flops * self.world * n_steps / dt / peak:.1f}%" if peak and flops else "")
+            + f" | eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+            + "".join(f" | skipped {v} {k}" for k, v in skipped.items() if v)
+        )
+        self(
+            {
+                "step": step,
+                "split": "train",
+                "loss": loss.item(),
+                **{k: v.item() for k, v in stats.items()},
+                "lr": lr,
+            }
+        )
 
     def eval(self, step, split, metrics, seconds):
-        print0(f"eval {split} step {step} ({seconds:.1f}s): " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        print0(
+            f"eval {split} step {step} ({seconds:.1f}s): "
+            + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        )
         self({"step": step, "split": split, **metrics})
 
     def table(self, start, end, step):

@@ -7,6 +7,7 @@ markdown table.
     python bench/bench_data.py                 # N=400, 2 workers, 224 px
     python bench/bench_data.py --n 2000 --workers 8
 """
+
 import argparse
 import csv
 import os
@@ -29,6 +30,7 @@ parser.add_argument("--image_size", type=int, default=224)
 parser.add_argument("--repeats", type=int, default=2, help="epochs timed per mode; the fastest is reported")
 args = parser.parse_args()
 
+
 def make_flickr8k(root, n):
     # photo-like content (smooth low-res noise upsampled, plus grain) so the jpegs are about real size
     rng = np.random.default_rng(0)
@@ -39,25 +41,39 @@ def make_flickr8k(root, n):
         for i in range(n):
             name = f"{1000000000 + i}_{i:010x}.jpg"
             w, h = (500, 375) if i % 4 else (375, 500)  # some portrait images, like flickr
-            low = Image.fromarray(rng.integers(0, 256, (h // 25, w // 25, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-            pixels = np.clip(np.asarray(low, np.int16) + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
+            low = Image.fromarray(rng.integers(0, 256, (h // 25, w // 25, 3), dtype=np.uint8)).resize(
+                (w, h), Image.BICUBIC
+            )
+            pixels = np.clip(np.asarray(low, np.int16) + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(
+                np.uint8
+            )
             Image.fromarray(pixels).save(os.path.join(root, "Images", name), quality=90)
             rows.writerows([name, f"A photo number {i}, take {k} ."] for k in range(5))
+
 
 def epoch_seconds(ds):
     best = float("inf")
     for _ in range(args.repeats):
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate
+        )
         t0 = time.perf_counter()
-        seen = sum(len(images) for images, *_ in loader)  # collate: (images, captions, synthetic, rngs, n_skipped)
+        # collate: (images, captions, synthetic, rngs, n_skipped)
+        seen = sum(len(images) for images, *_ in loader)
         best = min(best, time.perf_counter() - t0)
         assert seen == len(ds)
     return best
 
+
 with tempfile.TemporaryDirectory() as tmp:
     root, cache = os.path.join(tmp, "flickr8k"), os.path.join(tmp, "cache.u8")
     make_flickr8k(root, args.n)
-    mb = sum(os.path.getsize(os.path.join(root, "Images", p)) for p in os.listdir(os.path.join(root, "Images"))) / 2**20
+    mb = (
+        sum(
+            os.path.getsize(os.path.join(root, "Images", p)) for p in os.listdir(os.path.join(root, "Images"))
+        )
+        / 2**20
+    )
     items = sum(read_flickr8k(root).values(), [])
     plain = epoch_seconds(ImageTextDataset(items, args.image_size))
     t0 = time.perf_counter()
@@ -65,11 +81,15 @@ with tempfile.TemporaryDirectory() as tmp:
     build = time.perf_counter() - t0
     cached = epoch_seconds(ImageTextDataset(items, args.image_size, cache_path=cache))
 
-print(f"{args.n} jpegs ({mb:.1f} MB), image_size {args.image_size}, batch {args.batch_size}, "
-      f"{args.workers} workers, torch threads {torch.get_num_threads()}, best of {args.repeats} epochs")
+print(
+    f"{args.n} jpegs ({mb:.1f} MB), image_size {args.image_size}, batch {args.batch_size}, "
+    f"{args.workers} workers, torch threads {torch.get_num_threads()}, best of {args.repeats} epochs"
+)
 print("| mode | build s | s/epoch | images/s |")
 print("|---|---|---|---|")
 print(f"| decode jpeg | - | {plain:.2f} | {args.n / plain:.0f} |")
 print(f"| memmap cache | {build:.2f} | {cached:.2f} | {args.n / cached:.0f} |")
-print(f"\ncache speedup per epoch: {plain / cached:.1f}x; the build pays for itself after "
-      f"{build / max(plain - cached, 1e-9):.1f} epochs")
+print(
+    f"\ncache speedup per epoch: {plain / cached:.1f}x; the build pays for itself after "
+    f"{build / max(plain - cached, 1e-9):.1f} epochs"
+)

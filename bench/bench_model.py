@@ -7,6 +7,7 @@ backward + AdamW, timed interleaved (A, B, A, B, ...) in one process so machine 
 
 Prints a markdown table; the ratio is minclip time / open_clip time (lower is better).
 """
+
 import argparse
 import os
 import statistics
@@ -36,7 +37,9 @@ models = {"minclip": CLIP(**cfg), "open_clip": open_clip.CLIP(**cfg)}
 models["open_clip"].load_state_dict(models["minclip"].state_dict())
 device = torch.device(args.device)
 images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-tokens = open_clip.tokenizer.SimpleTokenizer(context_length=args.context_length)([args.caption] * args.batch_size).to(device)
+tokens = open_clip.tokenizer.SimpleTokenizer(context_length=args.context_length)(
+    [args.caption] * args.batch_size
+).to(device)
 opts = {}
 for name, m in models.items():
     m.to(device).train()
@@ -64,9 +67,11 @@ for i in range(args.steps + 3):
 
 ms = {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 n_tok = int(tokens[0].argmax()) + 1
-print(f"config: {args.size}, image {args.image_size}, context {args.context_length} (caption {n_tok} tokens), "
-      f"batch {args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-      f"median of {args.steps} interleaved steps\n")
+print(
+    f"config: {args.size}, image {args.image_size}, context {args.context_length} (caption {n_tok} tokens), "
+    f"batch {args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    f"median of {args.steps} interleaved steps\n"
+)
 print("| model | ms/step | img/s |\n|---|---|---|")
 for name in models:
     print(f"| {name} | {ms[name]:.1f} | {args.batch_size / ms[name] * 1000:.0f} |")

@@ -7,6 +7,7 @@ compared with token q+1 of shapes.description(scene).
     python bench/captioner_tokens.py out/clips_study_partial/captioner_s*/ckpt.pt
     python bench/captioner_tokens.py out/clips_study/captioner_s0/ckpt.pt --caption_style full
 """
+
 import argparse
 import collections
 import os
@@ -21,8 +22,13 @@ import shapes  # noqa: E402
 from eval import load_captioner  # noqa: E402
 from model import load_model  # noqa: E402
 
-KINDS = {**{w: "colour" for w in shapes.COLOURS}, **{w: "size" for w in shapes.SIZES}, **{w: "background" for w in shapes.BACKGROUNDS},
-         **{w: "shape" for w in shapes.SHAPES}, **{w: "relation" for w in ("left", "right", "above", "below", "top", "bottom")}}
+KINDS = {
+    **{w: "colour" for w in shapes.COLOURS},
+    **{w: "size" for w in shapes.SIZES},
+    **{w: "background" for w in shapes.BACKGROUNDS},
+    **{w: "shape" for w in shapes.SHAPES},
+    **{w: "relation" for w in ("left", "right", "above", "below", "top", "bottom")},
+}
 COLUMNS = ["all", "colour", "size", "background", "shape", "relation", "other"]
 
 
@@ -34,11 +40,18 @@ def accuracy(ckpt, caption_style, n, batch=50):
     target_tok, hit, count = data.get_tokenizer(77), collections.Counter(), collections.Counter()
     scenes = shapes.test_scenes(n)
     for i in range(0, n, batch):
-        part = scenes[i:i + batch]
-        webs = [shapes.partial_caption(s, random.Random(i + j)) if caption_style == "partial" else s.caption() for j, s in enumerate(part)]
+        part = scenes[i : i + batch]
+        webs = [
+            shapes.partial_caption(s, random.Random(i + j)) if caption_style == "partial" else s.caption()
+            for j, s in enumerate(part)
+        ]
         images = torch.stack([data.to_tensor(shapes.render(s, model.image_size)) for s in part])
         web = tok(webs)
-        logits = captioner(model.encode_image(images, return_tokens=True)[1], model.encode_text(web, return_tokens=True)[1], web)
+        logits = captioner(
+            model.encode_image(images, return_tokens=True)[1],
+            model.encode_text(web, return_tokens=True)[1],
+            web,
+        )
         pred = captioner.greedy(logits)
         target = target_tok([shapes.description(s) for s in part])[:, 1:]  # query q predicts token q + 1
         for b, t in enumerate(target.tolist()):
@@ -52,7 +65,12 @@ def accuracy(ckpt, caption_style, n, batch=50):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpts", nargs="+", help="clip_scratch.py checkpoints trained with --captioner_weight")
-    p.add_argument("--caption_style", default="partial", choices=shapes.CAPTION_STYLES, help="the web caption each scene is given")
+    p.add_argument(
+        "--caption_style",
+        default="partial",
+        choices=shapes.CAPTION_STYLES,
+        help="the web caption each scene is given",
+    )
     p.add_argument("--n", type=int, default=300, help="test scenes")
     args = p.parse_args()
     torch.set_num_threads(1)

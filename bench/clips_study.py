@@ -17,6 +17,7 @@ text encoder sees of the synthetic caption (and, in the last row, the captioner)
 --context_length 77, so that the 59-66-token descriptions fit whole in the "full" row, and the
 same web captions: terse, partial ones by default (shapes.partial_caption), as CLIPS assumes.
 """
+
 import argparse
 import json
 import os
@@ -38,8 +39,18 @@ ROWS = {  # row -> (run folder, flags)
     "block K=16": ("block16", ["--caption_mask", "block", "--mask_len", "16"]),
     "block K=64": ("block64", ["--caption_mask", "block", "--mask_len", "64"]),
 }
-METRICS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/rsum", "probe/relation",
-           "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "diag/relation_text_cos"]
+METRICS = [
+    "retrieval/i2t_r1",
+    "retrieval/t2i_r1",
+    "retrieval/i2t_r5",
+    "retrieval/rsum",
+    "probe/relation",
+    "probe/attribute_swap",
+    "probe/colour_replace",
+    "probe/shape_replace",
+    "probe/word_order",
+    "diag/relation_text_cos",
+]
 
 
 def final_eval(metrics, steps):
@@ -58,11 +69,37 @@ def run(row, seed, args):
     out = os.path.join(args.out_dir, f"{ROWS[row][0]}_s{seed}")
     metrics = os.path.join(out, "metrics.jsonl")
     if final_eval(metrics, args.steps) is None:  # finished runs are reused, so the study can be resumed
-        cmd = [sys.executable, "clip_scratch.py", "--context_length", "77", "--max_steps", str(args.steps),
-               "--warmup_steps", str(args.warmup), "--eval_every", "0", "--ckpt_every", "0", "--log_every", "100",
-               "--seed", str(seed), "--out_dir", out, "--caption_style", args.caption_style, *ROWS[row][1]]
+        cmd = [
+            sys.executable,
+            "clip_scratch.py",
+            "--context_length",
+            "77",
+            "--max_steps",
+            str(args.steps),
+            "--warmup_steps",
+            str(args.warmup),
+            "--eval_every",
+            "0",
+            "--ckpt_every",
+            "0",
+            "--log_every",
+            "100",
+            "--seed",
+            str(seed),
+            "--out_dir",
+            out,
+            "--caption_style",
+            args.caption_style,
+            *ROWS[row][1],
+        ]
         t = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), capture_output=True, text=True)
+        r = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise SystemExit(f"{row} seed {seed} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         print(f"{row:34s} seed {seed}: {time.time() - t:.0f}s", flush=True)
@@ -79,9 +116,18 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--rows", nargs="+", default=[f for f, _ in ROWS.values()][:7], help="run folders: " + " ".join(f for f, _ in ROWS.values()))
-    p.add_argument("--caption_style", default="partial", choices=("full", "partial"),
-                   help="the shapes web captions of every row (clip_scratch.py --caption_style)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=[f for f, _ in ROWS.values()][:7],
+        help="run folders: " + " ".join(f for f, _ in ROWS.values()),
+    )
+    p.add_argument(
+        "--caption_style",
+        default="partial",
+        choices=("full", "partial"),
+        help="the shapes web captions of every row (clip_scratch.py --caption_style)",
+    )
     p.add_argument("--out_dir", default="out/clips_study_partial")
     p.add_argument("--json", default=None, help="default: out_dir/study.json")
     args = p.parse_args()
@@ -91,15 +137,29 @@ def main():
         results = list(pool.map(lambda job: (job, run(*job, args)), jobs))
     every = [k for k in results[0][1] if k.startswith(("retrieval/", "probe/", "diag/"))]
     with open(args.json or os.path.join(args.out_dir, "study.json"), "w") as f:  # every metric of every run
-        json.dump({"steps": args.steps, "seeds": args.seeds, "caption_style": args.caption_style,
-                   "rows": {row: {k: [m[k] for (r, _), m in results if r == row] for k in every} for row in rows}}, f, indent=1)
+        json.dump(
+            {
+                "steps": args.steps,
+                "seeds": args.seeds,
+                "caption_style": args.caption_style,
+                "rows": {
+                    row: {k: [m[k] for (r, _), m in results if r == row] for k in every} for row in rows
+                },
+            },
+            f,
+            indent=1,
+        )
     table = {row: {k: [m[k] for (r, _), m in results if r == row] for k in METRICS} for row in rows}
     short = [k.split("/")[1] for k in METRICS]
     print(f"\n{args.steps} steps x 128, {args.caption_style} web captions, seeds {args.seeds}: mean +- std")
     print("| row | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
     for row, cols in table.items():
-        cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" if "rsum" not in k
-                 else f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}" for k, v in cols.items()]
+        cells = [
+            f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+            if "rsum" not in k
+            else f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+            for k, v in cols.items()
+        ]
         print(f"| {row} | " + " | ".join(cells) + " |")
 
 

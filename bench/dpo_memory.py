@@ -16,6 +16,7 @@ moments (16 bytes / parameter), the autocast bf16 copies of the weight matrices 
 (2 bytes), and the reference (bf16 matrices, fp32 rest). Not counted: the CUDA context (~0.5 GB),
 allocator fragmentation, the data loader.
 """
+
 import argparse
 import os
 import sys
@@ -29,7 +30,12 @@ from model import CLIP  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="ViT-H-14")
-p.add_argument("--text_tokens", type=int, default=16, help="SOT..EOT of the batch's longest caption (VSR captions: ~10-14)")
+p.add_argument(
+    "--text_tokens",
+    type=int,
+    default=16,
+    help="SOT..EOT of the batch's longest caption (VSR captions: ~10-14)",
+)
 p.add_argument("--texts_per_group", type=int, default=2, help="VSR i2t: the caption and its contrast")
 p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
 args = p.parse_args()
@@ -41,8 +47,11 @@ with torch.device("meta"):
 n_params = sum(p.numel() for p in full.parameters())
 n_matrix = sum(p.numel() for n, p in full.named_parameters() if p.ndim >= 2 and "embedding" not in n)
 layers = {"visual": cfg["vision_cfg"]["layers"], "text": cfg["text_cfg"]["layers"]}
-static = {"weights + grads + AdamW (fp32)": 16 * n_params, "autocast bf16 weight copies": 2 * n_matrix,
-          "reference (bf16 matrices)": 2 * n_matrix + 4 * (n_params - n_matrix)}
+static = {
+    "weights + grads + AdamW (fp32)": 16 * n_params,
+    "autocast bf16 weight copies": 2 * n_matrix,
+    "reference (bf16 matrices)": 2 * n_matrix + 4 * (n_params - n_matrix),
+}
 
 # per-group activations, measured on shallow copies at full width: (vision, text) layers = (1, 1),
 # (2, 1), (1, 2) give each tower's bytes per layer and the depth-independent rest
@@ -52,24 +61,40 @@ dpo_args = clip_dpo.get_args(["--loss", "dpo", "--imc_weight", "0"])
 
 def saved_bytes(n_groups, v_layers, t_layers):
     torch.manual_seed(0)
-    policy = CLIP(**{**cfg, "vision_cfg": {**cfg["vision_cfg"], "layers": v_layers}, "text_cfg": {**cfg["text_cfg"], "layers": t_layers}})
+    policy = CLIP(
+        **{
+            **cfg,
+            "vision_cfg": {**cfg["vision_cfg"], "layers": v_layers},
+            "text_cfg": {**cfg["text_cfg"], "layers": t_layers},
+        }
+    )
     policy.logit_scale.requires_grad_(False)
     reference = clip_dpo.make_reference(policy, "bfloat16")
     images = torch.randn(n_groups, 3, S, S)
     texts = torch.zeros(n_groups * args.texts_per_group, L, dtype=torch.long)
-    texts[:, 0], texts[:, 1:args.text_tokens - 1], texts[:, args.text_tokens - 1] = 49406, 320, 49407
+    texts[:, 0], texts[:, 1 : args.text_tokens - 1], texts[:, args.text_tokens - 1] = 49406, 320, 49407
     K = args.texts_per_group
-    prefs = {"query": torch.arange(n_groups), "cand": n_groups + torch.arange(n_groups * K).view(n_groups, K),
-             "rank": torch.arange(K).repeat(n_groups, 1), "pairs": torch.tensor([[m, 0, k] for m in range(n_groups) for k in range(1, K)]),
-             "pos": torch.tensor([[m, K * m] for m in range(n_groups)])}
+    prefs = {
+        "query": torch.arange(n_groups),
+        "cand": n_groups + torch.arange(n_groups * K).view(n_groups, K),
+        "rank": torch.arange(K).repeat(n_groups, 1),
+        "pairs": torch.tensor([[m, 0, k] for m in range(n_groups) for k in range(1, K)]),
+        "pos": torch.tensor([[m, K * m] for m in range(n_groups)]),
+    }
     storages = {}
 
     def pack(t):
         if not isinstance(t, torch.nn.Parameter):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        clip_dpo.step_loss(policy, (images, texts, prefs), dpo_args, argparse.Namespace(reference=reference, step=0))
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        clip_dpo.step_loss(
+            policy, (images, texts, prefs), dpo_args, argparse.Namespace(reference=reference, step=0)
+        )
     return sum(storages.values())
 
 
@@ -83,18 +108,27 @@ rest = base - per_v - per_t  # patch embedding, ln_pre / ln_post, projections, l
 per_group_full = rest + per_v * layers["visual"] + per_t * layers["text"]
 v_tok, t_tok = (S // cfg["vision_cfg"]["patch_size"]) ** 2 + 1, args.text_tokens * args.texts_per_group
 v_w, t_w = cfg["vision_cfg"]["width"], cfg["text_cfg"]["width"]
-per_group_ckpt = rest + 4 * (v_tok * v_w * layers["visual"] + t_tok * t_w * layers["text"])  # one fp32 input per block
+# one fp32 input per block
+per_group_ckpt = rest + 4 * (v_tok * v_w * layers["visual"] + t_tok * t_w * layers["text"])
 one_block = max(per_v, per_t)  # the block being recomputed, per group
 
-print(f"{args.model}: {n_params / 1e6:.1f}M parameters ({n_matrix / 1e6:.1f}M in weight matrices); "
-      f"a group = 1 image ({v_tok} tokens) + {args.texts_per_group} captions ({args.text_tokens} tokens)")
-print(f"measured on 1-2 layer copies: saved for backward per group, {per_v / 1e6:.1f} MB per vision layer, "
-      f"{per_t / 1e6:.2f} MB per text layer, {rest / 1e6:.1f} MB outside the blocks -> {per_group_full / 1e6:.0f} MB per group\n")
+print(
+    f"{args.model}: {n_params / 1e6:.1f}M parameters ({n_matrix / 1e6:.1f}M in weight matrices); "
+    f"a group = 1 image ({v_tok} tokens) + {args.texts_per_group} captions ({args.text_tokens} tokens)"
+)
+print(
+    f"measured on 1-2 layer copies: saved for backward per group, {per_v / 1e6:.1f} MB per vision layer, "
+    f"{per_t / 1e6:.2f} MB per text layer, {rest / 1e6:.1f} MB outside the blocks -> {per_group_full / 1e6:.0f} MB per group\n"
+)
 for k, v in static.items():
     print(f"  {k:<32} {v / GB:6.1f} GB")
 print(f"  {'static total':<32} {sum(static.values()) / GB:6.1f} GB\n")
-print("| groups per GPU | activations | total | with --grad_checkpointing: activations | total |\n|---|---|---|---|---|")
+print(
+    "| groups per GPU | activations | total | with --grad_checkpointing: activations | total |\n|---|---|---|---|---|"
+)
 for b in args.batches:
     act, act_ckpt = b * per_group_full, b * (per_group_ckpt + one_block)
-    print(f"| {b} | {act / GB:.1f} GB | {(sum(static.values()) + act) / GB:.1f} GB | {act_ckpt / GB:.1f} GB | "
-          f"{(sum(static.values()) + act_ckpt) / GB:.1f} GB |")
+    print(
+        f"| {b} | {act / GB:.1f} GB | {(sum(static.values()) + act) / GB:.1f} GB | {act_ckpt / GB:.1f} GB | "
+        f"{(sum(static.values()) + act_ckpt) / GB:.1f} GB |"
+    )

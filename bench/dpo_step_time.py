@@ -10,6 +10,7 @@ machine noise hits all three.
 Prints a markdown table and the ratios to the CLIP step (the target is <= 1.4x: the reference
 pass is one forward, a third of a training step's compute).
 """
+
 import argparse
 import os
 import statistics
@@ -24,7 +25,9 @@ import shapes  # noqa: E402
 from model import CLIP, load_clip, model_config, param_groups  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--init", default="out/clip_scratch/ckpt.pt", help="a random tiny model at 64 px if this file is missing")
+p.add_argument(
+    "--init", default="out/clip_scratch/ckpt.pt", help="a random tiny model at 64 px if this file is missing"
+)
 p.add_argument("--batch_size", type=int, default=16, help="shapes groups (4 images, 8 texts each)")
 p.add_argument("--steps", type=int, default=20, help="timed steps per kind (after 3 warmup rounds)")
 p.add_argument("--device", default="cpu")
@@ -40,12 +43,16 @@ else:
 model.train().logit_scale.requires_grad_(False)
 reference = clip_dpo.make_reference(model)
 optimizer = torch.optim.AdamW(param_groups(model, 0.1, 0.1), lr=1e-6)
-groups = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), model.image_size, True) for k in range(args.batch_size)]
+groups = [
+    clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), model.image_size, True)
+    for k in range(args.batch_size)
+]
 cfg = clip_dpo.get_args([])
 cfg.context_length = model.context_length
 (images, texts, prefs), _ = clip_dpo.make_batch(groups, cfg)
 batch = (images.to(device), texts.to(device), {k: v.to(device) for k, v in prefs.items()})
-state = argparse.Namespace(reference=reference, step=0)  # clip_dpo.step_loss's: the frozen reference, the step (the IMC term is off: --imc_weight 0)
+# clip_dpo.step_loss's: the frozen reference, the step (the IMC term is off: --imc_weight 0)
+state = argparse.Namespace(reference=reference, step=0)
 
 
 def clip_step(model, batch, args, state):
@@ -55,8 +62,11 @@ def clip_step(model, batch, args, state):
     return clip_dpo.clip_loss(v[prefs["pos"][:, 0]], t[prefs["pos"][:, 1]], s)[0], {}
 
 
-kinds = {"clip": (clip_step, cfg), "dpo": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo", "--imc_weight", "0"])),
-         "dpo_clip": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo_clip", "--imc_weight", "0"]))}
+kinds = {
+    "clip": (clip_step, cfg),
+    "dpo": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo", "--imc_weight", "0"])),
+    "dpo_clip": (clip_dpo.step_loss, clip_dpo.get_args(["--loss", "dpo_clip", "--imc_weight", "0"])),
+}
 times = {k: [] for k in kinds}
 for i in range(args.steps + 3):
     for name, (fn, a) in kinds.items():
@@ -71,8 +81,10 @@ for i in range(args.steps + 3):
             times[name].append(time.perf_counter() - t0)
 
 ms = {k: statistics.median(v) * 1000 for k, v in times.items()}
-print(f"model {source}, batch {args.batch_size} groups = {len(images)} images + {len(texts)} texts, {args.device}, "
-      f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps\n")
+print(
+    f"model {source}, batch {args.batch_size} groups = {len(images)} images + {len(texts)} texts, {args.device}, "
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps\n"
+)
 print("| step | ms/step | ratio to CLIP |\n|---|---|---|")
 for k in kinds:
     print(f"| {k} | {ms[k]:.1f} | {ms[k] / ms['clip']:.2f} |")

@@ -17,6 +17,7 @@ download:
 
 Scenes come from their own random stream ("export"), not the training or test streams.
 """
+
 import argparse
 import json
 import os
@@ -38,7 +39,11 @@ def save_jpeg(scene, path, size):
 def five_captions(scene, rng):
     """Flickr8k has five captions an image: the caption, the true statement, and three terse partial
     captions (each true of the scene)"""
-    return [scene.caption(), shapes.statements(scene)[0][0], *(shapes.partial_caption(scene, rng) for _ in range(3))]
+    return [
+        scene.caption(),
+        shapes.statements(scene)[0][0],
+        *(shapes.partial_caption(scene, rng) for _ in range(3)),
+    ]
 
 
 def export_flickr8k(out, n, size, seed):
@@ -49,8 +54,17 @@ def export_flickr8k(out, n, size, seed):
         scene, name = shapes.sample_scene(rng), f"{i:010d}_shapes.jpg"
         save_jpeg(scene, os.path.join(out, "Images", name), size)
         split = "test" if i < 1000 * n // 8091 else "val" if i < 2000 * n // 8091 else "train"
-        images.append({"filename": name, "imgid": i, "split": split,
-                       "sentences": [{"raw": c, "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(five_captions(scene, rng))]})
+        images.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentences": [
+                    {"raw": c, "imgid": i, "sentid": 5 * i + k}
+                    for k, c in enumerate(five_captions(scene, rng))
+                ],
+            }
+        )
     with open(os.path.join(out, "dataset_flickr8k.json"), "w") as f:
         json.dump({"images": images, "dataset": "flickr8k"}, f)
     return len(images)
@@ -65,11 +79,21 @@ def export_vsr(out, n_rows, size, seed):
         folder, name = "train2017" if split == "train" else "val2017", f"{i:012d}.jpg"
         os.makedirs(os.path.join(out, folder), exist_ok=True)
         save_jpeg(scene, os.path.join(out, folder, name), size)
-        for (caption, label), relation in zip(shapes.statements(scene), (scene.relation(), shapes.CONVERSE[scene.relation()])):
-            splits[split].append({"image": name, "image_link": f"http://images.cocodataset.org/{folder}/{name}", "caption": caption,
-                                  "label": int(label), "relation": relation, "annotator_id": 0,
-                                  "vote_true_validator_id": "[1, 2]" if label else "[]",
-                                  "vote_false_validator_id": "[]" if label else "[1, 2]"})
+        for (caption, label), relation in zip(
+            shapes.statements(scene), (scene.relation(), shapes.CONVERSE[scene.relation()])
+        ):
+            splits[split].append(
+                {
+                    "image": name,
+                    "image_link": f"http://images.cocodataset.org/{folder}/{name}",
+                    "caption": caption,
+                    "label": int(label),
+                    "relation": relation,
+                    "annotator_id": 0,
+                    "vote_true_validator_id": "[1, 2]" if label else "[]",
+                    "vote_false_validator_id": "[]" if label else "[1, 2]",
+                }
+            )
     for split, rows in splits.items():
         random.Random(f"{seed}-{split}").shuffle(rows)  # VSR's files are not grouped by image
         with open(os.path.join(out, "splits", "random", f"{split}.jsonl"), "w") as f:
@@ -90,7 +114,11 @@ def main(argv=None):
         print(f"wrote {args.out}/flickr8k: {n} images, {5 * n} captions (Karpathy's layout)")
     if args.vsr:
         counts = export_vsr(os.path.join(args.out, "vsr"), args.vsr, args.image_size, args.seed)
-        print(f"wrote {args.out}/vsr: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()) + " (VSR's random split layout)")
+        print(
+            f"wrote {args.out}/vsr: "
+            + ", ".join(f"{k} {v} rows" for k, v in counts.items())
+            + " (VSR's random split layout)"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ On one H100, 22 of the shapes fine-tunes (3,000 steps each) ran side by side in 
 was the bottleneck (100% busy with tiny kernels from 22 processes), so their wall clocks say nothing
 about one run's speed.
 """
+
 import argparse
 import ast
 import json
@@ -30,8 +31,19 @@ import sys
 import tarfile
 import time
 
-COLUMNS = ["retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/rsum", "probe/relation", "probe/attribute_swap", "probe/colour_replace",
-           "probe/shape_replace", "probe/word_order", "diag/relation_text_cos", "statements/acc", "statements/macro_f1"]
+COLUMNS = [
+    "retrieval/i2t_r1",
+    "retrieval/t2i_r1",
+    "retrieval/rsum",
+    "probe/relation",
+    "probe/attribute_swap",
+    "probe/colour_replace",
+    "probe/shape_replace",
+    "probe/word_order",
+    "diag/relation_text_cos",
+    "statements/acc",
+    "statements/macro_f1",
+]
 
 
 def max_steps(cmd):
@@ -44,8 +56,13 @@ def max_steps(cmd):
     if given is not None or not os.path.isfile(script):
         return given
     for node in ast.walk(ast.parse(open(script).read())):
-        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args
-                and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--max_steps"):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "add_argument"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value == "--max_steps"
+        ):
             default = next((k.value for k in node.keywords if k.arg == "default"), None)
             return ast.literal_eval(default) if default is not None else None
     return None
@@ -58,7 +75,12 @@ def final_test(out_dir, name, cmd):
     path = os.path.join(out_dir, name, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
     last = max_steps(cmd)
-    rows = [r for r in rows if r.get("split", "test") == "test" and (r.get("step") == last if last is not None else r.get("step", 1) > 0)]
+    rows = [
+        r
+        for r in rows
+        if r.get("split", "test") == "test"
+        and (r.get("step") == last if last is not None else r.get("step", 1) > 0)
+    ]
     return rows[-1] if rows else None
 
 
@@ -70,7 +92,10 @@ def table(out_dir, jobs, wall):
         if m is not None:
             groups.setdefault(re.sub(r"_s\d+$", "", name), []).append((m, wall.get(name)))
     cols = COLUMNS + ["wall_s"]
-    lines = ["| row | seeds | " + " | ".join(re.sub(r"^(retrieval|probe|diag)/", "", c) for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = [
+        "| row | seeds | " + " | ".join(re.sub(r"^(retrieval|probe|diag)/", "", c) for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
     values = {}
     for row, runs in groups.items():
         values[row] = {c: [m.get(c) if c != "wall_s" else w for m, w in runs] for c in cols}
@@ -78,7 +103,13 @@ def table(out_dir, jobs, wall):
         for c, v in values[row].items():
             v = [x for x in v if x is not None]
             fmt = ".1f" if c in ("retrieval/rsum", "wall_s") else ".3f"
-            cells.append("" if not v else f"{v[0]:{fmt}}" if len(v) == 1 else f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}")
+            cells.append(
+                ""
+                if not v
+                else f"{v[0]:{fmt}}"
+                if len(v) == 1
+                else f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}"
+            )
         lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines, values
 
@@ -109,10 +140,15 @@ while queue or running:
         name, cmd = queue.pop(0)
         log = open(os.path.join(args.out_dir, name + ".log"), "w")
         full = [sys.executable, *cmd, "--out_dir", os.path.join(args.out_dir, name)]
-        log.write(" ".join(full) + "\n"); log.flush()
-        running[name] = (subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+        log.write(" ".join(full) + "\n")
+        log.flush()
+        running[name] = (
+            subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env),
+            time.time(),
+            log,
+        )
     if args.deadline and time.time() - t0 > args.deadline:
-        for name, (proc, start, log) in running.items():
+        for name, (proc, start, _log) in running.items():
             proc.kill()
             done[name] = {"rc": "killed at deadline", "wall_s": round(time.time() - start, 1)}
         running, queue = {}, []
@@ -121,11 +157,16 @@ while queue or running:
         if proc.poll() is not None:
             log.close()
             done[name] = {"rc": proc.returncode, "wall_s": round(time.time() - start, 1)}
-            print(f"[{time.time() - t0:6.0f}s] {name}: rc {proc.returncode}, {done[name]['wall_s']} s", flush=True)
+            print(
+                f"[{time.time() - t0:6.0f}s] {name}: rc {proc.returncode}, {done[name]['wall_s']} s",
+                flush=True,
+            )
             del running[name]
     time.sleep(1)
 for name, cmd in jobs:
-    done.setdefault(name, {"rc": "not started" if final_test(args.out_dir, name, cmd) is None else "finished before"})
+    done.setdefault(
+        name, {"rc": "not started" if final_test(args.out_dir, name, cmd) is None else "finished before"}
+    )
 with open(summary_path, "w") as f:
     json.dump(done, f, indent=1)
 archive = args.archive or os.path.join(args.out_dir, "grid.tar.gz")
@@ -138,7 +179,9 @@ with tarfile.open(archive, "w:gz") as tar:
                 tar.add(path, rel)
 print(f"{len(jobs)} jobs in {time.time() - t0:.0f}s -> {archive}")
 if args.table:
-    lines, values = table(args.out_dir, jobs, {n: d.get("wall_s") for n, d in done.items() if d.get("rc") == 0})
+    lines, values = table(
+        args.out_dir, jobs, {n: d.get("wall_s") for n, d in done.items() if d.get("rc") == 0}
+    )
     print("\n".join(lines))
     with open(os.path.join(args.out_dir, "table.json"), "w") as f:
         json.dump(values, f, indent=1)

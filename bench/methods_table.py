@@ -19,6 +19,7 @@ machine, and every metric eval.py prints, per world seed), OUT_DIR/table.md (mea
 seeds), OUT_DIR/probes_vs_step.png and OUT_DIR/probes.png (matplotlib, optional); --readme
 publishes them: the table between README.md's methods-table markers, the files into bench/results/.
 """
+
 import argparse
 import json
 import os
@@ -31,7 +32,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORLDS = (None, 1, 2)  # eval.py --seed: None = the fixed test scenes (shapes.TEST_SEED), then two other worlds
+# eval.py --seed: None = the fixed test scenes (shapes.TEST_SEED), then two other worlds
+WORLDS = (None, 1, 2)
 CLIPS = ["--caption_mask", "subcaption", "--captioner_weight", "2", "--caption_style", "partial"]
 METHODS = [  # (method, label, script, extra arguments, starts from the scratch checkpoint)
     ("scratch", "CLIP from scratch", "clip_scratch.py", [], False),
@@ -40,13 +42,23 @@ METHODS = [  # (method, label, script, extra arguments, starts from the scratch 
     ("dpo", "preference fine-tune (dpo_clip + kick)", "clip_dpo.py", [], True),
 ]
 QUICK = {  # --quick: the same rows with short schedules (the fine-tunes' kick shortened with them)
-    "scratch": ["--max_steps", "600"], "clips": ["--max_steps", "250"],  # CLIPS's captioner: ~3.6x a scratch step (1.05 s vs 0.29)
-    "hardneg": ["--max_steps", "1200"], "dpo": ["--max_steps", "1000", "--imc_steps", "350"],
+    # CLIPS's captioner: ~3.6x a scratch step (1.05 s vs 0.29)
+    "scratch": ["--max_steps", "600"],
+    "clips": ["--max_steps", "250"],
+    "hardneg": ["--max_steps", "1200"],
+    "dpo": ["--max_steps", "1000", "--imc_steps", "350"],
 }
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
-PUBLISHED = os.path.join(ROOT, "bench", "results")  # --readme copies table.md, results.json and the plots here (committed)
-COLUMNS = [("retrieval/i2t_r1", "i2t R@1"), ("retrieval/t2i_r1", "t2i R@1"), ("probe/relation", "relation"),
-           ("probe/attribute_swap", "attribute swap"), ("statements/acc", "statements/acc"), ("diag/relation_text_cos", "relation text cos")]
+# --readme copies table.md, results.json and the plots here (committed)
+PUBLISHED = os.path.join(ROOT, "bench", "results")
+COLUMNS = [
+    ("retrieval/i2t_r1", "i2t R@1"),
+    ("retrieval/t2i_r1", "t2i R@1"),
+    ("probe/relation", "relation"),
+    ("probe/attribute_swap", "attribute swap"),
+    ("statements/acc", "statements/acc"),
+    ("diag/relation_text_cos", "relation text cos"),
+]
 
 
 def commands(seeds, quick, out_dir):
@@ -55,7 +67,15 @@ def commands(seeds, quick, out_dir):
     for method, _, script, extra, finetune in METHODS:
         for seed in seeds:
             name = f"{method}_s{seed}"
-            argv = [script, *extra, *(QUICK[method] if quick else []), "--seed", str(seed), "--out_dir", os.path.join(out_dir, name)]
+            argv = [
+                script,
+                *extra,
+                *(QUICK[method] if quick else []),
+                "--seed",
+                str(seed),
+                "--out_dir",
+                os.path.join(out_dir, name),
+            ]
             needs = f"scratch_s{seed}" if finetune else None
             if finetune:
                 argv += ["--init", os.path.join(out_dir, needs, "ckpt.pt")]
@@ -65,8 +85,18 @@ def commands(seeds, quick, out_dir):
 
 def machine():
     import torch
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "device": device, "python": platform.python_version()}
+
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    return {
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": device,
+        "python": platform.python_version(),
+    }
 
 
 def evaluate(ckpt, out_dir, env, eval_n=1000):
@@ -75,7 +105,9 @@ def evaluate(ckpt, out_dir, env, eval_n=1000):
     for world in WORLDS:
         key = "test" if world is None else f"world{world}"
         path = os.path.join(out_dir, f"eval_{key}.json")
-        argv = [sys.executable, "eval.py", "--model", ckpt, "--json", path, "--eval_n", str(eval_n)] + ([] if world is None else ["--seed", str(world)])
+        argv = [sys.executable, "eval.py", "--model", ckpt, "--json", path, "--eval_n", str(eval_n)] + (
+            [] if world is None else ["--seed", str(world)]
+        )
         subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         out[key] = json.load(open(path))
     return out
@@ -84,14 +116,22 @@ def evaluate(ckpt, out_dir, env, eval_n=1000):
 def curve(run_dir):
     """the run's evals in order: [{step, split, metrics...}] from its metrics.jsonl"""
     path = os.path.join(run_dir, "metrics.jsonl")
-    return [r for r in map(json.loads, filter(str.strip, open(path))) if r.get("split", "train") != "train"] if os.path.exists(path) else []
+    return (
+        [r for r in map(json.loads, filter(str.strip, open(path))) if r.get("split", "train") != "train"]
+        if os.path.exists(path)
+        else []
+    )
 
 
 def mean_std(values, fmt=".3f"):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{values[0]:{fmt}}" if len(values) == 1 else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+    return (
+        f"{values[0]:{fmt}}"
+        if len(values) == 1
+        else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+    )
 
 
 def clock(seconds):
@@ -100,23 +140,38 @@ def clock(seconds):
 
 def table(results, quick):
     """results -> table.md's text: one row per method, mean ± std over its seeds, on the fixed test scenes"""
-    lines = ["| method | command | seeds | " + " | ".join(label for _, label in COLUMNS) + " | relation, other worlds | wall clock |",
-             "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+    lines = [
+        "| method | command | seeds | "
+        + " | ".join(label for _, label in COLUMNS)
+        + " | relation, other worlds | wall clock |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+    ]
     for method, label, script, extra, finetune in METHODS:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
-        cmd = " ".join(["python", script, *extra, *(QUICK[method] if quick else [])] + (["--init SCRATCH"] if finetune else []))
+        cmd = " ".join(
+            ["python", script, *extra, *(QUICK[method] if quick else [])]
+            + (["--init SCRATCH"] if finetune else [])
+        )
         cells = [mean_std([r["metrics"]["test"].get(k) for r in runs]) for k, _ in COLUMNS]
-        worlds = mean_std([r["metrics"][w]["probe/relation"] for r in runs for w in r["metrics"] if w != "test"])
+        worlds = mean_std(
+            [r["metrics"][w]["probe/relation"] for r in runs for w in r["metrics"] if w != "test"]
+        )
         wall = [r["wall_s"] for r in runs]
         wall = clock(statistics.mean(wall)) + (f" ± {clock(statistics.stdev(wall))}" if len(wall) > 1 else "")
-        lines.append(f"| {label} | `{cmd}` | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + f" | {worlds} | {wall} |")
+        lines.append(
+            f"| {label} | `{cmd}` | {', '.join(str(r['seed']) for r in runs)} | "
+            + " | ".join(cells)
+            + f" | {worlds} | {wall} |"
+        )
     m = results[0]["machine"] if results else {}
     lines.append("")
-    lines.append(f"Made by `python bench/methods_table.py{' --quick' if quick else ''}` on {m.get('device')}, {m.get('cores')} cores, "
-                 f"torch {m.get('torch')}; fine-tunes start from the scratch checkpoint of their seed, wall clock per run "
-                 "(one thread each, --jobs at a time). Other worlds: `eval.py --seed 1` and `--seed 2`.")
+    lines.append(
+        f"Made by `python bench/methods_table.py{' --quick' if quick else ''}` on {m.get('device')}, {m.get('cores')} cores, "
+        f"torch {m.get('torch')}; fine-tunes start from the scratch checkpoint of their seed, wall clock per run "
+        "(one thread each, --jobs at a time). Other worlds: `eval.py --seed 1` and `--seed 2`."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +180,7 @@ def plots(results, out_dir):
     final probes per method, plain CLIP's chance line at 0.5); None if matplotlib is missing"""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -135,14 +191,27 @@ def plots(results, out_dir):
             for j, r in enumerate(x for x in results if x["method"] == method):
                 points = [(e["step"], e[key]) for e in r["curve"] if key in e]
                 if points:
-                    ax.plot(*zip(*points), color=f"C{i}", alpha=0.8, label=label if j == 0 else None, marker=".")
+                    ax.plot(
+                        *zip(*points), color=f"C{i}", alpha=0.8, label=label if j == 0 else None, marker="."
+                    )
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set(title=key.split("/")[1].replace("_", " "), xlabel="training step (of each script)", ylim=(0.0, 1.02))
+        ax.set(
+            title=key.split("/")[1].replace("_", " "),
+            xlabel="training step (of each script)",
+            ylim=(0.0, 1.02),
+        )
     axes[0].set_ylabel("probe accuracy (each eval)")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "probes_vs_step.png"), dpi=110)
-    probes = ["probe/relation", "probe/attribute_swap", "probe/colour_replace", "probe/shape_replace", "probe/word_order", "statements/acc"]
+    probes = [
+        "probe/relation",
+        "probe/attribute_swap",
+        "probe/colour_replace",
+        "probe/shape_replace",
+        "probe/word_order",
+        "statements/acc",
+    ]
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(METHODS)
     for i, (method, label, *_) in enumerate(METHODS):
@@ -151,7 +220,10 @@ def plots(results, out_dir):
             means = [statistics.mean(r["metrics"]["test"][p] for r in runs) for p in probes]
             ax.bar([k + i * width for k in range(len(probes))], means, width, label=label, color=f"C{i}")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(probes))], [p.replace("probe/", "").replace("_", " ") for p in probes])
+    ax.set_xticks(
+        [k + 0.4 - width / 2 for k in range(len(probes))],
+        [p.replace("probe/", "").replace("_", " ") for p in probes],
+    )
     ax.set(ylim=(0.0, 1.15), ylabel="accuracy (test scenes)")
     ax.legend(fontsize=7, ncol=5, loc="upper center")
     fig.tight_layout()
@@ -179,16 +251,30 @@ def publish(out_dir, text, files, path=os.path.join(ROOT, "README.md")):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one seed (the first of --seeds) and the QUICK schedules")
+    p.add_argument(
+        "--quick", action="store_true", help="one seed (the first of --seeds) and the QUICK schedules"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out_dir", default=None, help="default: out/methods_table (out/methods_table_quick with --quick)")
+    p.add_argument(
+        "--out_dir", default=None, help="default: out/methods_table (out/methods_table_quick with --quick)"
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
-    p.add_argument("--readme", action="store_true", help="publish: the table into README.md, its files into bench/results/")
-    p.add_argument("--extra", default="", help="arguments added to every training command (e.g. '--device cuda')")
+    p.add_argument(
+        "--readme",
+        action="store_true",
+        help="publish: the table into README.md, its files into bench/results/",
+    )
+    p.add_argument(
+        "--extra", default="", help="arguments added to every training command (e.g. '--device cuda')"
+    )
     p.add_argument("--eval_n", type=int, default=1000, help="test scenes per world")
-    p.add_argument("--publish", action="store_true", help="nothing runs: README's table and bench/results/table.md made "
-                   "anew from the committed bench/results/results.json")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="nothing runs: README's table and bench/results/table.md made "
+        "anew from the committed bench/results/results.json",
+    )
     args = p.parse_args(argv)
     if args.publish:
         text = table(json.load(open(os.path.join(PUBLISHED, "results.json"))), quick=False)
@@ -198,7 +284,9 @@ def main(argv=None):
         with open(os.path.join(ROOT, "README.md.tmp"), "w") as f:
             f.write(readme[:start] + text + readme[end:])
         os.replace(os.path.join(ROOT, "README.md.tmp"), os.path.join(ROOT, "README.md"))
-        return print(f"README.md's table and {os.path.relpath(PUBLISHED, ROOT)}/table.md made from results.json")
+        return print(
+            f"README.md's table and {os.path.relpath(PUBLISHED, ROOT)}/table.md made from results.json"
+        )
     if args.readme and (args.quick or args.methods != [m[0] for m in METHODS]):
         p.error("--readme publishes the whole table: drop --quick and --methods")
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -216,38 +304,66 @@ def main(argv=None):
     while queue or running:
         for run in list(queue):
             name, method, seed, argv, needs = run
-            if len(running) >= args.jobs or (needs and needs not in finished and any(needs == q[0] for q in runs)):
+            if len(running) >= args.jobs or (
+                needs and needs not in finished and any(needs == q[0] for q in runs)
+            ):
                 continue
             queue.remove(run)
             os.makedirs(os.path.join(out_dir, name), exist_ok=True)
             full = [sys.executable, *argv, *shlex.split(args.extra)]
             log = open(os.path.join(out_dir, name, "train.log"), "a")
-            running[name] = (run, subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), full)
+            running[name] = (
+                run,
+                subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
+                time.time(),
+                full,
+            )
         for name, (run, proc, start, full) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[name]
             if proc.returncode != 0:
-                sys.exit(f"{name} failed (exit {proc.returncode}): see {os.path.join(out_dir, name, 'train.log')}")
+                sys.exit(
+                    f"{name} failed (exit {proc.returncode}): see {os.path.join(out_dir, name, 'train.log')}"
+                )
             wall = time.time() - start
             _, method, seed, argv, _ = run
-            metrics = evaluate(os.path.join(out_dir, name, "ckpt.pt"), os.path.join(out_dir, name), env, args.eval_n)
+            metrics = evaluate(
+                os.path.join(out_dir, name, "ckpt.pt"), os.path.join(out_dir, name), env, args.eval_n
+            )
             evals = curve(os.path.join(out_dir, name))
-            result = {"name": name, "method": method, "script": argv[0], "seed": seed, "command": shlex.join(["python", *full[1:]]),
-                      "steps": max((e["step"] for e in evals), default=None), "wall_s": round(wall, 1), "machine": info,
-                      "metrics": metrics, "curve": evals}
+            result = {
+                "name": name,
+                "method": method,
+                "script": argv[0],
+                "seed": seed,
+                "command": shlex.join(["python", *full[1:]]),
+                "steps": max((e["step"] for e in evals), default=None),
+                "wall_s": round(wall, 1),
+                "machine": info,
+                "metrics": metrics,
+                "curve": evals,
+            }
             with open(os.path.join(out_dir, name, "result.json.tmp"), "w") as f:
                 json.dump(result, f, indent=1)
-            os.replace(os.path.join(out_dir, name, "result.json.tmp"), os.path.join(out_dir, name, "result.json"))
+            os.replace(
+                os.path.join(out_dir, name, "result.json.tmp"), os.path.join(out_dir, name, "result.json")
+            )
             finished[name] = result
             done = [r for r in runs if r[0] in finished]
             walls = {m: [finished[r[0]]["wall_s"] for r in done if r[1] == m] for m in {r[1] for r in runs}}
-            typical = statistics.mean(finished[r[0]]["wall_s"] for r in done)  # for a method with no finished run yet
-            left = sum(statistics.mean(walls[r[1]] or [typical]) for r in runs if r[0] not in finished) / max(1, args.jobs)
+            # for a method with no finished run yet
+            typical = statistics.mean(finished[r[0]]["wall_s"] for r in done)
+            left = sum(statistics.mean(walls[r[1]] or [typical]) for r in runs if r[0] not in finished) / max(
+                1, args.jobs
+            )
             test = metrics["test"]
-            print(f"[{clock(time.time() - t0)}] {name}: {clock(wall)}, relation {test['probe/relation']:.3f}, attribute swap "
-                  f"{test['probe/attribute_swap']:.3f}, statements/acc {test['statements/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
-                  f"{test['retrieval/t2i_r1']:.3f} | {len(done)}/{len(runs)} done, ~{clock(left)} left", flush=True)
+            print(
+                f"[{clock(time.time() - t0)}] {name}: {clock(wall)}, relation {test['probe/relation']:.3f}, attribute swap "
+                f"{test['probe/attribute_swap']:.3f}, statements/acc {test['statements/acc']:.3f}, R@1 {test['retrieval/i2t_r1']:.3f} / "
+                f"{test['retrieval/t2i_r1']:.3f} | {len(done)}/{len(runs)} done, ~{clock(left)} left",
+                flush=True,
+            )
         time.sleep(2)
     results = [finished[r[0]] for r in runs]
     with open(os.path.join(out_dir, "results.json"), "w") as f:

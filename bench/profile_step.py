@@ -7,6 +7,7 @@ timed on its own (median of --steps repeats, after warmup), then the AdamW varia
 
 Prints a markdown table (ms per step, share of the step).
 """
+
 import argparse
 import os
 import statistics
@@ -46,16 +47,19 @@ def timed(fn, n=args.steps, warmup=3):
     return statistics.median(ts) * 1000
 
 
-step = iter(range(10 ** 9))
+step = iter(range(10**9))
 samples = [dataset[k] for k in range(B)]
 rows = {}
-rows["render + caption 128 scenes (dataset[key])"] = timed(lambda: [dataset[next(step) * B + j] for j in range(B)])
+rows["render + caption 128 scenes (dataset[key])"] = timed(
+    lambda: [dataset[next(step) * B + j] for j in range(B)]
+)
 rows["collate + tokenize (make_batch)"] = timed(lambda: clip_scratch.make_batch(samples, cfg_args))
 batch, _ = clip_scratch.make_batch(samples, cfg_args)  # ((images, texts), {"unreadable images": 0})
 
 
 def fwd():
-    return clip_scratch.step_loss(model, batch, cfg_args, None)[0]  # clip_scratch's step_loss leaves its state unused
+    # clip_scratch's step_loss leaves its state unused
+    return clip_scratch.step_loss(model, batch, cfg_args, None)[0]
 
 
 rows["forward + loss"] = timed(fwd)
@@ -68,20 +72,38 @@ def fwd_bwd():
 
 rows["forward + loss + backward"] = timed(fwd_bwd)
 fwd_bwd()
-for name, kw in (("AdamW step (foreach)", dict(foreach=True)), ("AdamW step (fused)", dict(fused=True)),
-                 ("AdamW step (for-loop)", dict(foreach=False))):
+for name, kw in (
+    ("AdamW step (foreach)", dict(foreach=True)),
+    ("AdamW step (fused)", dict(fused=True)),
+    ("AdamW step (for-loop)", dict(foreach=False)),
+):
     opt = torch.optim.AdamW(param_groups(model, 0.1, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, **kw)
     rows[name] = timed(opt.step)
 t0 = time.perf_counter()
-ev.eval_shapes(model, data.get_tokenizer(cfg_args.context_length), cfg_args.image_size, "cpu", n=cfg_args.eval_n)
+ev.eval_shapes(
+    model, data.get_tokenizer(cfg_args.context_length), cfg_args.image_size, "cpu", n=cfg_args.eval_n
+)
 eval_ms = (time.perf_counter() - t0) * 1000
 
-step_ms = rows["render + caption 128 scenes (dataset[key])"] + rows["collate + tokenize (make_batch)"] + rows["forward + loss + backward"] + rows["AdamW step (fused)"]
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, model {cfg_args.model_size}, image {cfg_args.image_size}, "
-      f"context {cfg_args.context_length}; median of {args.steps}\n")
+step_ms = (
+    rows["render + caption 128 scenes (dataset[key])"]
+    + rows["collate + tokenize (make_batch)"]
+    + rows["forward + loss + backward"]
+    + rows["AdamW step (fused)"]
+)
+print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, model {cfg_args.model_size}, image {cfg_args.image_size}, "
+    f"context {cfg_args.context_length}; median of {args.steps}\n"
+)
 print("| part | ms | share of a fused-AdamW step |\n|---|---|---|")
 for name, ms in rows.items():
-    share = f"{ms / step_ms * 100:.0f}%" if name != "forward + loss" and "foreach" not in name and "for-loop" not in name else ""
+    share = (
+        f"{ms / step_ms * 100:.0f}%"
+        if name != "forward + loss" and "foreach" not in name and "for-loop" not in name
+        else ""
+    )
     print(f"| {name} | {ms:.1f} | {share} |")
 print(f"| **one step, main thread, fused AdamW** | **{step_ms:.1f}** | 100% |")
-print(f"| one eval (eval_shapes, {cfg_args.eval_n} test scenes) | {eval_ms:.0f} | = {eval_ms / step_ms:.0f} steps |")
+print(
+    f"| one eval (eval_shapes, {cfg_args.eval_n} test scenes) | {eval_ms:.0f} | = {eval_ms / step_ms:.0f} steps |"
+)

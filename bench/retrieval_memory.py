@@ -12,6 +12,7 @@ a laptop CPU: the dim changes the matmul's time, not the memory of the [block, b
 peak is the process's maximum resident set (resource.ru_maxrss) after the features are made,
 minus the one before: what the ranks added.
 """
+
 import argparse
 import os
 import resource
@@ -27,7 +28,9 @@ import eval as ev  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--images", type=int, default=40504)
 p.add_argument("--captions", type=int, default=5, help="per image")
-p.add_argument("--dim", type=int, default=32, help="embedding dim (CLIP's: 512-1024; only the time depends on it)")
+p.add_argument(
+    "--dim", type=int, default=32, help="embedding dim (CLIP's: 512-1024; only the time depends on it)"
+)
 p.add_argument("--block", type=int, default=2048, help="retrieval_metrics' tile side")
 args = p.parse_args()
 GB = 1e9
@@ -37,15 +40,22 @@ g = torch.Generator().manual_seed(0)
 img = F.normalize(torch.randn(n_img, args.dim, generator=g), dim=-1)
 txt = F.normalize(torch.randn(n_txt, args.dim, generator=g), dim=-1)
 owner = torch.arange(n_txt) // args.captions
-peak_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (kilobytes on Linux)
+# noqa: E731 (kilobytes on Linux)
+peak_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before, t = peak_rss(), time.time()
 metrics = ev.retrieval_metrics(img, txt, owner, block=args.block)
 added, seconds = peak_rss() - before, time.time() - t
 cells = n_img * n_txt
-print(f"{n_img:,} images x {n_txt:,} captions, dim {args.dim} (random features; CLIP's dim only changes the time), "
-      f"{torch.get_num_threads()} threads, tiles of {args.block} x {args.block}")
-print(f"blocked retrieval_metrics: {seconds:.0f} s, peak memory added {added / GB:.3f} GB "
-      f"(features {(n_img + n_txt) * args.dim * 4 / GB:.3f} GB, made before; one tile's scores {args.block ** 2 * 4 / GB:.3f} GB)")
-print(f"the whole matrix instead: {cells * 4 / GB:.1f} GB of fp32 scores, plus its masked copy ({cells * 4 / GB:.1f} GB) "
-      f"and bool masks of {cells / GB:.1f} GB each (the former code's peak: ~{cells * 11 / GB:.0f} GB)")
+print(
+    f"{n_img:,} images x {n_txt:,} captions, dim {args.dim} (random features; CLIP's dim only changes the time), "
+    f"{torch.get_num_threads()} threads, tiles of {args.block} x {args.block}"
+)
+print(
+    f"blocked retrieval_metrics: {seconds:.0f} s, peak memory added {added / GB:.3f} GB "
+    f"(features {(n_img + n_txt) * args.dim * 4 / GB:.3f} GB, made before; one tile's scores {args.block**2 * 4 / GB:.3f} GB)"
+)
+print(
+    f"the whole matrix instead: {cells * 4 / GB:.1f} GB of fp32 scores, plus its masked copy ({cells * 4 / GB:.1f} GB) "
+    f"and bool masks of {cells / GB:.1f} GB each (the former code's peak: ~{cells * 11 / GB:.0f} GB)"
+)
 print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

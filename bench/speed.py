@@ -12,6 +12,7 @@ runs beside every row; compile warms up for minutes): time them with the CLI's l
 (`python clip_scratch.py --max_steps 300 --workers 1`, `--compile`).
 Prints a markdown table: median ms/step and the ratio to the previous default.
 """
+
 import argparse
 import math
 import os
@@ -47,7 +48,9 @@ state = {}
 for name, (dtype, kw) in ROWS.items():
     torch.manual_seed(0)
     model = CLIP(**model_config(run.model_size, run.image_size, run.context_length))
-    opt = torch.optim.AdamW(param_groups(model, run.weight_decay, run.text_lr_mult), lr=run.lr, betas=(0.9, 0.98), eps=1e-6, **kw)
+    opt = torch.optim.AdamW(
+        param_groups(model, run.weight_decay, run.text_lr_mult), lr=run.lr, betas=(0.9, 0.98), eps=1e-6, **kw
+    )
     state[name] = (model, opt, dtype)
 
 
@@ -55,7 +58,8 @@ def step(name, i):
     model, opt, dtype = state[name]
     batch, _ = clip_scratch.make_batch([dataset[i * run.batch_size + j] for j in range(run.batch_size)], run)
     with autocast_ctx(cpu, dtype):
-        loss, _ = clip_scratch.step_loss(model, batch, run, None)  # clip_scratch's step_loss leaves its state unused
+        # clip_scratch's step_loss leaves its state unused
+        loss, _ = clip_scratch.step_loss(model, batch, run, None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -71,10 +75,17 @@ for i in range(args.steps + 3):
         if i >= 3:
             times[name].append(time.perf_counter() - t0)
 ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
-best = {name: min(t) * 1000 for name, t in times.items()}  # the least disturbed step: robust to a busy machine
+# the least disturbed step: robust to a busy machine
+best = {name: min(t) * 1000 for name, t in times.items()}
 base, base_best = ms[next(iter(ROWS))], best[next(iter(ROWS))]
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {run.batch_size}, {run.model_size} model, "
-      f"image {run.image_size}, median of {args.steps} interleaved steps (data on the main thread)\n")
-print("| row | ms/step (median) | vs previous default | ms/step (min) | vs previous default |\n|---|---|---|---|---|")
+print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {run.batch_size}, {run.model_size} model, "
+    f"image {run.image_size}, median of {args.steps} interleaved steps (data on the main thread)\n"
+)
+print(
+    "| row | ms/step (median) | vs previous default | ms/step (min) | vs previous default |\n|---|---|---|---|---|"
+)
 for name in ROWS:
-    print(f"| {name} | {ms[name]:.0f} | {ms[name] / base:.2f}x | {best[name]:.0f} | {best[name] / base_best:.2f}x |")
+    print(
+        f"| {name} | {ms[name]:.0f} | {ms[name] / base:.2f}x | {best[name]:.0f} | {best[name] / base_best:.2f}x |"
+    )

@@ -6,6 +6,7 @@ four word-order shuffles of it).
 
     python eval.py --model out/clip_hardneg/ckpt.pt --bench aro --data_root ~/data/aro
 """
+
 import os
 import random
 import re
@@ -18,32 +19,175 @@ from tasks.common import Chooser, accuracy, bench_root, choice_correct, mean, te
 
 # the relations ARO's authors leave out of VG-Relation's macro accuracy, verbatim from the list in
 # their replication notebook (symmetric relations such as "next to", and others they dropped with them)
-ARO_EXCLUDED_RELATIONS = frozenset((
-    "adjusting", "attached to", "between", "bigger than", "biting", "boarding", "brushing", "chewing", "cleaning",
-    "climbing", "close to", "coming from", "coming out of", "contain", "crossing", "dragging", "draped over",
-    "drinking", "drinking from", "driving", "driving down", "driving on", "eating from", "eating in", "enclosing",
-    "exiting", "facing", "filled with", "floating in", "floating on", "flying", "flying above", "flying in",
-    "flying over", "flying through", "full of", "going down", "going into", "going through", "grazing in",
-    "growing in", "growing on", "guiding", "hanging from", "hanging in", "hanging off", "hanging over",
-    "higher than", "holding onto", "hugging", "in between", "jumping off", "jumping on", "jumping over", "kept in",
-    "larger than", "leading", "leaning over", "leaving", "licking", "longer than", "looking in", "looking into",
-    "looking out", "looking over", "looking through", "lying next to", "lying on top of", "making", "mixed with",
-    "mounted on", "moving", "on the back of", "on the edge of", "on the front of", "on the other side of",
-    "opening", "painted on", "parked at", "parked beside", "parked by", "parked in", "parked in front of",
-    "parked near", "parked next to", "perched on", "petting", "piled on", "playing", "playing in", "playing on",
-    "playing with", "pouring", "reaching for", "reading", "reflected on", "riding on", "running in", "running on",
-    "running through", "seen through", "sitting behind", "sitting beside", "sitting by", "sitting in front of",
-    "sitting near", "sitting next to", "sitting under", "skiing down", "skiing on", "sleeping in", "sleeping on",
-    "smiling at", "sniffing", "splashing", "sprinkled on", "stacked on", "standing against", "standing around",
-    "standing behind", "standing beside", "standing in front of", "standing near", "standing next to",
-    "staring at", "stuck in", "surrounding", "swimming in", "swinging", "talking to", "topped with", "touching",
-    "traveling down", "traveling on", "tying", "typing on", "underneath", "wading in", "waiting for",
-    "walking across", "walking by", "walking down", "walking next to", "walking through", "working in",
-    "working on", "worn on", "wrapped around", "wrapped in", "by", "of", "near", "next to", "with", "beside",
-    "on the side of", "around"))
+ARO_EXCLUDED_RELATIONS = frozenset(
+    (
+        "adjusting",
+        "attached to",
+        "between",
+        "bigger than",
+        "biting",
+        "boarding",
+        "brushing",
+        "chewing",
+        "cleaning",
+        "climbing",
+        "close to",
+        "coming from",
+        "coming out of",
+        "contain",
+        "crossing",
+        "dragging",
+        "draped over",
+        "drinking",
+        "drinking from",
+        "driving",
+        "driving down",
+        "driving on",
+        "eating from",
+        "eating in",
+        "enclosing",
+        "exiting",
+        "facing",
+        "filled with",
+        "floating in",
+        "floating on",
+        "flying",
+        "flying above",
+        "flying in",
+        "flying over",
+        "flying through",
+        "full of",
+        "going down",
+        "going into",
+        "going through",
+        "grazing in",
+        "growing in",
+        "growing on",
+        "guiding",
+        "hanging from",
+        "hanging in",
+        "hanging off",
+        "hanging over",
+        "higher than",
+        "holding onto",
+        "hugging",
+        "in between",
+        "jumping off",
+        "jumping on",
+        "jumping over",
+        "kept in",
+        "larger than",
+        "leading",
+        "leaning over",
+        "leaving",
+        "licking",
+        "longer than",
+        "looking in",
+        "looking into",
+        "looking out",
+        "looking over",
+        "looking through",
+        "lying next to",
+        "lying on top of",
+        "making",
+        "mixed with",
+        "mounted on",
+        "moving",
+        "on the back of",
+        "on the edge of",
+        "on the front of",
+        "on the other side of",
+        "opening",
+        "painted on",
+        "parked at",
+        "parked beside",
+        "parked by",
+        "parked in",
+        "parked in front of",
+        "parked near",
+        "parked next to",
+        "perched on",
+        "petting",
+        "piled on",
+        "playing",
+        "playing in",
+        "playing on",
+        "playing with",
+        "pouring",
+        "reaching for",
+        "reading",
+        "reflected on",
+        "riding on",
+        "running in",
+        "running on",
+        "running through",
+        "seen through",
+        "sitting behind",
+        "sitting beside",
+        "sitting by",
+        "sitting in front of",
+        "sitting near",
+        "sitting next to",
+        "sitting under",
+        "skiing down",
+        "skiing on",
+        "sleeping in",
+        "sleeping on",
+        "smiling at",
+        "sniffing",
+        "splashing",
+        "sprinkled on",
+        "stacked on",
+        "standing against",
+        "standing around",
+        "standing behind",
+        "standing beside",
+        "standing in front of",
+        "standing near",
+        "standing next to",
+        "staring at",
+        "stuck in",
+        "surrounding",
+        "swimming in",
+        "swinging",
+        "talking to",
+        "topped with",
+        "touching",
+        "traveling down",
+        "traveling on",
+        "tying",
+        "typing on",
+        "underneath",
+        "wading in",
+        "waiting for",
+        "walking across",
+        "walking by",
+        "walking down",
+        "walking next to",
+        "walking through",
+        "working in",
+        "working on",
+        "worn on",
+        "wrapped around",
+        "wrapped in",
+        "by",
+        "of",
+        "near",
+        "next to",
+        "with",
+        "beside",
+        "on the side of",
+        "around",
+    )
+)
 ARO_MIN_PAIR = 25  # VG-Attribution's macro accuracy keeps attribute pairs with at least this many items
 ARO_ORDER = {"coco_order": "coco_karpathy_test.json", "flickr30k_order": "flickr30k_test.json"}
-ARO_PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams", "shuffle_trigrams")
+ARO_PERTURBATIONS = (
+    "shuffle_nouns_and_adj",
+    "shuffle_allbut_nouns_and_adj",
+    "shuffle_within_trigrams",
+    "shuffle_trigrams",
+)
 NOUN_TAGS, ADJECTIVE_TAGS = ("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")
 
 
@@ -64,8 +208,12 @@ def read_aro_vg(path, image_dir, part):
             raise DataError(f"{where}: missing or malformed field {e}") from None
         if w <= 0 or h <= 0:
             raise DataError(f"{where}: empty box {w} x {h}")
-        items.append(((os.path.join(image_dir, text_field(r, "image_path", where)), (x, y, x + w, y + h)),
-                      [text_field(r, "true_caption", where), text_field(r, "false_caption", where)]))
+        items.append(
+            (
+                (os.path.join(image_dir, text_field(r, "image_path", where)), (x, y, x + w, y + h)),
+                [text_field(r, "true_caption", where), text_field(r, "false_caption", where)],
+            )
+        )
         groups.append(group)
     return items, groups
 
@@ -112,12 +260,15 @@ def order_perturbations(caption, tag, tokenize, np_rng, rng):
     rest[nouns + adjectives] = False
     b[rest] = np_rng.permutation(b[rest])
     tokens = list(tokenize(caption))
-    within = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+    within = [tokens[i : i + 3] for i in range(0, len(tokens), 3)]
     for trigram in within:
         rng.shuffle(trigram)
-    trigrams = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+    trigrams = [tokens[i : i + 3] for i in range(0, len(tokens), 3)]
     rng.shuffle(trigrams)
-    return [pre_caption(" ".join(x)) for x in (a, b, [w for t in within for w in t], [w for t in trigrams for w in t])]
+    return [
+        pre_caption(" ".join(x))
+        for x in (a, b, [w for t in within for w in t], [w for t in trigrams for w in t])
+    ]
 
 
 def aro_text_tools():
@@ -125,11 +276,14 @@ def aro_text_tools():
     try:
         import nltk
         import spacy
+
         nlp = spacy.load("en_core_web_sm")
         nltk.word_tokenize("a test.")  # needs nltk's punkt data
     except (ImportError, OSError, LookupError) as e:
-        return None, ("needs ARO's text tools, spaCy's en_core_web_sm and nltk's punkt: pip install spacy nltk && "
-                      f"python -m spacy download en_core_web_sm && python -m nltk.downloader punkt punkt_tab ({type(e).__name__})")
+        return None, (
+            "needs ARO's text tools, spaCy's en_core_web_sm and nltk's punkt: pip install spacy nltk && "
+            f"python -m spacy download en_core_web_sm && python -m nltk.downloader punkt punkt_tab ({type(e).__name__})"
+        )
     return (lambda text: [(t.text, t.tag_) for t in nlp(text)], nltk.word_tokenize), None
 
 
@@ -147,10 +301,17 @@ def evaluate(model, preprocess, tokenizer, device, root, seed=1):
       strictly highest (ARO's Precision@1, where its argmax gave ties to the caption), and the
       pairwise accuracy against each perturbation.
     A part whose file is absent is reported as None."""
-    bench_root("aro", root, "visual_genome_relation.json, visual_genome_attribution.json, images/, "
-                "coco_karpathy_test.json, flickr30k_test.json")
+    bench_root(
+        "aro",
+        root,
+        "visual_genome_relation.json, visual_genome_attribution.json, images/, "
+        "coco_karpathy_test.json, flickr30k_test.json",
+    )
     choose, out = Chooser("aro", model, preprocess, tokenizer, device), {}
-    for part, name in (("relation", "visual_genome_relation.json"), ("attribution", "visual_genome_attribution.json")):
+    for part, name in (
+        ("relation", "visual_genome_relation.json"),
+        ("attribution", "visual_genome_attribution.json"),
+    ):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             print(f"aro: {part} missing (no {path})")
@@ -185,19 +346,27 @@ def evaluate(model, preprocess, tokenizer, device, root, seed=1):
             continue
         tag, tokenize = text_tools
         np_rng, rng = np.random.RandomState(seed), random.Random(seed)  # fresh per set, as each ARO run seeds
-        items = [(image, [pre_caption(c)] + order_perturbations(c, tag, tokenize, np_rng, rng))
-                 for image, c in read_karpathy_test(path, root)]
+        items = [
+            (image, [pre_caption(c)] + order_perturbations(c, tag, tokenize, np_rng, rng))
+            for image, c in read_karpathy_test(path, root)
+        ]
         scores, readable = choose.scores(items, part)
         scores = scores[readable]
         out[f"aro/{part}"] = accuracy(choice_correct(scores))
         for j, name in enumerate(ARO_PERTURBATIONS, 1):
             changed = ~scores[:, j].isnan()  # over the captions this shuffle changed
-            out[f"aro/{part}/{name}"] = accuracy(scores[changed, 0] > scores[changed, j]) if changed.any() else None
+            out[f"aro/{part}/{name}"] = (
+                accuracy(scores[changed, 0] > scores[changed, j]) if changed.any() else None
+            )
     if all(out[f"aro/{p}"] is None for p in ("relation", "attribution", *ARO_ORDER)):
-        raise DataError(f"aro: none of ARO's files in {root}: visual_genome_relation.json, "
-                             "visual_genome_attribution.json, coco_karpathy_test.json, flickr30k_test.json")
+        raise DataError(
+            f"aro: none of ARO's files in {root}: visual_genome_relation.json, "
+            "visual_genome_attribution.json, coco_karpathy_test.json, flickr30k_test.json"
+        )
     return out | choose.counts()
 
 
 def run(model, preprocess, tokenizer, device, args):
-    return evaluate(model, preprocess, tokenizer, device, args.data_root, seed=1 if args.seed is None else args.seed)
+    return evaluate(
+        model, preprocess, tokenizer, device, args.data_root, seed=1 if args.seed is None else args.seed
+    )

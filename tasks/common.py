@@ -11,6 +11,7 @@ are the same token ids at the model's context length (they differ only past it: 
 VALSE's long coreference captions; or only in what the tokenizer drops, case and spacing) is a tie,
 so wrong; such items are counted (<bench>/n_truncated_ties) and named in one line.
 """
+
 import os
 import time
 
@@ -33,6 +34,7 @@ def _progress(desc, done, total, last):
 def _open_choice_image(ref):
     """a path, (path, (left, top, right, bottom)) crop box, or a PIL image -> RGB PIL image, None if unreadable"""
     from PIL import Image
+
     if isinstance(ref, Image.Image):
         return ref.convert("RGB")
     path, box = (ref, None) if isinstance(ref, str) else ref
@@ -62,26 +64,36 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
     model.eval()
     if len({len(cands) for _, cands in items}) > 1:
         raise ValueError("choice_scores: every item needs the same number of texts")
-    key = lambda ref: ref if isinstance(ref, (str, tuple)) else id(ref)  # noqa: E731 (pil images: by identity)
+    # noqa: E731 (pil images: by identity)
+    key = lambda ref: ref if isinstance(ref, (str, tuple)) else id(ref)
     refs = {key(image): image for image, _ in items}
     keys = list(refs)
     texts = list(dict.fromkeys(t for _, cands in items for t in cands))
     row, feats, last = {}, [], time.time()
     for i in range(0, len(keys), batch_size):
-        good = [(k, im) for k in keys[i:i + batch_size] if (im := _open_choice_image(refs[k])) is not None]
+        good = [(k, im) for k in keys[i : i + batch_size] if (im := _open_choice_image(refs[k])) is not None]
         if good:
             feats.append(encode_images(model, torch.stack([preprocess(im) for _, im in good]), device))
             row |= {k: len(row) + j for j, (k, _) in enumerate(good)}
         last = _progress(f"{desc} images", min(i + batch_size, len(keys)), len(keys), last)
-    ids = torch.cat([tokenizer(texts[i:i + 1024]) for i in range(0, len(texts), 1024)]) if texts else torch.zeros(0, 1)
+    ids = (
+        torch.cat([tokenizer(texts[i : i + 1024]) for i in range(0, len(texts), 1024)])
+        if texts
+        else torch.zeros(0, 1)
+    )
     ids, inverse = torch.unique(ids, dim=0, return_inverse=True)  # one row a distinct token sequence
     txt = []
     for i in range(0, len(ids), 1024):
-        txt.append(encode_texts(model, lambda rows: rows, ids[i:i + 1024], device))  # rows already tokenised
+        txt.append(
+            encode_texts(model, lambda rows: rows, ids[i : i + 1024], device)
+        )  # rows already tokenised
         last = _progress(f"{desc} texts", min(i + 1024, len(ids)), len(ids), last)
     txt = torch.cat(txt) if txt else None
     col = dict(zip(texts, inverse.tolist()))
-    truncated = torch.tensor([any(t != cands[0] and col[t] == col[cands[0]] for t in cands[1:]) for _, cands in items], dtype=torch.bool)
+    truncated = torch.tensor(
+        [any(t != cands[0] and col[t] == col[cands[0]] for t in cands[1:]) for _, cands in items],
+        dtype=torch.bool,
+    )
     readable = torch.tensor([key(image) in row for image, _ in items], dtype=torch.bool)
     scores = torch.full((len(items), len(items[0][1]) if items else 0), float("nan"))
     if readable.any():
@@ -91,7 +103,9 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
         text_cols = torch.tensor([[col[t] for t in cands] for _, cands in kept])  # [m, K]
         # identical strings share one embedding, so a model that cannot tell them apart ties exactly
         scores[readable] = (img[image_rows][:, None, :] * txt[text_cols]).sum(-1)
-        same = torch.tensor([[j > 0 and t == cands[0] for j, t in enumerate(cands)] for _, cands in items], dtype=torch.bool)
+        same = torch.tensor(
+            [[j > 0 and t == cands[0] for j, t in enumerate(cands)] for _, cands in items], dtype=torch.bool
+        )
         scores[same] = float("nan")
     model.train(was_training)
     return scores, readable, truncated
@@ -111,16 +125,25 @@ class Chooser:
     readable items that are truncated ties (choice_scores), per part"""
 
     def __init__(self, bench, model, preprocess, tokenizer, device):
-        self.bench, self.model, self.preprocess, self.tokenizer, self.device = bench, model, preprocess, tokenizer, device
+        self.bench, self.model, self.preprocess, self.tokenizer, self.device = (
+            bench,
+            model,
+            preprocess,
+            tokenizer,
+            device,
+        )
         self.n_items, self.unreadable, self.ties = 0, {}, {}
 
     def scores(self, items, where, count=True):
         """-> (scores [m, K], readable [m]) for the items; raises if none of their images can be read"""
-        scores, readable, truncated = choice_scores(self.model, self.preprocess, self.tokenizer, items, self.device,
-                                                    desc=f"{self.bench} {where}")
+        scores, readable, truncated = choice_scores(
+            self.model, self.preprocess, self.tokenizer, items, self.device, desc=f"{self.bench} {where}"
+        )
         if items and not readable.any():
-            raise DataError(f"{self.bench}: {where}: none of its {len(items)} images could be read "
-                                 f"(first: {_image_path(items[0][0])})")
+            raise DataError(
+                f"{self.bench}: {where}: none of its {len(items)} images could be read "
+                f"(first: {_image_path(items[0][0])})"
+            )
         self.n_items += len(items) if count else 0
         self.unreadable |= dict.fromkeys(_image_path(im) for (im, _), ok in zip(items, readable) if not ok)
         if n_ties := int((truncated & readable).sum()):
@@ -135,16 +158,22 @@ class Chooser:
     def counts(self):
         """-> n_items, unreadable_images, n_truncated_ties, and n_truncated_ties/<part> for each part that has any"""
         if self.unreadable:
-            print(f"{self.bench}: {len(self.unreadable)} image(s) could not be read, their items are left out "
-                  f"of every accuracy (first: {next(iter(self.unreadable))})")
+            print(
+                f"{self.bench}: {len(self.unreadable)} image(s) could not be read, their items are left out "
+                f"of every accuracy (first: {next(iter(self.unreadable))})"
+            )
         if self.ties:
             length = getattr(self.tokenizer, "context_length", None)
-            print(f"{self.bench}: {sum(self.ties.values())} item(s) whose right and wrong captions are the same tokens at the "
-                  f"model's context length{f' ({length})' if length else ''} tie, counted wrong: "
-                  + ", ".join(f"{where} {n}" for where, n in self.ties.items()))
-        return ({f"{self.bench}/n_items": self.n_items, f"{self.bench}/unreadable_images": len(self.unreadable),
-                 f"{self.bench}/n_truncated_ties": sum(self.ties.values())}
-                | {f"{self.bench}/n_truncated_ties/{where}": n for where, n in self.ties.items()})
+            print(
+                f"{self.bench}: {sum(self.ties.values())} item(s) whose right and wrong captions are the same tokens at the "
+                f"model's context length{f' ({length})' if length else ''} tie, counted wrong: "
+                + ", ".join(f"{where} {n}" for where, n in self.ties.items())
+            )
+        return {
+            f"{self.bench}/n_items": self.n_items,
+            f"{self.bench}/unreadable_images": len(self.unreadable),
+            f"{self.bench}/n_truncated_ties": sum(self.ties.values()),
+        } | {f"{self.bench}/n_truncated_ties/{where}": n for where, n in self.ties.items()}
 
 
 def mean(xs):

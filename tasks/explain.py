@@ -9,6 +9,7 @@ grow. cli() is `eval.py --explain`.
     python eval.py --model out/clip_scratch/ckpt.pt --explain 7 --out explain.png       # shapes test scene 7
     python eval.py --model ViT-B-32:openai --explain photo.jpg --text "a dog on a sofa"
 """
+
 import math
 
 import numpy as np
@@ -18,13 +19,17 @@ import shapes
 from data import to_tensor
 from eval import LABEL_H, _save_png, open_rgb
 
+
 def _tower(module, name):
     """-> (the transformer's resblocks, whether they see [batch, seq, width]) of one tower"""
     blocks = getattr(getattr(module, "transformer", None), "resblocks", None)
     if blocks is None:
-        raise SystemExit(f"error: --explain needs a ViT with open_clip's module names, but {name} is a "
-                         f"{type(module).__name__} without transformer.resblocks")
-    return blocks, getattr(module.transformer, "batch_first", True)  # open_clip < 2.24 ran [seq, batch, width]
+        raise SystemExit(
+            f"error: --explain needs a ViT with open_clip's module names, but {name} is a "
+            f"{type(module).__name__} without transformer.resblocks"
+        )
+    # open_clip < 2.24 ran [seq, batch, width]
+    return blocks, getattr(module.transformer, "batch_first", True)
 
 
 def _path_embeddings(encode, block, batch_first, x, ref, steps):
@@ -104,7 +109,9 @@ def explain(model, image, text, layer=-1, steps=10, return_terms=False):
         if not -len(blocks) <= layer < len(blocks):
             raise SystemExit(f"error: --layer {layer}: the {tower} tower has {len(blocks)} blocks")
     if image.dim() != 4 or image.shape[0] != 1 or text.dim() != 2 or text.shape[0] != 1:
-        raise ValueError(f"explain takes one image [1, 3, H, W] and one text [1, L], got {list(image.shape)} and {list(text.shape)}")
+        raise ValueError(
+            f"explain takes one image [1, 3, H, W] and one text [1, L], got {list(image.shape)} and {list(text.shape)}"
+        )
     if steps < 1:
         raise SystemExit(f"error: --steps {steps}: needs at least one interpolation step")
     eot = int(text[0].argmax())  # the EOT token has the highest id
@@ -114,25 +121,35 @@ def explain(model, image, text, layer=-1, steps=10, return_terms=False):
     model.eval()
     try:
         with torch.enable_grad():  # callers may sit under no_grad
-            e_i, path_i = _path_embeddings(model.encode_image, vis_blocks[layer], vis_bf, image, torch.zeros_like(image), steps)
+            e_i, path_i = _path_embeddings(
+                model.encode_image, vis_blocks[layer], vis_bf, image, torch.zeros_like(image), steps
+            )
             U_i = _contracted_jacobian(e_i, path_i, steps)  # [D, 1 + grid * grid]
-            e_t, path_t = _path_embeddings(model.encode_text, txt_blocks[layer], txt_bf, text, text_ref, steps)
-            U_t = _contracted_jacobian(e_t, path_t, steps)[:, :eot + 1]  # [D, T]
+            e_t, path_t = _path_embeddings(
+                model.encode_text, txt_blocks[layer], txt_bf, text, text_ref, steps
+            )
+            U_t = _contracted_jacobian(e_t, path_t, steps)[:, : eot + 1]  # [D, T]
     finally:
         model.train(was_training)
-    norm = e_t[0].norm() * e_i[0].norm()  # row 0 is the input itself (a = 1), row `steps` the reference (a = 0)
+    # row 0 is the input itself (a = 1), row `steps` the reference (a = 0)
+    norm = e_t[0].norm() * e_i[0].norm()
     full = (U_t.T @ U_i / norm).detach().cpu()  # [T, 1 + grid * grid]
     grid = math.isqrt(full.shape[1] - 1)
     if grid * grid != full.shape[1] - 1:
-        raise SystemExit(f"error: --explain: {full.shape[1]} image tokens are not a class token and a square grid")
+        raise SystemExit(
+            f"error: --explain: {full.shape[1]} image tokens are not a class token and a square grid"
+        )
     A = full[:, 1:].reshape(-1, grid, grid)
     if not return_terms:
         return A
     e_t, e_i = e_t.detach().cpu(), e_i.detach().cpu()
     r_t, r_i = e_t[steps], e_i[steps]
     reference = (e_t[0] @ r_i + r_t @ e_i[0] - r_t @ r_i) / norm.item()
-    terms = {"score": (e_t[0] @ e_i[0] / norm.item()).item(), "class_token": full[:, 0].sum().item(),
-             "reference": reference.item()}
+    terms = {
+        "score": (e_t[0] @ e_i[0] / norm.item()).item(),
+        "class_token": full[:, 0].sum().item(),
+        "reference": reference.item(),
+    }
     return A, terms
 
 
@@ -160,8 +177,8 @@ def span_positions(tokenizer, ids, span):
     words = caption_words(tokenizer, ids)
     want = [w for w, _ in caption_words(tokenizer, tokenizer([span])[0])]
     for i in range(len(words) - len(want) + 1):
-        if want and [w for w, _ in words[i:i + len(want)]] == want:
-            return [s for _, pos in words[i:i + len(want)] for s in pos]
+        if want and [w for w, _ in words[i : i + len(want)]] == want:
+            return [s for _, pos in words[i : i + len(want)] for s in pos]
     caption = " ".join(w for w, _ in words)
     raise SystemExit(f"error: --span {span!r} is not a run of words of the caption {caption!r}")
 
@@ -172,13 +189,15 @@ def save_explanation(image, panels, path, note=""):
     opacity |value| / m on one scale m for all panels (the largest |value|), a patch per cell of
     the grid; laid out like save_grid, two lines under each cell: the title and the panel's sum."""
     from PIL import Image, ImageDraw, ImageOps
+
     m = max(float(h.abs().max()) for _, _, h in panels) or 1.0  # an all-zero map stays clear
     cols = math.ceil(math.sqrt(len(panels) + 1))
     rows = math.ceil((len(panels) + 1) / cols)
     cell = min(256, max(128, min(image.size)))
     resample = Image.Resampling.NEAREST if min(image.size) < cell else Image.Resampling.BICUBIC
     base = ImageOps.fit(image, (cell, cell), resample)
-    grey = np.asarray(base.convert("L").convert("RGB"), dtype=np.float32) * 0.6 + 255 * 0.4  # lighter, so colour reads
+    # lighter, so colour reads
+    grey = np.asarray(base.convert("L").convert("RGB"), dtype=np.float32) * 0.6 + 255 * 0.4
     red, blue = np.array([215, 25, 28], np.float32), np.array([44, 123, 182], np.float32)
     canvas = Image.new("RGB", (cols * cell, rows * (cell + 2 * LABEL_H)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -188,7 +207,13 @@ def save_explanation(image, panels, path, note=""):
         t = np.asarray(Image.fromarray(t.astype(np.float32)).resize((cell, cell), Image.Resampling.NEAREST))
         alpha = 0.9 * np.abs(t)[..., None]
         colour = np.where(t[..., None] >= 0, red, blue)
-        tiles.append((Image.fromarray((grey * (1 - alpha) + colour * alpha).round().astype(np.uint8)), title, f"{total:+.3g}"))
+        tiles.append(
+            (
+                Image.fromarray((grey * (1 - alpha) + colour * alpha).round().astype(np.uint8)),
+                title,
+                f"{total:+.3g}",
+            )
+        )
     for j, (tile, *lines) in enumerate(tiles):
         x, y = (j % cols) * cell, (j // cols) * (cell + 2 * LABEL_H)
         canvas.paste(tile, (x, y))
@@ -201,6 +226,7 @@ def save_explanation(image, panels, path, note=""):
 def cli(model, preprocess, tokenizer, args, image_size, native, device):
     """--explain: attributions of one caption and one image, printed per word and drawn to --out"""
     from PIL import Image, ImageOps
+
     _tower(model.visual, "its image tower")  # a ResNet fails here, before any image is read
     from_scene = args.explain.isdigit()
     if from_scene:
@@ -212,25 +238,38 @@ def cli(model, preprocess, tokenizer, args, image_size, native, device):
             raise SystemExit("error: --explain IMAGE_PATH needs --text CAPTION")
         pil, text = open_rgb(args.explain), args.text
     ids = tokenizer([text])
-    panels = ([(args.span, span_positions(tokenizer, ids[0], args.span))] if args.span is not None
-              else caption_words(tokenizer, ids[0]))
+    panels = (
+        [(args.span, span_positions(tokenizer, ids[0], args.span))]
+        if args.span is not None
+        else caption_words(tokenizer, ids[0])
+    )
     # what the model sees: minclip models take a shapes render as is, everything else its preprocess
     image = (to_tensor(np.asarray(pil)) if native and from_scene else preprocess(pil))[None]
     A, terms = explain(model, image.to(device), ids.to(device), args.layer, args.steps, return_terms=True)
     words = sum(A[pos].sum().item() for _, pos in caption_words(tokenizer, ids[0]))
     print(f"shapes test scene {args.explain}" if from_scene else f"image: {args.explain}")
-    print(f"caption: {text!r}\nlayer {args.layer}, {args.steps} steps, a {A.shape[1]}x{A.shape[2]} patch grid")
+    print(
+        f"caption: {text!r}\nlayer {args.layer}, {args.steps} steps, a {A.shape[1]}x{A.shape[2]} patch grid"
+    )
     print(f"score (cosine)          {terms['score']:+.4f}")
-    print(f"sum of attributions     {A.sum().item():+.4f}   (words {words:+.4f}, "
-          f"start token {A[0].sum().item():+.4f}, end token {A[-1].sum().item():+.4f})")
+    print(
+        f"sum of attributions     {A.sum().item():+.4f}   (words {words:+.4f}, "
+        f"start token {A[0].sum().item():+.4f}, end token {A[-1].sum().item():+.4f})"
+    )
     print(f"class-token column      {terms['class_token']:+.4f}")
-    print(f"reference terms         {terms['reference']:+.4f}   (score = sum + class token + reference as --steps grows)")
+    print(
+        f"reference terms         {terms['reference']:+.4f}   (score = sum + class token + reference as --steps grows)"
+    )
     heats = [(word, A[pos].sum(0)) for word, pos in panels]
     for word, heat in heats:
         print(f"{heat.sum().item():+.4f}  {word}")
     # a square view of the image, cropped like the preprocess crops it, so patches line up
     side = min(pil.size)
     out = args.out or "explain.png"
-    save_explanation(ImageOps.fit(pil, (side, side)), [(w, h.sum().item(), h) for w, h in heats], out,
-                     note=f"score {terms['score']:+.3f}")
+    save_explanation(
+        ImageOps.fit(pil, (side, side)),
+        [(w, h.sum().item(), h) for w, h in heats],
+        out,
+        note=f"score {terms['score']:+.3f}",
+    )
     print(f"wrote {out}")

@@ -7,6 +7,7 @@ test file.
     python eval.py --model out/clip_hardneg/ckpt.pt --bench intrinsic --threshold 1.0
     python eval.py --model out/clip_hardneg/ckpt.pt --bench intrinsic --data hnc --data_root ~/data/hnc
 """
+
 import os
 
 import torch
@@ -15,6 +16,7 @@ import shapes
 from data import DataError, read_json
 from eval import SHAPES_SIZE
 from tasks.common import Chooser, bench_root, first_file, text_field
+
 
 def intrinsic_metrics(pos_cos, neg_cos, rand_cos, threshold=1.0, eps=1e-8):
     """The HNC thesis's intrinsic metrics. pos_cos, neg_cos: [n] cos(image, caption) and cos(image,
@@ -25,10 +27,14 @@ def intrinsic_metrics(pos_cos, neg_cos, rand_cos, threshold=1.0, eps=1e-8):
     # float64: in float32 (the thesis's code) 1e-8 vanishes next to a cosine of 0.3, and a tie's
     # ratio would be exactly 1 and count as distinguished at the default threshold
     ratio = pos_cos.double() / (neg_cos.double() + eps)
-    return {"pos_cos": pos_cos.mean().item(), "hard_neg_cos": neg_cos.mean().item(),
-            "margin": (pos_cos.mean() - neg_cos.mean()).item(), "rand_neg_cos": rand_cos.mean().item(),
-            "distinguish_acc": (ratio >= threshold).float().mean().item(),
-            "pairwise_acc": (pos_cos > neg_cos).float().mean().item()}
+    return {
+        "pos_cos": pos_cos.mean().item(),
+        "hard_neg_cos": neg_cos.mean().item(),
+        "margin": (pos_cos.mean() - neg_cos.mean()).item(),
+        "rand_neg_cos": rand_cos.mean().item(),
+        "distinguish_acc": (ratio >= threshold).float().mean().item(),
+        "pairwise_acc": (pos_cos > neg_cos).float().mean().item(),
+    }
 
 
 def read_hnc_test(path, image_dir):
@@ -46,7 +52,9 @@ def read_hnc_test(path, image_dir):
                 c = caps[cid]
                 if c["label"] not in (0, 1):
                     raise ValueError(f"label {c['label']!r}")
-                groups.setdefault(c.get("type", "default"), ([], []))[1 - c["label"]].append(text_field(c, "caption", f"{path}: {image} caption {cid}"))
+                groups.setdefault(c.get("type", "default"), ([], []))[1 - c["label"]].append(
+                    text_field(c, "caption", f"{path}: {image} caption {cid}")
+                )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{path}: {image}: malformed captions ({e})") from None
         for kind, (pos, neg) in groups.items():
@@ -58,24 +66,42 @@ def read_hnc_test(path, image_dir):
 
 
 @torch.no_grad()
-def evaluate(model, preprocess, tokenizer, device, source="shapes", root=None, image_root=None,
-                   threshold=1.0, n=1000, seed=None, image_size=SHAPES_SIZE):
+def evaluate(
+    model,
+    preprocess,
+    tokenizer,
+    device,
+    source="shapes",
+    root=None,
+    image_root=None,
+    threshold=1.0,
+    n=1000,
+    seed=None,
+    image_size=SHAPES_SIZE,
+):
     """Intrinsic metrics on triplets (image, caption, hard negative). shapes: n test scenes, each with
     every hard-negative kind (pooled, then per kind), rendered at image_size and put through
     preprocess. hnc: HNC's test file (root/hnc_clean_strict_test.json, GQA images under image_root,
     default root/images). The random negative of each distinct image is the caption of the next one."""
     from PIL import Image
+
     choose = Chooser("intrinsic", model, preprocess, tokenizer, device)
     if source == "shapes":
         scenes = shapes.test_scenes(n, shapes.TEST_SEED if seed is None else seed)
         images = [Image.fromarray(shapes.render(s, image_size)) for s in scenes]
-        triplets = [(im, s.caption(), fn(s), kind) for kind, fn in shapes.NEGATIVES.items() for im, s in zip(images, scenes)]
+        triplets = [
+            (im, s.caption(), fn(s), kind)
+            for kind, fn in shapes.NEGATIVES.items()
+            for im, s in zip(images, scenes)
+        ]
     else:
         bench_root("intrinsic", root, "hnc_clean_strict_test.json and images/")
         path = first_file("intrinsic", [os.path.join(root, "hnc_clean_strict_test.json")], "HNC's test file")
         triplets, skipped = read_hnc_test(path, image_root or os.path.join(root, "images"))
         if skipped:
-            print(f"intrinsic: skipped {skipped} image/type group(s) of {path} with unequal positives and negatives")
+            print(
+                f"intrinsic: skipped {skipped} image/type group(s) of {path} with unequal positives and negatives"
+            )
         if not triplets:
             raise DataError(f"intrinsic: {path} has no positive/negative pair")
     scores, readable = choose.scores([(im, [p, q]) for im, p, q, _ in triplets], "triplets")
@@ -83,18 +109,39 @@ def evaluate(model, preprocess, tokenizer, device, source="shapes", root=None, i
     for im, p, _, _ in triplets:
         first.setdefault(im if isinstance(im, str) else id(im), (im, p))
     firsts = list(first.values())
-    rand, rand_ok = choose.scores([(im, [firsts[(i + 1) % len(firsts)][1]]) for i, (im, _) in enumerate(firsts)],
-                                  "random negatives", count=False)
+    rand, rand_ok = choose.scores(
+        [(im, [firsts[(i + 1) % len(firsts)][1]]) for i, (im, _) in enumerate(firsts)],
+        "random negatives",
+        count=False,
+    )
     kinds = [t[3] for t in triplets]
-    out = {f"intrinsic/{k}": v for k, v in intrinsic_metrics(scores[readable, 0], scores[readable, 1], rand[rand_ok, 0], threshold).items()}
+    out = {
+        f"intrinsic/{k}": v
+        for k, v in intrinsic_metrics(
+            scores[readable, 0], scores[readable, 1], rand[rand_ok, 0], threshold
+        ).items()
+    }
     if source == "shapes":
         for kind in shapes.NEGATIVES:
             mask = readable & torch.tensor([k == kind for k in kinds])
             m = intrinsic_metrics(scores[mask, 0], scores[mask, 1], rand[rand_ok, 0], threshold)
-            out |= {f"intrinsic/{kind}/{k}": m[k] for k in ("hard_neg_cos", "distinguish_acc", "pairwise_acc")}
+            out |= {
+                f"intrinsic/{kind}/{k}": m[k] for k in ("hard_neg_cos", "distinguish_acc", "pairwise_acc")
+            }
     return out | choose.counts()
 
 
 def run(model, preprocess, tokenizer, device, args):
-    return evaluate(model, preprocess, tokenizer, device, source=args.data, root=args.data_root, image_root=args.image_root,
-                    threshold=args.threshold, n=args.eval_n, seed=args.seed, image_size=args.image_size)
+    return evaluate(
+        model,
+        preprocess,
+        tokenizer,
+        device,
+        source=args.data,
+        root=args.data_root,
+        image_root=args.image_root,
+        threshold=args.threshold,
+        n=args.eval_n,
+        seed=args.seed,
+        image_size=args.image_size,
+    )

@@ -5,6 +5,7 @@ swapping or adding an object, attribute or relation (7 subsets).
 
     python eval.py --model ViT-B-32:openai --bench sugarcrepe --data_root ~/data/sugar-crepe --image_root ~/data/coco/val2017
 """
+
 import os
 
 import torch
@@ -12,8 +13,11 @@ import torch
 from data import DataError, read_json
 from tasks.common import Chooser, accuracy, bench_root, first_file, mean, text_field
 
-SUGARCREPE = {"replace": ("replace_obj", "replace_att", "replace_rel"), "swap": ("swap_obj", "swap_att"),
-              "add": ("add_obj", "add_att")}
+SUGARCREPE = {
+    "replace": ("replace_obj", "replace_att", "replace_rel"),
+    "swap": ("swap_obj", "swap_att"),
+    "add": ("add_obj", "add_att"),
+}
 
 
 def read_sugarcrepe(root, image_root=None):
@@ -25,14 +29,24 @@ def read_sugarcrepe(root, image_root=None):
     image_root = image_root or os.path.join(root, "val2017")
     out = {}
     for subset in (s for group in SUGARCREPE.values() for s in group):
-        path = first_file("sugarcrepe", [os.path.join(root, f"{subset}.json"), os.path.join(root, "data", f"{subset}.json")],
-                           "SugarCrepe's data/<subset>.json files")
+        path = first_file(
+            "sugarcrepe",
+            [os.path.join(root, f"{subset}.json"), os.path.join(root, "data", f"{subset}.json")],
+            "SugarCrepe's data/<subset>.json files",
+        )
         items = read_json(path)
         if not isinstance(items, dict):
             raise DataError(f"{path}: expected a JSON object keyed by item id")
-        out[subset] = [(os.path.join(image_root, text_field(it, "filename", f"{path}: item {k!r}")),
-                        [text_field(it, "caption", f"{path}: item {k!r}"), text_field(it, "negative_caption", f"{path}: item {k!r}")])
-                       for k, it in items.items()]
+        out[subset] = [
+            (
+                os.path.join(image_root, text_field(it, "filename", f"{path}: item {k!r}")),
+                [
+                    text_field(it, "caption", f"{path}: item {k!r}"),
+                    text_field(it, "negative_caption", f"{path}: item {k!r}"),
+                ],
+            )
+            for k, it in items.items()
+        ]
     return out
 
 

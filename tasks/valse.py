@@ -6,6 +6,7 @@ coreference, noun phrases).
 
     python eval.py --model out/clip_hardneg/ckpt.pt --bench valse --data_root ~/data/valse
 """
+
 import os
 
 import torch
@@ -14,10 +15,18 @@ from data import DataError, read_json
 from tasks.common import Chooser, accuracy, bench_root, mean, text_field
 
 VALSE_PIECES = {  # piece file -> category (noun phrases: FOIL-it!), in the paper's table order
-    "existence": "existence", "plurals": "plurality", "counting-hard": "counting",
-    "counting-small-quant": "counting", "counting-adversarial": "counting", "relations": "relations",
-    "action-replacement": "actions", "actant-swap": "actions", "coreference-standard": "coreference",
-    "coreference-hard": "coreference", "foil-it": "noun_phrases"}
+    "existence": "existence",
+    "plurals": "plurality",
+    "counting-hard": "counting",
+    "counting-small-quant": "counting",
+    "counting-adversarial": "counting",
+    "relations": "relations",
+    "action-replacement": "actions",
+    "actant-swap": "actions",
+    "coreference-standard": "coreference",
+    "coreference-hard": "coreference",
+    "foil-it": "noun_phrases",
+}
 VALSE_MIN_VOTES = 2  # valid item: at least 2 of 3 annotators chose the caption (and not the foil)
 
 
@@ -32,8 +41,14 @@ def read_valse(root, image_root=None):
     image_root = image_root or os.path.join(root, "images")
     out = {}
     for piece in VALSE_PIECES:
-        path = next((f for f in (os.path.join(root, f"{piece}.json"), os.path.join(root, "data", f"{piece}.json"))
-                     if os.path.isfile(f)), None)
+        path = next(
+            (
+                f
+                for f in (os.path.join(root, f"{piece}.json"), os.path.join(root, "data", f"{piece}.json"))
+                if os.path.isfile(f)
+            ),
+            None,
+        )
         if path is None:
             continue
         rows, items = read_json(path), []
@@ -52,8 +67,10 @@ def read_valse(root, image_root=None):
             items.append((image, [text_field(r, "caption", where), text_field(r, "foil", where)]))
         out[piece] = (items, len(rows))
     if not out:
-        raise DataError(f"valse: none of VALSE's piece files in {root} (or {root}/data): expected <piece>.json for "
-                        f"{', '.join(VALSE_PIECES)}")
+        raise DataError(
+            f"valse: none of VALSE's piece files in {root} (or {root}/data): expected <piece>.json for "
+            f"{', '.join(VALSE_PIECES)}"
+        )
     return out
 
 
@@ -63,7 +80,13 @@ def evaluate(model, preprocess, tokenizer, device, root, image_root=None):
     mean the mean of the pieces (VALSE's average when all 11 are there). A piece whose file is
     absent, or none of whose images is on disk, is reported as None and named on one line; mean
     and the categories are then over the pieces evaluated (valse/n_pieces)."""
-    choose, out, by_category, n_valid, missing = Chooser("valse", model, preprocess, tokenizer, device), {}, {}, 0, {}
+    choose, out, by_category, n_valid, missing = (
+        Chooser("valse", model, preprocess, tokenizer, device),
+        {},
+        {},
+        0,
+        {},
+    )
     pieces = read_valse(root, image_root)
     for piece, category in VALSE_PIECES.items():
         key = f"valse/{category}/{piece}"
@@ -80,13 +103,24 @@ def evaluate(model, preprocess, tokenizer, device, root, image_root=None):
         by_category.setdefault(category, []).append(out[key])
         n_valid += len(items)
     if not by_category:
-        raise DataError(f"valse: no piece could be evaluated: {'; '.join(f'{p}: {why}' for p, why in missing.items())}")
+        raise DataError(
+            f"valse: no piece could be evaluated: {'; '.join(f'{p}: {why}' for p, why in missing.items())}"
+        )
     if missing:
-        print(f"valse: evaluated {len(VALSE_PIECES) - len(missing)} of {len(VALSE_PIECES)} pieces; missing: "
-              + "; ".join(f"{p} ({why})" for p, why in missing.items()))
-    out |= {f"valse/{c}": mean(by_category[c]) if c in by_category else None for c in dict.fromkeys(VALSE_PIECES.values())}
-    out["valse/mean"] = mean(acc for acc in (out[f"valse/{c}/{p}"] for p, c in VALSE_PIECES.items()) if acc is not None)
-    return out | choose.counts() | {"valse/n_valid": n_valid, "valse/n_pieces": len(VALSE_PIECES) - len(missing)}
+        print(
+            f"valse: evaluated {len(VALSE_PIECES) - len(missing)} of {len(VALSE_PIECES)} pieces; missing: "
+            + "; ".join(f"{p} ({why})" for p, why in missing.items())
+        )
+    out |= {
+        f"valse/{c}": mean(by_category[c]) if c in by_category else None
+        for c in dict.fromkeys(VALSE_PIECES.values())
+    }
+    out["valse/mean"] = mean(
+        acc for acc in (out[f"valse/{c}/{p}"] for p, c in VALSE_PIECES.items()) if acc is not None
+    )
+    return (
+        out | choose.counts() | {"valse/n_valid": n_valid, "valse/n_pieces": len(VALSE_PIECES) - len(missing)}
+    )
 
 
 def run(model, preprocess, tokenizer, device, args):

@@ -5,12 +5,14 @@ grouped by type (object, attribute, relation), subtype and source corpus.
 
     python eval.py --model out/clip_hardneg/ckpt.pt --bench vlchecklist --data_root ~/data/vl-checklist
 """
+
 import os
 
 import torch
 
 from data import DataError, read_json
 from tasks.common import Chooser, accuracy, bench_root, mean
+
 
 def vlchecklist_files():
     """VL-CheckList's corpus as its release lists it (corpus/v1/<Type>/<subtype>/<source>.yaml):
@@ -19,16 +21,35 @@ def vlchecklist_files():
     for kind, values in (("location", ("center", "mid", "margin")), ("size", ("large", "medium", "small"))):
         top = f"data/Object/{kind.capitalize()}"
         for v in values:
-            out += [("object", f"{kind}_{v}", "vg", f"vg_{r}", f"{top}/vg_{kind}/vg_{r}_{v}.json", "vg") for r in ("obj", "subj")]
-            out += [("object", f"{kind}_{v}", "swig", f"swig_{r}", f"{top}/swig_{kind}/swig_{r}/swig_{r}_{v}.json", "swig")
-                    for r in ("agent", "destination", "item", "tool")]
-            out.append(("object", f"{kind}_{v}", "hake", "hake", f"{top}/hake_{kind}/hake_obj_{v}.json", "hake"))
+            out += [
+                ("object", f"{kind}_{v}", "vg", f"vg_{r}", f"{top}/vg_{kind}/vg_{r}_{v}.json", "vg")
+                for r in ("obj", "subj")
+            ]
+            out += [
+                (
+                    "object",
+                    f"{kind}_{v}",
+                    "swig",
+                    f"swig_{r}",
+                    f"{top}/swig_{kind}/swig_{r}/swig_{r}_{v}.json",
+                    "swig",
+                )
+                for r in ("agent", "destination", "item", "tool")
+            ]
+            out.append(
+                ("object", f"{kind}_{v}", "hake", "hake", f"{top}/hake_{kind}/hake_obj_{v}.json", "hake")
+            )
     for attribute in ("action", "color", "material", "size", "state"):
-        out += [("attribute", attribute, src, src, f"data/Attribute/{src}/{attribute}.json", "vg") for src in ("vg", "vaw")]
-    out += [("relation", "action", "vg", "vg", "data/Relation/vg/action.json", "vg"),
-            ("relation", "action", "swig", "swig", "data/Relation/swig_action.json", "swig"),
-            ("relation", "action", "hake", "hake", "data/Relation/hake_action.json", "hake"),
-            ("relation", "spatial", "vg", "vg", "data/Relation/vg/spatial.json", "vg")]
+        out += [
+            ("attribute", attribute, src, src, f"data/Attribute/{src}/{attribute}.json", "vg")
+            for src in ("vg", "vaw")
+        ]
+    out += [
+        ("relation", "action", "vg", "vg", "data/Relation/vg/action.json", "vg"),
+        ("relation", "action", "swig", "swig", "data/Relation/swig_action.json", "swig"),
+        ("relation", "action", "hake", "hake", "data/Relation/hake_action.json", "hake"),
+        ("relation", "spatial", "vg", "vg", "data/Relation/vg/spatial.json", "vg"),
+    ]
     return out
 
 
@@ -44,7 +65,9 @@ def read_vlchecklist_file(path, image_dir):
             rel, texts = r
             pos, neg = texts["POS"][0], texts["NEG"][0]
         except (ValueError, TypeError, KeyError, IndexError):
-            raise DataError(f"{path}: item {i}: expected [image path, {{\"POS\": [...], \"NEG\": [...]}}]") from None
+            raise DataError(
+                f'{path}: item {i}: expected [image path, {{"POS": [...], "NEG": [...]}}]'
+            ) from None
         if not all(isinstance(t, str) and t.strip() for t in (rel, pos, neg)):
             raise DataError(f"{path}: item {i}: empty image path or text")
         items.append((os.path.join(image_dir, rel), [pos, neg]))
@@ -80,16 +103,24 @@ def evaluate(model, preprocess, tokenizer, device, root, image_root=None):
         by_source.setdefault((kind, subtype), {}).setdefault(source, []).append(out[key])
     if not by_source:
         if all(why == "no file" for why in missing.values()):
-            raise DataError(f"vlchecklist: missing all {len(files)} annotation files under {root} (first: {files[0][4]}); "
-                            "expected VL-CheckList's data/ folder as released (a clone of its repository)")
-        raise DataError(f"vlchecklist: no file could be evaluated: {'; '.join(f'{r}: {why}' for r, why in missing.items())}")
+            raise DataError(
+                f"vlchecklist: missing all {len(files)} annotation files under {root} (first: {files[0][4]}); "
+                "expected VL-CheckList's data/ folder as released (a clone of its repository)"
+            )
+        raise DataError(
+            f"vlchecklist: no file could be evaluated: {'; '.join(f'{r}: {why}' for r, why in missing.items())}"
+        )
     if missing:
-        print(f"vlchecklist: evaluated {len(files) - len(missing)} of {len(files)} files; missing: "
-              + "; ".join(f"{r} ({why})" for r, why in missing.items()))
+        print(
+            f"vlchecklist: evaluated {len(files) - len(missing)} of {len(files)} files; missing: "
+            + "; ".join(f"{r} ({why})" for r, why in missing.items())
+        )
     by_kind = {}
     for kind, subtype in dict.fromkeys((f[0], f[1]) for f in files):
         sources = by_source.get((kind, subtype))
-        out[f"vlchecklist/{kind}/{subtype}"] = mean(mean(accs) for accs in sources.values()) if sources else None
+        out[f"vlchecklist/{kind}/{subtype}"] = (
+            mean(mean(accs) for accs in sources.values()) if sources else None
+        )
         by_kind.setdefault(kind, []).extend([out[f"vlchecklist/{kind}/{subtype}"]] if sources else [])
     out |= {f"vlchecklist/{kind}": mean(accs) for kind, accs in by_kind.items()}  # None: none of its files
     out["vlchecklist/mean"] = mean(out[f"vlchecklist/{kind}"] for kind in by_kind if by_kind[kind])

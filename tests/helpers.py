@@ -2,6 +2,7 @@
 CLI settings, running a script as a user would (one process, torchrun's 2 gloo processes, killed
 mid-run and resumed), 2 gloo processes in-process, tiny checkpoints, and private copies of the
 fixtures."""
+
 import os
 import shutil
 import signal
@@ -21,7 +22,9 @@ TINY = ["--batch_size", "8", "--image_size", "32", "--eval_every", "0", "--log_e
 
 def run(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def load_weights(out_dir):
@@ -31,7 +34,14 @@ def load_weights(out_dir):
 def run_and_kill(args, prefix="step 3/"):
     """start a run and SIGKILL it when it prints a line starting with prefix (mid-run, between checkpoints)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith(prefix):
             proc.send_signal(signal.SIGKILL)
@@ -41,7 +51,18 @@ def run_and_kill(args, prefix="step 3/"):
 
 def torchrun(args, nproc=2):
     """args = [script, flags...] under torchrun, nproc gloo processes on CPU"""
-    return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", args[0], "--device", "cpu", *args[1:]])
+    return run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            args[0],
+            "--device",
+            "cpu",
+            *args[1:],
+        ]
+    )
 
 
 def one_and_two_processes(tmp_path, script, batch_size, common):
@@ -50,7 +71,9 @@ def one_and_two_processes(tmp_path, script, batch_size, common):
     its checkpoint, the 2-process checkpoint)"""
     single = run([script, "--batch_size", str(batch_size), "--out_dir", str(tmp_path / "one"), *common])
     assert single.returncode == 0, single.stderr
-    ddp = torchrun([script, "--batch_size", str(batch_size // 2), "--out_dir", str(tmp_path / "two"), *common])
+    ddp = torchrun(
+        [script, "--batch_size", str(batch_size // 2), "--out_dir", str(tmp_path / "two"), *common]
+    )
     assert ddp.returncode == 0, ddp.stderr
     return single, load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
 
@@ -76,7 +99,9 @@ def killed_and_resumed(tmp_path, args):
 def eval_lines(stdout):
     """the metrics of every 'eval <split> step <n> (<t>s): key value  key value ...' line a script
     printed, in order -> [{key: float}]"""
-    lines = [line.split("): ", 1)[1] for line in stdout.splitlines() if line.startswith("eval ") and "): " in line]
+    lines = [
+        line.split("): ", 1)[1] for line in stdout.splitlines() if line.startswith("eval ") and "): " in line
+    ]
     return [{k: float(v) for k, v in (pair.split(" ") for pair in line.split("  "))} for line in lines]
 
 

@@ -2,6 +2,7 @@
 reference), the shapes world's preferences against the scenes' geometry, gradients under 2 gloo
 processes, resume, the checkpoint in open_clip, and --data vsr / rankings end to end on files in
 their exact formats (tiny settings, CPU)."""
+
 import argparse
 import copy
 import json
@@ -14,18 +15,29 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    FIX,
+    VSR_RATES,
+    eval_lines,
+    fixture_copy,
+    gloo_processes,
+    killed_and_resumed,
+    load_weights,
+    one_and_two_processes,
+    run,
+    statement_rates,
+    tiny_ckpt,
+    vsr_rates,
+)
 from PIL import Image
 
 import clip_dpo
 import data
 import eval as ev
-from helpers import (FIX, VSR_RATES, eval_lines, fixture_copy, gloo_processes, killed_and_resumed, load_weights, one_and_two_processes,
-                      run, statement_rates, tiny_ckpt, vsr_rates)
-from model import CLIP, model_config
+import model
 import negatives
 import shapes
-from model import load_model
-import model
+from model import CLIP, load_model, model_config
 
 TINY = ["--batch_size", "2", "--eval_every", "0", "--log_every", "1", "--eval_n", "40", "--warmup_steps", "1"]
 
@@ -41,9 +53,15 @@ def naive_preference(pc, pr, rc, rr, beta, kind, eps):
             out.append(-logsig(beta * (a - b)))
             continue
         h = beta * (a - c) - beta * (b - d)
-        out.append({"dpo": -logsig(h), "cdpo": -(1 - eps) * logsig(h) - eps * logsig(-h),
-                    "robust": (-(1 - eps) * logsig(h) + eps * logsig(-h)) / (1 - 2 * eps),
-                    "hinge": max(0.0, 1 - h), "ipo": ((a - c) - (b - d) - 1 / (2 * beta)) ** 2}[kind])
+        out.append(
+            {
+                "dpo": -logsig(h),
+                "cdpo": -(1 - eps) * logsig(h) - eps * logsig(-h),
+                "robust": (-(1 - eps) * logsig(h) + eps * logsig(-h)) / (1 - 2 * eps),
+                "hinge": max(0.0, 1 - h),
+                "ipo": ((a - c) - (b - d) - 1 / (2 * beta)) ** 2,
+            }[kind]
+        )
     return out
 
 
@@ -52,10 +70,18 @@ def test_preference_losses_match_naive_formulas(kind):
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (10 * torch.randn(9, generator=g, dtype=torch.float64) for _ in range(4))
     loss, chosen, rejected = clip_dpo.preference_loss(pc, pr, rc, rr, 0.3, kind, 0.2)
-    assert torch.allclose(loss.double(), torch.tensor(naive_preference(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), 0.3, kind, 0.2),
-                                                      dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        loss.double(),
+        torch.tensor(
+            naive_preference(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), 0.3, kind, 0.2),
+            dtype=torch.float64,
+        ),
+        atol=1e-5,
+    )
     if kind != "bt":
-        assert torch.allclose(chosen.double(), 0.3 * (pc - rc), atol=1e-5) and torch.allclose(rejected.double(), 0.3 * (pr - rr), atol=1e-5)
+        assert torch.allclose(chosen.double(), 0.3 * (pc - rc), atol=1e-5) and torch.allclose(
+            rejected.double(), 0.3 * (pr - rr), atol=1e-5
+        )
 
 
 def test_dpo_and_ipo_signs_on_hand_made_cases():
@@ -67,11 +93,15 @@ def test_dpo_and_ipo_signs_on_hand_made_cases():
     loss.sum().backward()
     assert loss.item() < math.log(2) and pc.grad.item() < 0 < pr.grad.item()
     # the opposite: above log 2
-    assert clip_dpo.preference_loss(torch.tensor([0.0]), torch.tensor([1.0]), zero, zero, 1.0, "dpo")[0].item() > math.log(2)
+    assert clip_dpo.preference_loss(torch.tensor([0.0]), torch.tensor([1.0]), zero, zero, 1.0, "dpo")[
+        0
+    ].item() > math.log(2)
     # IPO regresses the log-ratio difference to 1 / (2 beta): zero there, and past it the gradient
     # pulls the margin back down (DPO would keep pushing it up)
     beta = 0.5
-    assert clip_dpo.preference_loss(torch.tensor([1.0]), zero, zero, zero, beta, "ipo")[0].item() == pytest.approx(0.0)
+    assert clip_dpo.preference_loss(torch.tensor([1.0]), zero, zero, zero, beta, "ipo")[
+        0
+    ].item() == pytest.approx(0.0)
     pc = torch.tensor([3.0], requires_grad=True)
     clip_dpo.preference_loss(pc, zero, zero, zero, beta, "ipo")[0].sum().backward()
     assert pc.grad.item() > 0
@@ -93,13 +123,18 @@ def naive_plackett_luce(r, ranks):
 def test_listwise_matches_naive_plackett_luce_and_k2_is_dpo():
     g = torch.Generator().manual_seed(1)
     policy, ref = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
-    ranks = torch.tensor([[0, 1, 2, 3], [3, 1, 0, 2], [0, 1, 1, 2], [0, 1, 1, 1], [1, 0, -1, -1]])  # strict, permuted, tiers, one best, padded
+    # strict, permuted, tiers, one best, padded
+    ranks = torch.tensor([[0, 1, 2, 3], [3, 1, 0, 2], [0, 1, 1, 2], [0, 1, 1, 1], [1, 0, -1, -1]])
     loss, r = clip_dpo.listwise_loss(policy, ref, ranks, 0.7)
     for m in range(5):
-        assert loss[m].item() == pytest.approx(naive_plackett_luce((0.7 * (policy[m] - ref[m])).tolist(), ranks[m].tolist()), abs=1e-5)
+        assert loss[m].item() == pytest.approx(
+            naive_plackett_luce((0.7 * (policy[m] - ref[m])).tolist(), ranks[m].tolist()), abs=1e-5
+        )
     # a strict ranking is exactly PL's sum_{k<K} [logsumexp(r_k..r_K) - r_k]
     rr = 0.7 * (policy[0] - ref[0])
-    assert loss[0].item() == pytest.approx(sum((torch.logsumexp(rr[k:], 0) - rr[k]).item() for k in range(3)), abs=1e-5)
+    assert loss[0].item() == pytest.approx(
+        sum((torch.logsumexp(rr[k:], 0) - rr[k]).item() for k in range(3)), abs=1e-5
+    )
     # K = 2 is DPO
     dpo, _, _ = clip_dpo.preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], 0.7, "dpo")
     k2, _ = clip_dpo.listwise_loss(policy[:, :2], ref[:, :2], torch.tensor([[0, 1]] * 5), 0.7)
@@ -120,10 +155,15 @@ def wrong_facts(scene, caption):
     """how many of the caption's two compositional claims (the relation, the colour binding) are false
     of the scene, read off the objects' coordinates, independently of shapes.mirror / swap_colours"""
     w = caption.split()  # a {size} {colour} {shape} {rel...} a {size} {colour} {shape} on a ...
-    rel = " ".join(w[4:w.index("a", 4)])
+    rel = " ".join(w[4 : w.index("a", 4)])
     j = w.index("a", 4)
     subj, obj = scene_facts(scene)[w[3]], scene_facts(scene)[w[j + 3]]
-    holds = {"left of": subj.x < obj.x, "right of": subj.x > obj.x, "above": subj.y < obj.y, "below": subj.y > obj.y}[rel]
+    holds = {
+        "left of": subj.x < obj.x,
+        "right of": subj.x > obj.x,
+        "above": subj.y < obj.y,
+        "below": subj.y > obj.y,
+    }[rel]
     colours_bound = subj.colour == w[2] and obj.colour == w[j + 2]
     return int(not holds) + int(not colours_bound)
 
@@ -132,8 +172,16 @@ def wrong_facts(scene, caption):
 def test_shapes_group_ranks_are_the_number_of_wrong_facts(which):
     for key in range(20):
         scene = shapes.sample_scene(shapes.scene_rng("dpo", 0, key))
-        twins = {"both": [scene, shapes.mirror(scene), shapes.swap_colours(scene), shapes.mirror(shapes.swap_colours(scene))],
-                 "mirror": [scene, shapes.mirror(scene)], "swap": [scene, shapes.swap_colours(scene)]}[which]
+        twins = {
+            "both": [
+                scene,
+                shapes.mirror(scene),
+                shapes.swap_colours(scene),
+                shapes.mirror(shapes.swap_colours(scene)),
+            ],
+            "mirror": [scene, shapes.mirror(scene)],
+            "swap": [scene, shapes.swap_colours(scene)],
+        }[which]
         n = len(twins)
         g = clip_dpo.shapes_group(scene, 16, with_statements=True, twins=which)
         assert len(g["images"]) == n and len(set(g["texts"])) == 2 * n and len(g["queries"]) == 4 * n
@@ -158,7 +206,9 @@ def test_mixed_twins_are_one_full_group_in_n_and_mirror_groups_between(every):
     for key in range(2 * every):
         g, expected = mixed[key], (both if key % every == 0 else mirror)[key]
         assert g["texts"] == expected["texts"] and g["queries"] == expected["queries"]
-        assert len(g["images"]) == (4 if key % every == 0 else 2) and all(torch.equal(a, b) for a, b in zip(g["images"], expected["images"]))
+        assert len(g["images"]) == (4 if key % every == 0 else 2) and all(
+            torch.equal(a, b) for a, b in zip(g["images"], expected["images"])
+        )
 
 
 def batch_of(groups, direction="both", imc_sets="all"):
@@ -174,10 +224,14 @@ def state_of(reference, step=0):
 
 def args_for(loss="dpo", **kw):
     a = clip_dpo.get_args(["--loss", loss])
-    for k, v in ({"imc_weight": 0.0} | kw).items():  # the losses alone, without the shapes default's intra-modal kick
+    # the losses alone, without the shapes default's intra-modal kick
+    for k, v in ({"imc_weight": 0.0} | kw).items():
         setattr(a, k, v)
     if "alpha" in kw:  # as get_args makes them from --alpha
-        a.clip_weight, a.pref_weight = kw.get("clip_weight", kw["alpha"]), kw.get("pref_weight", 1 - kw["alpha"])
+        a.clip_weight, a.pref_weight = (
+            kw.get("clip_weight", kw["alpha"]),
+            kw.get("pref_weight", 1 - kw["alpha"]),
+        )
     return a
 
 
@@ -186,7 +240,16 @@ def tiny_policy_and_batch():
     torch.manual_seed(0)
     policy = CLIP(**model_config("tiny", 32, 32))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return policy, reference, batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    return (
+        policy,
+        reference,
+        batch_of(
+            [
+                clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True)
+                for k in range(2)
+            ]
+        ),
+    )
 
 
 def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
@@ -203,7 +266,8 @@ def test_imc_matches_a_naive_loop_and_is_zero_without_worse_candidates():
         logits = [s * float(v[m] @ t[m, best])] + [s * float(t[m, best] @ t[m, k]) for k in worse]
         expected = math.log(sum(math.exp(x) for x in logits)) - logits[0]
         assert loss[m].item() == pytest.approx(expected, abs=1e-5), m
-    assert loss[3].item() == 0 and loss[4].item() == 0  # tied best / a single candidate: nothing below the best
+    # tied best / a single candidate: nothing below the best
+    assert loss[3].item() == 0 and loss[4].item() == 0
 
 
 def test_imc_weight_adds_the_term_on_image_queries_only():
@@ -214,13 +278,16 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     f = torch.cat([policy.encode_image(images, normalize=True), policy.encode_text(texts, normalize=True)])
     i2t = prefs["query"] < len(images)
     assert i2t.sum() == 16 and (~i2t).sum() == 16
-    expected = clip_dpo.imc_loss(f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()).mean()
+    expected = clip_dpo.imc_loss(
+        f[prefs["query"][i2t]], f[prefs["cand"][i2t]], prefs["rank"][i2t], policy.logit_scale.exp()
+    ).mean()
     assert stats["imc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
     world, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr", "--init", "ViT-B-32:openai"])
     assert (world.imc_weight, world.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
     assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
-    assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)  # a pretrained CLIP gets a fine-tuning lr
+    # a pretrained CLIP gets a fine-tuning lr
+    assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)
 
 
 def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
@@ -235,18 +302,42 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
         without = real(model, batch, argparse.Namespace(**{**vars(args), "imc_weight": 0.0}), state)[0].item()
         losses.append((loss.item(), without, "imc" in stats))
         return loss, stats
+
     monkeypatch.setattr(clip_dpo, "step_loss", spy)
     torch.set_num_threads(1)
-    clip_dpo.main(["--init", init, "--max_steps", "4", "--imc_weight", "0.5", "--imc_steps", "2", "--out_dir", str(tmp_path / "out"), *TINY])
+    clip_dpo.main(
+        [
+            "--init",
+            init,
+            "--max_steps",
+            "4",
+            "--imc_weight",
+            "0.5",
+            "--imc_steps",
+            "2",
+            "--out_dir",
+            str(tmp_path / "out"),
+            *TINY,
+        ]
+    )
     assert weights == [0.5, 0.5, 0.0, 0.0]
     assert [has for _, _, has in losses] == [True, True, False, False]
     assert all(a > b for a, b, _ in losses[:2]) and all(a == b for a, b, _ in losses[2:])
-    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]).imc_steps is None  # real data: every step
-    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3"]).imc_steps is None  # ... also when --epochs sets them
+    # real data: every step
+    assert (
+        clip_dpo.get_args(
+            ["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]
+        ).imc_steps
+        is None
+    )
+    # ... also when --epochs sets them
+    assert clip_dpo.get_args(["--data", "vsr", "--init", "x", "--imc_weight", "0.3"]).imc_steps is None
 
 
 def test_make_batch_indexes_the_concatenated_features():
-    g = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(3)]
+    g = [
+        clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(3)
+    ]
     images, texts, prefs = batch_of(g)
     assert images.shape == (12, 3, 32, 32) and texts.shape[0] == 24
     assert prefs["query"].shape == (3 * 16,) and prefs["cand"].shape == (48, 4)
@@ -264,11 +355,15 @@ def test_make_batch_indexes_the_concatenated_features():
 def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip():
     policy, reference, batch = tiny_policy_and_batch()
     loss, stats = clip_dpo.step_loss(policy, batch, args_for("dpo"), state_of(reference))
-    assert stats["chosen"].item() == 0 and stats["rejected"].item() == 0  # policy == reference: every reward exactly 0
+    # policy == reference: every reward exactly 0
+    assert stats["chosen"].item() == 0 and stats["rejected"].item() == 0
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and stats["reward_acc"].item() == 0.5
     loss, stats = clip_dpo.step_loss(policy, batch, args_for("listwise"), state_of(reference))
     # [0, 1, 1, 2]: the best among 4, then each middle one among itself and the worst
-    assert loss.item() == pytest.approx(math.log(4) + 2 * math.log(2), abs=1e-6) and stats["reward_acc"].item() == 0.5
+    assert (
+        loss.item() == pytest.approx(math.log(4) + 2 * math.log(2), abs=1e-6)
+        and stats["reward_acc"].item() == 0.5
+    )
     # dpo_clip = alpha CLIP + (1 - alpha) DPO, the CLIP loss on the true (image, caption) pairs
     mix, stats = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", alpha=0.3), state_of(reference))
     images, texts, prefs = batch
@@ -277,15 +372,29 @@ def test_step_zero_is_log2_with_half_reward_accuracy_and_the_mixture_adds_clip()
     contrastive, _ = clip_dpo.clip_loss(v[pos[:, 0]], t[pos[:, 1]], policy.logit_scale.exp())
     assert mix.item() == pytest.approx(0.3 * contrastive.item() + 0.7 * math.log(2), abs=1e-5)
     # separate weights: each term's own, so a control can remove one and leave the others as they were
-    both = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", clip_weight=0.75, pref_weight=0.25, imc_weight=0.225), state_of(reference))
-    assert both[0].item() == pytest.approx(0.75 * contrastive.item() + 0.25 * math.log(2) + 0.225 * both[1]["imc"].item(), abs=1e-5)
-    alone = clip_dpo.step_loss(policy, batch, args_for("dpo_clip", clip_weight=0.75, pref_weight=0.0, imc_weight=0.225), state_of(reference))
-    assert alone[0].item() == pytest.approx(0.75 * contrastive.item() + 0.225 * both[1]["imc"].item(), abs=1e-5)
+    both = clip_dpo.step_loss(
+        policy,
+        batch,
+        args_for("dpo_clip", clip_weight=0.75, pref_weight=0.25, imc_weight=0.225),
+        state_of(reference),
+    )
+    assert both[0].item() == pytest.approx(
+        0.75 * contrastive.item() + 0.25 * math.log(2) + 0.225 * both[1]["imc"].item(), abs=1e-5
+    )
+    alone = clip_dpo.step_loss(
+        policy,
+        batch,
+        args_for("dpo_clip", clip_weight=0.75, pref_weight=0.0, imc_weight=0.225),
+        state_of(reference),
+    )
+    assert alone[0].item() == pytest.approx(
+        0.75 * contrastive.item() + 0.225 * both[1]["imc"].item(), abs=1e-5
+    )
     # l2sp is zero at the start and the squared distance after a change
     with torch.no_grad():
         policy.text_projection.add_(0.01)
     l2, stats = clip_dpo.step_loss(policy, batch, args_for("dpo", l2sp=2.0), state_of(reference))
-    assert stats["l2sp"].item() == pytest.approx(0.01 ** 2 * policy.text_projection.numel(), rel=1e-3)
+    assert stats["l2sp"].item() == pytest.approx(0.01**2 * policy.text_projection.numel(), rel=1e-3)
 
 
 def ranking_accuracy(policy, reference, batch):
@@ -296,8 +405,15 @@ def ranking_accuracy(policy, reference, batch):
     cos = []
     with torch.no_grad():
         for model in (policy, reference):
-            f = torch.cat([model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)])
-            cos.append([[float(f[q] @ f[c]) for c in cands] for q, cands in zip(prefs["query"].tolist(), prefs["cand"].tolist())])
+            f = torch.cat(
+                [model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)]
+            )
+            cos.append(
+                [
+                    [float(f[q] @ f[c]) for c in cands]
+                    for q, cands in zip(prefs["query"].tolist(), prefs["cand"].tolist())
+                ]
+            )
     right, pairs = 0, 0
     for m, ranks in enumerate(prefs["rank"].tolist()):
         r = [p - q for p, q in zip(cos[0][m], cos[1][m])]
@@ -325,7 +441,10 @@ def test_a_few_dpo_steps_on_a_fixed_batch_learn_its_rankings():
     with torch.no_grad():
         loss, stats = clip_dpo.step_loss(policy, batch, args, state_of(reference, 8))
     accuracy = ranking_accuracy(policy, reference, batch)
-    assert accuracy > 0.85 and stats["reward_acc"].item() == pytest.approx(accuracy, abs=1e-6), (accuracy, stats["reward_acc"].item())
+    assert accuracy > 0.85 and stats["reward_acc"].item() == pytest.approx(accuracy, abs=1e-6), (
+        accuracy,
+        stats["reward_acc"].item(),
+    )
     assert loss.item() < math.log(2) / 2, loss.item()
 
 
@@ -335,9 +454,15 @@ def test_reference_is_frozen_never_trained_and_bit_identical(tmp_path, monkeypat
     init = tiny_ckpt(tmp_path / "init.pt")
     seen = []
     real = clip_dpo.step_loss
-    monkeypatch.setattr(clip_dpo, "step_loss", lambda model, batch, args, state: (seen.append(state.reference), real(model, batch, args, state))[1])
+    monkeypatch.setattr(
+        clip_dpo,
+        "step_loss",
+        lambda model, batch, args, state: (seen.append(state.reference), real(model, batch, args, state))[1],
+    )
     torch.set_num_threads(1)
-    clip_dpo.main(["--init", init, "--max_steps", "3", "--out_dir", str(tmp_path / "out"), "--lr", "1e-3", *TINY])
+    clip_dpo.main(
+        ["--init", init, "--max_steps", "3", "--out_dir", str(tmp_path / "out"), "--lr", "1e-3", *TINY]
+    )
     start = torch.load(init, weights_only=True)["model"]
     reference = seen[-1]
     assert all(r is reference for r in seen) and not reference.training
@@ -355,8 +480,13 @@ def test_bf16_reference_matches_the_policy_under_autocast():
     policy = CLIP(**model_config("tiny", 32, 32)).eval()
     reference = clip_dpo.make_reference(policy, "bfloat16")
     assert reference.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
-    assert reference.positional_embedding.dtype == torch.float32 and reference.ln_final.weight.dtype == torch.float32
-    images, texts, _ = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, False)])
+    assert (
+        reference.positional_embedding.dtype == torch.float32
+        and reference.ln_final.weight.dtype == torch.float32
+    )
+    images, texts, _ = batch_of(
+        [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, False)]
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         a, b = policy(images, texts), reference(images, texts)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -377,17 +507,27 @@ class StubCLIP(torch.nn.Module):
 def stub_policy_reference_and_batch():
     """two shapes groups' preferences over fixed features: the reference's, and the policy's 1e-3
     from them; correlated (cosines ~0.8), so z = 100 cos ~ 80, where a bf16 step is 0.5"""
-    images, texts, prefs = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True) for k in range(2)])
+    images, texts, prefs = batch_of(
+        [
+            clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True)
+            for k in range(2)
+        ]
+    )
     g = torch.Generator().manual_seed(0)
     base = torch.randn(32, generator=g)
-    ref = [F.normalize(base + 0.5 * torch.randn(n, 32, generator=g), dim=-1) for n in (len(images), len(texts))]
+    ref = [
+        F.normalize(base + 0.5 * torch.randn(n, 32, generator=g), dim=-1) for n in (len(images), len(texts))
+    ]
     policy = [F.normalize(f + 1e-3 * torch.randn(f.shape, generator=g), dim=-1) for f in ref]
     batch = (torch.arange(len(images)), torch.arange(len(texts)), prefs)
     return StubCLIP(*policy, 100.0), StubCLIP(*ref, 100.0).requires_grad_(False), batch
 
 
-@pytest.mark.parametrize("loss, kw", [(k, {}) for k in (*clip_dpo.PAIR_LOSSES, "listwise")]
-                         + [("dpo_clip", {"alpha": 0.5}), ("dpo", {"imc_weight": 0.3})])
+@pytest.mark.parametrize(
+    "loss, kw",
+    [(k, {}) for k in (*clip_dpo.PAIR_LOSSES, "listwise")]
+    + [("dpo_clip", {"alpha": 0.5}), ("dpo", {"imc_weight": 0.3})],
+)
 def test_scores_are_fp32_under_bf16_autocast(loss, kw):
     """the GPU path on CPU (CPU autocast runs bmm in bf16 as CUDA's does): the same step from the same
     features, under bf16 autocast and in fp32, gives the same loss and stats to fp32 precision. With
@@ -401,13 +541,16 @@ def test_scores_are_fp32_under_bf16_autocast(loss, kw):
     for k in ["loss", *stats32]:
         a, b = (loss16, loss32) if k == "loss" else (stats16[k], stats32[k])
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=f"{loss} {k}")
-    assert 0 < stats32["reward_acc"].item() < 1 and stats32["margin"].abs().item() > 1e-4  # the rewards are not all ties
+    # the rewards are not all ties
+    assert 0 < stats32["reward_acc"].item() < 1 and stats32["margin"].abs().item() > 1e-4
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = CLIP(**model_config("tiny", 32, 32))
-    images, texts, prefs = batch_of([clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, True)])
+    images, texts, prefs = batch_of(
+        [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, True)]
+    )
     grads = []
     for on in (False, True):
         model.set_grad_checkpointing(on)
@@ -428,17 +571,27 @@ def _ddp_worker(rank, path, groups, out):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(ddp, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference))[0].backward()
+        clip_dpo.step_loss(
+            ddp, batch_of(groups[rank]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference)
+        )[0].backward()
         torch.save([p.grad for p in model.parameters()], f"{out}.{loss}.{rank}")
 
 
 def ranking_group(rng, k):
     """a synthetic i2t or t2i ranking group with k candidates (images as random tensors)"""
     if rng.random() < 0.5:
-        return {"images": [torch.randn(3, 32, 32)], "texts": [f"a red circle number {rng.randrange(99)}" for _ in range(k)],
-                "queries": [("i2t", 0, list(range(k)), list(range(k)))], "pos": [(0, 0)]}
-    return {"images": [torch.randn(3, 32, 32) for _ in range(k)], "texts": [f"a blue ring number {rng.randrange(99)}"],
-            "queries": [("t2i", 0, list(range(k)), [0] + [1] * (k - 1))], "pos": [(0, 0)]}
+        return {
+            "images": [torch.randn(3, 32, 32)],
+            "texts": [f"a red circle number {rng.randrange(99)}" for _ in range(k)],
+            "queries": [("i2t", 0, list(range(k)), list(range(k)))],
+            "pos": [(0, 0)],
+        }
+    return {
+        "images": [torch.randn(3, 32, 32) for _ in range(k)],
+        "texts": [f"a blue ring number {rng.randrange(99)}"],
+        "queries": [("t2i", 0, list(range(k)), [0] + [1] * (k - 1))],
+        "pos": [(0, 0)],
+    }
 
 
 @pytest.mark.slow
@@ -461,7 +614,12 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     for loss in ("dpo_clip", "listwise"):
         model.zero_grad()
-        clip_dpo.step_loss(model, batch_of(groups[0] + groups[1]), args_for(loss, alpha=0.5, imc_weight=0.3), state_of(reference))[0].backward()
+        clip_dpo.step_loss(
+            model,
+            batch_of(groups[0] + groups[1]),
+            args_for(loss, alpha=0.5, imc_weight=0.3),
+            state_of(reference),
+        )[0].backward()
         g0, g1 = torch.load(f"{out}.{loss}.0"), torch.load(f"{out}.{loss}.1")
         for p, a, b in zip(model.parameters(), g0, g1):
             if p.grad is not None:
@@ -472,7 +630,20 @@ def test_two_gloo_processes_give_the_full_batch_gradients(tmp_path):
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     """the CLI's DDP path end to end: 2 gloo ranks x 2 groups == 1 process x 4 groups"""
     init = tiny_ckpt(tmp_path / "init.pt")
-    common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1"]
+    common = [
+        "--init",
+        init,
+        "--max_steps",
+        "3",
+        "--eval_every",
+        "0",
+        "--eval_n",
+        "20",
+        "--lr",
+        "1e-3",
+        "--warmup_steps",
+        "1",
+    ]
     _, one, two = one_and_two_processes(tmp_path, "clip_dpo.py", 4, common)
     a, b = one["model"], two["model"]
     start = torch.load(init, weights_only=True)["model"]
@@ -484,18 +655,50 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
     init = tiny_ckpt(tmp_path / "init.pt")
-    args = ["clip_dpo.py", "--init", init, "--max_steps", "8", "--ckpt_every", "2", "--loss", "dpo", "--imc_weight", "0", *TINY]
+    args = [
+        "clip_dpo.py",
+        "--init",
+        init,
+        "--max_steps",
+        "8",
+        "--ckpt_every",
+        "2",
+        "--loss",
+        "dpo",
+        "--imc_weight",
+        "0",
+        *TINY,
+    ]
     ref, a, b = killed_and_resumed(tmp_path, args)
     # the first step's loss is computed with policy == reference
-    assert "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
-    last = eval_lines(ref.stdout)[-1]  # the shapes world's statements: statements/, never vsr/ (VSR's data only)
+    assert (
+        "step 1/8 | loss 0.6931 | pref 0.693 | reward_acc 0.500 | chosen 0.000 | rejected 0.000" in ref.stdout
+    )
+    # the shapes world's statements: statements/, never vsr/ (VSR's data only)
+    last = eval_lines(ref.stdout)[-1]
     assert set(statement_rates(last)) == {"statements/acc", "statements/macro_f1"} and not vsr_rates(last)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # the checkpoint names its reference and holds no copy of it; the policy loads strict into open_clip
-    assert set(a) == {"model", "model_cfg", "optimizer", "step", "args", "rng", "start_metrics", "reference", "preprocess_cfg"}
-    assert a["preprocess_cfg"] == data.PREPROCESS  # the --init's (a minclip checkpoint: open_clip's default), for eval.py and --export
-    assert a["reference"] == {"spec": init, "checksum": sum(p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values())}
+    assert set(a) == {
+        "model",
+        "model_cfg",
+        "optimizer",
+        "step",
+        "args",
+        "rng",
+        "start_metrics",
+        "reference",
+        "preprocess_cfg",
+    }
+    # the --init's (a minclip checkpoint: open_clip's default), for eval.py and --export
+    assert a["preprocess_cfg"] == data.PREPROCESS
+    assert a["reference"] == {
+        "spec": init,
+        "checksum": sum(
+            p.double().sum().item() for p in torch.load(init, weights_only=True)["model"].values()
+        ),
+    }
     theirs = open_clip.CLIP(**a["model_cfg"])
     theirs.load_state_dict(a["model"], strict=True)
     # resuming against another reference is refused
@@ -504,40 +707,126 @@ def test_cli_step_zero_resume_after_sigkill_and_open_clip(tmp_path):
         clip_dpo.main([*args[1:], "--out_dir", str(tmp_path / "killed"), "--resume", "--max_steps", "9"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    pytest.param(["--init", "/nonexistent/ckpt.pt"], "error: --init /nonexistent/ckpt.pt: no such checkpoint", marks=pytest.mark.slow),  # + the CLI
-    (["--data", "hnc", "--data_root", "/x"], "error: missing file: /x"),
-    (["--data", "vsr"], "error: --data vsr needs --data_root"),
-    (["--data", "vsr", "--data_root", "/nonexistent/vsr"], "error: --data_root /nonexistent/vsr: no such directory"),
-    (["--label_smoothing", "0.1"], "--label_smoothing is for --loss cdpo or robust"),
-    (["--loss", "kto"], "argument --loss: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # + the CLI
+        pytest.param(
+            ["--init", "/nonexistent/ckpt.pt"],
+            "error: --init /nonexistent/ckpt.pt: no such checkpoint",
+            marks=pytest.mark.slow,
+        ),
+        (["--data", "hnc", "--data_root", "/x"], "error: missing file: /x"),
+        (["--data", "vsr"], "error: --data vsr needs --data_root"),
+        (
+            ["--data", "vsr", "--data_root", "/nonexistent/vsr"],
+            "error: --data_root /nonexistent/vsr: no such directory",
+        ),
+        (["--label_smoothing", "0.1"], "--label_smoothing is for --loss cdpo or robust"),
+        (["--loss", "kto"], "argument --loss: invalid choice"),
+    ],
+)
 def test_bad_flags_give_one_clear_error(tmp_path, capsys, argv, message):
     # in process (SystemExit's message is the one line a user sees); the first case also through the CLI
     with pytest.raises(SystemExit) as e:
-        clip_dpo.main(["--init", tiny_ckpt(tmp_path / "init.pt"), *argv, "--max_steps", "1", "--out_dir", str(tmp_path / "out")])
+        clip_dpo.main(
+            [
+                "--init",
+                tiny_ckpt(tmp_path / "init.pt"),
+                *argv,
+                "--max_steps",
+                "1",
+                "--out_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert message in str(e.value.code) + capsys.readouterr().err
     if argv[0] == "--init":
         r = run(["clip_dpo.py", *argv, "--max_steps", "1"])
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
+
 # -----------------------------------------------------------------------------
 # VSR: the contrast table, the reader on both splits' formats, the evaluation, the CLI
 
 # the 66 relations of VSR's random and zero-shot files
-VSR_66 = ["above", "across", "across from", "adjacent to", "against", "ahead of", "along", "alongside", "among", "around", "at",
-          "at the back of", "at the edge of", "at the left side of", "at the right side of", "at the side of", "attached to",
-          "away from", "behind", "below", "beneath", "beside", "between", "beyond", "by", "close to", "congruent", "connected to",
-          "consists of", "contains", "detached from", "down", "down from", "enclosed by", "facing", "facing away from",
-          "far away from", "far from", "has as a part", "in", "in front of", "in the middle of", "inside", "into", "left of", "near",
-          "next to", "off", "on", "on top of", "opposite to", "out of", "outside", "over", "parallel to", "part of", "past",
-          "perpendicular to", "right of", "surrounding", "through", "touching", "toward", "under", "with", "within"]
+VSR_66 = [
+    "above",
+    "across",
+    "across from",
+    "adjacent to",
+    "against",
+    "ahead of",
+    "along",
+    "alongside",
+    "among",
+    "around",
+    "at",
+    "at the back of",
+    "at the edge of",
+    "at the left side of",
+    "at the right side of",
+    "at the side of",
+    "attached to",
+    "away from",
+    "behind",
+    "below",
+    "beneath",
+    "beside",
+    "between",
+    "beyond",
+    "by",
+    "close to",
+    "congruent",
+    "connected to",
+    "consists of",
+    "contains",
+    "detached from",
+    "down",
+    "down from",
+    "enclosed by",
+    "facing",
+    "facing away from",
+    "far away from",
+    "far from",
+    "has as a part",
+    "in",
+    "in front of",
+    "in the middle of",
+    "inside",
+    "into",
+    "left of",
+    "near",
+    "next to",
+    "off",
+    "on",
+    "on top of",
+    "opposite to",
+    "out of",
+    "outside",
+    "over",
+    "parallel to",
+    "part of",
+    "past",
+    "perpendicular to",
+    "right of",
+    "surrounding",
+    "through",
+    "touching",
+    "toward",
+    "under",
+    "with",
+    "within",
+]
 FIXTURE = os.path.join(FIX, "vsr")
 
 
 def test_contrast_table_covers_all_66_relations_by_whole_word_replacement():
     assert len(VSR_66) == 66 and set(data.VSR_CONTRAST) == set(VSR_66)
-    assert set(data.VSR_SKIPPED) == {r for r in VSR_66 if data.VSR_CONTRAST[r] is None} and len(data.VSR_SKIPPED) == 13
+    assert (
+        set(data.VSR_SKIPPED) == {r for r in VSR_66 if data.VSR_CONTRAST[r] is None}
+        and len(data.VSR_SKIPPED) == 13
+    )
     for rel, con in data.VSR_CONTRAST.items():
         caption = f"The cat {data.relation_phrase(rel)} the dog."
         if con is None:
@@ -546,7 +835,9 @@ def test_contrast_table_covers_all_66_relations_by_whole_word_replacement():
         assert con in data.VSR_CONTRAST and con != rel
         # replaced, not inserted: the same caption with the other relation's words
         assert data.contrast_caption(caption, rel) == f"The cat {data.relation_phrase(con)} the dog."
-    assert data.contrast_caption("The bowl contains the apple.", "contains") == "The bowl is inside the apple."
+    assert (
+        data.contrast_caption("The bowl contains the apple.", "contains") == "The bowl is inside the apple."
+    )
     assert data.contrast_caption("The bus is inside the house.", "inside") == "The bus is outside the house."
     # whole words: "in" inside "bin" or "inside", "on" inside "onion", are never touched
     assert data.contrast_caption("The onion is on the bin.", "on") == "The onion is under the bin."
@@ -564,9 +855,16 @@ def test_read_vsr_both_split_formats(split, sizes):
     assert {os.path.basename(os.path.dirname(r.image)) for r in rows} == {"train2017", "val2017"}
     first = splits["train"][0]
     if split == "random":
-        assert first == data.VSRRow(os.path.join(FIXTURE, "train2017", "000000451431.jpg"), "The person is inside the refrigerator.", True,
-                                    "inside", os.path.join(FIXTURE, "splits", "random", "train.jsonl") + ":1")
-    assert [r.label for r in splits["test"]] == ([True, False] * 3 if split == "random" else [True, False, True, False])
+        assert first == data.VSRRow(
+            os.path.join(FIXTURE, "train2017", "000000451431.jpg"),
+            "The person is inside the refrigerator.",
+            True,
+            "inside",
+            os.path.join(FIXTURE, "splits", "random", "train.jsonl") + ":1",
+        )
+    assert [r.label for r in splits["test"]] == (
+        [True, False] * 3 if split == "random" else [True, False, True, False]
+    )
 
 
 def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
@@ -575,7 +873,9 @@ def test_read_vsr_reads_a_file_with_bom_and_crlf_as_the_clean_one(tmp_path):
         path = root / "splits" / "random" / f"{part}.jsonl"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
     clean, dirty = data.read_vsr(FIXTURE, "random"), data.read_vsr(str(root), "random")
-    assert [(r.caption, r.label, r.relation) for r in clean["test"]] == [(r.caption, r.label, r.relation) for r in dirty["test"]]
+    assert [(r.caption, r.label, r.relation) for r in clean["test"]] == [
+        (r.caption, r.label, r.relation) for r in dirty["test"]
+    ]
 
 
 def broken_copy(tmp_path, line_no, edit):
@@ -587,14 +887,20 @@ def broken_copy(tmp_path, line_no, edit):
     return root, str(path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    pytest.param(lambda s: s[:40], "malformed JSON", marks=pytest.mark.slow),  # + eval.py's CLI
-    (lambda s: s.replace('"relation": "below"', '"relation": "beneath-ish"'), "unknown relation 'beneath-ish'"),
-    (lambda s: s.replace("000000461902.jpg", "000000999999.jpg"), "image 000000999999.jpg not found"),
-    (lambda s: s.replace('"[2, 9]"', '"[2, 9"'), "vote_true_validator_id"),
-    (lambda s: s.replace('"label": 1', '"label": "yes"'), "label must be 1 or 0"),
-    (lambda s: s.replace("is below the", "is under the"), "does not contain 'is below'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        pytest.param(lambda s: s[:40], "malformed JSON", marks=pytest.mark.slow),  # + eval.py's CLI
+        (
+            lambda s: s.replace('"relation": "below"', '"relation": "beneath-ish"'),
+            "unknown relation 'beneath-ish'",
+        ),
+        (lambda s: s.replace("000000461902.jpg", "000000999999.jpg"), "image 000000999999.jpg not found"),
+        (lambda s: s.replace('"[2, 9]"', '"[2, 9"'), "vote_true_validator_id"),
+        (lambda s: s.replace('"label": 1', '"label": "yes"'), "label must be 1 or 0"),
+        (lambda s: s.replace("is below the", "is under the"), "does not contain 'is below'"),
+    ],
+)
 def test_read_vsr_bad_input_names_file_and_line(tmp_path, edit, message):
     root, path = broken_copy(tmp_path, 3, edit)
     with pytest.raises(data.DataError) as e:
@@ -602,10 +908,31 @@ def test_read_vsr_bad_input_names_file_and_line(tmp_path, edit, message):
     assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
     # and through the CLI: one line, no traceback
     if "JSON" in message:
-        r = run(["eval.py", "--model", tiny_ckpt(tmp_path / "init.pt"), "--bench", "vsr", "--data_root", str(root)])
+        r = run(
+            [
+                "eval.py",
+                "--model",
+                tiny_ckpt(tmp_path / "init.pt"),
+                "--bench",
+                "vsr",
+                "--data_root",
+                str(root),
+            ]
+        )
         assert r.returncode != 0 and r.stderr.strip() == f"error: {e.value}"
     with pytest.raises(SystemExit, match=f"^error: {path}:3: "):
-        clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", tiny_ckpt(tmp_path / "init.pt"), "--out_dir", str(tmp_path / "out")])
+        clip_dpo.main(
+            [
+                "--data",
+                "vsr",
+                "--data_root",
+                str(root),
+                "--init",
+                tiny_ckpt(tmp_path / "init.pt"),
+                "--out_dir",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 class Lookup(torch.nn.Module):
@@ -644,8 +971,14 @@ def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
     m = ev.eval_vsr(model, preprocess, index_tokenizer, splits["test"], splits["dev"], "cpu")
     scored = [r for r in splits["test"] if data.VSR_CONTRAST[r.relation]]
     assert m["vsr/n"] == 5 and m["vsr/skipped"] == 1  # "between" has no contrast
-    assert m["vsr/acc"] == pytest.approx(sum(r.label for r in scored) / 5) and m["vsr/true_recall"] == 1.0 and m["vsr/false_recall"] == 0.0
-    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(hand_acc_and_macro_f1([True] * 5, [r.label for r in scored]))
+    assert (
+        m["vsr/acc"] == pytest.approx(sum(r.label for r in scored) / 5)
+        and m["vsr/true_recall"] == 1.0
+        and m["vsr/false_recall"] == 0.0
+    )
+    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(
+        hand_acc_and_macro_f1([True] * 5, [r.label for r in scored])
+    )
     balanced = scored[:2] + scored[3:5]  # two true, two false
     assert ev.eval_vsr(model, preprocess, index_tokenizer, balanced, splits["dev"], "cpu")["vsr/acc"] == 0.5
     # a model that knows the answer: the true one of caption / contrast scores higher -> 1.0, and the
@@ -662,15 +995,34 @@ def test_vsr_contrast_never_rewards_preferring_the_unedited_caption():
 def test_vsr_meta_categories_are_vsrs_list():
     """data.VSR_META is VSR's analysis_scripts/rel_meta_category_dict.txt on the 66 relations: its
     category sizes there, its quirks ("among" twice: the later line; "congruent" in none)"""
-    assert set(data.VSR_META) == set(VSR_66) and list(data.VSR_META_LISTS) == ["Adjacency", "Directional", "Orientation",
-                                                                                 "Projective", "Proximity", "Topological", "Unallocated"]
+    assert set(data.VSR_META) == set(VSR_66) and list(data.VSR_META_LISTS) == [
+        "Adjacency",
+        "Directional",
+        "Orientation",
+        "Projective",
+        "Proximity",
+        "Topological",
+        "Unallocated",
+    ]
     sizes = {c: sum(v == c for v in data.VSR_META.values()) for c in data.VSR_META_LISTS}
-    assert sizes == {"Adjacency": 10, "Directional": 12, "Orientation": 4, "Projective": 12, "Proximity": 5, "Topological": 17,
-                     "Unallocated": 5}
+    assert sizes == {
+        "Adjacency": 10,
+        "Directional": 12,
+        "Orientation": 4,
+        "Projective": 12,
+        "Proximity": 5,
+        "Topological": 17,
+        "Unallocated": 5,
+    }
     assert data.VSR_META["among"] == "Unallocated" and data.VSR_META["congruent"] is None
-    assert (data.VSR_META["next to"], data.VSR_META["beside"], data.VSR_META["across from"], data.VSR_META["enclosed by"]) == \
-        ("Unallocated", "Projective", "Directional", "Unallocated")
-    assert all(data.VSR_META[r] for r in VSR_66 if data.VSR_CONTRAST[r])  # every scored relation has a category
+    assert (
+        data.VSR_META["next to"],
+        data.VSR_META["beside"],
+        data.VSR_META["across from"],
+        data.VSR_META["enclosed by"],
+    ) == ("Unallocated", "Projective", "Directional", "Unallocated")
+    # every scored relation has a category
+    assert all(data.VSR_META[r] for r in VSR_66 if data.VSR_CONTRAST[r])
 
 
 def test_vsr_breakdown_hand_counted_on_the_fixture(capsys, tmp_path):
@@ -678,38 +1030,81 @@ def test_vsr_breakdown_hand_counted_on_the_fixture(capsys, tmp_path):
     that knows every answer except on touching, above and parallel to: accuracy per meta-category
     and per relation counted by hand; eval.py's report prints them as one line a category"""
     rows = [r for s in ("random", "zeroshot") for part in data.read_vsr(FIXTURE, s).values() for r in part]
-    rows = [r for r in rows if not r.where.endswith("random/train.jsonl:5")]  # its caption is train:4's, false of another image
+    # its caption is train:4's, false of another image
+    rows = [r for r in rows if not r.where.endswith("random/train.jsonl:5")]
     wrong = {"touching", "above", "parallel to"}
     truth = {}
     for r in rows:
         if data.VSR_CONTRAST[r.relation]:
-            truth[r.caption], truth[data.contrast_caption(r.caption, r.relation)] = r.label != (r.relation in wrong), r.label == (r.relation in wrong)
+            truth[r.caption], truth[data.contrast_caption(r.caption, r.relation)] = (
+                r.label != (r.relation in wrong),
+                r.label == (r.relation in wrong),
+            )
     assert len(truth) == 2 * 23  # no caption is another row's caption or contrast
     e = F.normalize(torch.ones(2), dim=0)
     model = Lookup(lambda t: e if truth.get(t) else F.normalize(torch.tensor([1.0, -0.5]), dim=0))
     m = ev.eval_vsr(model, lambda im: torch.zeros(3, 4, 4), index_tokenizer, rows, rows[:4], "cpu")
     assert m["vsr/n"] == 23 and m["vsr/skipped"] == 1 and m["vsr/acc"] == pytest.approx(18 / 23)
-    by_meta = {k.split("/")[2]: (m[k], m[k[:-3] + "n"]) for k in m if k.startswith("vsr/by_meta/") and k.endswith("/acc")}
+    by_meta = {
+        k.split("/")[2]: (m[k], m[k[:-3] + "n"])
+        for k in m
+        if k.startswith("vsr/by_meta/") and k.endswith("/acc")
+    }
     # Topological: inside, consists of, contains x2, touching x2 (wrong), in, part of, has as a part, on;
     # Projective: above x2 (wrong), in front of, below, on top of, behind, beneath; no Unallocated row
-    assert by_meta == {"Adjacency": (1.0, 2), "Directional": (1.0, 1), "Orientation": (0.5, 2), "Projective": (5 / 7, 7),
-                       "Proximity": (1.0, 1), "Topological": (0.8, 10)}
-    by_rel = {k.split("/")[2]: (m[k], m[k[:-3] + "n"]) for k in m if k.startswith("vsr/by_relation/") and k.endswith("/acc")}
-    assert len(by_rel) == 19 and "between" not in by_rel and by_rel["touching"] == (0.0, 2) and by_rel["above"] == (0.0, 2)
-    assert by_rel["parallel to"] == (0.0, 1) and by_rel["in front of"] == (1.0, 1) and by_rel["at the left side of"] == (1.0, 2)
+    assert by_meta == {
+        "Adjacency": (1.0, 2),
+        "Directional": (1.0, 1),
+        "Orientation": (0.5, 2),
+        "Projective": (5 / 7, 7),
+        "Proximity": (1.0, 1),
+        "Topological": (0.8, 10),
+    }
+    by_rel = {
+        k.split("/")[2]: (m[k], m[k[:-3] + "n"])
+        for k in m
+        if k.startswith("vsr/by_relation/") and k.endswith("/acc")
+    }
+    assert (
+        len(by_rel) == 19
+        and "between" not in by_rel
+        and by_rel["touching"] == (0.0, 2)
+        and by_rel["above"] == (0.0, 2)
+    )
+    assert (
+        by_rel["parallel to"] == (0.0, 1)
+        and by_rel["in front of"] == (1.0, 1)
+        and by_rel["at the left side of"] == (1.0, 2)
+    )
     assert sum(n for _, n in by_rel.values()) == 23 and all(isinstance(n, int) for _, n in by_rel.values())
     # the training scripts' evaluation: the categories only (their eval lines stay readable)
-    train = ev.evaluate(model, lambda im: torch.zeros(3, 4, 4), index_tokenizer, "cpu", {"test": rows, "calib": rows[:4]}, "test", 32)
-    assert {k: v for k, v in train.items() if "/by_relation/" not in k} == {k: v for k, v in m.items() if "/by_relation/" not in k}
+    train = ev.evaluate(
+        model,
+        lambda im: torch.zeros(3, 4, 4),
+        index_tokenizer,
+        "cpu",
+        {"test": rows, "calib": rows[:4]},
+        "test",
+        32,
+    )
+    assert {k: v for k, v in train.items() if "/by_relation/" not in k} == {
+        k: v for k, v in m.items() if "/by_relation/" not in k
+    }
     assert not any("/by_relation/" in k for k in train)
     # the report: the flat keys, then one line a category with its relations, most rows first; --json every key
     ev.report(argparse.Namespace(model="stub", bench="vsr", json=str(tmp_path / "m.json")), m)
     out = capsys.readouterr().out
     assert "by_meta" not in out and "by_relation" not in out
-    assert ("  Topological  0.8000     10  contains 1.00 (2), touching 0.00 (2), consists of 1.00 (1),\n" + " " * 30 +
-            "has as a part 1.00 (1), in 1.00 (1), inside 1.00 (1), on 1.00 (1),\n" + " " * 30 + "part of 1.00 (1)\n") in out
+    assert (
+        "  Topological  0.8000     10  contains 1.00 (2), touching 0.00 (2), consists of 1.00 (1),\n"
+        + " " * 30
+        + "has as a part 1.00 (1), in 1.00 (1), inside 1.00 (1), on 1.00 (1),\n"
+        + " " * 30
+        + "part of 1.00 (1)\n"
+    ) in out
     assert "  Orientation  0.5000      2  parallel to 0.00 (1), perpendicular to 1.00 (1)\n" in out
-    assert len(out.splitlines()) == 1 + len([k for k in m if "/by_" not in k]) + 1 + 6 + 3  # Projective wraps once, Topological twice
+    # Projective wraps once, Topological twice
+    assert len(out.splitlines()) == 1 + len([k for k in m if "/by_" not in k]) + 1 + 6 + 3
     assert json.load(open(tmp_path / "m.json")) == {"model": "stub", "bench": "vsr", **m}
 
 
@@ -728,10 +1123,15 @@ def test_binary_metrics_and_threshold_by_hand():
     m = ev.binary_metrics([True, True, True, False, False], [True, False, True, False, True])
     # true: tp 2 of 3 predicted, of 3 actual; false: tp 1 of 2 predicted, of 2 actual
     assert m["acc"] == pytest.approx(3 / 5)
-    assert m["true_precision"] == pytest.approx(2 / 3) and m["true_recall"] == pytest.approx(2 / 3) and m["true_f1"] == pytest.approx(2 / 3)
+    assert (
+        m["true_precision"] == pytest.approx(2 / 3)
+        and m["true_recall"] == pytest.approx(2 / 3)
+        and m["true_f1"] == pytest.approx(2 / 3)
+    )
     assert m["false_precision"] == 0.5 and m["false_recall"] == 0.5 and m["false_f1"] == 0.5
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
-    assert ev.binary_metrics([True] * 4, [True, True, False, False])["false_precision"] == 0.0  # nothing predicted false
+    # nothing predicted false
+    assert ev.binary_metrics([True] * 4, [True, True, False, False])["false_precision"] == 0.0
     assert ev.calibrate_threshold([0.1, 0.4, 0.2, 0.3], [False, True, False, True]) == pytest.approx(0.25)
     assert ev.calibrate_threshold([0.5, 0.6], [True, True]) < 0.5
 
@@ -751,10 +1151,22 @@ def write_shapes_vsr(root, n_train=48, n_eval=24, size=32):
                 key += 1
                 Image.fromarray(shapes.render(s, size)).save(root / folder / name, quality=95)
                 text, label = shapes.statements(s)[i % 2]
-                f.write(json.dumps({"image": name, "image_link": f"http://images.cocodataset.org/{folder}/{name}", "caption": text,
-                                    "label": int(label), "relation": text.split(" is ")[1].split(" the ")[0], "annotator_id": 1,
-                                    "vote_true_validator_id": "[2]" if label else "[]", "vote_false_validator_id": "[]" if label else "[2]",
-                                    "reference_frame": None}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "image": name,
+                            "image_link": f"http://images.cocodataset.org/{folder}/{name}",
+                            "caption": text,
+                            "label": int(label),
+                            "relation": text.split(" is ")[1].split(" the ")[0],
+                            "annotator_id": 1,
+                            "vote_true_validator_id": "[2]" if label else "[]",
+                            "vote_false_validator_id": "[]" if label else "[2]",
+                            "reference_frame": None,
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
@@ -762,23 +1174,49 @@ def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
     root = tmp_path / "vsr"
     write_shapes_vsr(root)
     init = tiny_ckpt(tmp_path / "init.pt")
-    clip_dpo.main(["--data", "vsr", "--data_root", str(root), "--init", init, "--max_steps", "3", "--workers", "1",
-                   "--out_dir", str(tmp_path / "out"), "--vsr_false_rows", *TINY])
+    clip_dpo.main(
+        [
+            "--data",
+            "vsr",
+            "--data_root",
+            str(root),
+            "--init",
+            init,
+            "--max_steps",
+            "3",
+            "--workers",
+            "1",
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--vsr_false_rows",
+            *TINY,
+        ]
+    )
     out = capsys.readouterr().out
-    assert "48 train rows -> 48 preference groups (0 rows skipped" in out  # 48 i2t; no caption is both true and false here
+    # 48 i2t; no caption is both true and false here
+    assert "48 train rows -> 48 preference groups (0 rows skipped" in out
     assert "eval test step 3" in out and set(vsr_rates(eval_lines(out)[-1])) == set(VSR_RATES)
     # the scripts' eval lines and metrics.jsonl: VSR's meta-categories (the world's relations are all Projective), no relations
     last = eval_lines(out)[-1]
     assert {k for k in last if "/by_" in k} == {"vsr/by_meta/Projective/acc", "vsr/by_meta/Projective/n"}
-    assert last["vsr/by_meta/Projective/n"] == 24 and last["vsr/by_meta/Projective/acc"] == pytest.approx(last["vsr/acc"], abs=1e-3)
+    assert last["vsr/by_meta/Projective/n"] == 24 and last["vsr/by_meta/Projective/acc"] == pytest.approx(
+        last["vsr/acc"], abs=1e-3
+    )
     logged = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")][-1]
     assert {k for k in logged if "/by_" in k} == {k for k in last if "/by_" in k}
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     ev.main(["--model", ckpt, "--bench", "vsr", "--data_root", str(root), "--json", str(tmp_path / "m.json")])
     m = json.load(open(tmp_path / "m.json"))
-    assert m["vsr/n"] == 24 and m["vsr/skipped"] == 0 and set(vsr_rates(m)) == set(VSR_RATES) and "vsr_threshold/tau" in m
+    assert (
+        m["vsr/n"] == 24
+        and m["vsr/skipped"] == 0
+        and set(vsr_rates(m)) == set(VSR_RATES)
+        and "vsr_threshold/tau" in m
+    )
     # eval.py: every key in the JSON, the breakdown printed as one line a category
-    assert m["vsr/by_meta/Projective/acc"] == pytest.approx(m["vsr/acc"]) and m["vsr/by_meta/Projective/n"] == 24
+    assert (
+        m["vsr/by_meta/Projective/acc"] == pytest.approx(m["vsr/acc"]) and m["vsr/by_meta/Projective/n"] == 24
+    )
     assert sum(m[f"vsr/by_relation/{r}/n"] for r in shapes.CONVERSE if f"vsr/by_relation/{r}/n" in m) == 24
     table = capsys.readouterr().out
     assert "by_relation" not in table and "by_meta" not in table and "\n  Projective   " in table
@@ -788,26 +1226,48 @@ def test_vsr_end_to_end_without_a_download(tmp_path, capsys):
     image = ev.encode_pil(model, preprocess, sorted({r.image for r in rows}), "cpu")
     index = {p: i for i, p in enumerate(sorted({r.image for r in rows}))}
     caption = ev.encode_texts(model, tokenizer, [r.caption for r in rows], "cpu")
-    contrast = ev.encode_texts(model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in rows], "cpu")
-    pred = [float(image[index[r.image]] @ caption[i]) > float(image[index[r.image]] @ contrast[i]) for i, r in enumerate(rows)]
-    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(hand_acc_and_macro_f1(pred, [r.label for r in rows]), abs=1e-6)
+    contrast = ev.encode_texts(
+        model, tokenizer, [data.contrast_caption(r.caption, r.relation) for r in rows], "cpu"
+    )
+    pred = [
+        float(image[index[r.image]] @ caption[i]) > float(image[index[r.image]] @ contrast[i])
+        for i, r in enumerate(rows)
+    ]
+    assert (m["vsr/acc"], m["vsr/macro_f1"]) == pytest.approx(
+        hand_acc_and_macro_f1(pred, [r.label for r in rows]), abs=1e-6
+    )
 
 
 def test_vsr_groups_i2t_and_t2i():
     row = lambda img, cap, label, rel: data.VSRRow(img, cap, label, rel, "x:1")  # noqa: E731
-    rows = [row("a.jpg", "The cat is left of the dog.", True, "left of"), row("b.jpg", "The cat is left of the dog.", False, "left of"),
-            row("c.jpg", "The cat is left of the dog.", False, "left of"), row("d.jpg", "The cat is with the dog.", True, "with"),
-            row("e.jpg", "The cat is near the dog.", False, "near")]
+    rows = [
+        row("a.jpg", "The cat is left of the dog.", True, "left of"),
+        row("b.jpg", "The cat is left of the dog.", False, "left of"),
+        row("c.jpg", "The cat is left of the dog.", False, "left of"),
+        row("d.jpg", "The cat is with the dog.", True, "with"),
+        row("e.jpg", "The cat is near the dog.", False, "near"),
+    ]
     groups, skipped = clip_dpo.vsr_groups(rows)
     assert skipped == 1  # "with"
     i2t = [g for g in groups if g["queries"][0][0] == "i2t"]
-    assert i2t == [{"images": ["a.jpg"], "texts": ["The cat is left of the dog.", "The cat is right of the dog."],
-                    "queries": [("i2t", 0, [0, 1], [0, 1])], "pos": [(0, 0)]}]
+    assert i2t == [
+        {
+            "images": ["a.jpg"],
+            "texts": ["The cat is left of the dog.", "The cat is right of the dog."],
+            "queries": [("i2t", 0, [0, 1], [0, 1])],
+            "pos": [(0, 0)],
+        }
+    ]
     t2i = [g["images"] for g in groups if g["queries"][0][0] == "t2i"]
     assert t2i == [["a.jpg", "b.jpg"], ["a.jpg", "c.jpg"]]
     groups, _ = clip_dpo.vsr_groups(rows, false_rows=True)
-    assert {"images": ["e.jpg"], "texts": ["The cat is near the dog.", "The cat is far from the dog."],
-            "queries": [("i2t", 0, [0, 1], [1, 0])], "pos": [(0, 1)]} in groups
+    assert {
+        "images": ["e.jpg"],
+        "texts": ["The cat is near the dog.", "The cat is far from the dog."],
+        "queries": [("i2t", 0, [0, 1], [1, 0])],
+        "pos": [(0, 1)],
+    } in groups
+
 
 # -----------------------------------------------------------------------------
 # rankings: the JSONL format, the reward model ranking candidates, DPO on the rankings
@@ -822,9 +1282,15 @@ def write_candidates(root, n=6, size=32):
             for j, t in enumerate(twins):
                 Image.fromarray(shapes.render(t, size)).save(root / "imgs" / f"{i}_{j}.png")
             if i % 2:
-                f.write(json.dumps({"image": f"imgs/{i}_0.png", "texts": [t.caption() for t in twins][::-1]}) + "\n")
+                f.write(
+                    json.dumps({"image": f"imgs/{i}_0.png", "texts": [t.caption() for t in twins][::-1]})
+                    + "\n"
+                )
             else:
-                f.write(json.dumps({"text": s.caption(), "images": [f"imgs/{i}_{j}.png" for j in (2, 0, 1)]}) + "\n")
+                f.write(
+                    json.dumps({"text": s.caption(), "images": [f"imgs/{i}_{j}.png" for j in (2, 0, 1)]})
+                    + "\n"
+                )
 
 
 def test_read_rankings_format_and_errors(tmp_path):
@@ -832,15 +1298,21 @@ def test_read_rankings_format_and_errors(tmp_path):
     path = tmp_path / "candidates.jsonl"
     rows = data.read_rankings(str(path))
     assert [r["direction"] for r in rows] == ["t2i", "i2t"] * 3 and rows[0]["ranks"] == [0, 1, 2]
-    assert rows[0]["candidates"][0] == str(tmp_path / "imgs" / "0_2.png") and rows[1]["query"] == str(tmp_path / "imgs" / "1_0.png")
+    assert rows[0]["candidates"][0] == str(tmp_path / "imgs" / "0_2.png") and rows[1]["query"] == str(
+        tmp_path / "imgs" / "1_0.png"
+    )
     bad = tmp_path / "bad.jsonl"
-    for line, message in [('{"image": "imgs/0_0.png", "texts": ["one"]}', "at least 2"),
-                          ('{"image": "imgs/0_0.png", "text": "x", "texts": ["a", "b"]}', "either"),
-                          ('{"image": "imgs/nope.png", "texts": ["a", "b"]}', "image imgs/nope.png not found"),
-                          ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [1, 1]}', "all equal"),
-                          ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0]}', "2 integers"),
-                          ('{"text": "x", "images": [', "malformed JSON")]:
-        bad.write_text('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0, 1]}\n' + line + "\n")
+    for line, message in [
+        ('{"image": "imgs/0_0.png", "texts": ["one"]}', "at least 2"),
+        ('{"image": "imgs/0_0.png", "text": "x", "texts": ["a", "b"]}', "either"),
+        ('{"image": "imgs/nope.png", "texts": ["a", "b"]}', "image imgs/nope.png not found"),
+        ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [1, 1]}', "all equal"),
+        ('{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0]}', "2 integers"),
+        ('{"text": "x", "images": [', "malformed JSON"),
+    ]:
+        bad.write_text(
+            '{"text": "x", "images": ["imgs/0_0.png", "imgs/0_1.png"], "ranks": [0, 1]}\n' + line + "\n"
+        )
         with pytest.raises(data.DataError, match=f"^{bad}:2: .*{message}"):
             data.read_rankings(str(bad))
 
@@ -850,10 +1322,21 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
     (checked here against the model) and writes --data rankings' input; DPO trains on it."""
     write_candidates(tmp_path)
     init = tiny_ckpt(tmp_path / "init.pt")
-    clip_dpo.main(["--loss", "bt", "--init", init, "--max_steps", "2", "--out_dir", str(tmp_path / "rm"), *TINY])
+    clip_dpo.main(
+        ["--loss", "bt", "--init", init, "--max_steps", "2", "--out_dir", str(tmp_path / "rm"), *TINY]
+    )
     os.makedirs(tmp_path / "elsewhere")
     out = tmp_path / "elsewhere" / "rankings.jsonl"
-    ev.main(["--model", str(tmp_path / "rm" / "ckpt.pt"), "--rank", str(tmp_path / "candidates.jsonl"), "--out", str(out)])
+    ev.main(
+        [
+            "--model",
+            str(tmp_path / "rm" / "ckpt.pt"),
+            "--rank",
+            str(tmp_path / "candidates.jsonl"),
+            "--out",
+            str(out),
+        ]
+    )
     ranked = data.read_rankings(str(out))  # readable from its own folder: paths were rewritten relative to it
     model, preprocess, tokenizer = load_model(str(tmp_path / "rm" / "ckpt.pt"))
     for line, row in zip(open(out), ranked):
@@ -868,10 +1351,31 @@ def test_reward_model_ranks_candidates_and_dpo_learns_the_rankings(tmp_path, cap
                 c = ev.encode_pil(model, preprocess, row["candidates"], "cpu")
         assert np.allclose((c @ q[0]).tolist(), scores, atol=1e-5)
     capsys.readouterr()
-    clip_dpo.main(["--data", "rankings", "--data_root", str(out), "--loss", "listwise", "--init", init, "--max_steps", "3",
-                   "--workers", "0", "--out_dir", str(tmp_path / "dpo"), *TINY])
+    clip_dpo.main(
+        [
+            "--data",
+            "rankings",
+            "--data_root",
+            str(out),
+            "--loss",
+            "listwise",
+            "--init",
+            init,
+            "--max_steps",
+            "3",
+            "--workers",
+            "0",
+            "--out_dir",
+            str(tmp_path / "dpo"),
+            *TINY,
+        ]
+    )
     stdout = capsys.readouterr().out
-    assert "step 1/3 | loss" in stdout and "reward_acc 0.500" in stdout and load_weights(tmp_path / "dpo")["step"] == 3
+    assert (
+        "step 1/3 | loss" in stdout
+        and "reward_acc 0.500" in stdout
+        and load_weights(tmp_path / "dpo")["step"] == 3
+    )
 
 
 @pytest.mark.slow
@@ -890,14 +1394,51 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
         assert g["queries"] == [("i2t", 0, list(range(len(g["texts"]))), [0] + [1] * (len(g["texts"]) - 1))]
         assert g["texts"] == groups[key]["texts"]  # deterministic
         seen.add(g["texts"][0])
-    assert "the table is brown" in seen and "the cup is to the left of the plate" in seen and "a black dog" not in seen
+    assert (
+        "the table is brown" in seen
+        and "the cup is to the left of the plate" in seen
+        and "a black dog" not in seen
+    )
     init = tiny_ckpt(tmp_path / "init.pt")
-    r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--max_steps", "2", "--batch_size", "2",
-             "--out_dir", str(tmp_path / "out"), "--eval_every", "0", "--workers", "0"])
+    r = run(
+        [
+            "clip_dpo.py",
+            "--data",
+            "hnc",
+            "--data_root",
+            path,
+            "--init",
+            init,
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--eval_every",
+            "0",
+            "--workers",
+            "0",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert "hnc: 2 images with a positive caption (2 negatives without their positive dropped)" in r.stdout
     assert "step 2/2" in r.stdout and "has no eval split here" in r.stdout
-    r = run(["clip_dpo.py", "--data", "hnc", "--data_root", path, "--init", init, "--direction", "t2i", "--out_dir", str(tmp_path / "o2")])
+    r = run(
+        [
+            "clip_dpo.py",
+            "--data",
+            "hnc",
+            "--data_root",
+            path,
+            "--init",
+            init,
+            "--direction",
+            "t2i",
+            "--out_dir",
+            str(tmp_path / "o2"),
+        ]
+    )
     assert r.returncode != 0 and "--data hnc gives captions ranked for an image only" in r.stderr
 
 
@@ -907,33 +1448,67 @@ def test_real_images_follow_the_inits_preprocessing(which):
     evaluation transform of that tag gives (read from its config: no weights, no download)"""
     init = "ViT-L-14:laion2b_s32b_b82k"
     root = FIXTURE if which == "vsr" else os.path.join(FIX, "hnc", "hnc_clean_strict_train.json")
-    args = clip_dpo.get_args(["--data", which, "--data_root", root, "--init", init, "--direction", "i2t" if which == "hnc" else "both"])
+    args = clip_dpo.get_args(
+        [
+            "--data",
+            which,
+            "--data_root",
+            root,
+            "--init",
+            init,
+            "--direction",
+            "i2t" if which == "hnc" else "both",
+        ]
+    )
     assert args.preprocess == model.init_preprocess(init) and args.preprocess["mean"] == (0.5, 0.5, 0.5)
     dataset, _, _ = clip_dpo.make_data(args, 0, 1)
     key = next(k for k in range(len(dataset)) if dataset[k] is not None)
     path = (dataset.groups[key]["images"] if which == "vsr" else [dataset.hnc[key][0]])[0]
-    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=224, **args.preprocess), is_train=False)
+    transform = open_clip.transform.image_transform_v2(
+        open_clip.transform.PreprocessCfg(size=224, **args.preprocess), is_train=False
+    )
     assert torch.equal(dataset[key]["images"][0], transform(Image.open(path).convert("RGB")))
-    assert not torch.equal(dataset[key]["images"][0], data.to_tensor(data.load_image(path, 224)))  # OpenAI's mean and std
+    # OpenAI's mean and std
+    assert not torch.equal(dataset[key]["images"][0], data.to_tensor(data.load_image(path, 224)))
 
 
 def test_each_weight_is_its_own_flag_and_alpha_a_shorthand():
     default = clip_dpo.get_args([])
-    assert (default.alpha, default.clip_weight, default.pref_weight, default.imc_weight) == (0.75, 0.75, 0.25, 0.225)
+    assert (default.alpha, default.clip_weight, default.pref_weight, default.imc_weight) == (
+        0.75,
+        0.75,
+        0.25,
+        0.225,
+    )
     control = clip_dpo.get_args(["--pref_weight", "0"])  # the preference term removed, nothing else changed
-    assert (control.clip_weight, control.pref_weight, control.imc_weight, control.imc_steps) == (0.75, 0.0, 0.225, 1000)
-    assert (clip_dpo.get_args(["--alpha", "1"]).clip_weight, clip_dpo.get_args(["--alpha", "1"]).pref_weight) == (1.0, 0.0)
+    assert (control.clip_weight, control.pref_weight, control.imc_weight, control.imc_steps) == (
+        0.75,
+        0.0,
+        0.225,
+        1000,
+    )
+    assert (
+        clip_dpo.get_args(["--alpha", "1"]).clip_weight,
+        clip_dpo.get_args(["--alpha", "1"]).pref_weight,
+    ) == (1.0, 0.0)
     assert clip_dpo.get_args(["--loss", "dpo"]).clip_weight == 0.0
 
 
 def test_the_kick_can_skip_the_statement_sets():
     """--imc_sets captions: the intra-modal term's i2t sets are the caption sets only, never the statements"""
-    groups = [clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True, "mirror") for k in range(3)]
+    groups = [
+        clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, k)), 32, True, "mirror")
+        for k in range(3)
+    ]
     every, captions = batch_of(groups)[2], batch_of(groups, imc_sets="captions")[2]
     n_images = 2 * 3
     texts = [t for g in groups for t in g["texts"]]
+
     def candidates(prefs):
         return [[texts[int(c) - n_images] for c in prefs["cand"][m]] for m in prefs["i2t"].tolist()]
-    assert len(every["i2t"]) == 12 and len(captions["i2t"]) == 6  # per image: its caption set and its statement set
-    assert all(" is " not in t for cands in candidates(captions) for t in cands)  # captions only: no statement
+
+    # per image: its caption set and its statement set
+    assert len(every["i2t"]) == 12 and len(captions["i2t"]) == 6
+    # captions only: no statement
+    assert all(" is " not in t for cands in candidates(captions) for t in cands)
     assert sum(all(" is " in t for t in cands) for cands in candidates(every)) == 6

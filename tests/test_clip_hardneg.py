@@ -1,6 +1,7 @@
 """clip_hardneg.py: each loss against a naive per-sample loop of its formula, the distributed losses
 (2 gloo processes) against one process with the full batch, CE-CLIP's threshold state, HNC's L2-SP
 and KL teacher, and the CLI's fine-tune modes, DDP, resume, export, real-data and failure paths."""
+
 import argparse
 import copy
 import math
@@ -13,17 +14,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt, torchrun
 
 import clip_hardneg as hn
-from helpers import FIX, ROOT, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt, torchrun
-from model import CLIP, model_config, param_groups, set_trainable
 import negatives
 import shapes
+from model import CLIP, model_config, param_groups, set_trainable
 
 
 def features(B=6, K=3, D=8, seed=0, invalid=((0, 1), (2, 0), (2, 2), (5, 1))):
     g = torch.Generator().manual_seed(seed)
-    v, t, n = (F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1) for shape in ((B, D), (B, D), (B, K, D)))
+    v, t, n = (
+        F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+        for shape in ((B, D), (B, D), (B, K, D))
+    )
     valid = torch.ones(B, K, dtype=torch.bool)
     for i, k in invalid:
         valid[i, k] = False
@@ -35,8 +39,12 @@ def naive_negclip(v, t, n, valid, s, w=1.0):
     total = 0.0
     for i in range(B):
         row = [s * v[i] @ t[j] for j in range(B)]
-        row += [s * v[i] @ n[j, k] + (math.log(w) if j == i and w > 0 else 0.0) for j in range(B) for k in range(K)
-                if valid[j, k] and not (j == i and w == 0)]
+        row += [
+            s * v[i] @ n[j, k] + (math.log(w) if j == i and w > 0 else 0.0)
+            for j in range(B)
+            for k in range(K)
+            if valid[j, k] and not (j == i and w == 0)
+        ]
         col = [s * t[i] @ v[j] for j in range(B)]
         total = total - torch.log_softmax(torch.stack(row), 0)[i] - torch.log_softmax(torch.stack(col), 0)[i]
     return total / (2 * B)
@@ -65,7 +73,9 @@ def naive_kl(student, teacher, T):
     total = 0.0
     for i in range(len(student)):
         p = torch.softmax(teacher[i] / T, 0)
-        total = total + sum(p[j] * (torch.log(p[j]) - torch.log_softmax(student[i] / T, 0)[j]) for j in range(len(p)))
+        total = total + sum(
+            p[j] * (torch.log(p[j]) - torch.log_softmax(student[i] / T, 0)[j]) for j in range(len(p))
+        )
     return T * T * total / len(student)
 
 
@@ -74,12 +84,16 @@ def test_negclip_and_hnc_weighted_loss_match_naive_loop(w):
     v, t, n, valid = features()
     s = torch.tensor(11.0, dtype=torch.float64)
     loss, stats = hn.negclip_loss(v, t, n, valid, s, hn_weight=w)
-    torch.testing.assert_close(loss.double(), naive_negclip(v, t, n, valid, 11.0, w).double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        loss.double(), naive_negclip(v, t, n, valid, 11.0, w).double(), atol=1e-5, rtol=0
+    )
     hn_acc = [(v[i] @ t[i] > v[i] @ n[i, k]).item() for i in range(6) for k in range(3) if valid[i, k]]
     assert stats["hn_acc"].item() == pytest.approx(sum(hn_acc) / len(hn_acc))
     # without any valid negative it is plain CLIP
     loss, _ = hn.negclip_loss(v, t, n, torch.zeros_like(valid), s)
-    torch.testing.assert_close(loss.double(), naive_negclip(v, t, n, torch.zeros_like(valid), 11.0).double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        loss.double(), naive_negclip(v, t, n, torch.zeros_like(valid), 11.0).double(), atol=1e-5, rtol=0
+    )
 
 
 def test_cmr_and_adaptive_threshold_follow_their_definition_over_steps():
@@ -89,7 +103,8 @@ def test_cmr_and_adaptive_threshold_follow_their_definition_over_steps():
         pos = 20 + 3 * torch.randn(5, generator=g)
         neg = 18 + 3 * torch.randn(5, 3, generator=g)
         valid = torch.rand(5, 3, generator=g) > 0.3
-        valid[:, 2] = step % 2 == 1  # type 2 has no valid item on even steps: contributes 0, keeps its threshold
+        # type 2 has no valid item on even steps: contributes 0, keeps its threshold
+        valid[:, 2] = step % 2 == 1
         if step == 2:
             neg[:, 0] -= 50  # a huge gap: clamped to upper_bound
         if step == 3:
@@ -108,7 +123,9 @@ def test_cmr_and_adaptive_threshold_follow_their_definition_over_steps():
             assert new[2].item() == tau[2].item()
         tau = new  # the next step uses this step's statistics
     # no valid negative at all: loss 0, thresholds unchanged, no NaN
-    loss, new = hn.cmr_loss(torch.ones(3), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.bool), torch.tensor([1.0, 2.0]))
+    loss, new = hn.cmr_loss(
+        torch.ones(3), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.bool), torch.tensor([1.0, 2.0])
+    )
     assert loss.item() == 0.0 and new.tolist() == [1.0, 2.0]
 
 
@@ -116,10 +133,14 @@ def test_imc_and_kl_match_naive_loops():
     v, t, n, valid = features()
     valid[4] = False  # a row without valid negatives contributes 0
     s = torch.tensor(7.0, dtype=torch.float64)
-    torch.testing.assert_close(hn.imc_loss(v, t, n, valid, s).double(), naive_imc(v, t, n, valid, 7.0).double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hn.imc_loss(v, t, n, valid, s).double(), naive_imc(v, t, n, valid, 7.0).double(), atol=1e-5, rtol=0
+    )
     g = torch.Generator().manual_seed(3)
     student, teacher = 5 * torch.randn(4, 9, generator=g), 5 * torch.randn(4, 9, generator=g)
-    torch.testing.assert_close(hn.kl_loss(student, teacher, 2.0), naive_kl(student, teacher, 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hn.kl_loss(student, teacher, 2.0), naive_kl(student, teacher, 2.0), atol=1e-5, rtol=0
+    )
     assert hn.kl_loss(teacher, teacher, 2.0).abs().item() < 1e-6
 
 
@@ -140,7 +161,9 @@ def _ddp_worker(rank, inputs, out):
         if name in ("negclip", "hnc"):
             loss = hn.negclip_loss(v, t, n, valid[part], s, hn_weight=1.0 if name == "negclip" else 2.0)[0]
         elif name == "cmr":
-            loss, new = hn.cmr_loss(s * (v * t).sum(-1), s * torch.einsum("bd,bkd->bk", v, n), valid[part], tau, 3.0)
+            loss, new = hn.cmr_loss(
+                s * (v * t).sum(-1), s * torch.einsum("bd,bkd->bk", v, n), valid[part], tau, 3.0
+            )
             results["tau"] = new
         elif name == "imc":
             loss = hn.imc_loss(v, t, n, valid[part], s)
@@ -170,19 +193,26 @@ def test_distributed_losses_equal_single_process_full_batch(tmp_path):
             loss = hn.negclip_loss(*full[:3], valid, full[3], hn_weight=1.0 if name == "negclip" else 2.0)[0]
         elif name == "cmr":
             fv, ft, fn, fs = full
-            loss, new = hn.cmr_loss(fs * (fv * ft).sum(-1), fs * torch.einsum("bd,bkd->bk", fv, fn), valid, tau, 3.0)
+            loss, new = hn.cmr_loss(
+                fs * (fv * ft).sum(-1), fs * torch.einsum("bd,bkd->bk", fv, fn), valid, tau, 3.0
+            )
             for r in ranks:
                 torch.testing.assert_close(r["tau"], new)
         elif name == "imc":
             loss = hn.imc_loss(*full[:3], valid, full[3])
         else:
-            loss = hn.kl_loss(hn.candidates(*full[:3], valid, full[3])[0], hn.candidates(*teacher[:3], valid, teacher[3])[0], 2.0)
+            loss = hn.kl_loss(
+                hn.candidates(*full[:3], valid, full[3])[0],
+                hn.candidates(*teacher[:3], valid, teacher[3])[0],
+                2.0,
+            )
         loss.backward()
         assert sum(r[name][0] for r in ranks).item() / 2 == pytest.approx(loss.item(), abs=1e-5), name
         for j in range(3):  # v, t, n: each rank holds its half
             got = torch.cat([r[name][1 + j] for r in ranks]) / 2
             torch.testing.assert_close(got, full[j].grad, atol=1e-5, rtol=1e-4, msg=f"{name} grad {j}")
         torch.testing.assert_close(sum(r[name][4] for r in ranks) / 2, full[3].grad, atol=1e-5, rtol=1e-4)
+
 
 # -----------------------------------------------------------------------------
 # step_loss with a real model: CE-CLIP's state, HNC's L2-SP and teacher
@@ -220,7 +250,7 @@ def test_step_loss_ceclip_threshold_comes_from_the_previous_step():
     batch[3][0, 0] = batch[3][5, 1] = batch[3][6, 1] = False  # invalid negatives: out of their type's mean
     opt = torch.optim.AdamW(clip.parameters(), lr=1e-3)
     hand, used = [[0.0, 0.0]], []
-    for step in range(3):
+    for _ in range(3):
         hand.append(hand_thresholds(clip, batch, hand[-1], 0.05))  # this step's scores, before the update
         loss, stats = hn.step_loss(clip, batch, args, state)
         used.append([stats["tau0"].item(), stats["tau1"].item()])
@@ -248,7 +278,11 @@ def test_l2sp_is_zero_at_start_and_its_gradient_is_2_lambda_delta():
         hn.step_loss(clip, batch, args, state)[0].backward()
         grads.append({n: p.grad.clone() for n, p in clip.named_parameters()})
     for name, p in clip.named_parameters():
-        want = 2 * 0.05 * (p.detach() - state.init_params[name]) if name != "logit_scale" else torch.zeros_like(p)
+        want = (
+            2 * 0.05 * (p.detach() - state.init_params[name])
+            if name != "logit_scale"
+            else torch.zeros_like(p)
+        )
         torch.testing.assert_close(grads[0][name] - grads[1][name], want, atol=1e-6, rtol=1e-4, msg=name)
 
 
@@ -261,13 +295,14 @@ def test_kl_teacher_is_frozen_and_the_student_term_trains():
     opt = torch.optim.AdamW(param_groups(clip, 0.1), lr=1e-3)
     assert not any(p is q for g in opt.param_groups for p in g["params"] for q in state.teacher.parameters())
     kls = []
-    for step in range(4):
+    for _ in range(4):
         loss, stats = hn.step_loss(clip, batch, args, state)
         kls.append(stats["kl"].item())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0  # student == teacher at step 0, then they part
+    # student == teacher at step 0, then they part
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0
     assert all(torch.equal(v, before[k]) for k, v in state.teacher.state_dict().items())
     with torch.no_grad():
         assert torch.equal(state.teacher.encode_text(batch[1]), teacher_out)
@@ -301,8 +336,15 @@ class StubCLIP(torch.nn.Module):
         return self.image[images], self.text[texts], self.logit_scale.exp()
 
 
-@pytest.mark.parametrize("loss, kw", [("negclip", {}), ("ceclip", {"cmr_weight": 0.2}), ("hnc", {"hn_weight": 2.0}),
-                                      ("hnc", {"kl_weight": 1.0})])
+@pytest.mark.parametrize(
+    "loss, kw",
+    [
+        ("negclip", {}),
+        ("ceclip", {"cmr_weight": 0.2}),
+        ("hnc", {"hn_weight": 2.0}),
+        ("hnc", {"kl_weight": 1.0}),
+    ],
+)
 def test_scores_are_fp32_under_bf16_autocast(loss, kw):
     """the GPU path on CPU (CPU autocast runs matmul / bmm in bf16 as CUDA's does): the same step from
     the same features, under bf16 autocast and in fp32, gives the same loss, stats and CE-CLIP
@@ -319,8 +361,13 @@ def test_scores_are_fp32_under_bf16_autocast(loss, kw):
     args = hn.get_args(["--loss", loss, *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
     out = []
     for precision in (torch.float32, torch.bfloat16):
-        state = argparse.Namespace(step=0, threshold=torch.tensor([0.5, 1.0]), teacher=copy.deepcopy(model).requires_grad_(False),
-                                   init_params=None, clip=model)
+        state = argparse.Namespace(
+            step=0,
+            threshold=torch.tensor([0.5, 1.0]),
+            teacher=copy.deepcopy(model).requires_grad_(False),
+            init_params=None,
+            clip=model,
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
             loss_value, stats = hn.step_loss(model, batch, args, state)
         out.append((loss_value, stats, state.threshold))
@@ -346,16 +393,21 @@ def test_shapes_batches_hold_scenes_and_their_twins():
         (_, cap, negs), (_, twin_cap, twin_negs) = ds[key]
         s = shapes.sample_scene(shapes.scene_rng("hardneg", 0, key))
         assert cap == s.caption() and negs == [shapes.relation_flip(s), shapes.attribute_swap(s)]
-        assert twin_cap == negs[key % 2]  # the mirror's caption is the relation negative, the colour swap's the attribute one
+        # the mirror's caption is the relation negative, the colour swap's the attribute one
+        assert twin_cap == negs[key % 2]
         assert twin_negs[key % 2] == cap
     images, captions, negatives, valid = batch
     assert images.shape == (8, 3, 32, 32) and negatives.shape[:2] == (8, 2) and valid.all()
     # the tokens are cut at the batch's longest text (data.trim_tokens): its EOT is the last column
     L = captions.shape[1]
-    assert negatives.shape[2] == L < 32 and max(captions.argmax(-1).max(), negatives.argmax(-1).max()) == L - 1
+    assert (
+        negatives.shape[2] == L < 32 and max(captions.argmax(-1).max(), negatives.argmax(-1).max()) == L - 1
+    )
+
 
 def test_negclip_samples_bring_one_of_their_neg_image_rows():
     import data
+
     rows = negatives.read_negclip(os.path.join(FIX, "negclip", "train_neg_clip.tsv"))
     ds = hn.HardNegatives([(p, [(c, [negs])], nr) for p, c, negs, nr in rows], 32, 0, None, True)
     picked = set()
@@ -387,13 +439,35 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init,
     """torchrun's 2 gloo ranks x batch 4 == 1 process x batch 8 (run in process, its steps watched):
     the weights, and CE-CLIP's thresholds, which the checkpoint keeps as computed by hand from the
     last step's scores"""
-    common = ["--init", init, "--max_steps", "3", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1",
-              "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images"]
+    common = [
+        "--init",
+        init,
+        "--max_steps",
+        "3",
+        "--eval_every",
+        "0",
+        "--eval_n",
+        "20",
+        "--lr",
+        "1e-3",
+        "--warmup_steps",
+        "1",
+        "--loss",
+        "ceclip",
+        "--cmr_weight",
+        "0.2",
+        "--neg_images",
+    ]
     hand, real = [], hn.step_loss
 
     def spy(model, batch, args, state):
-        hand.append(hand_thresholds(model, batch, hand[-1] if hand else [0.0] * batch[3].shape[1], args.cmr_upper_bound))
+        hand.append(
+            hand_thresholds(
+                model, batch, hand[-1] if hand else [0.0] * batch[3].shape[1], args.cmr_upper_bound
+            )
+        )
         return real(model, batch, args, state)
+
     monkeypatch.setattr(hn, "step_loss", spy)
     torch.set_num_threads(1)
     hn.main(["--batch_size", "8", "--out_dir", str(tmp_path / "one"), *common])
@@ -410,7 +484,21 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path, init,
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
-    args = ["clip_hardneg.py", "--init", init, "--max_steps", "10", "--ckpt_every", "2", "--loss", "ceclip", "--cmr_weight", "0.2", "--neg_images", *TINY]
+    args = [
+        "clip_hardneg.py",
+        "--init",
+        init,
+        "--max_steps",
+        "10",
+        "--ckpt_every",
+        "2",
+        "--loss",
+        "ceclip",
+        "--cmr_weight",
+        "0.2",
+        "--neg_images",
+        *TINY,
+    ]
     _, a, b = killed_and_resumed(tmp_path, args)
     assert torch.equal(a["threshold"], b["threshold"])
     for k in a["model"]:
@@ -420,8 +508,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, init):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["text", "vision"])
 def test_finetune_modes_train_exactly_their_parameters(tmp_path, init, mode):
-    r = run(["clip_hardneg.py", "--init", init, "--max_steps", "2", "--finetune", mode, "--lr", "1e-3",
-             "--out_dir", str(tmp_path), *TINY])
+    r = run(
+        [
+            "clip_hardneg.py",
+            "--init",
+            init,
+            "--max_steps",
+            "2",
+            "--finetune",
+            mode,
+            "--lr",
+            "1e-3",
+            "--out_dir",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     ckpt, start = load_weights(tmp_path), torch.load(init, weights_only=True)["model"]
     model = CLIP(**model_config("tiny", 32, 32))
@@ -432,8 +534,28 @@ def test_finetune_modes_train_exactly_their_parameters(tmp_path, init, mode):
 
 
 def test_checkpoint_loads_strict_in_open_clip_and_export(tmp_path, init):
-    r = run(["clip_hardneg.py", "--init", init, "--max_steps", "2", "--loss", "hnc", "--kl_weight", "1", "--l2sp", "0.01",
-             "--hn_warmup_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY])
+    r = run(
+        [
+            "clip_hardneg.py",
+            "--init",
+            init,
+            "--max_steps",
+            "2",
+            "--loss",
+            "hnc",
+            "--kl_weight",
+            "1",
+            "--l2sp",
+            "0.01",
+            "--hn_warmup_steps",
+            "2",
+            "--export",
+            str(tmp_path / "hub"),
+            "--out_dir",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert "| probe/relation |" in r.stdout  # the start / end table
     ckpt = load_weights(tmp_path)
@@ -442,35 +564,90 @@ def test_checkpoint_loads_strict_in_open_clip_and_export(tmp_path, init):
     hub, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     hub.eval()
     images = torch.randn(2, 3, 32, 32)
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=32)(["a small red circle left of a blue ring", "a"])
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=32)(
+        ["a small red circle left of a blue ring", "a"]
+    )
     with torch.no_grad():
         torch.testing.assert_close(hub.encode_image(images), theirs.encode_image(images), atol=1e-5, rtol=0)
         torch.testing.assert_close(hub.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, expect", [
-    (["--data", "coco", "--data_root", f"{FIX}/coco", "--batch_size", "2"], "eval test step 2"),
-    (["--data", "negclip", "--data_root", f"{FIX}/negclip/train_neg_clip.tsv", "--neg_images", "--batch_size", "4"], "step 2/2"),
-    (["--data", "ceclip", "--data_root", f"{FIX}/ceclip", "--allow_pickle", "--loss", "ceclip", "--batch_size", "4"], "invalid negatives"),
-    (["--data", "hnc", "--data_root", f"{FIX}/hnc/hnc_clean_strict_train.json", "--batch_size", "2"], "skipped 2 negative caption(s)"),
-])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--data", "coco", "--data_root", f"{FIX}/coco", "--batch_size", "2"], "eval test step 2"),
+        (
+            [
+                "--data",
+                "negclip",
+                "--data_root",
+                f"{FIX}/negclip/train_neg_clip.tsv",
+                "--neg_images",
+                "--batch_size",
+                "4",
+            ],
+            "step 2/2",
+        ),
+        (
+            [
+                "--data",
+                "ceclip",
+                "--data_root",
+                f"{FIX}/ceclip",
+                "--allow_pickle",
+                "--loss",
+                "ceclip",
+                "--batch_size",
+                "4",
+            ],
+            "invalid negatives",
+        ),
+        (
+            ["--data", "hnc", "--data_root", f"{FIX}/hnc/hnc_clean_strict_train.json", "--batch_size", "2"],
+            "skipped 2 negative caption(s)",
+        ),
+    ],
+)
 def test_real_data_readers_through_the_cli(tmp_path, init, argv, expect):
-    r = run(["clip_hardneg.py", "--init", init, "--max_steps", "2", "--workers", "0", "--log_every", "1",
-             "--out_dir", str(tmp_path), *argv])
+    r = run(
+        [
+            "clip_hardneg.py",
+            "--init",
+            init,
+            "--max_steps",
+            "2",
+            "--workers",
+            "0",
+            "--log_every",
+            "1",
+            "--out_dir",
+            str(tmp_path),
+            *argv,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert expect in r.stdout, r.stdout
     assert load_weights(tmp_path)["step"] == 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "ceclip", "--data_root", f"{FIX}/ceclip"], "train_neg_0.npy: CE-CLIP's .npy files are pickled"),
-    (["--data", "coco", "--data_root", f"{FIX}/coco", "--neg_images"], "--neg_images: --data coco has no hard-negative images"),
-    (["--neg_types", "relation,colour"], "--neg_types relation,colour: choose from"),
-    (["--l2sp", "0.1"], "belong to --loss hnc"),
-    (["--data", "negclip"], "--data negclip needs --data_root"),
-    (["--data", "negclip", "--data_root", f"{FIX}/negclip/missing.tsv"], "missing file: "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--data", "ceclip", "--data_root", f"{FIX}/ceclip"],
+            "train_neg_0.npy: CE-CLIP's .npy files are pickled",
+        ),
+        (
+            ["--data", "coco", "--data_root", f"{FIX}/coco", "--neg_images"],
+            "--neg_images: --data coco has no hard-negative images",
+        ),
+        (["--neg_types", "relation,colour"], "--neg_types relation,colour: choose from"),
+        (["--l2sp", "0.1"], "belong to --loss hnc"),
+        (["--data", "negclip"], "--data negclip needs --data_root"),
+        (["--data", "negclip", "--data_root", f"{FIX}/negclip/missing.tsv"], "missing file: "),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path, init, argv, message, capsys):
     # in-process (the CLI path is the same: every error is a SystemExit with one line)
     with pytest.raises(SystemExit) as e:
@@ -483,8 +660,14 @@ def test_bad_input_gives_one_clear_line(tmp_path, init, argv, message, capsys):
 def test_missing_default_init_says_to_run_clip_scratch_first(tmp_path):
     # run from an empty folder, where the default out/clip_scratch/ckpt.pt cannot exist
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "clip_hardneg.py"), "--max_steps", "1"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "clip_hardneg.py"), "--max_steps", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "out/clip_scratch/ckpt.pt does not exist: run `python clip_scratch.py` first" in r.stderr, r.stderr
 
@@ -494,19 +677,26 @@ def test_real_images_follow_the_inits_preprocessing(tmp_path):
     evaluation transform of that tag gives (read from its config: no weights, no download), not the
     shorter side's centre crop (the fixture's images textured, so the two differ)"""
     import numpy as np
-    from PIL import Image
-    import data
     from helpers import fixture_copy
+    from PIL import Image
+
+    import data
     from model import init_preprocess
+
     init, tsv = "ViT-H-14-quickgelu:dfn5b", str(fixture_copy(tmp_path, "negclip") / "train_neg_clip.tsv")
     for i, (path, *_) in enumerate(negatives.read_negclip(tsv)):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(path, quality=95)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(
+            path, quality=95
+        )
     args = hn.get_args(["--data", "negclip", "--data_root", tsv, "--init", init])
     assert args.preprocess == init_preprocess(init) and args.preprocess["resize_mode"] == "squash"
     dataset, _, _ = hn.make_data(args, 0, 1)
-    transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=args.image_size, **args.preprocess), is_train=False)
+    transform = open_clip.transform.image_transform_v2(
+        open_clip.transform.PreprocessCfg(size=args.image_size, **args.preprocess), is_train=False
+    )
     for key in range(2):
-        (image, _, _), = dataset[key]
+        ((image, _, _),) = dataset[key]
         path = dataset.items[key][0]
         assert torch.equal(image, transform(Image.open(path).convert("RGB")))
-        assert not torch.equal(image, data.to_tensor(data.load_image(path, args.image_size)))  # the OpenAI default's crop
+        # the OpenAI default's crop
+        assert not torch.equal(image, data.to_tensor(data.load_image(path, args.image_size)))

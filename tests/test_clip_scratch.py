@@ -1,14 +1,15 @@
 """clip_scratch.py: the loss against a naive loop, the model against open_clip, and the CLI's
 distributed, resume and failure paths run for real (tiny settings, CPU)."""
+
 import os
 
 import open_clip
 import pytest
 import torch
+from helpers import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
 
 import data
 from clip_scratch import clip_loss
-from helpers import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
 from model import CLIP, model_config, param_groups
 
 
@@ -39,7 +40,9 @@ def test_model_equals_open_clip_and_loads_strict():
     theirs = open_clip.CLIP(**cfg).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     images = torch.randn(3, 3, 32, 32)
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=32)(["a red circle left of a blue square", "x", ""])
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=32)(
+        ["a red circle left of a blue square", "x", ""]
+    )
     with torch.no_grad():
         assert torch.allclose(ours.encode_image(images), theirs.encode_image(images), atol=1e-5)
         assert torch.allclose(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5)
@@ -61,7 +64,20 @@ def test_param_groups_decay_and_text_lr():
 def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
     """DDP property: 2 gloo ranks x batch 4 == 1 process x batch 8, through the real CLI
     (same data keys, gathered loss, averaged gradients)."""
-    common = ["--max_steps", "3", "--image_size", "32", "--eval_every", "0", "--eval_n", "20", "--lr", "1e-3", "--warmup_steps", "1"]
+    common = [
+        "--max_steps",
+        "3",
+        "--image_size",
+        "32",
+        "--eval_every",
+        "0",
+        "--eval_n",
+        "20",
+        "--lr",
+        "1e-3",
+        "--warmup_steps",
+        "1",
+    ]
     _, one, two = one_and_two_processes(tmp_path, "clip_scratch.py", 8, common)
     a, b = one["model"], two["model"]
     start = CLIP(**model_config("tiny", 32, 32)).state_dict()
@@ -72,15 +88,31 @@ def test_torchrun_two_cpu_processes_equal_one_process_full_batch(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY])
+    _, a, b = killed_and_resumed(
+        tmp_path, ["clip_scratch.py", "--max_steps", "12", "--ckpt_every", "2", *TINY]
+    )
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
-    r = run(["clip_scratch.py", "--max_steps", "20", "--ckpt_every", "1", "--lr", "1e8", "--warmup_steps", "1",
-             "--out_dir", str(tmp_path), *TINY])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--max_steps",
+            "20",
+            "--ckpt_every",
+            "1",
+            "--lr",
+            "1e8",
+            "--warmup_steps",
+            "1",
+            "--out_dir",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert r.returncode != 0
     assert "not finite" in r.stdout + r.stderr
     ckpt = load_weights(tmp_path)
@@ -88,13 +120,16 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "imagenet"], "--data"),
-    (["--data", "flickr8k", "--data_root", "/nonexistent/flickr"], "/nonexistent/flickr"),
-    (["--data", "flickr8k"], "--data_root"),
-    (["--model_size", "huge"], "--model_size"),
-    (["--device", "cuda"], "--device cuda"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "imagenet"], "--data"),
+        (["--data", "flickr8k", "--data_root", "/nonexistent/flickr"], "/nonexistent/flickr"),
+        (["--data", "flickr8k"], "--data_root"),
+        (["--model_size", "huge"], "--model_size"),
+        (["--device", "cuda"], "--device cuda"),
+    ],
+)
 def test_bad_flags_give_one_clear_error(argv, message, tmp_path):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -111,9 +146,30 @@ def test_real_data_cli_with_cache_counts_a_corrupt_image(tmp_path):
     train_image = data.read_flickr8k(str(root))["train"][0][0]
     with open(train_image, "wb") as f:
         f.write(b"not a jpeg")
-    r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", str(root), "--cache_images", "--workers", "1",
-             "--batch_size", "4", "--max_steps", "3", "--log_every", "1", "--image_size", "32", "--eval_every", "0",
-             "--out_dir", str(tmp_path / "out")])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--data",
+            "flickr8k",
+            "--data_root",
+            str(root),
+            "--cache_images",
+            "--workers",
+            "1",
+            "--batch_size",
+            "4",
+            "--max_steps",
+            "3",
+            "--log_every",
+            "1",
+            "--image_size",
+            "32",
+            "--eval_every",
+            "0",
+            "--out_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable image" in r.stdout
     assert "eval test step 3" in r.stdout and "retrieval/t2i_r1" in r.stdout
@@ -142,8 +198,25 @@ def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
             f.write(raw.replace(b"A girl, in", b"A girl,\xff in"))
         # line 3 is '1000268201_693b08cb0e.jpg,"A girl, in a dress, ...': 26 + 1 + 7 bytes before it
         message = f"error: {bad}:3: byte 0xff (byte 35 of the line) is not UTF-8: the file must be UTF-8 (re-save it as UTF-8)"
-    r = run(["clip_scratch.py", "--data", "flickr8k", "--data_root", root, "--workers", "0", "--batch_size", "2",
-             "--max_steps", "2", "--image_size", "32", "--out_dir", str(tmp_path / "out")])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--data",
+            "flickr8k",
+            "--data_root",
+            root,
+            "--workers",
+            "0",
+            "--batch_size",
+            "2",
+            "--max_steps",
+            "2",
+            "--image_size",
+            "32",
+            "--out_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert r.returncode == 1 and r.stderr.splitlines() == [message], r.stderr
     assert "step" not in r.stdout
 
@@ -154,16 +227,30 @@ def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path)
     assert first.returncode == 0, first.stderr
     ckpt = str(tmp_path / "ckpt.pt")
     # another --image_size builds another model: 64 px has 4 x 4 + 1 patch positions, 32 px 2 x 2 + 1
-    r = run(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY, "--image_size", "64"])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--max_steps",
+            "4",
+            "--out_dir",
+            str(tmp_path),
+            "--resume",
+            *TINY,
+            "--image_size",
+            "64",
+        ]
+    )
     assert r.returncode == 1 and r.stderr.splitlines() == [
         f"error: {ckpt}: its weights do not fit the model this run builds from its flags: 1 of another shape "
-        "(e.g. visual.positional_embedding: [5, 128] in the file, [17, 128] in the model)"], r.stderr
+        "(e.g. visual.positional_embedding: [5, 128] in the file, [17, 128] in the model)"
+    ], r.stderr
     raw = open(ckpt, "rb").read()
     with open(ckpt, "wb") as f:  # a checkpoint copied while it was being written
-        f.write(raw[:2 ** 20])
+        f.write(raw[: 2**20])
     r = run(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY])
     assert r.returncode == 1 and r.stderr.splitlines() == [
-        f"error: {ckpt}: cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"], r.stderr
+        f"error: {ckpt}: cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"
+    ], r.stderr
 
 
 @pytest.mark.slow
@@ -172,8 +259,25 @@ def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batc
     rank 0 must cut its 2 to 1 (all_gather needs equal batches): the global batch is then (rank 0's
     first, rank 1's second), exactly what 1 process x batch 4 trains on when the two dropped images
     are unreadable."""
-    common = ["clip_scratch.py", "--data", "flickr8k", "--workers", "0", "--max_steps", "1", "--image_size", "32",
-              "--eval_every", "0", "--warmup_steps", "1", "--log_every", "1", "--lr", "1e-4"]
+    common = [
+        "clip_scratch.py",
+        "--data",
+        "flickr8k",
+        "--workers",
+        "0",
+        "--max_steps",
+        "1",
+        "--image_size",
+        "32",
+        "--eval_every",
+        "0",
+        "--warmup_steps",
+        "1",
+        "--log_every",
+        "1",
+        "--lr",
+        "1e-4",
+    ]
     # lr 1e-4: adam's first step is ~lr * sign(grad), so the fp noise between the runs (~0.02 lr on
     # near-zero gradients) stays well under atol, and another sample in the batch (~lr) does not
     # the step's keys: item indices into the train split (epoch 0), the same permutation for both runs
@@ -187,7 +291,9 @@ def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batc
 
     root, splits = flickr8k_copy(tmp_path / "ddp")
     unreadable(root, splits["train"], [rank1[0]])
-    ddp = torchrun([*common, "--data_root", root, "--batch_size", "2", "--out_dir", str(tmp_path / "ddp_out")])
+    ddp = torchrun(
+        [*common, "--data_root", root, "--batch_size", "2", "--out_dir", str(tmp_path / "ddp_out")]
+    )
     assert ddp.returncode == 0, ddp.stderr
     assert "step 1/1" in ddp.stdout and "eval test step 1" in ddp.stdout
     root, splits = flickr8k_copy(tmp_path / "one")
@@ -204,7 +310,18 @@ def test_torchrun_unreadable_training_image_every_rank_cuts_to_the_smallest_batc
 
 
 def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):
-    r = run(["clip_scratch.py", "--max_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--max_steps",
+            "2",
+            "--export",
+            str(tmp_path / "hub"),
+            "--out_dir",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     ckpt = load_weights(tmp_path)
     ours = CLIP(**ckpt["model_cfg"]).eval()
@@ -212,7 +329,9 @@ def test_export_loads_in_open_clip_with_equal_embeddings(tmp_path):
     theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     theirs.eval()
     images = torch.randn(2, 3, 32, 32)
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=ours.context_length)(["a small red circle", "a ring"])
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=ours.context_length)(
+        ["a small red circle", "a ring"]
+    )
     with torch.no_grad():
         assert torch.allclose(ours.encode_image(images), theirs.encode_image(images), atol=1e-5)
         assert torch.allclose(ours.encode_text(tokens), theirs.encode_text(tokens), atol=1e-5)
@@ -223,17 +342,37 @@ def test_the_loop_reads_the_device_only_on_log_and_checkpoint_steps(tmp_path, mo
     syncs on a GPU) as a run of 2 steps logging once: none per step. The non-finite-loss stop reads
     its device-side flag on the log and checkpoint steps (test_nan_loss_stops_... checks it stops)."""
     import clip_scratch
+
     reads, real = [0], torch.Tensor.item
 
     def item(self):
         reads[0] += 1
         return real(self)
+
     monkeypatch.setattr(torch.Tensor, "item", item)
     torch.set_num_threads(1)
     counts = []
     for steps in (2, 8):
         reads[0] = 0
-        clip_scratch.main(["--max_steps", str(steps), "--log_every", str(steps), "--ckpt_every", "0", "--out_dir", str(tmp_path / str(steps)),
-                           "--batch_size", "8", "--image_size", "32", "--eval_every", "0", "--eval_n", "40"])
+        clip_scratch.main(
+            [
+                "--max_steps",
+                str(steps),
+                "--log_every",
+                str(steps),
+                "--ckpt_every",
+                "0",
+                "--out_dir",
+                str(tmp_path / str(steps)),
+                "--batch_size",
+                "8",
+                "--image_size",
+                "32",
+                "--eval_every",
+                "0",
+                "--eval_n",
+                "40",
+            ]
+        )
         counts.append(reads[0])
     assert counts[0] == counts[1] > 0, counts

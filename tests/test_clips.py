@@ -1,6 +1,7 @@
 """CLIPS in clip_scratch.py: the four token reductions as properties, the recaption reader, the
 dual-caption loss against a naive one, the captioner's attention mask and loss, and the CLI
 (2-process DDP, exact resume, open_clip loading, eval.py --caption) on tiny settings."""
+
 import os
 import random
 import re
@@ -9,21 +10,22 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
+from test_clip_scratch import naive_clip_loss
 
 import clip_scratch
 import data
 import eval as ev
-from clip_scratch import caption_loss, clip_loss, clips_loss
-from helpers import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
-from model import CLIP, Captioner, model_config, param_groups, prefix_lm_mask
-from test_clip_scratch import naive_clip_loss
 import shapes
-from model import load_model
+from clip_scratch import caption_loss, clip_loss, clips_loss
 from eval import load_captioner
+from model import CLIP, Captioner, load_model, model_config, param_groups, prefix_lm_mask
 
 RECAP = os.path.join(FIX, "recap")
-LONG = ("The image shows two shapes on a striped dark background. The pink square is small. The red ring is large. "
-        "The pink square is right of the red ring! The red ring is left of the pink square.")
+LONG = (
+    "The image shows two shapes on a striped dark background. The pink square is small. The red ring is large. "
+    "The pink square is right of the red ring! The red ring is left of the pink square."
+)
 TOK = data.get_tokenizer(32)
 
 
@@ -32,13 +34,14 @@ def content(tokens):
     tokens = tokens.tolist()
     assert tokens[0] == TOK.sot_token_id
     eot = tokens.index(TOK.eot_token_id)
-    assert all(t == 0 for t in tokens[eot + 1:])  # nothing but padding after the EOT
+    assert all(t == 0 for t in tokens[eot + 1 :])  # nothing but padding after the EOT
     return tokens[1:eot]
 
 
 def is_subsequence(part, whole):
     it = iter(whole)
     return all(any(x == y for y in it) for x in part)
+
 
 # -----------------------------------------------------------------------------
 # token reductions (data.reduce_caption)
@@ -49,20 +52,22 @@ def test_reductions_keep_what_they_promise():
     assert len(ids) > 30
     starts, picks = set(), set()
     for seed in range(40):
-        rng = lambda: random.Random(seed)
+        rng = lambda seed=seed: random.Random(seed)
         trunc = content(data.reduce_caption(LONG, "truncate", K, 32, rng()))
-        assert trunc == ids[:K - 2]  # a prefix
+        assert trunc == ids[: K - 2]  # a prefix
         rand = content(data.reduce_caption(LONG, "random", K, 32, rng()))
         assert len(rand) == K - 2 and is_subsequence(rand, ids)  # K - 2 tokens in their original order
         picks.add(tuple(rand))
         block = content(data.reduce_caption(LONG, "block", K, 32, rng()))
-        span = [s for s in range(len(ids) - K + 3) if ids[s:s + K - 2] == block]
+        span = [s for s in range(len(ids) - K + 3) if ids[s : s + K - 2] == block]
         assert len(block) == K - 2 and span  # one contiguous span
         starts.add(span[0])
         sub = content(data.reduce_caption(LONG, "subcaption", K, 32, rng()))
-        sentences = [TOK.encode(s)[:K - 2] for s in re.split(r"[.!]+", LONG) if s.strip()]
+        sentences = [TOK.encode(s)[: K - 2] for s in re.split(r"[.!]+", LONG) if s.strip()]
         assert sub in sentences  # exactly one sentence
-        assert data.reduce_caption(LONG, "block", K, 32, rng()).equal(data.reduce_caption(LONG, "block", K, 32, rng()))
+        assert data.reduce_caption(LONG, "block", K, 32, rng()).equal(
+            data.reduce_caption(LONG, "block", K, 32, rng())
+        )
     assert len(picks) > 30 and len(starts) > 10  # random really is random, the block start uniform-ish
     assert starts >= {0} and max(starts) <= len(ids) - (K - 2)
 
@@ -90,23 +95,36 @@ def padded(tokens, L=32):
 
 
 def clips_args(*argv):
-    return clip_scratch.get_args(["--image_size", "32", "--caption_mask", "subcaption", "--mask_len", "16", *argv])
+    return clip_scratch.get_args(
+        ["--image_size", "32", "--caption_mask", "subcaption", "--mask_len", "16", *argv]
+    )
 
 
 def test_shapes_clips_batch_adds_only_the_synthetic_caption():
     plain, args = shapes.ShapesDataset(32, seed=3), clips_args()
     keys = (0, 5, 123)
-    (images, tokens), _ = clip_scratch.make_batch([plain[k] for k in keys], clip_scratch.get_args(["--image_size", "32"]))
+    (images, tokens), _ = clip_scratch.make_batch(
+        [plain[k] for k in keys], clip_scratch.get_args(["--image_size", "32"])
+    )
     (images2, (pair, full)), counts = clip_scratch.make_batch([plain[k] for k in keys], args)
     texts = lambda samples: clip_scratch.make_batch(samples, args)[0][1]  # noqa: E731  (pair, full)
     alone = [texts([plain[k]])[0][0] for k in keys]
-    assert torch.equal(torch.stack([padded(a) for a in alone]), padded(pair))  # per-sample randomness: DDP shards reduce as one process would
-    assert images.equal(images2) and padded(pair[:, 0]).equal(padded(tokens)) and counts == {"unreadable images": 0}  # the web caption is plain CLIP's caption
+    # per-sample randomness: DDP shards reduce as one process would
+    assert torch.equal(torch.stack([padded(a) for a in alone]), padded(pair))
+    # the web caption is plain CLIP's caption
+    assert (
+        images.equal(images2)
+        and padded(pair[:, 0]).equal(padded(tokens))
+        and counts == {"unreadable images": 0}
+    )
     for i, key in enumerate(keys):
         s = shapes.sample_scene(shapes.scene_rng("train", 3, key))
         assert plain[key][2] == shapes.description(s)
-        assert full[i].equal(data.get_tokenizer(77)([shapes.description(s)])[0])  # the captioner's target: all of it
-        assert len(content(pair[i, 1])) <= 14 and is_subsequence(content(pair[i, 1]), TOK.encode(shapes.description(s)))
+        # the captioner's target: all of it
+        assert full[i].equal(data.get_tokenizer(77)([shapes.description(s)])[0])
+        assert len(content(pair[i, 1])) <= 14 and is_subsequence(
+            content(pair[i, 1]), TOK.encode(shapes.description(s))
+        )
     assert texts([plain[k] for k in keys])[0].equal(pair)  # a resumed run reduces the same way
     other = shapes.ShapesDataset(32, seed=4)
     assert not padded(texts([other[k] for k in keys])[0][:, 1]).equal(padded(pair[:, 1]))  # ... per seed
@@ -123,7 +141,9 @@ def claims_hold(caption, s):
     by_shape = {o.shape: (i, o) for i, o in enumerate(s.objs)}
     phrases = PHRASE.findall(caption)
     form = PHRASE.sub("X", caption)
-    assert re.fullmatch(rf"X(?: (?:and|{'|'.join(shapes.CONVERSE)}) X)?(?: on a {s.background} background)?", form), (caption, s)
+    assert re.fullmatch(
+        rf"X(?: (?:and|{'|'.join(shapes.CONVERSE)}) X)?(?: on a {s.background} background)?", form
+    ), (caption, s)
     for size, colour, shape in phrases:
         o = by_shape[shape][1]
         assert size in ("", o.size) and colour in ("", o.colour), (caption, s)
@@ -158,7 +178,8 @@ def test_shapes_partial_web_captions_in_the_dataset():
         assert image.equal(full[key][0]) and image.equal(image2)  # same scenes; only the caption differs
         assert claims_hold(text2, s) >= 3
         assert synthetic == shapes.description(s)  # the synthetic caption is complete
-        if PHRASE.search(text).group(2):  # a caption naming colours: the noisy one is true or exactly colour-swapped
+        # a caption naming colours: the noisy one is true or exactly colour-swapped
+        if PHRASE.search(text).group(2):
             coloured += 1
             try:
                 claims_hold(text, s)
@@ -168,7 +189,9 @@ def test_shapes_partial_web_captions_in_the_dataset():
     assert 0.25 < swapped / coloured < 0.75  # swap_noise 0.5 applies to the partial captions too
     with pytest.raises(ValueError, match="caption_style"):
         shapes.ShapesDataset(32, caption_style="short")
-    cli, _, _ = clip_scratch.make_data(clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1)
+    cli, _, _ = clip_scratch.make_data(
+        clip_scratch.get_args(["--caption_style", "partial", "--seed", "3", "--image_size", "32"]), 0, 1
+    )
     assert all(cli[key][1] == noisy[key][1] for key in range(10))  # the flag reaches the dataset
 
 
@@ -176,9 +199,15 @@ def test_shapes_vocab_covers_every_text_of_the_world():
     vocab, tok = set(shapes.shapes_vocab()), data.get_tokenizer(77)
     for i in range(300):
         s = shapes.sample_scene(shapes.scene_rng("train", 0, i))
-        texts = [s.caption(), shapes.description(s), *(f(s) for f in shapes.NEGATIVES.values()), *(t for t, _ in shapes.statements(s))]
+        texts = [
+            s.caption(),
+            shapes.description(s),
+            *(f(s) for f in shapes.NEGATIVES.values()),
+            *(t for t, _ in shapes.statements(s)),
+        ]
         for t in texts:
             assert set(tok.encode(t)) <= vocab, t
+
 
 # -----------------------------------------------------------------------------
 # recaption files and real data
@@ -192,7 +221,12 @@ def test_read_recap_jsonl_and_csv_with_column_flags(capsys):
     assert by_name["00005.jpg"][0] == ["climber, rock"]  # the quoted comma survives
     assert by_name["00004.jpg"][1].startswith('A man wearing an orange hat holds a sign that reads "stop".')
     assert all(os.path.isabs(p) and os.path.isfile(p) for items in j.values() for p, *_ in items)
-    assert data.read_dataset("recap", os.path.join(RECAP, "recap.csv"), ("filepath", "org_caption", "re_caption")) == j
+    assert (
+        data.read_dataset(
+            "recap", os.path.join(RECAP, "recap.csv"), ("filepath", "org_caption", "re_caption")
+        )
+        == j
+    )
 
 
 def test_read_recap_errors_and_skips(tmp_path, capsys):
@@ -213,7 +247,10 @@ def test_read_recap_errors_and_skips(tmp_path, capsys):
         f.write(lines[0] + "\n")  # a repeated image
     splits = data.read_recap(str(root / "recap.jsonl"))
     assert sum(map(len, splits.values())) == 5
-    assert "skipped 2 row(s) with a missing or repeated image: images/00002.jpg, images/00001.jpg" in capsys.readouterr().out
+    assert (
+        "skipped 2 row(s) with a missing or repeated image: images/00002.jpg, images/00001.jpg"
+        in capsys.readouterr().out
+    )
     with pytest.raises(data.DataError, match="must be \\*.csv or \\*.jsonl"):
         data.read_recap(str(root / "images"))
 
@@ -221,7 +258,9 @@ def test_read_recap_errors_and_skips(tmp_path, capsys):
 def test_image_text_dataset_synthetic_caption(tmp_path):
     items = data.read_recap(os.path.join(RECAP, "recap.jsonl"))["train"]
     ds = data.ImageTextDataset(items, 32)
-    (_, (pair, full)), _ = clip_scratch.make_batch([ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40"))
+    (_, (pair, full)), _ = clip_scratch.make_batch(
+        [ds[1]], clips_args("--mask_len", "12", "--captioner_len", "40")
+    )
     web, synthetic = items[1][1][0], items[1][2]
     assert ds[1][1:3] == (web, synthetic)
     assert padded(pair[0, 0]).equal(TOK([web])[0]) and full[0].equal(data.get_tokenizer(40)([synthetic])[0])
@@ -232,6 +271,7 @@ def test_image_text_dataset_synthetic_caption(tmp_path):
     web = ds.caption(0)
     others = [c.rstrip(" .") for c in five[0][1] if c != web]
     assert ds.synthetic(0, web) == ". ".join(others) + "."
+
 
 # -----------------------------------------------------------------------------
 # the losses
@@ -249,13 +289,18 @@ def test_clips_loss_is_half_web_plus_half_synthetic():
 def test_caption_loss_ignores_padding_and_maps_the_vocab():
     torch.manual_seed(0)
     sot, eot = TOK.sot_token_id, TOK.eot_token_id
-    caption = torch.tensor([[sot, 5, 0, 7, eot, 0, 0, 0],  # 0 is the real token "!" before the EOT
-                            [sot, 9, eot, 0, 0, 0, 0, 0]])
+    caption = torch.tensor(
+        [
+            [sot, 5, 0, 7, eot, 0, 0, 0],  # 0 is the real token "!" before the EOT
+            [sot, 9, eot, 0, 0, 0, 0, 0],
+        ]
+    )
     logits = torch.randn(2, 7, 49408, dtype=torch.float64)
     naive, n = 0.0, 0
     for b in range(2):
         for q in range(7):
-            if q < caption[b].tolist().index(eot):  # query q predicts token q + 1, up to and including the EOT
+            # query q predicts token q + 1, up to and including the EOT
+            if q < caption[b].tolist().index(eot):
                 naive, n = naive - torch.log_softmax(logits[b, q], 0)[caption[b, q + 1]], n + 1
     assert n == 4 + 2
     loss = caption_loss(logits, caption)
@@ -270,6 +315,7 @@ def test_caption_loss_ignores_padding_and_maps_the_vocab():
     torch.testing.assert_close(caption_loss(logits[..., vocab], caption, vocab), caption_loss(full, caption))
     with pytest.raises(ValueError, match="outside the captioner's vocab"):
         caption_loss(logits[..., vocab[:-3]], caption, vocab[:-3])
+
 
 # -----------------------------------------------------------------------------
 # the captioner
@@ -292,15 +338,19 @@ def test_prefix_lm_mask_against_the_rule():
 
 def test_captioner_queries_see_only_the_prefix_and_earlier_queries():
     torch.manual_seed(0)
-    cap = Captioner(vision_width=8, text_width=6, width=16, layers=2, heads=2, n_query=5, vocab_size=30).double()
+    cap = Captioner(
+        vision_width=8, text_width=6, width=16, layers=2, heads=2, n_query=5, vocab_size=30
+    ).double()
     img = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     txt = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[5, 49407, 0], [5, 6, 49407]])  # the web captions' token ids: EOT at 1 and 2
     valid = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     q = 2
     cap(img, txt, ids)[:, q].sum().backward()
-    assert (cap.queries.grad[q + 1:] == 0).all() and (cap.queries.grad[:q + 1] != 0).any()  # no later query leaks in
-    assert (txt.grad[0, 2] == 0).all() and (txt.grad[1, 2] != 0).any()  # padding in the web caption is invisible
+    # no later query leaks in
+    assert (cap.queries.grad[q + 1 :] == 0).all() and (cap.queries.grad[: q + 1] != 0).any()
+    # padding in the web caption is invisible
+    assert (txt.grad[0, 2] == 0).all() and (txt.grad[1, 2] != 0).any()
     # prefix never attends to queries: the prefix's hidden states do not depend on them
     blocks = cap.transformer.resblocks
     x = torch.cat([cap.image_proj(img), cap.text_proj(txt), cap.queries.expand(2, -1, -1)], 1).detach()
@@ -315,9 +365,15 @@ def test_captioner_ignores_web_caption_padding():
     """the captioner's output for an image does not depend on the other captions in the batch,
     although they set how many text positions (padding included) the text tower runs"""
     torch.manual_seed(0)
-    model = clip_scratch.CLIPWithCaptioner(CLIP(**model_config("tiny", 32, 32)), Captioner(128, 128, 128, 1, 4, n_query=6, vocab=shapes.shapes_vocab())).eval()
+    model = clip_scratch.CLIPWithCaptioner(
+        CLIP(**model_config("tiny", 32, 32)),
+        Captioner(128, 128, 128, 1, 4, n_query=6, vocab=shapes.shapes_vocab()),
+    ).eval()
     images = torch.randn(2, 3, 32, 32)
-    short, long_ = TOK(["a red circle"]), TOK(["a small red circle left of a large blue square on a dotted background"])
+    short, long_ = (
+        TOK(["a red circle"]),
+        TOK(["a small red circle left of a large blue square on a dotted background"]),
+    )
     logits = []
     model.captioner.register_forward_hook(lambda m, i, out: logits.append(out))
     target = data.get_tokenizer(7)(["a red circle", "a ring"])
@@ -340,15 +396,37 @@ def test_param_groups_give_the_captioner_the_full_lr():
     assert all(g["lr_mult"] == 1.0 for g in groups)
     assert sum(len(g["params"]) for g in groups) == len(list(captioner.parameters()))
 
+
 # -----------------------------------------------------------------------------
 # the CLI
 
-CLIPS = ["--caption_mask", "subcaption", "--mask_len", "16", "--captioner_weight", "2", "--captioner_len", "70"]
+CLIPS = [
+    "--caption_mask",
+    "subcaption",
+    "--mask_len",
+    "16",
+    "--captioner_weight",
+    "2",
+    "--captioner_len",
+    "70",
+]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path):
-    common = ["--max_steps", "3", "--image_size", "32", "--eval_every", "0", "--eval_n", "20", "--warmup_steps", "1", *CLIPS]
+    common = [
+        "--max_steps",
+        "3",
+        "--image_size",
+        "32",
+        "--eval_every",
+        "0",
+        "--eval_n",
+        "20",
+        "--warmup_steps",
+        "1",
+        *CLIPS,
+    ]
     single, a, b = one_and_two_processes(tmp_path, "clip_scratch.py", 8, common)
     assert "caption loss" in single.stdout
     assert a["captioner"] and set(a["captioner"]) == set(b["captioner"])
@@ -359,7 +437,9 @@ def test_torchrun_two_processes_equal_one_with_dual_loss_and_captioner(tmp_path)
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
-    _, a, b = killed_and_resumed(tmp_path, ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS])
+    _, a, b = killed_and_resumed(
+        tmp_path, ["clip_scratch.py", "--max_steps", "8", "--ckpt_every", "2", *TINY, *CLIPS]
+    )
     for part in ("model", "captioner"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), k
@@ -369,7 +449,19 @@ def test_resume_after_sigkill_is_exact_with_captioner(tmp_path):
 
 @pytest.mark.slow
 def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
-    r = run(["clip_scratch.py", "--max_steps", "2", "--export", str(tmp_path / "hub"), "--out_dir", str(tmp_path), *TINY, *CLIPS])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--max_steps",
+            "2",
+            "--export",
+            str(tmp_path / "hub"),
+            "--out_dir",
+            str(tmp_path),
+            *TINY,
+            *CLIPS,
+        ]
+    )
     assert r.returncode == 0, r.stderr
     ckpt = load_weights(tmp_path)
     captioner = Captioner(**ckpt["captioner_cfg"]).eval()
@@ -381,18 +473,29 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     images, tokens = torch.randn(2, 3, 32, 32), tokenizer(["a small red circle", "a ring"])
     with torch.no_grad():
         for other in (theirs, hub.eval()):
-            torch.testing.assert_close(ours.encode_image(images), other.encode_image(images), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                ours.encode_image(images), other.encode_image(images), atol=1e-5, rtol=0
+            )
             torch.testing.assert_close(ours.encode_text(tokens), other.encode_text(tokens), atol=1e-5, rtol=0)
     # eval.py --caption: the greedy caption is the per-position argmax, cut at the first EOT
     scene = shapes.test_scenes(4)[3]
     image = data.to_tensor(shapes.render(scene, 32))
     web = tokenizer([scene.caption()])
     with torch.no_grad():
-        logits = captioner(ours.encode_image(image[None], return_tokens=True)[1], ours.encode_text(web, return_tokens=True)[1], web)
+        logits = captioner(
+            ours.encode_image(image[None], return_tokens=True)[1],
+            ours.encode_text(web, return_tokens=True)[1],
+            web,
+        )
     ids = captioner.vocab[logits[0].argmax(-1)].tolist()
-    ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
+    ids = ids[: ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
     want = tokenizer.decode(ids).strip()
-    assert ev.generate_caption(ours, load_captioner(str(tmp_path / "ckpt.pt")), image, scene.caption(), tokenizer) == want
+    assert (
+        ev.generate_caption(
+            ours, load_captioner(str(tmp_path / "ckpt.pt")), image, scene.caption(), tokenizer
+        )
+        == want
+    )
     out = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "3"])
     assert out.returncode == 0, out.stderr
     assert f"caption:     {want}" in out.stdout and shapes.description(scene) in out.stdout
@@ -401,12 +504,15 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, message", [
-    (["--caption_mask", "block", "--mask_len", "40"], "--mask_len 40"),
-    (["--captioner_weight", "2"], "--captioner_weight needs"),
-    (["--caption_mask", "sentence"], "--caption_mask"),
-    (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.csv")], "--image_key image"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--caption_mask", "block", "--mask_len", "40"], "--mask_len 40"),
+        (["--captioner_weight", "2"], "--captioner_weight needs"),
+        (["--caption_mask", "sentence"], "--caption_mask"),
+        (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.csv")], "--image_key image"),
+    ],
+)
 def test_bad_clips_flags_give_one_clear_error(argv, message, tmp_path):
     r = run(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
     assert r.returncode != 0
@@ -415,9 +521,45 @@ def test_bad_clips_flags_give_one_clear_error(argv, message, tmp_path):
 
 @pytest.mark.slow
 def test_recap_and_flickr8k_cli_end_to_end(tmp_path):
-    for argv in (["--data", "recap", "--data_root", os.path.join(RECAP, "recap.jsonl"), "--caption_mask", "block", "--captioner_weight", "2"],
-                 ["--data", "flickr8k", "--data_root", os.path.join(FIX, "flickr8k_kaggle"), "--caption_mask", "subcaption"]):
-        r = run(["clip_scratch.py", *argv, "--batch_size", "4", "--max_steps", "2", "--log_every", "1", "--image_size", "32",
-                 "--eval_every", "0", "--workers", "0", "--out_dir", str(tmp_path / argv[1])])
+    for argv in (
+        [
+            "--data",
+            "recap",
+            "--data_root",
+            os.path.join(RECAP, "recap.jsonl"),
+            "--caption_mask",
+            "block",
+            "--captioner_weight",
+            "2",
+        ],
+        [
+            "--data",
+            "flickr8k",
+            "--data_root",
+            os.path.join(FIX, "flickr8k_kaggle"),
+            "--caption_mask",
+            "subcaption",
+        ],
+    ):
+        r = run(
+            [
+                "clip_scratch.py",
+                *argv,
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "2",
+                "--log_every",
+                "1",
+                "--image_size",
+                "32",
+                "--eval_every",
+                "0",
+                "--workers",
+                "0",
+                "--out_dir",
+                str(tmp_path / argv[1]),
+            ]
+        )
         assert r.returncode == 0, r.stderr
         assert "eval test step 2" in r.stdout and "retrieval/t2i_r1" in r.stdout

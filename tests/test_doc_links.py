@@ -1,5 +1,6 @@
 """Every relative link in README.md, docs/*.md and bench/LOG.md points at a file that exists, and a
 link into a markdown file at one of its headings (GitHub's anchors), so moved pages cannot rot."""
+
 import glob
 import os
 import re
@@ -7,7 +8,11 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))), "bench/LOG.md"]
+PAGES = [
+    "README.md",
+    *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
+    "bench/LOG.md",
+]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 CODE = re.compile(r"^```.*?^```|`[^`\n]*`", re.S | re.M)  # fenced blocks and inline code: no links there
@@ -30,7 +35,10 @@ def anchors(path):
 
 
 def test_slug_is_githubs():
-    assert slug("2026-11-25: DPO step time vs a CLIP step (1.26x)") == "2026-11-25-dpo-step-time-vs-a-clip-step-126x"
+    assert (
+        slug("2026-11-25: DPO step time vs a CLIP step (1.26x)")
+        == "2026-11-25-dpo-step-time-vs-a-clip-step-126x"
+    )
     assert slug("Why --swap_noise 0.5 (shapes.py)") == "why---swap_noise-05-shapespy"
     assert slug("relation 0.931 ± 0.005") == "relation-0931--0005"
     assert "evalpy-any-clip-any-benchmark" in anchors("README.md")  # code in a heading keeps its text

@@ -2,6 +2,7 @@
 reference that forms every Jacobian and the full (S F) x (P F) matrix, the exact bilinear
 attribution of a hand-built model that is linear after the hooked block, completeness as the
 number of steps grows, minclip == open_clip on the same weights, and the picture from the CLI."""
+
 import json
 import math
 import os
@@ -13,20 +14,22 @@ import open_clip
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_ckpt
 from PIL import Image
 
-from helpers import tiny_ckpt
 import data
 import eval as ev
-from model import CLIP
 import shapes
+from model import CLIP, load_model
 from tasks import explain
-from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a small CLIP: a 4 x 4 patch grid, 16-dim embeddings, so the naive reference's matrices stay small
-MINI = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
-            text_cfg=dict(context_length=24, width=32, heads=4, layers=2))
+MINI = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+    text_cfg=dict(context_length=24, width=32, heads=4, layers=2),
+)
 CAPTION = "a small red circle left of a large blue square"
 TOK = data.get_tokenizer(24)
 
@@ -67,21 +70,31 @@ def naive_explain(model, image, text, layer, steps):
         h, r = seen[0][0], seen[0][1]
 
         def embed(g):  # the input's embedding with the block's input set to g
-            handle = block.register_forward_pre_hook(lambda m, args: (torch.cat([g[None], args[0][1:]]),) + args[1:])
+            handle = block.register_forward_pre_hook(
+                lambda m, args: (torch.cat([g[None], args[0][1:]]),) + args[1:]
+            )
             try:
                 return encode(batch)[0]
             finally:
                 handle.remove()
-        J = sum(torch.autograd.functional.jacobian(embed, r + (1 - k / steps) * (h - r)) for k in range(steps)) / steps
+
+        J = (
+            sum(
+                torch.autograd.functional.jacobian(embed, r + (1 - k / steps) * (h - r)) for k in range(steps)
+            )
+            / steps
+        )
         return e, J, h - r
 
-    e_i, J_i, d_i = tower(model.encode_image, model.visual.transformer.resblocks[layer], image, torch.zeros_like(image))
+    e_i, J_i, d_i = tower(
+        model.encode_image, model.visual.transformer.resblocks[layer], image, torch.zeros_like(image)
+    )
     e_t, J_t, d_t = tower(model.encode_text, model.transformer.resblocks[layer], text, text_ref)
     M = J_t.reshape(len(e_t), -1).T @ J_i.reshape(len(e_i), -1)  # [S_t F_t, P F_i]
     full = (d_t.reshape(-1, 1) * M * d_i.reshape(1, -1)).reshape(*d_t.shape, *d_i.shape).sum((1, 3))
     full = full / (e_t.norm() * e_i.norm())
     grid = math.isqrt(full.shape[1] - 1)
-    return full[:eot + 1, 1:].reshape(eot + 1, grid, grid)
+    return full[: eot + 1, 1:].reshape(eot + 1, grid, grid)
 
 
 @pytest.mark.parametrize("which", ["minclip", "open_clip"])
@@ -107,7 +120,10 @@ def test_minclip_and_open_clip_agree_shapes_determinism():
     assert modes == [False] and mc.training  # eval mode inside (dropout would break the path), restored after
     assert A.shape == (len(CAPTION.split()) + 2, 4, 4) and A.dtype == torch.float32  # sot, 10 words, eot
     assert all(p.grad is None for p in mc.parameters())  # only the path's gradients are taken
-    assert not mc.visual.transformer.resblocks[-1]._forward_pre_hooks and not mc.transformer.resblocks[-1]._forward_pre_hooks
+    assert (
+        not mc.visual.transformer.resblocks[-1]._forward_pre_hooks
+        and not mc.transformer.resblocks[-1]._forward_pre_hooks
+    )
     with torch.no_grad():  # callers under no_grad get the same, bit for bit, and again
         assert torch.equal(explain.explain(mc, image, text), A)
     torch.testing.assert_close(explain.explain(oc, image, text), A, atol=1e-7, rtol=1e-4)
@@ -155,13 +171,14 @@ class Affine(nn.Module):
 class LinearToy(nn.Module):
     """open_clip's module names; features -> tanh (not linear before the blocks) -> two affine
     blocks -> a sum over tokens (the text's up to its EOT) -> a projection"""
+
     PATCH, WIDTH, EMBED, VOCAB = 4, 6, 5, 50
 
     def __init__(self, batch_first=True):
         super().__init__()
         torch.manual_seed(0)
         self.visual = nn.Module()
-        self.visual.patch = nn.Linear(3 * self.PATCH ** 2, self.WIDTH)
+        self.visual.patch = nn.Linear(3 * self.PATCH**2, self.WIDTH)
         self.visual.class_embedding = nn.Parameter(torch.randn(self.WIDTH))
         self.visual.transformer = Affine(self.WIDTH, batch_first)
         self.visual.proj = nn.Linear(self.WIDTH, self.EMBED, bias=False)
@@ -172,14 +189,18 @@ class LinearToy(nn.Module):
     def image_tokens(self, image):  # -> tanh features [B, 1 + P, F], class token first
         B, P = image.shape[0], self.PATCH
         patches = image.unfold(2, P, P).unfold(3, P, P).permute(0, 2, 3, 1, 4, 5).reshape(B, -1, 3 * P * P)
-        return torch.tanh(torch.cat([self.visual.class_embedding.expand(B, 1, -1), self.visual.patch(patches)], 1))
+        return torch.tanh(
+            torch.cat([self.visual.class_embedding.expand(B, 1, -1), self.visual.patch(patches)], 1)
+        )
 
     def encode_image(self, image, normalize=False):
         return self.visual.proj(self.visual.transformer(self.image_tokens(image)).sum(1))
 
     def encode_text(self, text, normalize=False):
         keep = torch.arange(text.shape[1]) <= text.argmax(-1, keepdim=True)  # [B, L]: up to the EOT
-        return self.text_projection((self.transformer(torch.tanh(self.token_embedding(text))) * keep[..., None]).sum(1))
+        return self.text_projection(
+            (self.transformer(torch.tanh(self.token_embedding(text))) * keep[..., None]).sum(1)
+        )
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -197,21 +218,29 @@ def test_linear_toy_gives_the_exact_bilinear_attribution_for_any_steps(layer, ba
             h = block(h)
         return h
 
-    def chain(blocks, proj):  # d e / d h_s for every token: the remaining blocks' weights, then the projection
+    # d e / d h_s for every token: the remaining blocks' weights, then the projection
+    def chain(blocks, proj):
         W = torch.eye(LinearToy.WIDTH)
         for block in blocks[l:]:
             W = W @ block.weight.T
         return W @ proj.weight.T  # [F, D]
 
     with torch.no_grad():
-        d_i = through(toy.visual.transformer.resblocks, toy.image_tokens(image))[0] - \
-            through(toy.visual.transformer.resblocks, toy.image_tokens(torch.zeros_like(image)))[0]  # [1 + 9, F]
-        d_t = (through(toy.transformer.resblocks, torch.tanh(toy.token_embedding(text))) -
-               through(toy.transformer.resblocks, torch.tanh(toy.token_embedding(text_ref))))[0, :5]  # [5, F] through the EOT
+        # [1 + 9, F]
+        d_i = (
+            through(toy.visual.transformer.resblocks, toy.image_tokens(image))[0]
+            - through(toy.visual.transformer.resblocks, toy.image_tokens(torch.zeros_like(image)))[0]
+        )
+        d_t = (
+            through(toy.transformer.resblocks, torch.tanh(toy.token_embedding(text)))
+            -
+            # [5, F] through the EOT
+            through(toy.transformer.resblocks, torch.tanh(toy.token_embedding(text_ref)))
+        )[0, :5]
         U_i = d_i @ chain(toy.visual.transformer.resblocks, toy.visual.proj)  # [1 + 9, D]
         U_t = d_t @ chain(toy.transformer.resblocks, toy.text_projection)  # [5, D]
         e_i, e_t = toy.encode_image(image)[0], toy.encode_text(text)[0]
-        exact = (U_t @ U_i.T / (e_t.norm() * e_i.norm()))  # [5, 1 + 9]
+        exact = U_t @ U_i.T / (e_t.norm() * e_i.norm())  # [5, 1 + 9]
     for steps in (1, 2, 7):
         A, t = explain.explain(toy, image, text, layer=layer, steps=steps, return_terms=True)
         torch.testing.assert_close(A, exact[:, 1:].reshape(5, 3, 3), atol=1e-6, rtol=1e-5)
@@ -233,6 +262,7 @@ def test_explain_errors():
     with pytest.raises(SystemExit, match="needs a ViT.*Conv2d without transformer.resblocks"):
         explain.explain(toy, image, text)
 
+
 # -----------------------------------------------------------------------------
 # words, spans and the picture
 
@@ -240,11 +270,25 @@ def test_explain_errors():
 def test_caption_words_and_spans():
     ids = TOK(["a pinkish-orange circle, left of a checkered square"])[0]
     words = explain.caption_words(TOK, ids)
-    assert [w for w, _ in words] == ["a", "pinkish", "-", "orange", "circle", ",", "left", "of", "a", "checkered", "square"]
-    assert [s for _, pos in words for s in pos] == list(range(1, int(ids.argmax())))  # every token, once, in order
+    assert [w for w, _ in words] == [
+        "a",
+        "pinkish",
+        "-",
+        "orange",
+        "circle",
+        ",",
+        "left",
+        "of",
+        "a",
+        "checkered",
+        "square",
+    ]
+    # every token, once, in order
+    assert [s for _, pos in words for s in pos] == list(range(1, int(ids.argmax())))
     assert [len(words[k][1]) for k in (1, 9)] == [2, 2]  # pink|ish, chec|kered: two bpe pieces each
     assert explain.span_positions(TOK, ids, "left of") == words[6][1] + words[7][1]
-    assert explain.span_positions(TOK, ids, "Checkered  square") == words[9][1] + words[10][1]  # the tokenizer lowercases
+    # the tokenizer lowercases
+    assert explain.span_positions(TOK, ids, "Checkered  square") == words[9][1] + words[10][1]
     for bad in ("right of", "of left", "pink", "kered", ""):  # not a run of whole words
         with pytest.raises(SystemExit, match="is not a run of words of the caption 'a pinkish - orange"):
             explain.span_positions(TOK, ids, bad)
@@ -253,11 +297,15 @@ def test_caption_words_and_spans():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     model, _ = mini_models()
-    return tiny_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model=model, cfg=MINI, optimizer={}, step=0, args={})
+    return tiny_ckpt(
+        tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model=model, cfg=MINI, optimizer={}, step=0, args={}
+    )
 
 
 def printed(out, label):
-    return float(next(line for line in out.splitlines() if line.startswith(label)).split()[len(label.split())])
+    return float(
+        next(line for line in out.splitlines() if line.startswith(label)).split()[len(label.split())]
+    )
 
 
 def panel_rows(out):
@@ -294,7 +342,9 @@ def test_cli_draws_one_panel_per_word(ckpt, tmp_path, capsys):
     m = max(A[pos].sum(0).abs().max() for _, pos in words)
     for k, (_, pos) in enumerate(words):
         heat, (x, y) = A[pos].sum(0), ((k + 1) % cols * 128, (k + 1) // cols * (128 + 2 * ev.LABEL_H))
-        centres = pixels[y + 16:y + 128:32, x + 16:x + 128:32]  # [4, 4, 3]: a 4 x 4 grid of 32-pixel patches
+        centres = pixels[
+            y + 16 : y + 128 : 32, x + 16 : x + 128 : 32
+        ]  # [4, 4, 3]: a 4 x 4 grid of 32-pixel patches
         red_minus_blue = centres[..., 0] - centres[..., 2]
         strong = heat.abs() > 0.1 * m
         assert (np.sign(red_minus_blue[strong]) == np.sign(heat[strong].numpy())).all()
@@ -306,8 +356,21 @@ def test_cli_span_and_image_file(ckpt, tmp_path, capsys):
     relation = shapes.test_scenes(8)[-1].relation()  # "left of", "right of", "above" or "below"
     ev.main(["--model", ckpt, "--explain", "7", "--out", str(tmp_path / "all.png"), "--device", "cpu"])
     words = dict((title, value) for value, title in panel_rows(capsys.readouterr().out))
-    ev.main(["--model", ckpt, "--explain", "7", "--span", relation, "--out", str(tmp_path / "s.png"), "--device", "cpu"])
-    (value, title), = panel_rows(capsys.readouterr().out)
+    ev.main(
+        [
+            "--model",
+            ckpt,
+            "--explain",
+            "7",
+            "--span",
+            relation,
+            "--out",
+            str(tmp_path / "s.png"),
+            "--device",
+            "cpu",
+        ]
+    )
+    ((value, title),) = panel_rows(capsys.readouterr().out)
     # one panel: the sum of its words' panels
     assert title == relation and value == pytest.approx(sum(words[w] for w in relation.split()), abs=2e-4)
     with Image.open(tmp_path / "s.png") as im:
@@ -315,7 +378,18 @@ def test_cli_span_and_image_file(ckpt, tmp_path, capsys):
     # any image file and caption (a 100 x 80 photo: the model sees its centre square, and so does the picture)
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(photo)
-    ev.main(["--model", ckpt, "--explain", str(photo), "--text", "a dog on a beach", "--out", str(tmp_path / "p.png")])
+    ev.main(
+        [
+            "--model",
+            ckpt,
+            "--explain",
+            str(photo),
+            "--text",
+            "a dog on a beach",
+            "--out",
+            str(tmp_path / "p.png"),
+        ]
+    )
     assert [title for _, title in panel_rows(capsys.readouterr().out)] == ["a", "dog", "on", "a", "beach"]
     with Image.open(tmp_path / "p.png") as im:
         assert im.size == (3 * 128, 2 * (128 + 2 * ev.LABEL_H))
@@ -324,12 +398,18 @@ def test_cli_span_and_image_file(ckpt, tmp_path, capsys):
 def tiny_resnet_dir(tmp_path):
     """an open_clip hub directory holding a tiny ModifiedResNet CLIP (random weights)"""
     from safetensors.torch import save_file
-    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8, head_width=16),
-               text_cfg=dict(context_length=24, width=32, heads=4, layers=1))
+
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8, head_width=16),
+        text_cfg=dict(context_length=24, width=32, heads=4, layers=1),
+    )
     model = open_clip.CLIP(**cfg)
     d = tmp_path / "rn"
     d.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors")
+    )
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"size": 32}}))
     return f"local-dir:{d}"
 
@@ -348,9 +428,24 @@ def test_cli_errors(ckpt, tmp_path):
         ev.main(["--model", ckpt, "--explain", "7", "--layer", "5", "--out", out])
     assert not os.path.exists(out)
     # a ResNet: the real CLI, one line, no traceback
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", tiny_resnet_dir(tmp_path), "--explain", "7",
-                        "--out", out], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "eval.py"),
+            "--model",
+            tiny_resnet_dir(tmp_path),
+            "--explain",
+            "7",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == ("error: --explain needs a ViT with open_clip's module names, "
-                                                 "but its image tower is a ModifiedResNet without transformer.resblocks")
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --explain needs a ViT with open_clip's module names, "
+        "but its image tower is a ModifiedResNet without transformer.resblocks"
+    )
     assert not os.path.exists(out)

@@ -1,6 +1,7 @@
 """--holdout combos: held-out colour-shape pairs and (shape, relation, shape) triples never reach a
 training batch of any script (texts read back from the tokens, images by their scenes), the split
 is the same in every process, and eval reports seen and unseen scenes apart."""
+
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, run, statement_rates, vsr_rates
 
 import clip_dpo
 import clip_hardneg
@@ -15,7 +17,6 @@ import clip_scratch
 import data
 import eval as ev
 import shapes
-from helpers import ROOT, run, statement_rates, vsr_rates
 from model import CLIP, load_model, model_config
 
 HELD = shapes.holdout_combos()
@@ -23,7 +24,10 @@ HELD = shapes.holdout_combos()
 
 def texts_of(tokens):
     tok = data.get_tokenizer()
-    return [tok.decode([int(t) for t in row if t not in (0, tok.sot_token_id, tok.eot_token_id)]) for row in tokens.flatten(0, -2)]
+    return [
+        tok.decode([int(t) for t in row if t not in (0, tok.sot_token_id, tok.eot_token_id)])
+        for row in tokens.flatten(0, -2)
+    ]
 
 
 def leaks(texts):
@@ -34,13 +38,18 @@ def batches(name, held, n_batches=12, world=2):
     """the token tensors of the first batches of every rank of a 2-process run, through the script's own dataset and make_batch"""
     if name == "scratch":
         # CLIPS: the (colour-misbound) web caption, a sentence of the description, the whole description
-        args = clip_scratch.get_args(["--holdout", "combos", "--image_size", "16", "--caption_mask", "subcaption"])
+        args = clip_scratch.get_args(
+            ["--holdout", "combos", "--image_size", "16", "--caption_mask", "subcaption"]
+        )
         ds, make = shapes.ShapesDataset(16, 0, 0.5, "full", held), clip_scratch.make_batch
         pick = lambda b: [b[1][0], b[1][1]]  # noqa: E731
     elif name == "hardneg":
         args = clip_hardneg.get_args(["--holdout", "combos", "--neg_types", ",".join(shapes.NEGATIVES)])
         args.context_length = 32
-        ds, make = clip_hardneg.ShapesHardNegatives(16, 0, args.neg_types, True, held), clip_hardneg.make_batch
+        ds, make = (
+            clip_hardneg.ShapesHardNegatives(16, 0, args.neg_types, True, held),
+            clip_hardneg.make_batch,
+        )
         pick = lambda b: [b[1], b[2]]  # noqa: E731
     else:
         args = clip_dpo.get_args(["--holdout", "combos", "--init", "x"])
@@ -91,14 +100,20 @@ def test_training_scenes_and_their_twins_avoid_every_held_out_combination():
     assert [shapes.training_scene("dpo", 1, key, HELD)[0] for key in keys] != scenes  # and the seed matters
     unheld = [shapes.training_scene("dpo", 0, key)[0] for key in keys]
     assert any(map(shows_held, unheld))  # without the hold-out they do occur: the check above can fail
-    assert shapes.training_scene("train", 0, 5)[0] == shapes.sample_scene(shapes.scene_rng("train", 0, 5))  # off: unchanged
+    # off: unchanged
+    assert shapes.training_scene("train", 0, 5)[0] == shapes.sample_scene(shapes.scene_rng("train", 0, 5))
 
 
 @pytest.mark.slow
 def test_the_split_is_the_same_in_every_process():
     code = "import shapes; print(sorted(shapes.holdout_combos()[0]), sorted(shapes.holdout_combos()[1]))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED="7"),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED="7"),
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.strip() == f"{sorted(HELD[0])} {sorted(HELD[1])}"
     assert (len(HELD[0]), len(HELD[1])) == (9, 18)  # 15% of 60 pairs and of 120 triples
 
@@ -109,32 +124,79 @@ def test_eval_reports_seen_and_unseen_scenes_apart():
     tok = data.get_tokenizer(32)
     m = ev.eval_shapes(model, tok, 32, "cpu", n=120, holdout=True)
     scenes = shapes.test_scenes(120)
-    for part, subset in (("seen", [s for s in scenes if not shows_held(s)]), ("unseen", [s for s in scenes if shows_held(s)])):
+    for part, subset in (
+        ("seen", [s for s in scenes if not shows_held(s)]),
+        ("unseen", [s for s in scenes if shows_held(s)]),
+    ):
         assert m[f"{part}/n"] == len(subset) and 20 < len(subset) < 100
         direct = ev._shapes_metrics(model, tok, subset, 32, "cpu", None)  # each part a benchmark of its own
         assert {k: m[f"{part}/{k}"] for k in direct} == direct, part
-    assert m["seen/retrieval/t2i_r1"] != m["unseen/retrieval/t2i_r1"] or m["seen/probe/relation"] != m["unseen/probe/relation"]
-    assert set(ev.eval_shapes(model, tok, 32, "cpu", n=40)) == set(direct)  # without --holdout: the plain keys
+    assert (
+        m["seen/retrieval/t2i_r1"] != m["unseen/retrieval/t2i_r1"]
+        or m["seen/probe/relation"] != m["unseen/probe/relation"]
+    )
+    # without --holdout: the plain keys
+    assert set(ev.eval_shapes(model, tok, 32, "cpu", n=40)) == set(direct)
 
 
 @pytest.mark.slow
 def test_the_scripts_and_eval_take_the_flag(tmp_path):
     out = tmp_path / "o"
-    r = run(["clip_scratch.py", "--holdout", "combos", "--max_steps", "2", "--batch_size", "8", "--image_size", "32",
-             "--eval_n", "40", "--out_dir", str(out)])
+    r = run(
+        [
+            "clip_scratch.py",
+            "--holdout",
+            "combos",
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--image_size",
+            "32",
+            "--eval_n",
+            "40",
+            "--out_dir",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     final = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
-    assert final["split"] == "test" and {"seen/probe/relation", "unseen/probe/relation", "seen/statements/acc", "unseen/retrieval/t2i_r1"} <= set(final)
-    assert set(statement_rates(final)) == {f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")} and not vsr_rates(final)
-    r = run(["eval.py", "--model", str(out / "ckpt.pt"), "--holdout", "combos", "--eval_n", "40", "--json", str(tmp_path / "m.json")])
+    assert final["split"] == "test" and {
+        "seen/probe/relation",
+        "unseen/probe/relation",
+        "seen/statements/acc",
+        "unseen/retrieval/t2i_r1",
+    } <= set(final)
+    assert set(statement_rates(final)) == {
+        f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")
+    } and not vsr_rates(final)
+    r = run(
+        [
+            "eval.py",
+            "--model",
+            str(out / "ckpt.pt"),
+            "--holdout",
+            "combos",
+            "--eval_n",
+            "40",
+            "--json",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     m = json.load(open(tmp_path / "m.json"))
-    assert m["seen/n"] + m["unseen/n"] == 40 and set(statement_rates(m)) == {f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")}
+    assert m["seen/n"] + m["unseen/n"] == 40 and set(statement_rates(m)) == {
+        f"{part}/statements/{k}" for part in ("seen", "unseen") for k in ("acc", "macro_f1")
+    }
     # the script's final eval, eval.py's and eval_shapes in process agree on every seen/ and unseen/ value
     model, _, tok = load_model(str(out / "ckpt.pt"))
     direct = ev.eval_shapes(model, tok, 32, "cpu", n=40, holdout=True)
     assert {k: m[k] for k in direct} == pytest.approx(direct, abs=1e-6)
-    assert {k: final[k] for k in direct if k in final} == pytest.approx({k: v for k, v in direct.items() if k in final}, abs=1e-6)
+    assert {k: final[k] for k in direct if k in final} == pytest.approx(
+        {k: v for k, v in direct.items() if k in final}, abs=1e-6
+    )
     assert {k for k in direct if k.startswith("unseen/")} <= set(final)
     r = run(["clip_hardneg.py", "--data", "coco", "--data_root", "x", "--init", "x", "--holdout", "combos"])
-    assert r.returncode == 2 and r.stderr.startswith("error: --holdout: held-out combinations are the shapes world's")
+    assert r.returncode == 2 and r.stderr.startswith(
+        "error: --holdout: held-out combinations are the shapes world's"
+    )

@@ -1,5 +1,6 @@
 """The loop contract: main() is the same text in the three scripts, the comment above it says which
 hooks it calls, and every script has them with those signatures, so a method is its hooks."""
+
 import inspect
 import re
 
@@ -11,20 +12,30 @@ import clip_scratch
 import training
 
 SCRIPTS = (clip_scratch, clip_hardneg, clip_dpo)
-HOOKS = {"get_args": ["argv"], "make_data": ["args", "rank", "world"], "make_model": ["args", "device"],
-         "make_batch": [None, "args"], "step_loss": ["model", "batch", "args", "state"], "save_state": ["state"],
-         "resume": ["path", "clip", "state"]}
+HOOKS = {
+    "get_args": ["argv"],
+    "make_data": ["args", "rank", "world"],
+    "make_model": ["args", "device"],
+    "make_batch": [None, "args"],
+    "step_loss": ["model", "batch", "args", "state"],
+    "save_state": ["state"],
+    "resume": ["path", "clip", "state"],
+}
 
 
 def contract(module):
     """the comment block between the loop's section line and def main"""
     text = inspect.getsource(module)
     end = text.index("\ndef main(argv=None):")
-    return text[text.rindex("# ---", 0, end):end]
+    return text[text.rindex("# ---", 0, end) : end]
 
 
 def test_main_and_its_contract_are_the_same_text_in_every_script():
-    assert inspect.getsource(clip_scratch.main) == inspect.getsource(clip_hardneg.main) == inspect.getsource(clip_dpo.main)
+    assert (
+        inspect.getsource(clip_scratch.main)
+        == inspect.getsource(clip_hardneg.main)
+        == inspect.getsource(clip_dpo.main)
+    )
     assert contract(clip_scratch) == contract(clip_hardneg) == contract(clip_dpo)
     assert len(inspect.getsource(clip_scratch.main).splitlines()) < 125
 
@@ -35,9 +46,13 @@ def test_every_hook_the_contract_names_is_there(module):
     assert said == set(HOOKS)
     for name, params in HOOKS.items():
         got = list(inspect.signature(getattr(module, name)).parameters)
-        assert [p for p, want in zip(got, params) if want is not None] == [w for w in params if w is not None], (module.__name__, name)
+        assert [p for p, want in zip(got, params) if want is not None] == [
+            w for w in params if w is not None
+        ], (module.__name__, name)
     assert isinstance(module.EQUAL_BATCHES, bool) and set(module.SHAPES) == set(module.REAL)
-    assert "State" in vars(module) and {"step", "summary"} <= {f.name for f in module.State.__dataclass_fields__.values()}
+    assert "State" in vars(module) and {"step", "summary"} <= {
+        f.name for f in module.State.__dataclass_fields__.values()
+    }
 
 
 def test_make_model_returns_the_named_tuple(tmp_path):

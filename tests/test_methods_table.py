@@ -1,5 +1,6 @@
 """bench/methods_table.py: the table is the mean ± std of its runs, the runs are the scripts' own
 commands (fine-tunes from the scratch checkpoint of their seed), and a finished table is not rerun."""
+
 import importlib.util
 import json
 import os
@@ -14,7 +15,9 @@ import eval as ev
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("methods_table", os.path.join(ROOT, "bench", "methods_table.py"))
+spec = importlib.util.spec_from_file_location(
+    "methods_table", os.path.join(ROOT, "bench", "methods_table.py")
+)
 mt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mt)
 
@@ -23,8 +26,13 @@ def fake(method, seed, relation, wall):
     """a run's result whose every column has its own value (column i: 0.1 i + 0.02 seed; the relation as given),
     so a cell under the wrong column, or from the wrong seed, shows"""
     metrics = {k: 0.1 * i + 0.02 * seed for i, (k, _) in enumerate(mt.COLUMNS)} | {"probe/relation": relation}
-    return {"method": method, "seed": seed, "wall_s": wall, "machine": {"device": "cpu", "cores": 2, "torch": "x"},
-            "metrics": {"test": metrics, "world1": metrics | {"probe/relation": relation - 0.1}}}
+    return {
+        "method": method,
+        "seed": seed,
+        "wall_s": wall,
+        "machine": {"device": "cpu", "cores": 2, "torch": "x"},
+        "metrics": {"test": metrics, "world1": metrics | {"probe/relation": relation - 0.1}},
+    }
 
 
 def cells(text, method):
@@ -36,13 +44,21 @@ def cells(text, method):
 
 
 def test_table_rows_are_mean_and_std_over_seeds_by_hand():
-    text = mt.table([fake("scratch", 0, 0.5, 60), fake("dpo", 0, 0.9, 600), fake("dpo", 1, 0.7, 660)], quick=False)
+    text = mt.table(
+        [fake("scratch", 0, 0.5, 60), fake("dpo", 0, 0.9, 600), fake("dpo", 1, 0.7, 660)], quick=False
+    )
     dpo, scratch = cells(text, "dpo"), cells(text, "scratch")
     # by hand: seeds 0 and 1 differ by 0.02 in every column, so mean 0.1 i + 0.01 and stdev 0.02 / sqrt(2) = 0.014
     assert {label: dpo[label] for _, label in mt.COLUMNS} == {
-        "i2t R@1": "0.010 ± 0.014", "t2i R@1": "0.110 ± 0.014", "relation": "0.800 ± 0.141", "attribute swap": "0.310 ± 0.014",
-        "statements/acc": "0.410 ± 0.014", "relation text cos": "0.510 ± 0.014"}
-    assert dpo["seeds"] == "0, 1" and dpo["relation, other worlds"] == "0.700 ± 0.141"  # the other world: 0.8 and 0.6
+        "i2t R@1": "0.010 ± 0.014",
+        "t2i R@1": "0.110 ± 0.014",
+        "relation": "0.800 ± 0.141",
+        "attribute swap": "0.310 ± 0.014",
+        "statements/acc": "0.410 ± 0.014",
+        "relation text cos": "0.510 ± 0.014",
+    }
+    # the other world: 0.8 and 0.6
+    assert dpo["seeds"] == "0, 1" and dpo["relation, other worlds"] == "0.700 ± 0.141"
     assert dpo["wall clock"] == "10:30 ± 0:42"  # 630 s ± 42.4 s
     assert scratch["seeds"] == "0" and scratch["relation"] == "0.500" and scratch["attribute swap"] == "0.300"
 
@@ -54,7 +70,9 @@ def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
         seed = name[-1]
         assert argv[argv.index("--seed") + 1] == seed and argv[-1] == "--resume"
         if name.startswith(("hardneg", "dpo")):
-            assert needs == f"scratch_s{seed}" and argv[argv.index("--init") + 1] == str(tmp_path / f"scratch_s{seed}" / "ckpt.pt")
+            assert needs == f"scratch_s{seed}" and argv[argv.index("--init") + 1] == str(
+                tmp_path / f"scratch_s{seed}" / "ckpt.pt"
+            )
         else:
             assert needs is None and "--init" not in argv
 
@@ -62,7 +80,9 @@ def test_finetunes_start_from_their_seeds_scratch_checkpoint(tmp_path):
 def test_readme_shows_the_published_table_of_the_published_results():
     readme, start, end = mt.readme_table()
     published = open(os.path.join(mt.PUBLISHED, "table.md")).read()
-    assert readme[start:end] == published, "README's table is not bench/results/table.md: run bench/methods_table.py --publish"
+    assert readme[start:end] == published, (
+        "README's table is not bench/results/table.md: run bench/methods_table.py --publish"
+    )
     results = json.load(open(os.path.join(mt.PUBLISHED, "results.json")))
     assert sorted(r["name"] for r in results) == sorted(f"{m[0]}_s{s}" for m in mt.METHODS for s in (0, 1, 2))
     # every cell recomputed here from results.json, the naive way
@@ -72,10 +92,16 @@ def test_readme_shows_the_published_table_of_the_published_results():
         assert row["seeds"] == ", ".join(str(r["seed"]) for r in runs)
         for key, label in mt.COLUMNS:
             values = [r["metrics"]["test"][key] for r in runs]
-            assert row[label] == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}", (method, label)
+            assert row[label] == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}", (
+                method,
+                label,
+            )
         other = [r["metrics"][w]["probe/relation"] for r in runs for w in ("world1", "world2")]
-        assert row["relation, other worlds"] == f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f}"
-    with Image.open(os.path.join(mt.PUBLISHED, "probes_vs_step.png")) as im:  # the plot README shows is a picture
+        assert (
+            row["relation, other worlds"] == f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f}"
+        )
+    # the plot README shows is a picture
+    with Image.open(os.path.join(mt.PUBLISHED, "probes_vs_step.png")) as im:
         assert "bench/results/probes_vs_step.png" in readme and im.size[0] > 300
 
 
@@ -95,15 +121,30 @@ def test_publish_replaces_only_the_text_between_the_markers(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_the_table_end_to_end_and_resumed(tmp_path):
     out = tmp_path / "t"
-    cmd = [sys.executable, "bench/methods_table.py", "--quick", "--methods", "scratch", "dpo", "--out_dir", str(out), "--eval_n", "40",
-           "--extra", "--max_steps 4 --batch_size 8 --eval_every 0 --eval_n 40 --log_every 2 --ckpt_every 0"]
+    cmd = [
+        sys.executable,
+        "bench/methods_table.py",
+        "--quick",
+        "--methods",
+        "scratch",
+        "dpo",
+        "--out_dir",
+        str(out),
+        "--eval_n",
+        "40",
+        "--extra",
+        "--max_steps 4 --batch_size 8 --eval_every 0 --eval_n 40 --log_every 2 --ckpt_every 0",
+    ]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     results = json.load(open(out / "results.json"))
     assert [r["name"] for r in results] == ["scratch_s0", "dpo_s0"]
     dpo = results[1]
     assert f"--init {out / 'scratch_s0' / 'ckpt.pt'}" in dpo["command"] and dpo["steps"] == 4
-    assert set(dpo["metrics"]) == {"test", "world1", "world2"} and dpo["metrics"]["test"] != dpo["metrics"]["world1"]
+    assert (
+        set(dpo["metrics"]) == {"test", "world1", "world2"}
+        and dpo["metrics"]["test"] != dpo["metrics"]["world1"]
+    )
     # the run's metrics are the checkpoint's own, evaluated here in process on the same worlds
     model, _, tokenizer = load_model(str(out / "dpo_s0" / "ckpt.pt"))
     for world, seed in (("test", None), ("world2", 2)):
@@ -115,4 +156,6 @@ def test_the_table_end_to_end_and_resumed(tmp_path):
     stamp = os.path.getmtime(out / "dpo_s0" / "result.json")
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
-    assert os.path.getmtime(out / "dpo_s0" / "result.json") == stamp and open(out / "table.md").read() == table
+    assert (
+        os.path.getmtime(out / "dpo_s0" / "result.json") == stamp and open(out / "table.md").read() == table
+    )

@@ -1,11 +1,12 @@
 """The shapes world: determinism, exactness of negatives and twins, and the rendered pixels."""
+
 import numpy as np
 import pytest
 import torch
 
 import data
-from shapes import COLOURS, SIZES
 import shapes
+from shapes import COLOURS, SIZES
 
 SCENES = shapes.test_scenes(200)
 
@@ -36,7 +37,9 @@ def test_every_negative_differs_from_the_caption(kind):
         assert neg != s.caption()
         # the swap and the shuffle keep the caption's bag of words (a bag-of-words model cannot tell
         # them apart); the relation flip and the replacements change a word
-        assert (sorted(neg.split()) == sorted(s.caption().split())) == (kind in ("attribute_swap", "word_order"))
+        assert (sorted(neg.split()) == sorted(s.caption().split())) == (
+            kind in ("attribute_swap", "word_order")
+        )
 
 
 def test_negatives_are_exact_edits():
@@ -45,7 +48,8 @@ def test_negatives_are_exact_edits():
         rel = shapes.relation_flip(s)
         assert rel == cap.replace(s.relation(), shapes.CONVERSE[s.relation()], 1)
         a, b = s.objs
-        swapped = [{a.colour: b.colour, b.colour: a.colour}.get(w, w) for w in words]  # whole words: "red" is in "checkered"
+        # whole words: "red" is in "checkered"
+        swapped = [{a.colour: b.colour, b.colour: a.colour}.get(w, w) for w in words]
         assert shapes.attribute_swap(s) == " ".join(swapped)
         assert sorted(shapes.word_shuffle(s).split()) == sorted(words)
         new_colours = set(shapes.colour_replace(s).split()) - set(words)
@@ -65,7 +69,9 @@ def test_twins_render_the_negative_caption():
             assert (om.x, om.y) == (o.x, o.y)  # a mirror keeps the positions and exchanges the objects
             assert pixel(img_m, om, 0.8 if om.shape == "ring" else 0.0) == COLOURS[om.colour]
             assert pixel(img_w, ow, ring) == COLOURS[ow.colour] and ow.colour != o.colour
-        assert {o.shape for o in m.objs} == {o.shape for o in s.objs} and m.objs[0] == shapes.Obj(**{**s.objs[1].__dict__, "x": s.objs[0].x, "y": s.objs[0].y})
+        assert {o.shape for o in m.objs} == {o.shape for o in s.objs} and m.objs[0] == shapes.Obj(
+            **{**s.objs[1].__dict__, "x": s.objs[0].x, "y": s.objs[0].y}
+        )
         # the relation stays true of the rendered geometry
         first, second = m.objs
         assert (first.x < second.x) if m.axis == "h" else (first.y < second.y)
