@@ -46,23 +46,16 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import shapes
-from model import (
-    CLIP,
-    MODEL_SIZES,
-    Captioner,
-    export_open_clip,
-    load_checkpoint,
-    model_config,
-    param_groups,
-    save_checkpoint,
-)
+from model import CLIP, MODEL_SIZES, Captioner, export_open_clip, load_checkpoint, model_config, param_groups
 from training import (
     Model,
+    NotFinite,
     Parser,
     RunLog,
     all_gather_with_grad,
     apply_preset,
     autocast_ctx,
+    batches,
     count_flops,
     global_mean,
     global_min,
@@ -71,9 +64,12 @@ from training import (
     peak_flops,
     print0,
     resolve_dtype,
+    save_run,
     schedule,
     setup_distributed,
+    start_line,
     to_device,
+    wrap,
 )
 
 # -----------------------------------------------------------------------------
@@ -522,8 +518,7 @@ def main(argv=None):
         raise SystemExit(
             f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
         )
-    # never lose a run (told after what a flag can fix)
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
         raise SystemExit(
             f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
         )
@@ -534,92 +529,43 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     start_step, start_metrics = 0, None
     if args.resume and os.path.exists(ckpt_path):
-        # checked against this run's models: or one line on what is wrong
-        ckpt = resume(ckpt_path, clip, state)
+        ckpt = resume(
+            ckpt_path, clip, state
+        )  # checked against this run's models, or one line on what is wrong
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         print0(f"resumed from {ckpt_path} at step {start_step}")
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None
-        )
-    # compile(DDP(model)): dynamo splits the graph at DDP's buckets and overlaps their all-reduce
-    if args.compile:
-        model = torch.compile(model)
+    model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=data.StepBatches(
-            n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps
-        ),
-        collate_fn=partial(make_batch, args=args),
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)
+    not_finite = NotFinite(device, world)  # the non-finite-loss stop, read on log and checkpoint steps
 
-    # a host sync and a collective: on log and checkpoint steps only, every rank together
-    def stop_if_not_finite():
-        first = not_finite.clone()
-        if world > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        if math.isfinite(first.item()):  # no checkpoint is written after it: the last one stays good
-            raise SystemExit(
-                f"error: loss is not finite at step {int(first.item())}; stopping. "
-                f"Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none written yet'}"
-            )
+    def checkpoint(step):  # after the non-finite check, rank 0 saves the run and the method's state
+        not_finite.check(ckpt_path)
+        if master:
+            save_run(ckpt_path, clip, optimizer, step, args, start_metrics, save_state(state))
 
-    def checkpoint(step):
-        stop_if_not_finite()
-        if master:  # "model" loads into open_clip.CLIP with strict=True
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": clip.state_dict(),
-                    "model_cfg": clip.model_cfg,
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "args": vars(args),
-                    "rng": {"cpu": torch.get_rng_state()},
-                    "start_metrics": start_metrics,
-                    **save_state(state),
-                },
-            )
-
-    # rank 0 evaluates the unwrapped CLIP on the whole fixed split; the others wait
-    def evaluate(step, split):
+    def evaluate(step, split):  # rank 0 evaluates the unwrapped CLIP on the whole split; the others wait
         metrics, t = None, time.time()
         if master:
             metrics = ev.evaluate(
                 clip, preprocess, tokenizer, device, evalset, split, args.image_size, args.eval_n
             )
-            if metrics is None:
-                print0(
-                    f"step {step}: --data {args.data} has no eval split here: eval.py --model {ckpt_path} --bench ..."
-                )
-            else:
-                log.eval(step, split, metrics, time.time() - t)
+            log.eval(step, split, metrics, time.time() - t)
         if world > 1:
             dist.barrier()
         log.restart_clock()  # eval time is not training time
         return metrics
 
     # the loop
-    # metrics.jsonl (this run's lines), --wandb, the printed lines
-    log = RunLog(args, start_step, master, world)
-    n_params, n_train = (
-        sum(p.numel() for p in clip.parameters()),
-        sum(p.numel() for p in clip.parameters() if p.requires_grad),
-    )
-    print0(
-        f"{state.summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
-        f"| device {device} {dtype}"
-    )
+    log = RunLog(
+        args, start_step, master, world
+    )  # metrics.jsonl (this run's lines), --wandb, the printed lines
+    start_line(state.summary, clip, args, plan, device, dtype)
     if start_step == 0:
         start_metrics = evaluate(0, "test")
     peak, flops = peak_flops(device, dtype) * world, None
-    # the first step whose loss was not finite, kept on the device
-    not_finite = torch.tensor(math.inf, device=device)
     step, skipped = start_step, {}
     for batch, counts in loader:
         for k, v in counts.items():  # what make_batch skipped (unreadable images, invalid negatives)
@@ -628,24 +574,23 @@ def main(argv=None):
         if n == 0:  # some rank drew only unreadable samples: every rank skips the step
             step += 1
             continue
-        # EQUAL_BATCHES: every rank keeps the smallest rank's n
-        batch = to_device(batch, device, n if EQUAL_BATCHES else None)
+        batch = to_device(
+            batch, device, n if EQUAL_BATCHES else None
+        )  # EQUAL_BATCHES: keep the smallest rank's n
         log.n_images += len(batch[0])
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         state.step = step
-        # the counted step runs eager (the module inside torch.compile's)
+        # FLOPs counted on one step (GPUs with a known peak), run eager: the module inside torch.compile's
         with count_flops(peak and flops is None) as counter:
             with autocast_ctx(device, dtype):
                 loss, stats = step_loss(
                     getattr(model, "_orig_mod", model) if counter else model, batch, args, state
                 )
-            # no host sync
-            not_finite = torch.where(torch.isfinite(loss.detach()), not_finite, not_finite.clamp(max=step))
+            not_finite.update(loss, step)  # no host sync
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-        # one step's FLOPs, counted once (GPUs with a known peak)
         flops = counter.get_total_flops() if counter else flops
         scaler.step(optimizer)
         scaler.update()
@@ -653,23 +598,20 @@ def main(argv=None):
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % args.log_every == 0 or step == args.max_steps:
-            stop_if_not_finite()
+            not_finite.check(ckpt_path)
             log.train(step, loss, stats, lr, clip.logit_scale, flops, peak, skipped)
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.max_steps:
             checkpoint(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             evaluate(step, "val")
     checkpoint(step)
-    if any(skipped.values()):
-        print0(
-            "skipped in total (counted per sample drawn): "
-            + ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
-        )
+    log.skipped(skipped)
     log.table(start_metrics, evaluate(step, "test"), step)
     if args.export and master:
         export_open_clip(clip, clip.model_cfg, args.export)
         print0(
-            f"exported an open_clip hub directory to {args.export} (open_clip.create_model_and_transforms('local-dir:{args.export}'))"
+            f"exported an open_clip hub directory to {args.export} "
+            f"(open_clip.create_model_and_transforms('local-dir:{args.export}'))"
         )
     if world > 1:
         dist.destroy_process_group()

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from data import StepBatches
+
 # -----------------------------------------------------------------------------
 # flags, processes, precision
 
@@ -343,6 +345,7 @@ class RunLog:
 
     def __init__(self, args, start_step, master, world):
         self.master, self.world, self.wandb, self.max_steps = master, world, None, args.max_steps
+        self.data, self.ckpt = args.data, os.path.join(args.out_dir, "ckpt.pt")
         self.path = os.path.join(args.out_dir, "metrics.jsonl")
         os.makedirs(args.out_dir, exist_ok=True)
         if master:
@@ -400,11 +403,23 @@ class RunLog:
         )
 
     def eval(self, step, split, metrics, seconds):
+        if metrics is None:
+            return print0(
+                f"step {step}: --data {self.data} has no eval split here: eval.py --model {self.ckpt} --bench ..."
+            )
         print0(
             f"eval {split} step {step} ({seconds:.1f}s): "
             + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         )
         self({"step": step, "split": split, **metrics})
+
+    def skipped(self, skipped):
+        """what make_batch skipped over the whole run, if anything"""
+        if any(skipped.values()):
+            print0(
+                "skipped in total (counted per sample drawn): "
+                + ", ".join(f"{v} {k}" for k, v in skipped.items() if v)
+            )
 
     def table(self, start, end, step):
         """the start-vs-end table of every metric of the final eval"""
@@ -412,3 +427,78 @@ class RunLog:
             print0(f"\n| metric | start | step {step} |\n|---|---|---|")
             for k, v in end.items():
                 print0(f"| {k} | {start.get(k, float('nan')):.4f} | {v:.4f} |")
+
+
+class NotFinite:
+    """The non-finite-loss stop without a host sync per step: the first bad step is kept on the device
+    (update), and read, by every rank together, on log and checkpoint steps only (check): nothing is
+    written after a bad step, so the last checkpoint stays good."""
+
+    def __init__(self, device, world):
+        self.first, self.world = torch.tensor(math.inf, device=device), world
+
+    def update(self, loss, step):
+        self.first = torch.where(torch.isfinite(loss.detach()), self.first, self.first.clamp(max=step))
+
+    def check(self, ckpt_path):
+        first = self.first.clone()
+        if self.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):
+            last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+            raise SystemExit(
+                f"error: loss is not finite at step {int(first.item())}; stopping. Last good checkpoint: {last}"
+            )
+
+
+def wrap(module, args, world, local_rank, device):
+    """DDP across processes, then torch.compile (--compile): compile(DDP(module)) lets dynamo split the
+    graph at DDP's buckets and overlap their all-reduce"""
+    if world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    return torch.compile(module) if args.compile else module
+
+
+def batches(dataset, n_items, collate, args, rank, world, start_step, device):
+    """the DataLoader of the steps [start_step, max_steps): this rank's share of each global batch
+    (data.StepBatches: keys by (seed, step, rank), so a resumed run sees the batches it would have)"""
+    sampler = StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def start_line(summary, clip, args, plan, device, dtype):
+    n_params = sum(p.numel() for p in clip.parameters())
+    n_train = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    print0(
+        f"{summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
+        f"| device {device} {dtype}"
+    )
+
+
+def save_run(path, clip, optimizer, step, args, start_metrics, method_state):
+    """the checkpoint (model.save_checkpoint: atomic, CPU tensors): "model" and "model_cfg" load into
+    open_clip.CLIP with strict=True; the optimizer, step, flags and CPU rng resume the run exactly;
+    method_state is the script's save_state"""
+    from model import save_checkpoint
+
+    save_checkpoint(
+        path,
+        {
+            "model": clip.state_dict(),
+            "model_cfg": clip.model_cfg,
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "args": vars(args),
+            "rng": {"cpu": torch.get_rng_state()},
+            "start_metrics": start_metrics,
+            **method_state,
+        },
+    )
