@@ -1,4 +1,4 @@
-"""bench/export_shapes.py: the shapes world written in Flickr8k's and VSR's layouts round-trips
+"""bench/tools/export_shapes.py: the shapes world written in Flickr8k's and VSR's layouts round-trips
 through the real readers, the image loader, and the scripts' real-data path."""
 
 import json
@@ -14,7 +14,7 @@ import clip_dpo
 import data
 import shapes
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "bench", "tools"))
 import export_shapes  # noqa: E402
 
 

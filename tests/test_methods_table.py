@@ -1,4 +1,4 @@
-"""bench/methods_table.py: the table is the mean ± std of its runs, the runs are the scripts' own
+"""bench/tools/methods_table.py: the table is the mean ± std of its runs, the runs are the scripts' own
 commands (fine-tunes from the scratch checkpoint of their seed), and a finished table is not rerun."""
 
 import importlib.util
@@ -16,7 +16,7 @@ from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
-    "methods_table", os.path.join(ROOT, "bench", "methods_table.py")
+    "methods_table", os.path.join(ROOT, "bench", "tools", "methods_table.py")
 )
 mt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mt)
@@ -81,7 +81,7 @@ def test_readme_shows_the_published_table_of_the_published_results():
     readme, start, end = mt.readme_table()
     published = open(os.path.join(mt.PUBLISHED, "table.md")).read()
     assert readme[start:end] == published, (
-        "README's table is not bench/results/table.md: run bench/methods_table.py --publish"
+        "README's table is not bench/results/table.md: run bench/tools/methods_table.py --publish"
     )
     results = json.load(open(os.path.join(mt.PUBLISHED, "results.json")))
     assert sorted(r["name"] for r in results) == sorted(f"{m[0]}_s{s}" for m in mt.METHODS for s in (0, 1, 2))
@@ -123,7 +123,7 @@ def test_the_table_end_to_end_and_resumed(tmp_path):
     out = tmp_path / "t"
     cmd = [
         sys.executable,
-        "bench/methods_table.py",
+        "bench/tools/methods_table.py",
         "--quick",
         "--methods",
         "scratch",

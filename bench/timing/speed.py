@@ -3,8 +3,8 @@ The default clip_scratch.py step under each speed lever, timed interleaved in on
 C, A, B, C, ...) so that machine noise hits every row alike: render the batch's scenes, build the
 batch, forward + backward, optimizer step, logit-scale clamp, as the training loop does.
 
-    python bench/speed.py                      # torch's default thread count
-    python bench/speed.py --threads 1 --steps 30
+    python bench/timing/speed.py                      # torch's default thread count
+    python bench/timing/speed.py --threads 1 --steps 30
 
 Rows: the previous default (fp32, foreach AdamW) and one lever at a time on top of today's
 default. Rendering in a DataLoader worker and torch.compile are not interleavable here (a worker
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip_scratch  # noqa: E402
 import shapes  # noqa: E402
 from model import CLIP, model_config, param_groups

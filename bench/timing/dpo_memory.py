@@ -2,8 +2,8 @@
 Memory estimate of clip_dpo.py for a large open_clip model on one GPU (default: ViT-H-14, seed 000's
 setting), from the exact parameter count and the activation bytes our towers save for backward.
 
-    python bench/dpo_memory.py                          # ViT-H-14, VSR groups (1 image + 2 captions)
-    python bench/dpo_memory.py --model ViT-L-14 --text_tokens 16
+    python bench/timing/dpo_memory.py                          # ViT-H-14, VSR groups (1 image + 2 captions)
+    python bench/timing/dpo_memory.py --model ViT-L-14 --text_tokens 16
 
 Parameters are counted on the meta device (no weights needed). Activations: one DPO training
 forward (policy with grad + reference under no_grad, bf16 autocast, as clip_dpo.py runs on CUDA)
@@ -24,7 +24,7 @@ import sys
 import open_clip
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip_dpo  # noqa: E402
 from model import CLIP  # noqa: E402
 

@@ -9,7 +9,7 @@ download:
   one scene gives a true statement and its false converse ("The red circle is left of the blue
   square." / "... right of ..."), ~10k rows split 70/10/20 by image as VSR's random split.
 
-    python bench/export_shapes.py --out data/shapes_export               # both, 224 px (~3 min on 2 cores)
+    python bench/tools/export_shapes.py --out data/shapes_export               # both, 224 px (~3 min on 2 cores)
     python clip_scratch.py --data flickr8k --data_root data/shapes_export/flickr8k --image_size 64 --cache_images
     torchrun --standalone --nproc_per_node 2 clip_dpo.py --data vsr --data_root data/shapes_export/vsr \\
         --init out/clip_scratch/ckpt.pt --device cpu
@@ -26,7 +26,7 @@ import sys
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import shapes  # noqa: E402
 
 

@@ -3,8 +3,8 @@ Peak memory of eval.retrieval_metrics on a large split (default: COCO val2014 wi
 JSON, 40,504 images x 202,520 captions, five per image), against what the whole similarity matrix
 would take (the former retrieval_metrics: the fp32 matrix, its masked copy and bool masks of its size).
 
-    python bench/retrieval_memory.py                        # 40k x 200k, dim 32: minutes on a 2-core CPU
-    python bench/retrieval_memory.py --images 5000 --dim 512 --block 4096
+    python bench/timing/retrieval_memory.py                        # 40k x 200k, dim 32: minutes on a 2-core CPU
+    python bench/timing/retrieval_memory.py --images 5000 --dim 512 --block 4096
 
 The features are random unit vectors (the ranks' values do not matter here, only the memory). The
 embedding dim is 32 by default, not CLIP's 512-1024, so that the 40k x 200k scores take a minute on
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import eval as ev  # noqa: E402
 
 p = argparse.ArgumentParser()

@@ -4,8 +4,8 @@ the towers (forward + backward + AdamW), the DPO step adding the frozen referenc
 and the preference loss. Timed interleaved (CLIP, DPO, DPO + CLIP, CLIP, ...) in one process, so
 machine noise hits all three.
 
-    python bench/dpo_step_time.py                                   # 16 full shapes groups (the default's ~65 images)
-    python bench/dpo_step_time.py --init out/clip_scratch/ckpt.pt --batch_size 32 --device cuda
+    python bench/timing/dpo_step_time.py                                   # 16 full shapes groups (the default's ~65 images)
+    python bench/timing/dpo_step_time.py --init out/clip_scratch/ckpt.pt --batch_size 32 --device cuda
 
 Prints a markdown table and the ratios to the CLIP step (the target is <= 1.4x: the reference
 pass is one forward, a third of a training step's compute).
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip_dpo  # noqa: E402
 import shapes  # noqa: E402
 from model import CLIP, load_clip, model_config, param_groups  # noqa: E402

@@ -3,10 +3,10 @@ The CLIPS study on the shapes world (issue 3): every row trains clip_scratch.py 
 the same budget (steps x batch, i.e. the same images seen), 3 seeds each, then reports the final
 shapes-bench metrics as mean +- std.
 
-    python bench/clips_study.py                         # ~2 h on 2 CPU cores (2 runs at a time)
-    python bench/clips_study.py --rows block16 block64 --seeds 0 --json out/clips_study_partial/k.json  # K ablation
-    python bench/clips_study.py --caption_style full --out_dir out/clips_study  # full web captions
-    python bench/clips_study.py --steps 100 --seeds 0   # a quick look
+    python bench/studies/clips_study.py                         # ~2 h on 2 CPU cores (2 runs at a time)
+    python bench/studies/clips_study.py --rows block16 block64 --seeds 0 --json out/clips_study_partial/k.json  # K ablation
+    python bench/studies/clips_study.py --caption_style full --out_dir out/clips_study  # full web captions
+    python bench/studies/clips_study.py --steps 100 --seeds 0   # a quick look
 
 Rows: plain CLIP on the web captions; the full synthetic caption (tokenizer-truncated at the
 77-token context); each token reduction at K = 32; sub-caption + the captioner (weight 2.0).
@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROWS = {  # row -> (run folder, flags)
     "plain (web captions)": ("plain", ["--caption_mask", "none"]),
     "full synthetic (truncated at 77)": ("full", ["--caption_mask", "truncate", "--mask_len", "77"]),

@@ -4,8 +4,8 @@ vs reading the uint8 memmap cache (its one-off build time is reported separately
 synthetic Flickr8k Kaggle-layout folder of N random ~500x375 JPEGs in a temp dir, then prints a
 markdown table.
 
-    python bench/bench_data.py                 # N=400, 2 workers, 224 px
-    python bench/bench_data.py --n 2000 --workers 8
+    python bench/timing/bench_data.py                 # N=400, 2 workers, 224 px
+    python bench/timing/bench_data.py --n 2000 --workers 8
 """
 
 import argparse
@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)  # the repo root
 from data import ImageTextDataset, build_image_cache, collate, read_flickr8k
 
 parser = argparse.ArgumentParser()

@@ -4,8 +4,8 @@ descriptions, by word kind, given each scene's partial or full web caption. The 
 queries never read predictions, so greedy decoding is one teacher-free pass and position q is
 compared with token q+1 of shapes.description(scene).
 
-    python bench/captioner_tokens.py out/clips_study_partial/captioner_s*/ckpt.pt
-    python bench/captioner_tokens.py out/clips_study/captioner_s0/ckpt.pt --caption_style full
+    python bench/studies/captioner_tokens.py out/clips_study_partial/captioner_s*/ckpt.pt
+    python bench/studies/captioner_tokens.py out/clips_study/captioner_s0/ckpt.pt --caption_style full
 """
 
 import argparse
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import data  # noqa: E402
 import shapes  # noqa: E402
 from eval import load_captioner  # noqa: E402

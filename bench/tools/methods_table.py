@@ -1,9 +1,9 @@
 """The methods table in one command: every method's default on the shapes world, from nothing, then
 eval.py on every checkpoint; writes results.json, table.md and the plots.
 
-    python bench/methods_table.py                     # 3 seeds, every default in full
-    python bench/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
-    python bench/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
+    python bench/tools/methods_table.py                     # 3 seeds, every default in full
+    python bench/tools/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
+    python bench/tools/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
 
 Rows, each for every --seeds S: CLIP from scratch (`clip_scratch.py --seed S`), CLIPS (the same
 script's synthetic-caption recipe), and each fine-tune of the scratch checkpoint of its seed
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # eval.py --seed: None = the fixed test scenes (shapes.TEST_SEED), then two other worlds
 WORLDS = (None, 1, 2)
 CLIPS = ["--caption_mask", "subcaption", "--captioner_weight", "2", "--caption_style", "partial"]
@@ -168,7 +168,7 @@ def table(results, quick):
     m = results[0]["machine"] if results else {}
     lines.append("")
     lines.append(
-        f"Made by `python bench/methods_table.py{' --quick' if quick else ''}` on {m.get('device')}, {m.get('cores')} cores, "
+        f"Made by `python bench/tools/methods_table.py{' --quick' if quick else ''}` on {m.get('device')}, {m.get('cores')} cores, "
         f"torch {m.get('torch')}; fine-tunes start from the scratch checkpoint of their seed, wall clock per run "
         "(one thread each, --jobs at a time). Other worlds: `eval.py --seed 1` and `--seed 2`."
     )

@@ -2,8 +2,8 @@
 Where the time of one default clip_scratch.py step goes, on this machine: each part of the step
 timed on its own (median of --steps repeats, after warmup), then the AdamW variants and the eval.
 
-    python bench/profile_step.py                   # the default run's settings: tiny model, batch 128, shapes
-    python bench/profile_step.py --threads 1
+    python bench/timing/profile_step.py                   # the default run's settings: tiny model, batch 128, shapes
+    python bench/timing/profile_step.py --threads 1
 
 Prints a markdown table (ms per step, share of the step).
 """
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip_scratch  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402

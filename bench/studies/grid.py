@@ -1,9 +1,9 @@
 """Run many training commands side by side (one GPU shared by several processes, or CPU cores) and
 bundle their logs and metrics into one archive.
 
-    python bench/grid.py JOBS.txt --out_dir out/grid --jobs 16 --deadline 540
-    python bench/grid.py bench/jobs/finetune_levers.txt --jobs 22     # bench/LOG.md's 2026-11-25 fine-tuning tables (one GPU)
-    python bench/grid.py bench/jobs/dpo_table.txt --jobs 2 --out_dir out/dpo_table --table  # 2 CPU cores
+    python bench/studies/grid.py JOBS.txt --out_dir out/grid --jobs 16 --deadline 540
+    python bench/studies/grid.py bench/studies/jobs/finetune_levers.txt --jobs 22     # bench/LOG.md's 2026-11-25 fine-tuning tables (one GPU)
+    python bench/studies/grid.py bench/studies/jobs/dpo_table.txt --jobs 2 --out_dir out/dpo_table --table  # 2 CPU cores
 
 JOBS.txt: one job a line, `NAME  SCRIPT ARGS...` (blank lines and # comments skipped); each job runs
 as `python SCRIPT ARGS --out_dir OUT_DIR/NAME` with one CPU thread, its output in OUT_DIR/NAME.log.

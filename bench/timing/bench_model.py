@@ -2,8 +2,8 @@
 Train-step time of minclip's CLIP vs open_clip.CLIP built from the identical config: forward +
 backward + AdamW, timed interleaved (A, B, A, B, ...) in one process so machine noise hits both.
 
-    python bench/bench_model.py                       # the CPU default (tiny, shapes captions)
-    python bench/bench_model.py --size small --image_size 224 --batch_size 32 --device cuda
+    python bench/timing/bench_model.py                       # the CPU default (tiny, shapes captions)
+    python bench/timing/bench_model.py --size small --image_size 224 --batch_size 32 --device cuda
 
 Prints a markdown table; the ratio is minclip time / open_clip time (lower is better).
 """
@@ -17,7 +17,7 @@ import time
 import open_clip
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from clip_scratch import clip_loss  # noqa: E402
 from model import CLIP, model_config  # noqa: E402
 
