@@ -57,3 +57,13 @@ def test_every_relative_link_resolves(page):
         assert os.path.exists(os.path.join(ROOT, file)), f"{page}: ({target}): {file} does not exist"
         if anchor and file.endswith(".md"):
             assert anchor in anchors(file), f"{page}: ({target}): {file} has no heading with that anchor"
+
+
+def test_readme_types_no_measured_figure_by_hand():
+    """README's measurements come from committed results, between markers (bench/tools/methods_table.py
+    --publish writes them, test_methods_table checks them): outside those blocks and code, no decimal
+    figure and no wall clock (settings such as 1,750 steps are fine; a version pin is not a figure)"""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = re.sub(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    text = CODE.sub("", re.sub(r"==[\d.]+", "", text))
+    assert re.findall(r"(?<![\w./#-])\d*\.\d{2,}\b|\b\d+:\d\d\b", text) == []
