@@ -30,7 +30,9 @@ Deviations from the papers
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
    blind to the relation. By its controls (bench/LOG.md, 2026-12-05), the relation is the kick's
    and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval);
-   the statements rise most with the preference term. Real data: plain dpo_clip.
+   the statements rise most with the preference term. Real data: the same recipe (REAL), with the
+   kick for the first third of the run and, on VSR, mirrored twins (--vsr_flips hv), which its
+   rehearsal needed (docs/vsr.md); there it costs the general retrieval, as every VSR fine-tune did.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
@@ -284,8 +286,13 @@ def step_loss(model, batch, args, state):
         stats |= {"clip": contrastive.detach(), "acc": acc}
     else:
         loss = args.pref_weight * loss
-    # None: every step
-    imc_weight = args.imc_weight if args.imc_steps is None or state.step < args.imc_steps else 0.0
+    # the kick: the first --imc_steps steps, else the first --imc_fraction of the run, else every step
+    until = (
+        args.imc_steps
+        if args.imc_steps is not None
+        else args.imc_fraction and round(args.imc_fraction * args.max_steps)
+    )
+    imc_weight = args.imc_weight if not until or state.step < until else 0.0
     if imc_weight:
         i2t = prefs["i2t"]  # image queries: their candidates are captions
         per_query = imc_loss(
@@ -369,7 +376,8 @@ class ShapesPreferences(torch.utils.data.Dataset):
 class ImageGroups(torch.utils.data.Dataset):
     """Groups whose images are files (VSR, rankings): key (epoch * len + i) -> the group with its images
     decoded at image_size (data.load_image) as the --init's evaluation does (preprocess:
-    model.init_preprocess's; None: OpenAI's), or None if one is unreadable (dropped and counted)."""
+    model.init_preprocess's; None: OpenAI's) and mirrored where the group's "flips" says ("h" / "v";
+    None: as read), or None if one is unreadable (dropped and counted)."""
 
     def __init__(self, groups, image_size, preprocess=None):
         self.groups, self.image_size, self.preprocess = groups, image_size, preprocess
@@ -379,12 +387,18 @@ class ImageGroups(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         group = self.groups[key % len(self.groups)]
-        pixels = [data.load_image(path, self.image_size, self.preprocess) for path in group["images"]]
-        return (
-            None
-            if any(p is None for p in pixels)
-            else {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
-        )
+        # a twin's file is decoded once
+        decoded = {path: data.load_image(path, self.image_size, self.preprocess) for path in group["images"]}
+        if any(p is None for p in decoded.values()):
+            return None
+        flips = group.get("flips") or [None] * len(
+            group["images"]
+        )  # vsr_groups' twins (--vsr_flips): mirrored pixels
+        pixels = [
+            decoded[p] if f is None else (decoded[p][:, ::-1] if f == "h" else decoded[p][::-1]).copy()
+            for p, f in zip(group["images"], flips)
+        ]
+        return {**group, "images": [data.to_tensor(p, self.preprocess) for p in pixels]}
 
 
 class HNCGroups(torch.utils.data.Dataset):
@@ -466,7 +480,9 @@ def make_batch(groups, args):
 # config
 
 
-# the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs (imc_steps: every step)
+# the defaults that depend on --data, applied after parsing (apply_preset); None = from the run's length. REAL is the
+# recipe that moved the relation on the VSR rehearsal (docs/vsr.md: the mirrored twins, the kick for the first third,
+# the text tower at 0.3x) at a pretrained CLIP's lr; it applies to every real dataset (the twins to VSR only)
 SHAPES = dict(
     max_steps=3000,
     epochs=None,
@@ -480,26 +496,30 @@ SHAPES = dict(
     alpha=0.75,
     imc_weight=0.225,
     imc_steps=1000,
+    imc_fraction=None,
+    vsr_flips="none",
 )
 REAL = dict(
     max_steps=None,
-    epochs=5,
+    epochs=16,
     warmup_steps=None,
     eval_every=None,
     ckpt_every=None,
-    batch_size=64,
+    batch_size=32,
     workers=4,
     lr=1e-5,
-    text_lr_mult=1.0,
-    alpha=0.5,
-    imc_weight=0.0,
+    text_lr_mult=0.3,
+    alpha=0.75,
+    imc_weight=0.225,
     imc_steps=None,
+    imc_fraction=1 / 3,
+    vsr_flips="hv",
 )
 
 
 def get_args(argv=None):
     p = Parser(__doc__)
-    p.presets(SHAPES, REAL, unset={"imc_steps": "every step"})
+    p.presets(SHAPES, REAL, unset={"imc_steps": "--imc_fraction of the run", "imc_fraction": "-"})
     # data
     p.add_argument("--data", default="shapes", choices=("shapes", "vsr", "rankings", "hnc"))
     p.add_argument(
@@ -517,6 +537,14 @@ def get_args(argv=None):
         "--vsr_false_rows",
         action="store_true",
         help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)",
+    )
+    p.add_argument(
+        "--vsr_flips",
+        default=None,
+        choices=("none", "h", "hv"),
+        help="vsr: each row of a left/right "
+        "relation (h; hv: also above/below) with its image mirrored, of which the contrast caption is true, in "
+        "one group (vsr_groups)",
     )
     p.add_argument(
         "--twins",
@@ -587,7 +615,7 @@ def get_args(argv=None):
         type=float,
         default=None,
         help="shorthand for the mixture: --clip_weight alpha, --pref_weight "
-        "1 - alpha (default for dpo_clip: 0.75 shapes, 0.5 real data; else 0)",
+        "1 - alpha (default for dpo_clip: by --data, below; else 0)",
     )
     p.add_argument("--clip_weight", type=float, default=None, help="weight of CLIP's loss (default: alpha)")
     p.add_argument(
@@ -600,7 +628,7 @@ def get_args(argv=None):
         "--imc_weight",
         type=float,
         default=None,
-        help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: 0.225 shapes, 0 real data)",
+        help="weight of CE-CLIP's intra-modal term on the i2t candidate sets (default: by --data, below)",
     )
     p.add_argument(
         "--imc_sets",
@@ -613,20 +641,27 @@ def get_args(argv=None):
         "--imc_steps",
         type=int,
         default=None,
-        help="the intra-modal term is on for the first N steps only (default: 1000 shapes, every step real data)",
+        help="the intra-modal term is on for the first N steps only (default: 1000 shapes; real data: --imc_fraction)",
+    )
+    p.add_argument(
+        "--imc_fraction",
+        type=float,
+        default=None,
+        help="without --imc_steps: the intra-modal term is on for "
+        "this fraction of the run's steps (default: 1/3 real data; 0: every step)",
     )
     # optim
     p.add_argument(
         "--max_steps", type=int, default=None, help="default: 3000 on shapes; real data: from --epochs"
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="real data: passes over the training groups (default 5)"
+        "--epochs", type=int, default=None, help="real data: passes over the training groups (default: below)"
     )
     p.add_argument(
         "--batch_size",
         type=int,
         default=None,
-        help="groups per process (default: 26 shapes, ~59 images; 64 real data)",
+        help="groups per process (default: by --data, below; 26 shapes groups are ~59 images)",
     )
     p.add_argument(
         "--lr", type=float, default=None, help="default: 4e-4 shapes, 1e-5 real data (a pretrained CLIP)"
@@ -635,7 +670,7 @@ def get_args(argv=None):
         "--text_lr_mult",
         type=float,
         default=None,
-        help="text-tower lr = lr x this (default: 0.3 shapes, 1 real data)",
+        help="text-tower lr = lr x this (default: by --data, below)",
     )
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument(
@@ -782,7 +817,7 @@ def make_model(args, device):
         checksum=checksum,
         preprocess_cfg=clip.preprocess_cfg,
         summary=f"init {args.init} ({args.finetune}) | loss {args.loss} beta {args.beta} clip {args.clip_weight} pref {args.pref_weight:g} "
-        f"imc {args.imc_weight} x {args.imc_steps or 'every'} steps | {what}, direction {args.direction} | logit scale "
+        f"imc {args.imc_weight} x {args.imc_steps or (f'{args.imc_fraction:.2g} of the' if args.imc_fraction else 'every')} steps | {what}, direction {args.direction} | logit scale "
         f"{clip.logit_scale.exp().item():.1f} {'trained' if args.train_logit_scale else 'frozen'}",
     )
     return Model(clip, clip, preprocess, param_groups(clip, args.weight_decay, args.text_lr_mult), state)
@@ -813,12 +848,22 @@ def resume(path, clip, state):
     return ckpt
 
 
-def vsr_groups(rows, false_rows=False):
+# relations whose contrast (data.VSR_CONTRAST) the mirrored image makes true: "h" left-right, "v" upside down
+VSR_FLIPS = {
+    "h": ("left of", "right of", "at the left side of", "at the right side of"),
+    "v": ("above", "below", "over", "under", "on top of", "beneath"),
+}
+
+
+def vsr_groups(rows, false_rows=False, flips=""):
     """VSR rows -> (groups, n_skipped). i2t: a true row prefers its caption to data.contrast_caption
     (with --vsr_false_rows a false row prefers the contrast caption to its caption); t2i: a caption
     true of some images and false of others prefers an image it is true of to one it is false of.
     Rows whose relation has no contrast are skipped for i2t (counted). Image paths stand in the
-    groups' images until ImageGroups loads them."""
+    groups' images until ImageGroups loads them. flips (--vsr_flips: "h", "v" or both): an i2t row
+    whose relation is one of VSR_FLIPS[axis] gets its image mirrored on that axis as a twin, of which
+    the contrast caption is the true one: a 2x2 group (shapes_group's scene and mirror), both
+    images ranking both captions, both captions both images, both true pairs for the CLIP term."""
     groups, skipped, by_caption = [], 0, {}
     for r in rows:
         by_caption.setdefault(r.caption, ([], []))[0 if r.label else 1].append(r.image)
@@ -827,14 +872,33 @@ def vsr_groups(rows, false_rows=False):
             skipped += 1
         elif r.label or false_rows:
             ranks = [0, 1] if r.label else [1, 0]
-            groups.append(
-                {
-                    "images": [r.image],
-                    "texts": [r.caption, contrast],
-                    "queries": [("i2t", 0, [0, 1], ranks)],
-                    "pos": [(0, ranks.index(0))],
-                }
-            )
+            axis = next((a for a in flips if r.relation in VSR_FLIPS[a]), None)
+            if axis is None:
+                groups.append(
+                    {
+                        "images": [r.image],
+                        "texts": [r.caption, contrast],
+                        "queries": [("i2t", 0, [0, 1], ranks)],
+                        "pos": [(0, ranks.index(0))],
+                    }
+                )
+            else:  # the twin is the image of the caption's contrast: its ranks are the reverse, in both directions
+                twin = ranks[::-1]
+                queries = [
+                    ("i2t", 0, [0, 1], ranks),
+                    ("i2t", 1, [0, 1], twin),
+                    ("t2i", 0, [0, 1], ranks),
+                    ("t2i", 1, [0, 1], twin),
+                ]
+                groups.append(
+                    {
+                        "images": [r.image, r.image],
+                        "flips": [None, axis],
+                        "texts": [r.caption, contrast],
+                        "queries": queries,
+                        "pos": [(0, ranks.index(0)), (1, twin.index(0))],
+                    }
+                )
     for caption, (true, false) in by_caption.items():
         # one group per image of the longer side, paired round-robin with the shorter side: two images
         # per group, so a popular caption (30 images in the random split) does not make one huge group
@@ -904,7 +968,7 @@ def make_data(args, rank, world):
     evalset = None
     if args.data == "vsr":
         splits = data.read_vsr(args.data_root, args.vsr_split, args.image_root)
-        groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows)
+        groups, skipped = vsr_groups(splits["train"], args.vsr_false_rows, args.vsr_flips.replace("none", ""))
         evalset = {"val": splits["dev"], "test": splits["test"], "calib": splits["dev"]}
         print0(
             f"vsr {args.vsr_split}: {len(splits['train'])} train rows -> {len(groups)} preference groups "

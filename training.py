@@ -60,7 +60,8 @@ class Parser(argparse.ArgumentParser):
             if v is None
             else v
         )
-        rows = [f"  --{k:<16} {str(say(k, shapes[k])):<12} {say(k, real[k])}" for k in shapes]
+        show = lambda k, v: f"{say(k, v):.4g}" if isinstance(say(k, v), float) else str(say(k, v))  # noqa: E731
+        rows = [f"  --{k:<16} {show(k, shapes[k]):<12} {show(k, real[k])}" for k in shapes]
         self.epilog = (self.epilog or "") + "\n\nDefaults by --data (shapes | real data):\n" + "\n".join(rows)
 
     def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong

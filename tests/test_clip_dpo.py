@@ -285,9 +285,10 @@ def test_imc_weight_adds_the_term_on_image_queries_only():
     assert mixed.item() == pytest.approx(base.item() + 0.5 * expected.item(), rel=1e-5)
     world, vsr = clip_dpo.get_args([]), clip_dpo.get_args(["--data", "vsr", "--init", "ViT-B-32:openai"])
     assert (world.imc_weight, world.imc_steps) == (0.225, 1000)  # the shapes default's symmetry breaker ...
-    assert (vsr.imc_weight, vsr.imc_steps) == (0.0, vsr.max_steps)  # ... and plain DPO on real data
+    # ... and on real data for the first third of the run, as the VSR rehearsal needed, with its mirrored twins
+    assert (vsr.imc_weight, vsr.imc_steps, vsr.imc_fraction, vsr.vsr_flips) == (0.225, None, 1 / 3, "hv")
     # a pretrained CLIP gets a fine-tuning lr
-    assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.5)
+    assert (world.lr, world.alpha, vsr.lr, vsr.alpha) == (4e-4, 0.75, 1e-5, 0.75)
 
 
 def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
@@ -323,7 +324,7 @@ def test_imc_steps_switches_the_term_off_after_n_steps(tmp_path, monkeypatch):
     assert weights == [0.5, 0.5, 0.0, 0.0]
     assert [has for _, _, has in losses] == [True, True, False, False]
     assert all(a > b for a, b, _ in losses[:2]) and all(a == b for a, b, _ in losses[2:])
-    # real data: every step
+    # real data: --imc_fraction of the run
     assert (
         clip_dpo.get_args(
             ["--data", "vsr", "--init", "x", "--imc_weight", "0.3", "--max_steps", "7"]
@@ -1269,6 +1270,83 @@ def test_vsr_groups_i2t_and_t2i():
     } in groups
 
 
+def test_vsr_flips_make_a_scene_and_its_mirror_group(tmp_path):
+    """--vsr_flips: a left/right row's image and its left-right mirror, of which the contrast caption is
+    true, in one 2x2 group (both images rank both captions and back); above/below rows only with "v";
+    ImageGroups' twin is exactly the decoded pixels mirrored"""
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    a = str(tmp_path / "a.png")
+    row = lambda cap, label, rel: data.VSRRow(a, cap, label, rel, "x:1")  # noqa: E731
+    rows = [
+        row("The cat is left of the dog.", True, "left of"),
+        row("The cup is above the bowl.", True, "above"),
+        row("The cat is near the dog.", True, "near"),
+        row("The cat is at the right side of the dog.", False, "at the right side of"),
+    ]
+    assert clip_dpo.vsr_groups(rows, flips="") == clip_dpo.vsr_groups(rows)  # off: the groups as before
+    groups, skipped = clip_dpo.vsr_groups(rows, flips="h")
+    assert skipped == 0 and len(groups) == 3  # the false row is no i2t group without --vsr_false_rows
+    left, above, near = groups
+    assert left == {
+        "images": [a, a],
+        "flips": [None, "h"],
+        "texts": ["The cat is left of the dog.", "The cat is right of the dog."],
+        "queries": [
+            ("i2t", 0, [0, 1], [0, 1]),
+            ("i2t", 1, [0, 1], [1, 0]),
+            ("t2i", 0, [0, 1], [0, 1]),
+            ("t2i", 1, [0, 1], [1, 0]),
+        ],
+        "pos": [(0, 0), (1, 1)],
+    }
+    assert "flips" not in above and "flips" not in near and len(above["images"]) == len(near["images"]) == 1
+    groups, _ = clip_dpo.vsr_groups(rows, flips="hv")
+    assert groups[1]["flips"] == [None, "v"] and groups[1]["texts"] == [
+        "The cup is above the bowl.",
+        "The cup is below the bowl.",
+    ]
+    assert "flips" not in groups[2]  # "near": no mirror makes "far from" true
+    # a false row (--vsr_false_rows): its image prefers the contrast caption, the mirror the row's caption
+    groups, _ = clip_dpo.vsr_groups(rows, false_rows=True, flips="h")
+    false = groups[3]
+    assert false["texts"] == [
+        "The cat is at the right side of the dog.",
+        "The cat is at the left side of the dog.",
+    ]
+    assert [q[3] for q in false["queries"]] == [[1, 0], [0, 1], [1, 0], [0, 1]] and false["pos"] == [
+        (0, 1),
+        (1, 0),
+    ]
+    # the pixels: the twin is the decoded image mirrored, the first image as read
+    size = 8
+    read = data.load_image(a, size)
+    h, v = (
+        clip_dpo.ImageGroups(groups, size)[0]["images"],
+        clip_dpo.ImageGroups(clip_dpo.vsr_groups(rows, flips="hv")[0], size)[1]["images"],
+    )
+    assert torch.equal(h[0], data.to_tensor(read)) and torch.equal(h[1], data.to_tensor(read[:, ::-1].copy()))
+    assert (
+        torch.equal(h[1], h[0].flip(-1)) and torch.equal(v[1], v[0].flip(-2)) and not torch.equal(h[1], h[0])
+    )
+    # through make_batch: every image's best caption is its pos pair, and each caption's best image is its own
+    args = argparse.Namespace(direction="both", context_length=16, imc_sets="all")
+    (images, tokens, prefs), _ = clip_dpo.make_batch(
+        [clip_dpo.ImageGroups(groups, size)[3]], args
+    )  # the false row's group
+    assert images.shape[0] == 2 and prefs["pos"].tolist() == [[0, 1], [1, 0]]
+    best = {
+        (q, c[r.index(0)])
+        for q, c, r in zip(prefs["query"].tolist(), prefs["cand"].tolist(), prefs["rank"].tolist())
+    }
+    assert best == {
+        (0, 3),
+        (1, 2),
+        (2, 1),
+        (3, 0),
+    }  # features [image, twin, caption, contrast]: image <-> contrast (false row), twin <-> caption
+
+
 # -----------------------------------------------------------------------------
 # rankings: the JSONL format, the reward model ranking candidates, DPO on the rankings
 
@@ -1512,3 +1590,21 @@ def test_the_kick_can_skip_the_statement_sets():
     # captions only: no statement
     assert all(" is " not in t for cands in candidates(captions) for t in cands)
     assert sum(all(" is " in t for t in cands) for cands in candidates(every)) == 6
+
+
+def test_the_kick_can_last_a_fraction_of_the_run():
+    """--imc_fraction (the real-data preset's 1/3): the intra-modal term on for round(fraction x max_steps)
+    steps when --imc_steps is not given; --imc_steps wins; 0 or None: every step"""
+    policy, reference, batch = tiny_policy_and_batch()
+    on = lambda step, **kw: (
+        "imc"
+        in clip_dpo.step_loss(
+            policy, batch, args_for("dpo", imc_weight=0.3, **kw), state_of(reference, step)
+        )[1]
+    )  # noqa: E731
+    fraction = {"imc_steps": None, "imc_fraction": 1 / 3, "max_steps": 10}  # the first round(3.33) = 3 steps
+    assert [on(s, **fraction) for s in (0, 2, 3, 9)] == [True, True, False, False]
+    assert [on(s, **fraction | {"imc_steps": 5}) for s in (4, 5)] == [True, False]
+    assert on(9, imc_steps=None, imc_fraction=None, max_steps=10) and on(
+        9, imc_steps=None, imc_fraction=0.0, max_steps=10
+    )
