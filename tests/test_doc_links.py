@@ -2,6 +2,7 @@
 link into a markdown file at one of its headings (GitHub's anchors), so moved pages cannot rot."""
 
 import glob
+import json
 import os
 import re
 
@@ -67,3 +68,25 @@ def test_readme_types_no_measured_figure_by_hand():
     text = re.sub(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
     text = CODE.sub("", re.sub(r"==[\d.]+", "", text))
     assert re.findall(r"(?<![\w./#-])\d*\.\d{2,}\b|\b\d+:\d\d\b", text) == []
+
+
+def test_the_rehearsal_table_is_its_committed_results():
+    """docs/vsr.md's rehearsal table is bench/tools/rehearsal_table.py's, from bench/results/rehearsal/"""
+    import importlib.util
+
+    path = os.path.join(ROOT, "bench", "tools", "rehearsal_table.py")
+    spec = importlib.util.spec_from_file_location("rehearsal_table", path)
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    page = open(rt.PAGE, encoding="utf-8").read()
+    block = page[page.index(rt.MARKERS[0]) + len(rt.MARKERS[0]) + 1 : page.index(rt.MARKERS[1])]
+    assert block == rt.table(), (
+        "docs/vsr.md's table is not its results: python bench/tools/rehearsal_table.py --publish"
+    )
+    # the recipe's row, by hand from its three vsr.json files
+    acc = [
+        json.load(open(os.path.join(rt.RESULTS, r, "vsr.json")))["vsr/acc"]
+        for r in ("rec_s0", "rec_s1", "rec_s2")
+    ]
+    row = next(line for line in block.splitlines() if line.startswith("| the recipe (")).split(" | ")
+    assert row[2] == f"{sum(acc) / 3:.3f} ± {(sum((a - sum(acc) / 3) ** 2 for a in acc) / 2) ** 0.5:.3f}"
