@@ -453,7 +453,7 @@ def make_batch(groups, args):
                 q0, c0 = (i0, t0) if direction == "i2t" else (t0, i0)
                 rows.append((q0 + q, [c0 + c for c in cands], ranks))
                 statement.append(direction == "i2t" and set(cands) <= stated)
-    K = max(len(c) for _, c, _ in rows)
+    K = max((len(c) for _, c, _ in rows), default=1)
     query = torch.tensor([q for q, _, _ in rows])
     cand = torch.tensor([c + [0] * (K - len(c)) for _, c, _ in rows])
     rank = torch.tensor([r + [-1] * (K - len(r)) for _, _, r in rows])
@@ -537,6 +537,24 @@ def get_args(argv=None):
         "--vsr_false_rows",
         action="store_true",
         help="vsr: also learn from false rows (the contrast caption chosen over the false caption: noisier)",
+    )
+    p.add_argument(
+        "--replay_data",
+        default="flickr8k",
+        choices=("flickr8k", "coco"),
+        help="with --replay_root: its format",
+    )
+    p.add_argument(
+        "--replay_root",
+        default=None,
+        help="real data: image-caption pairs of this dataset join the batches, "
+        "for CLIP's term only (an anchor for retrieval)",
+    )
+    p.add_argument(
+        "--replay_share",
+        type=float,
+        default=0.5,
+        help="with --replay_root: the share of groups that are pairs",
     )
     p.add_argument(
         "--vsr_flips",
@@ -979,7 +997,27 @@ def make_data(args, rank, world):
     groups = [g for g in groups if any(args.direction in ("both", q[0]) for q in g["queries"])]
     if not groups:
         raise data.DataError(f"{args.data_root}: no preference of --direction {args.direction}")
+    if (
+        args.replay_root
+    ):  # image-caption pairs for CLIP's term only, so it keeps seeing the captions of another dataset
+        groups += replay_groups(
+            data.read_dataset(args.replay_data, args.replay_root)["train"], len(groups), args.replay_share
+        )
+        print0(
+            f"replay: {sum(not g['queries'] for g in groups)} {args.replay_data} pairs among {len(groups)} groups"
+        )
     return ImageGroups(groups, args.image_size, args.preprocess), len(groups), evalset
+
+
+def replay_groups(items, n_preference, share):
+    """--replay_root's training pairs as groups without a preference: an image and one of its captions
+    (the k-th image its caption k mod the captions), for CLIP's term; as many as make them `share` of
+    all the groups (every pair at most once)"""
+    n = min(len(items), round(share / (1 - share) * n_preference))
+    return [
+        {"images": [path], "texts": [caps[k % len(caps)]], "queries": [], "pos": [(0, 0)]}
+        for k, (path, caps, *_) in enumerate(items[:n])
+    ]
 
 
 # -----------------------------------------------------------------------------

@@ -1608,3 +1608,30 @@ def test_the_kick_can_last_a_fraction_of_the_run():
     assert on(9, imc_steps=None, imc_fraction=None, max_steps=10) and on(
         9, imc_steps=None, imc_fraction=0.0, max_steps=10
     )
+
+
+def test_replay_pairs_join_clips_term_only(tmp_path):
+    """--replay_root: another dataset's image-caption pairs as groups without a preference: `share` of
+    all groups, each pair once; in a batch they add true pairs to CLIP's term and no preference row"""
+    items = [(f"{k}.jpg", [f"caption {k} a", f"caption {k} b"]) for k in range(10)]
+    replay = clip_dpo.replay_groups(items, n_preference=4, share=0.5)
+    assert [g["texts"] for g in replay] == [
+        ["caption 0 a"],
+        ["caption 1 b"],
+        ["caption 2 a"],
+        ["caption 3 b"],
+    ]
+    assert all(g["queries"] == [] and g["pos"] == [(0, 0)] for g in replay)
+    assert len(clip_dpo.replay_groups(items, n_preference=30, share=0.5)) == 10  # every pair at most once
+    vsr = clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, False, "mirror")
+    pair = {"images": [vsr["images"][0]], "texts": ["a photo"], "queries": [], "pos": [(0, 0)]}
+    images, tokens, prefs = batch_of([vsr, pair])
+    assert len(images) == 3 and len(tokens) == 3  # the group's 2 images and 2 captions, and the pair
+    assert prefs["pos"].tolist() == [
+        [0, 3],
+        [1, 4],
+        [2, 5],
+    ]  # [images; texts]: the pair is image 2 with text 5
+    assert (
+        len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 5).all()
+    )  # no row of the pair
