@@ -1631,7 +1631,7 @@ def test_replay_pairs_join_clips_term_only(tmp_path):
         [0, 3],
         [1, 4],
         [2, 5],
-    ]  # [images; texts]: the pair is image 2 with text 5
+    ]  # (image, text): the pair is image 2 with its text 2
     assert (
-        len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 5).all()
+        len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 3 + 2).all()
     )  # no row of the pair
