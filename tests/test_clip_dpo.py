@@ -1627,11 +1627,7 @@ def test_replay_pairs_join_clips_term_only(tmp_path):
     pair = {"images": [vsr["images"][0]], "texts": ["a photo"], "queries": [], "pos": [(0, 0)]}
     images, tokens, prefs = batch_of([vsr, pair])
     assert len(images) == 3 and len(tokens) == 3  # the group's 2 images and 2 captions, and the pair
-    assert prefs["pos"].tolist() == [
-        [0, 3],
-        [1, 4],
-        [2, 5],
-    ]  # (image, text): the pair is image 2 with its text 2
-    assert (
-        len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 3 + 2).all()
-    )  # no row of the pair
+    # (image, text): the pair is image 2 with its text 2 (text 3 + 2 of [images; texts])
+    assert prefs["pos"].tolist() == [[0, 0], [1, 1], [2, 2]]
+    # no preference row of the pair: 4 rows, the group's
+    assert len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 3 + 2).all()
