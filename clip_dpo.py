@@ -748,6 +748,12 @@ def get_args(argv=None):
         p.error(f"--both_every {args.both_every}: must be >= 1")
     if args.image_root is not None and args.data not in ("vsr", "hnc"):
         p.error(f"--image_root: --data {args.data} does not read it (it is for --data vsr and hnc)")
+    if args.replay_root is not None and (
+        args.data not in ("vsr", "rankings") or not 0 < args.replay_share < 1
+    ):
+        p.error(
+            f"--replay_root: for --data vsr or rankings, with 0 < --replay_share < 1 (got {args.replay_share})"
+        )
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":

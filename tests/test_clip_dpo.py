@@ -1631,3 +1631,17 @@ def test_replay_pairs_join_clips_term_only(tmp_path):
     assert prefs["pos"].tolist() == [[0, 0], [1, 1], [2, 2]]
     # no preference row of the pair: 4 rows, the group's
     assert len(prefs["query"]) == 4 and (prefs["query"] != 2).all() and (prefs["query"] != 3 + 2).all()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--replay_root", "x"],
+        ["--data", "hnc", "--replay_root", "x"],
+        ["--data", "vsr", "--replay_root", "x", "--replay_share", "1"],
+    ],
+)
+def test_replay_where_it_would_be_ignored_is_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        clip_dpo.get_args([*argv, "--init", "x"])
+    assert "--replay_root: for --data vsr or rankings" in capsys.readouterr().err
