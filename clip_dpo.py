@@ -63,6 +63,7 @@ from model import (
     init_geometry,
     init_preprocess,
     is_checkpoint,
+    l2sp,
     load_checkpoint,
     load_clip,
     param_groups,
@@ -221,15 +222,6 @@ def scores(features, query, cand, scale):
         return scale.float() * (f[query][:, None, :] * f[cand]).sum(-1)
 
 
-def l2sp_penalty(model, reference):
-    """L2-SP (the HNC thesis's anchor): ||theta - theta_ref||^2 over the trainable parameters, fp32"""
-    return sum(
-        ((p.float() - p0.float()) ** 2).sum()
-        for p, p0 in zip(model.parameters(), reference.parameters())
-        if p.requires_grad
-    )
-
-
 def make_reference(model, dtype="float32"):
     """The frozen reference: a deep copy of the starting model made before any DDP / compile wrapping,
     in eval mode, never in the optimizer or a checkpoint. dtype "bfloat16" stores its weight matrices
@@ -302,7 +294,9 @@ def step_loss(model, batch, args, state):
         loss = loss + imc_weight * imc
         stats["imc"] = imc.detach()
     if args.l2sp:
-        penalty = l2sp_penalty(model, reference)
+        penalty = l2sp(
+            (p, p0) for p, p0 in zip(model.parameters(), reference.parameters()) if p.requires_grad
+        )
         loss = loss + args.l2sp * penalty
         stats["l2sp"] = penalty.detach()
     return loss, stats

@@ -58,6 +58,7 @@ from model import (
     export_open_clip,
     init_geometry,
     init_preprocess,
+    l2sp,
     load_checkpoint,
     load_clip,
     param_groups,
@@ -192,11 +193,6 @@ def kl_loss(student_logits, teacher_logits, temperature):
         return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
 
 
-def l2sp_loss(named_params, init):
-    """L2-SP: sum of ||theta - theta_0||^2 over the named parameters (init: name -> theta_0)."""
-    return sum(((p.float() - init[name].float()) ** 2).sum() for name, p in named_params)
-
-
 def hn_weight_at(step, args):
     """HNC's hard-negative weight at a step: linear from 0 to --hn_weight over --hn_warmup_steps"""
     return args.hn_weight * min(1.0, step / args.hn_warmup_steps) if args.hn_warmup_steps else args.hn_weight
@@ -251,9 +247,8 @@ def step_loss(model, batch, args, state):
             kl = kl_loss(student_logits, teacher_logits, args.kl_temperature)
         loss, stats["kl"] = loss + args.kl_weight * kl, kl.detach()
     if args.l2sp:
-        reg = l2sp_loss(
-            ((name, p) for name, p in state.clip.named_parameters() if name in state.init_params),
-            state.init_params,
+        reg = l2sp(
+            (p, state.init_params[n]) for n, p in state.clip.named_parameters() if n in state.init_params
         )
         loss, stats["l2sp"] = loss + args.l2sp * reg, reg.detach()
     return loss, stats

@@ -323,6 +323,13 @@ def param_groups(model, weight_decay, text_lr_mult=1.0):
     return list(groups.values())
 
 
+def l2sp(pairs):
+    """L2-SP (Li et al. 2018; the HNC thesis's anchor): the sum of ||theta - theta_0||^2 over (theta,
+    theta_0) pairs of tensors, in fp32. clip_hardneg anchors to the init's weights, clip_dpo to the
+    reference's."""
+    return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in pairs)
+
+
 FINETUNE_MODES = ("full", "text", "vision", "last")
 
 
