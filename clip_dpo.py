@@ -87,6 +87,7 @@ from training import (
     peak_flops,
     print0,
     resolve_dtype,
+    resume_run,
     save_run,
     schedule,
     setup_distributed,
@@ -1050,28 +1051,16 @@ def main(argv=None):
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
     clip, model, preprocess, groups, state = make_model(args, device)
-    if n_items is not None and n_items < args.batch_items * world:
-        raise SystemExit(
-            f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
-        )
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
-        raise SystemExit(
-            f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
-        )
-    plan = schedule(args, n_items, world)  # real data: steps, warmup, evals and checkpoints from --epochs
+    # the run's plan: the batch fits the data, out_dir holds no run to lose, real data in epochs
+    plan = schedule(args, n_items, world, ckpt_path)
     tokenizer = data.get_tokenizer(args.context_length)
 
     # optimizer, resume, DDP, batches
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    start_step, start_metrics = 0, None
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = resume(
-            ckpt_path, clip, state
-        )  # checked against this run's models, or one line on what is wrong
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, start_metrics = ckpt["step"], ckpt.get("start_metrics")
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        print0(f"resumed from {ckpt_path} at step {start_step}")
+    # --resume: the checkpoint checked against this run's models by the resume hook, or one line on what is wrong
+    start_step, start_metrics = resume_run(
+        ckpt_path, args, partial(resume, clip=clip, state=state), optimizer
+    )
     model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)

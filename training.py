@@ -156,14 +156,23 @@ def lr_at(step, base_lr, warmup, max_steps):
 WARMUP_FRACTION = 0.05  # real data: the default warmup, a fraction of the run's steps
 
 
-def schedule(args, n_items, world):
+def schedule(args, n_items, world, ckpt_path=None):
     """The run's plan, the same whatever the world size -> the start line's words. Sets args.max_steps,
     warmup_steps, eval_every and ckpt_every where they are None. Shapes (n_items None, an endless
     stream): the flags as given. Real data: an epoch is n_items // global batch steps (data.StepBatches
     drops the last partial batch), the run --epochs of them unless --max_steps says otherwise (the
     epochs are then what those steps make), warmup WARMUP_FRACTION of the steps, and a dev eval and a
     checkpoint at the end of every epoch: 1 and 8 processes train the same epochs with the same
-    fraction of warmup and the same number of evals."""
+    fraction of warmup and the same number of evals. First, one line if the global batch is larger
+    than the data, or if ckpt_path holds a run and neither --resume nor --overwrite says what to do."""
+    if n_items is not None and n_items < args.batch_items * world:
+        raise SystemExit(
+            f"error: {n_items} training items < global batch {args.batch_items * world} (--batch_size)"
+        )
+    if ckpt_path and os.path.exists(ckpt_path) and not (args.resume or args.overwrite):  # never lose a run
+        raise SystemExit(
+            f"error: {ckpt_path} exists: --resume continues it, --overwrite starts over (or pick another --out_dir)"
+        )
     global_batch = args.batch_items * world
     if n_items is None:
         what = f"{args.max_steps} steps"
@@ -503,3 +512,16 @@ def save_run(path, clip, optimizer, step, args, start_metrics, method_state):
             **method_state,
         },
     )
+
+
+def resume_run(ckpt_path, args, resume, optimizer):
+    """--resume from ckpt_path if it exists: resume(path) (the script's hook, which checks the file
+    against this run's models and loads them) -> the checkpoint, whose optimizer state and CPU rng are
+    restored here -> (the step to start at, the start eval's metrics); (0, None) for a fresh run"""
+    if not (args.resume and os.path.exists(ckpt_path)):
+        return 0, None
+    ckpt = resume(ckpt_path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    print0(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("start_metrics")
