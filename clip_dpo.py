@@ -82,6 +82,7 @@ from training import (
     global_mean,
     global_min,
     host_ints,
+    load_data,
     lr_at,
     one_error,
     peak_flops,
@@ -1043,13 +1044,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     # data first: a missing or bad file is one line before any model is built or downloaded
-    try:
-        dataset, n_items, evalset = make_data(args, rank, world)
-        # fail now, not at an eval after hours of training
-        for split in ("val", "test") if isinstance(evalset, dict) else ():
-            data.check_images(evalset[split], f"--data {args.data}: the {split} split")
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    dataset, n_items, evalset = load_data(make_data, args, rank, world)
     clip, model, preprocess, groups, state = make_model(args, device)
     # the run's plan: the batch fits the data, out_dir holds no run to lose, real data in epochs
     plan = schedule(args, n_items, world, ckpt_path)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from data import StepBatches
+import data
 
 # -----------------------------------------------------------------------------
 # flags, processes, precision
@@ -474,7 +474,7 @@ def wrap(module, args, world, local_rank, device):
 def batches(dataset, n_items, collate, args, rank, world, start_step, device):
     """the DataLoader of the steps [start_step, max_steps): this rank's share of each global batch
     (data.StepBatches: keys by (seed, step, rank), so a resumed run sees the batches it would have)"""
-    sampler = StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps)
+    sampler = data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -525,3 +525,16 @@ def resume_run(ckpt_path, args, resume, optimizer):
     torch.set_rng_state(ckpt["rng"]["cpu"])
     print0(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt["step"], ckpt.get("start_metrics")
+
+
+def load_data(make_data, args, rank, world):
+    """the script's make_data hook, then every image of its val and test splits opened (fail now, not at
+    an eval after hours of training): a missing or bad file is one line (data.DataError) before any
+    model is built or downloaded -> make_data's (dataset, n_items, evalset)"""
+    try:
+        dataset, n_items, evalset = make_data(args, rank, world)
+        for split in ("val", "test") if isinstance(evalset, dict) else ():
+            data.check_images(evalset[split], f"--data {args.data}: the {split} split")
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    return dataset, n_items, evalset
