@@ -27,6 +27,11 @@ ROWS = [  # (label, runs); every run in bench/studies/jobs/rehearsal.txt under i
     ("the recipe without the twins (`--vsr_flips none`)", ["rec_noflips_s0"]),
     ("the recipe, kick weight 1", ["rec_kick1_s0"]),
     ("the recipe + `--l2sp 0.01`", ["rec_l2sp0.01_s0"]),
+    (
+        "the recipe, a third of the groups Flickr8k pairs (`--replay_share 0.33`), same steps",
+        ["rec_replay0.33_s0"],
+    ),
+    ("the recipe, half the groups Flickr8k pairs (`--replay_share 0.5`), same steps", ["rec_replay0.5_s0"]),
     ("batch 64, 10 epochs, kick 268 steps, `--vsr_flips h`", ["p_fliph_e10_s0"]),
     ("the same, `--vsr_flips hv`", ["p_fliphv_e10_s0"]),
 ]
