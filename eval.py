@@ -611,7 +611,7 @@ def main(argv=None):
         except data.DataError as e:
             raise SystemExit(f"error: {e}") from None
         folder = os.path.dirname(os.path.abspath(args.out))
-        # noqa: E731  (image paths relative to the output file, as read_rankings wants)
+        # image paths relative to the output file, as read_rankings wants
         rel = lambda p: os.path.relpath(p, folder)
         with open(f"{args.out}.tmp", "w") as f:
             for r, (order, scores) in zip(rows, rank_candidates(model, preprocess, tokenizer, rows, device)):

@@ -48,19 +48,18 @@ class Parser(argparse.ArgumentParser):
         """the defaults that depend on --data, shown at the end of --help: every flag of the presets has
         default None, which apply_preset fills after parsing. unset: what a None means ({flag: words} or
         the words for every flag)"""
-        # noqa: E731
-        say = lambda k, v: (
-            (
-                "-"
-                if k == "epochs"
-                else unset.get(k, "from the run's length")
-                if isinstance(unset, dict)
-                else unset
-            )
-            if v is None
-            else v
-        )
-        show = lambda k, v: f"{say(k, v):.4g}" if isinstance(say(k, v), float) else str(say(k, v))  # noqa: E731
+
+        def show(k, v):
+            if v is None:
+                return (
+                    "-"
+                    if k == "epochs"
+                    else unset.get(k, "from the run's length")
+                    if isinstance(unset, dict)
+                    else unset
+                )
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+
         rows = [f"  --{k:<16} {show(k, shapes[k]):<12} {show(k, real[k])}" for k in shapes]
         self.epilog = (self.epilog or "") + "\n\nDefaults by --data (shapes | real data):\n" + "\n".join(rows)
 

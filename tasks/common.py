@@ -64,7 +64,7 @@ def choice_scores(model, preprocess, tokenizer, items, device, desc="", batch_si
     model.eval()
     if len({len(cands) for _, cands in items}) > 1:
         raise ValueError("choice_scores: every item needs the same number of texts")
-    # noqa: E731 (pil images: by identity)
+    # pil images: by identity
     key = lambda ref: ref if isinstance(ref, (str, tuple)) else id(ref)
     refs = {key(image): image for image, _ in items}
     keys = list(refs)

@@ -212,7 +212,6 @@ def test_valse_truncated_tie_counted_wrong_and_reported(capsys):
     cut = run("valse", score, words=20, root=os.path.join(FIX, "valse"))
     assert cut["valse/coreference/coreference-standard"] == 0.5  # the cut pair ties: wrong
     assert cut["valse/n_truncated_ties"] == 1 and cut["valse/n_truncated_ties/coreference-standard"] == 1
-    # noqa: E731
     same = lambda m: {
         k: v for k, v in m.items() if "coreference" not in k and "ties" not in k and k != "valse/mean"
     }
@@ -596,7 +595,7 @@ def test_valse_blind_model_sums_to_one_over_swapped_roles(tmp_path):
 def test_valse_evaluates_the_pieces_that_are_there_and_names_the_missing(tmp_path, capsys):
     """a user with some pieces' files, or some sources' images, gets those pieces scored and one line
     naming the rest; the mean and the categories are over the evaluated pieces"""
-    # noqa: E731  (any fixed scorer: the kept pieces must score as in a full run)
+    # any fixed scorer: the kept pieces must score as in a full run
     score = lambda c, text: len(text) % 7
     full = run("valse", score, root=os.path.join(FIX, "valse"))
     root = fixture_copy(tmp_path, "valse")
@@ -704,7 +703,7 @@ def test_eval_vlchecklist_radar_aggregation():
 def test_vlchecklist_evaluates_the_files_that_are_there_and_names_the_missing(tmp_path, capsys):
     """one annotation file absent and hake's images not downloaded: the other 48 files are scored as
     in a full run, the 8 named on one line, and the radar's means are over the files evaluated"""
-    # noqa: E731  (any fixed scorer: the kept files must score as in a full run)
+    # any fixed scorer: the kept files must score as in a full run
     score = lambda c, text: len(text) % 7
     full = run("vlchecklist", score, root=os.path.join(FIX, "vlchecklist"))
     root = fixture_copy(tmp_path, "vlchecklist")
@@ -938,7 +937,6 @@ def test_unreadable_images_are_counted_not_dropped_silently(tmp_path, capsys):
 
 def test_bad_input_names_the_file_and_item(tmp_path):
     stub = ScoreStub(lambda c, t: 0.0)
-    # noqa: E731
     go = lambda bench, **kw: ev.task(bench).evaluate(stub, stub.preprocess, stub.tokenizer, "cpu", **kw)
     with pytest.raises(
         data.DataError, match="--data_root None is not a folder; it should hold the 7 subset files"

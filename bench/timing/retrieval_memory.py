@@ -40,7 +40,7 @@ g = torch.Generator().manual_seed(0)
 img = F.normalize(torch.randn(n_img, args.dim, generator=g), dim=-1)
 txt = F.normalize(torch.randn(n_txt, args.dim, generator=g), dim=-1)
 owner = torch.arange(n_txt) // args.captions
-# noqa: E731 (kilobytes on Linux)
+# kilobytes on Linux
 peak_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before, t = peak_rss(), time.time()
 metrics = ev.retrieval_metrics(img, txt, owner, block=args.block)
