@@ -32,6 +32,8 @@ ROWS = [  # (label, runs); every run in bench/studies/jobs/rehearsal.txt under i
         ["rec_replay0.33_s0"],
     ),
     ("the recipe, half the groups Flickr8k pairs (`--replay_share 0.5`), same steps", ["rec_replay0.5_s0"]),
+    ("the recipe, a third Flickr8k pairs, 1.5x the steps (3,858)", ["rec_replay0.33_long_s0"]),
+    ("the recipe, half Flickr8k pairs, 2x the steps (5,144)", ["rec_replay0.5_long_s0"]),
     ("batch 64, 10 epochs, kick 268 steps, `--vsr_flips h`", ["p_fliph_e10_s0"]),
     ("the same, `--vsr_flips hv`", ["p_fliphv_e10_s0"]),
 ]
