@@ -116,7 +116,7 @@ def open_shards(pattern, n_samples, sample, rank, world, workers, seed):
     paths, readers = shard_paths(pattern), world * max(1, workers)
     if len(paths) < readers:
         raise data.DataError(
-            f"--data_root {pattern}: {len(paths)} shards for {readers} readers ({world} processes x "
+            f"--data_root {pattern}: {len(paths)} shards for {readers} readers (world size {world} x "
             f"{max(1, workers)} --workers); every reader needs a shard of its own: fewer --workers, or more shards"
         )
     return Shards(paths, sample, rank, world, seed), n_samples
