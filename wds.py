@@ -136,12 +136,9 @@ def read_shard(path, read=True):
     key, files = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            size = os.fstat(f.fileno()).st_size
             for member in tar:
                 if not member.isfile():
                     continue
-                if member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"{member.name} is cut short")
                 name = os.path.basename(member.name)
                 k, _, ext = name.partition(".")
                 k = os.path.join(os.path.dirname(member.name), k)
@@ -149,8 +146,9 @@ def read_shard(path, read=True):
                     yield key, files
                     files = {}
                 key, files[ext.lower()] = k, tar.extractfile(member).read() if read else None
-            # tarfile stops silently at a header that is cut short or garbled: a whole tar has its
-            # end-of-archive marker, a zero block, where the next header would be
+            # tarfile stops silently at a header that is cut short or garbled (or past the end of a
+            # file cut in a member's data): a whole tar has its end-of-archive marker, a zero block,
+            # where the next header would be
             f.seek(tar.offset)
             if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
                 raise tarfile.ReadError(f"no tar header or end-of-archive marker at byte {tar.offset}")

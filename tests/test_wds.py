@@ -120,6 +120,33 @@ def test_a_shard_reads_back_sample_for_sample(shards):
     assert [k for k, f in wds.read_shard(str(folder / "00002.tar"), read=False)] == [k for k, _ in got]
 
 
+def test_a_tar_cut_or_garbled_anywhere_ends_in_one_damage_entry(shards, tmp_path):
+    """cut inside a header, between two members, inside a member's data or before the end-of-archive
+    marker, or with a garbled header: the complete samples before the damage, then one (None, error);
+    the header walk (read=False) finds the same entries"""
+    folder, keys = shards
+    raw = (folder / "00003.tar").read_bytes()
+    with tarfile.open(folder / "00003.tar") as tar:
+        members = tar.getmembers()
+    whole = [k for k in keys if k.startswith("00003")]
+    m = members[7]  # the third sample's json
+    garbled = bytearray(raw)
+    garbled[m.offset + 150] ^= 0xFF  # its header's checksum field
+    damaged = {
+        "in a header": raw[: m.offset + 100],
+        "between members": raw[: m.offset],
+        "in the data": raw[: m.offset_data + 10],
+        "before the end marker": raw[: members[-1].offset_data + 512],
+        "a garbled header": bytes(garbled),
+    }
+    for what, content in damaged.items():
+        (tmp_path / "bad.tar").write_bytes(content)
+        got = [k for k, _ in wds.read_shard(str(tmp_path / "bad.tar"))]
+        assert got[-1] is None and got[:-1] == whole[: len(got) - 1], what
+        assert len(got) - 1 == (ROWS - 1 if what == "before the end marker" else 2), what
+        assert [k for k, _ in wds.read_shard(str(tmp_path / "bad.tar"), read=False)] == got, what
+
+
 def test_webdataset_reads_our_shards_and_writes_what_we_read(tmp_path, shards):
     """the layout is webdataset's own: its TarWriter's tar is write_shard's byte for byte, and its
     reader finds the samples read_shard finds (needs the webdataset package)"""
