@@ -24,7 +24,7 @@ Deviations from the papers
    images are the twins.
 2. --batch_size counts images per process; with --neg_images half of them are the other half's
    hard-negative images (NegCLIP appends them, doubling the batch).
-3. NegCLIP's TSV and HNC: one negative drawn per sample (K = 1); CE-CLIP's four typed negatives and
+3. NegCLIP's TSV, HNC and webdataset shards: one negative drawn per sample (K = 1); CE-CLIP's four typed negatives and
    the generator's five types are all used. An invalid negative is masked out and counted.
 4. CE-CLIP's IMC is the coherent reading of a term the reference repo changed four times: per image,
    S(i, t_i) against its own negatives' text-text logits s * t_i . n_ik, cross-entropy to the caption.

@@ -411,6 +411,8 @@ def get_args(argv=None):
         p.error("--holdout: held-out combinations are the shapes world's")
     if (args.train_num_samples or args.eval_data or args.eval_root) and args.data != "wds":
         p.error("--train_num_samples, --eval_data and --eval_root are for --data wds")
+    if args.cache_images and args.data == "wds":
+        p.error("--cache_images: --data wds streams its shards, there is no image list to cache")
     if bool(args.eval_data) != bool(args.eval_root):
         p.error("--eval_data and --eval_root go together: the eval set and its folder")
     if args.data == "shapes" and args.epochs is not None:
