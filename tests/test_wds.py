@@ -13,12 +13,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, killed_and_resumed, load_weights, run, tiny_ckpt
+from helpers import ROOT, TINY, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt
 from PIL import Image
 
 import clip_scratch
 import data
 import shapes
+import training
 import wds
 
 sys.path.insert(0, os.path.join(ROOT, "bench", "tools"))
@@ -180,6 +181,34 @@ def test_ranks_and_workers_read_disjoint_samples_that_cover_the_shards(shards, w
     passes = [[k for rank in (0, 1) for step in seen[rank][a:b] for k in step] for a, b in ((0, 2), (2, 4))]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(keys)
     assert passes[0] != passes[1]
+
+
+def captions_of(samples):  # a collate that keeps the captions ("caption <key>")
+    return [caption for _, caption, _, _ in samples], {}
+
+
+def _read_as_rank(rank, folder, out):
+    args = clip_scratch.get_args(
+        ["--data", "wds", "--data_root", f"{folder}/{{00000..00003}}.tar", "--train_num_samples", "20"]
+        + ["--workers", "2", "--batch_size", "5", "--image_size", "16", "--max_steps", "2"]
+    )
+    dataset, n, evalset = clip_scratch.make_data(args, rank, 2)
+    assert (n, evalset) == (20, None)
+    loader = training.batches(dataset, n, captions_of, args, rank, 2, 0, torch.device("cpu"))
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump([captions for captions, _ in loader], f)
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_samples_that_cover_the_shards(shards, tmp_path):
+    """the real path: 2 gloo processes, each make_data and training.batches with 2 DataLoader
+    workers, on 4 shards of 5: an epoch of 20 samples (2 steps of 2 x 5) reads each sample once"""
+    folder, keys = shards
+    gloo_processes(tmp_path, _read_as_rank, str(folder), str(tmp_path))
+    steps = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)}
+    assert [len(step) for r in (0, 1) for step in steps[r]] == [5] * 4
+    seen = [c for r in (0, 1) for step in steps[r] for c in step]
+    assert sorted(seen) == sorted(f"caption {k}" for k in keys if k[:5] <= "00003")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
