@@ -26,8 +26,10 @@ the entries its readers had drawn and continues at that sample, exactly. Resume 
 size and --workers (the split depends on both). Fewer shards than readers is an error (open_clip
 refuses it too): give more shards or fewer --workers.
 
-A plain tarfile reader, not the webdataset package: it is the ~40 lines of read_shard, and it reads
-the same shards as fast as webdataset's own pipeline (docs/clip_scratch.md, Real data).
+A plain tarfile reader, not the webdataset package (nothing to install): read_shard is one function,
+and it reads the same shards as fast as webdataset's own pipeline (bench/timing/bench_wds.py; the
+measurement: bench/LOG.md, 2026-12-06). The tests check the layout against webdataset's own writer
+and reader when it is installed.
 """
 
 import io
