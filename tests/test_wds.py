@@ -119,6 +119,12 @@ def test_a_shard_reads_back_sample_for_sample(shards):
     image, caption, synthetic, _ = wds.clip_sample(key, files, random.Random(0), 16, "re_caption", True)
     assert image.shape == (3, 16, 16) and (caption, synthetic) == (f"caption {key}", f"synthetic {key}")
     assert [k for k, f in wds.read_shard(str(folder / "00002.tar"), read=False)] == [k for k, _ in got]
+    # CLIPS needs the json's synthetic caption: a sample without it is a named skip; plain CLIP does not read it
+    no_json = {k: v for k, v in files.items() if k != "json"}
+    assert wds.clip_sample(key, no_json, random.Random(0), 16, "re_caption", True) == (
+        "samples without a 're_caption' in their json (--recap_key)"
+    )
+    assert wds.clip_sample(key, no_json, random.Random(0), 16, "re_caption", False)[2] == f"caption {key}"
 
 
 def test_a_tar_cut_or_garbled_anywhere_ends_in_one_damage_entry(shards, tmp_path):
