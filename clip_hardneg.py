@@ -14,7 +14,8 @@ initial weights, KL distillation from the initial model).
 
 Data: the shapes world (exact negatives; with --neg_images each batch holds scenes and their twins,
 the mirror image and the colour swap), COCO with negatives from negatives.py's generator, NegCLIP's
-TSV, CE-CLIP's .npy (--allow_pickle) or HNC's JSON. The method is the loss functions, `step_loss`
+TSV, CE-CLIP's .npy (--allow_pickle), HNC's JSON, or img2dataset's webdataset shards whose json
+holds each sample's hard-negative captions (--data wds; the field is --neg_key, one drawn a sample). The method is the loss functions, `step_loss`
 and `make_batch`; the loop at the bottom is the same text in the three scripts.
 The equations next to the code, every default and the run that chose it: docs/clip_hardneg.md.
 
@@ -23,7 +24,7 @@ Deviations from the papers
    images are the twins.
 2. --batch_size counts images per process; with --neg_images half of them are the other half's
    hard-negative images (NegCLIP appends them, doubling the batch).
-3. NegCLIP's TSV and HNC: one negative drawn per sample (K = 1); CE-CLIP's four typed negatives and
+3. NegCLIP's TSV, HNC and webdataset shards: one negative drawn per sample (K = 1); CE-CLIP's four typed negatives and
    the generator's five types are all used. An invalid negative is masked out and counted.
 4. CE-CLIP's IMC is the coherent reading of a term the reference repo changed four times: per image,
    S(i, t_i) against its own negatives' text-text logits s * t_i . n_ik, cross-entropy to the caption.
@@ -53,6 +54,7 @@ import data
 import eval as ev
 import negatives
 import shapes
+import wds
 from model import (
     FINETUNE_MODES,
     export_open_clip,
@@ -373,7 +375,9 @@ DEFAULT_INIT = "out/clip_scratch/ckpt.pt"
 
 def n_negatives(args):
     """K, the hard negatives per caption: one per type (shapes, coco, ceclip's 4) or one drawn (negclip, hnc)"""
-    return {"negclip": 1, "ceclip": len(negatives.CECLIP_TYPES), "hnc": 1}.get(args.data, len(args.neg_types))
+    return {"negclip": 1, "ceclip": len(negatives.CECLIP_TYPES), "hnc": 1, "wds": 1}.get(
+        args.data, len(args.neg_types)
+    )
 
 
 # the defaults that depend on --data, applied after parsing (apply_preset); None = from --epochs
@@ -409,11 +413,23 @@ def get_args(argv=None):
     p = Parser(__doc__)
     p.presets(SHAPES, REAL)
     # data
-    p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc"))
+    p.add_argument("--data", default="shapes", choices=("shapes", "coco", "negclip", "ceclip", "hnc", "wds"))
     p.add_argument(
         "--data_root",
         default=None,
-        help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON",
+        help="coco: the folder; negclip: the TSV; ceclip: a .npy or a folder of them; hnc: the JSON; "
+        "wds: the shards, 'shards/{00000..00099}.tar'",
+    )
+    p.add_argument(
+        "--train_num_samples",
+        type=int,
+        default=None,
+        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / global batch",
+    )
+    p.add_argument(
+        "--neg_key",
+        default="negatives",
+        help="wds: the json field holding a sample's hard-negative captions (a list; one is drawn per sample)",
     )
     p.add_argument(
         "--image_root",
@@ -603,6 +619,10 @@ def get_args(argv=None):
         )
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
+    if args.train_num_samples and args.data != "wds":
+        p.error("--train_num_samples is for --data wds")
+    if args.data == "wds" and args.eval_data and not args.eval_root:
+        p.error("--data wds --eval_data needs --eval_root: the eval set's folder")
     if args.init is None and args.data != "shapes":
         p.error(
             f"--data {args.data} needs --init: a pretrained CLIP, e.g. --init ViT-B-32:openai (open_clip NAME:PRETRAINED), "
@@ -720,6 +740,14 @@ def make_data(args, rank, world):
         )
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
+    if args.data == "wds":  # webdataset shards, streamed: an epoch is --train_num_samples samples
+        sample = partial(
+            wds.hardneg_sample, image_size=args.image_size, preprocess=args.preprocess, neg_key=args.neg_key
+        )
+        train, n = wds.open_shards(
+            args.data_root, args.train_num_samples, sample, rank, world, args.workers, args.seed
+        )
+        return train, n, args.eval_data and data.read_dataset(args.eval_data, args.eval_root)
     if args.data == "coco":
         splits = data.read_dataset("coco", args.data_root)
         items = [(path, [(c, None) for c in caps], None) for path, caps in splits["train"]]

@@ -10,6 +10,8 @@ pairs with `clips_loss`, `--captioner_weight 2` adds the captioner (model.Captio
     torchrun --standalone --nproc_per_node=8 clip_scratch.py --data coco --data_root ~/data/coco
     torchrun --standalone --nproc_per_node=2 clip_scratch.py --device cpu     # DDP on CPU (gloo)
     python clip_scratch.py --caption_mask subcaption --captioner_weight 2 --caption_style partial --out_dir out/clips
+    torchrun --standalone --nproc_per_node=8 clip_scratch.py --data wds --data_root 'shards/{00000..00099}.tar' \
+        --train_num_samples 1000000 --eval_data coco --eval_root ~/data/coco   # img2dataset's shards (wds.py)
     python eval.py --model out/clip_scratch/ckpt.pt                          # the shapes benchmark
 
 The method is `clip_loss` / `clips_loss` / `caption_loss`, `step_loss` and `make_batch`; the loop at
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 import data
 import eval as ev
 import shapes
+import wds
 from model import CLIP, MODEL_SIZES, Captioner, export_open_clip, load_checkpoint, model_config, param_groups
 from training import (
     Model,
@@ -250,10 +253,25 @@ def get_args(argv=None):
     p = Parser(__doc__)
     p.presets(SHAPES, REAL)
     # data
-    p.add_argument("--data", default="shapes", choices=("shapes", "flickr8k", "coco", "recap"))
+    p.add_argument("--data", default="shapes", choices=("shapes", "flickr8k", "coco", "recap", "wds"))
     p.add_argument(
-        "--data_root", default=None, help="dataset folder (real data); recap: the CSV or JSONL file"
+        "--data_root",
+        default=None,
+        help="dataset folder (real data); recap: the CSV or JSONL file; wds: the shards, 'shards/{00000..00099}.tar'",
     )
+    p.add_argument(
+        "--train_num_samples",
+        type=int,
+        default=None,
+        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / global batch",
+    )
+    p.add_argument(
+        "--eval_data",
+        default=None,
+        choices=("flickr8k", "coco", "recap"),
+        help="wds: the retrieval eval set (default: none, the run only trains)",
+    )
+    p.add_argument("--eval_root", default=None, help="wds: the --eval_data folder (recap: its file)")
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, 224 for real data")
     p.add_argument(
         "--context_length", type=int, default=None, help="default: 32 for shapes, 77 for real data"
@@ -285,7 +303,9 @@ def get_args(argv=None):
     )
     p.add_argument("--image_key", default="image", help="recap: the image column")
     p.add_argument("--caption_key", default="caption", help="recap: the web caption column")
-    p.add_argument("--recap_key", default="re_caption", help="recap: the synthetic caption column")
+    p.add_argument(
+        "--recap_key", default="re_caption", help="recap: the synthetic caption column; wds: its json field"
+    )
     # CLIPS: synthetic captions (off by default)
     p.add_argument(
         "--caption_mask",
@@ -389,6 +409,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
+    if (args.train_num_samples or args.eval_data or args.eval_root) and args.data != "wds":
+        p.error("--train_num_samples, --eval_data and --eval_root are for --data wds")
+    if args.cache_images and args.data == "wds":
+        p.error("--cache_images: --data wds streams its shards, there is no image list to cache")
+    if bool(args.eval_data) != bool(args.eval_root):
+        p.error("--eval_data and --eval_root go together: the eval set and its folder")
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs: the shapes world is an endless stream; give --max_steps")
     apply_preset(args, SHAPES, REAL)
@@ -464,7 +490,8 @@ def resume(path, clip, state):
 
 def make_data(args, rank, world):
     """-> (train dataset, number of items or None for an infinite stream, what to evaluate on:
-    "shapes-none" | "shapes-combos" (--holdout), or the dataset's splits)."""
+    "shapes-none" | "shapes-combos" (--holdout), the dataset's splits, or with --data wds the
+    --eval_data's splits or None)."""
     if args.data == "shapes":
         held = shapes.holdout_combos() if args.holdout == "combos" else None
         return (
@@ -474,7 +501,19 @@ def make_data(args, rank, world):
         )
     if args.data_root is None:
         raise data.DataError(f"--data {args.data} needs --data_root")
-    splits = data.read_dataset(args.data, args.data_root, (args.image_key, args.caption_key, args.recap_key))
+    keys = (args.image_key, args.caption_key, args.recap_key)
+    if args.data == "wds":  # webdataset shards, streamed: an epoch is --train_num_samples samples
+        sample = partial(
+            wds.clip_sample,
+            image_size=args.image_size,
+            recap_key=args.recap_key,
+            need_recap=args.caption_mask != "none",
+        )
+        train, n = wds.open_shards(
+            args.data_root, args.train_num_samples, sample, rank, world, args.workers, args.seed
+        )
+        return train, n, args.eval_data and data.read_dataset(args.eval_data, args.eval_root, keys)
+    splits = data.read_dataset(args.data, args.data_root, keys)
     cache = (
         os.path.join(args.out_dir, f"cache_{args.data}_train_{args.image_size}.u8")
         if args.cache_images

@@ -11,7 +11,8 @@ Data shared by the minclip scripts.
 - The text-file rules: every text file is opened by text_lines (csv_rows and read_json on top of
   it): UTF-8 with an optional byte-order mark; every bad input raises DataError naming the file
   and line (or flag).
-The shapes world is shapes.py; hard-negative captions and their files are negatives.py.
+The shapes world is shapes.py; hard-negative captions and their files are negatives.py; webdataset
+shards (--data wds), streamed, are wds.py.
 Datasets return raw texts; each training script turns them into the tokens its method needs.
 """
 

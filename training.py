@@ -472,7 +472,12 @@ def wrap(module, args, world, local_rank, device):
 
 def batches(dataset, n_items, collate, args, rank, world, start_step, device):
     """the DataLoader of the steps [start_step, max_steps): this rank's share of each global batch
-    (data.StepBatches: keys by (seed, step, rank), so a resumed run sees the batches it would have)"""
+    (data.StepBatches: keys by (seed, step, rank), so a resumed run sees the batches it would have;
+    --data wds: the shards stream their own batches, placed by the step count too, wds.Shards)"""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return dataset.loader(
+            collate, args.batch_items, start_step, args.max_steps, args.workers, device.type == "cuda"
+        )
     sampler = data.StepBatches(n_items, args.batch_items, rank, world, args.seed, start_step, args.max_steps)
     return torch.utils.data.DataLoader(
         dataset,
