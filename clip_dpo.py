@@ -214,6 +214,22 @@ def imc_loss(query_features, cand_features, ranks, logit_scale):
         )
 
 
+def distill_loss(image_features, text_features, ref_image, ref_text, logit_scale, ref_scale):
+    """Learning without forgetting (Li & Hoiem 2017) on CLIP's pairs: for each image the KL divergence
+    from the reference's softmax over the pairs' captions to the policy's, and the same for each caption
+    over the images. features [P, D] of P pairs (this rank's), the reference's the same -> loss [P] (the
+    two directions' mean), fp32; 0 where the policy scores as the reference does. --distill_weight puts
+    it on the --replay_root pairs: the ranking among captions that retrieval lives on, kept."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        z = logit_scale.float() * image_features.float() @ text_features.float().T  # [P, P]
+        z_ref = ref_scale.float() * ref_image.float() @ ref_text.float().T
+
+        def kl(teacher, student):
+            return (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
+
+        return 0.5 * (kl(z_ref, z) + kl(z_ref.T, z.T))
+
+
 def scores(features, query, cand, scale):
     """z [M, K] = scale * f(query_m) . f(cand_mk) from features [N, D] (query [M], cand [M, K] index
     it), in fp32 also under autocast, which would run a matmul (einsum's bmm) in bf16: a step of
@@ -280,6 +296,15 @@ def step_loss(model, batch, args, state):
         stats |= {"clip": contrastive.detach(), "acc": acc}
     else:
         loss = args.pref_weight * loss
+    if args.distill_weight:  # the replayed pairs' rankings kept at the reference's
+        pos = prefs["pos"][prefs["replay"]]
+        i, t = pos[:, 0], pos[:, 1]
+        per_pair = distill_loss(
+            image_features[i], text_features[t], ref_image[i], ref_text[t], scale, ref_scale
+        )
+        distill = global_mean(per_pair.sum(), len(per_pair))
+        loss = loss + args.distill_weight * distill
+        stats["distill"] = distill.detach()
     # the kick: the first --imc_steps steps, else the first --imc_fraction of the run, else every step
     until = (
         args.imc_steps
@@ -383,6 +408,8 @@ class ImageGroups(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         group = self.groups[key % len(self.groups)]
+        if "captions" in group:  # a --replay_root pair: its captions in turn, one an epoch
+            group = {**group, "texts": [group["captions"][key // len(self.groups) % len(group["captions"])]]}
         # a twin's file is decoded once
         decoded = {path: data.load_image(path, self.image_size, self.preprocess) for path in group["images"]}
         if any(p is None for p in decoded.values()):
@@ -436,8 +463,10 @@ def make_batch(groups, args):
     if not kept:
         return None, {"unreadable groups": len(groups)}
     n_images = sum(len(g["images"]) for g in kept)
-    images, texts, rows, pos, statement = [], [], [], [], []
+    images, texts, rows, pos, statement, replay = [], [], [], [], [], []
     for g in kept:
+        if not g["queries"]:  # a --replay_root pair: its rows of pos
+            replay += range(len(pos), len(pos) + len(g["pos"]))
         i0, t0 = len(images), n_images + len(texts)  # offsets into [image features; text features]
         images += g["images"]
         texts += g["texts"]
@@ -468,7 +497,15 @@ def make_batch(groups, args):
     )
     # the image queries the intra-modal term runs on (--imc_sets), found here on the CPU
     i2t = kicked.nonzero().squeeze(1)
-    prefs = {"query": query, "cand": cand, "rank": rank, "pairs": pairs, "pos": torch.tensor(pos), "i2t": i2t}
+    prefs = {
+        "query": query,
+        "cand": cand,
+        "rank": rank,
+        "pairs": pairs,
+        "pos": torch.tensor(pos),
+        "i2t": i2t,
+        "replay": torch.tensor(replay, dtype=torch.long),
+    }
     return (torch.stack(images), tokens, prefs), {"unreadable groups": len(groups) - len(kept)}
 
 
@@ -551,6 +588,12 @@ def get_args(argv=None):
         type=float,
         default=0.5,
         help="with --replay_root: the share of groups that are pairs",
+    )
+    p.add_argument(
+        "--distill_weight",
+        type=float,
+        default=0.0,
+        help="with --replay_root: weight of the KL to the reference's rankings of the replayed pairs (distill_loss)",
     )
     p.add_argument(
         "--vsr_flips",
@@ -750,6 +793,10 @@ def get_args(argv=None):
         p.error(
             f"--replay_root: for --data vsr or rankings, with 0 < --replay_share < 1 (got {args.replay_share})"
         )
+    if args.distill_weight and (args.replay_root is None or args.loss == "bt"):
+        p.error("--distill_weight: the KL is on the --replay_root pairs, to the reference (not --loss bt)")
+    if args.distill_weight < 0:
+        p.error(f"--distill_weight {args.distill_weight}: must be >= 0")
     if args.holdout != "none" and args.data != "shapes":
         p.error("--holdout: held-out combinations are the shapes world's")
     if args.init is None and args.data != "shapes":
@@ -1013,11 +1060,17 @@ def make_data(args, rank, world):
 
 def replay_groups(items, n_preference, share):
     """--replay_root's training pairs as groups without a preference: an image and one of its captions
-    (the k-th image its caption k mod the captions), for CLIP's term; as many as make them `share` of
+    (the k-th image its caption k mod the captions, the next one the next epoch), for CLIP's term; as many as make them `share` of
     all the groups (every pair at most once)"""
     n = min(len(items), round(share / (1 - share) * n_preference))
     return [
-        {"images": [path], "texts": [caps[k % len(caps)]], "queries": [], "pos": [(0, 0)]}
+        {
+            "images": [path],
+            "texts": [caps[k % len(caps)]],
+            "captions": caps[k % len(caps) :] + caps[: k % len(caps)],  # ImageGroups: one an epoch, in turn
+            "queries": [],
+            "pos": [(0, 0)],
+        }
         for k, (path, caps, *_) in enumerate(items[:n])
     ]
 

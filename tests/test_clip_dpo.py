@@ -1645,3 +1645,75 @@ def test_replay_where_it_would_be_ignored_is_refused(argv, capsys):
     with pytest.raises(SystemExit):
         clip_dpo.get_args([*argv, "--init", "x"])
     assert "--replay_root: for --data vsr or rankings" in capsys.readouterr().err
+
+
+def test_distill_matches_a_naive_kl_and_is_zero_at_the_reference():
+    """distill_loss: per pair, the mean of the two directions' KL(reference softmax || policy softmax)
+    over the pairs' captions (images), against F.kl_div row by row; 0 where policy == reference"""
+    torch.manual_seed(0)
+    P, D = 5, 8
+    image, text, ref_image, ref_text = (F.normalize(torch.randn(P, D), dim=-1) for _ in range(4))
+    s, s_ref = torch.tensor(7.0), torch.tensor(5.0)
+    got = clip_dpo.distill_loss(image, text, ref_image, ref_text, s, s_ref)
+    for p in range(P):
+        i2t = F.kl_div(
+            F.log_softmax(s * image[p] @ text.T, -1),
+            F.log_softmax(s_ref * ref_image[p] @ ref_text.T, -1),
+            log_target=True,
+            reduction="sum",
+        )
+        t2i = F.kl_div(
+            F.log_softmax(s * text[p] @ image.T, -1),
+            F.log_softmax(s_ref * ref_text[p] @ ref_image.T, -1),
+            log_target=True,
+            reduction="sum",
+        )
+        assert got[p].item() == pytest.approx(0.5 * (i2t + t2i).item(), rel=1e-5)
+    assert clip_dpo.distill_loss(image, text, image, text, s, s).abs().max() < 1e-6
+
+
+def test_distill_is_on_the_replayed_pairs_only():
+    """--distill_weight adds w * distill over the pos rows of the groups without queries (the
+    --replay_root pairs): prefs["replay"] marks exactly them, and step_loss's term is distill_loss on them"""
+    policy, reference, _ = tiny_policy_and_batch()
+    with torch.no_grad():  # the policy moved off the reference, so the KL is not 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    group = clip_dpo.shapes_group(shapes.sample_scene(shapes.scene_rng("dpo", 0, 0)), 32, False, "mirror")
+    pairs = [
+        {"images": [group["images"][k]], "texts": [f"a photo {k}"], "queries": [], "pos": [(0, 0)]}
+        for k in range(2)
+    ]
+    batch = batch_of([pairs[0], group, pairs[1]])
+    prefs = batch[2]
+    assert prefs["pos"][prefs["replay"]].tolist() == [[0, 0], [3, 3]]  # the pairs: images 0 and 3
+    args = args_for("dpo_clip", alpha=0.75)
+    base, _ = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    args.distill_weight = 2.0
+    loss, stats = clip_dpo.step_loss(policy, batch, args, state_of(reference))
+    images, texts, _ = batch
+    with torch.no_grad():
+        f_img, f_txt, scale = policy(images, texts)
+        r_img, r_txt, r_scale = reference(images, texts)
+    i, t = torch.tensor([0, 3]), torch.tensor([0, 3])
+    expected = clip_dpo.distill_loss(f_img[i], f_txt[t], r_img[i], r_txt[t], scale, r_scale).mean()
+    assert stats["distill"].item() == pytest.approx(expected.item(), rel=1e-5) and expected > 1e-4
+    assert loss.item() == pytest.approx(base.item() + 2.0 * expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv", [["--distill_weight", "1"], ["--data", "vsr", "--distill_weight", "1"]])
+def test_distill_without_replay_is_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        clip_dpo.get_args([*argv, "--init", "x"])
+    assert "--distill_weight: the KL is on the --replay_root pairs" in capsys.readouterr().err
+
+
+def test_replayed_pairs_take_their_captions_in_turn(tmp_path):
+    """A replayed image sees its captions one an epoch, in turn from caption k mod n (the first epoch
+    as before), so the anchor is the start's whole training signal, not one caption per image"""
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+    items = [(str(tmp_path / f"{k}.png"), [f"{k} a", f"{k} b", f"{k} c"]) for k in range(3)]
+    groups = clip_dpo.ImageGroups(clip_dpo.replay_groups(items, n_preference=3, share=0.5), 8)
+    seen = [[groups[epoch * 3 + k]["texts"][0] for epoch in range(4)] for k in range(3)]
+    assert seen == [["0 a", "0 b", "0 c", "0 a"], ["1 b", "1 c", "1 a", "1 b"], ["2 c", "2 a", "2 b", "2 c"]]
