@@ -159,3 +159,99 @@ def test_the_table_end_to_end_and_resumed(tmp_path):
     assert (
         os.path.getmtime(out / "dpo_s0" / "result.json") == stamp and open(out / "table.md").read() == table
     )
+
+
+def control_run(row, start, seed, statements, relation):
+    metrics = {k: 0.5 for k, _ in mt.CONTROL_COLUMNS + mt.CONTROL_OTHER}
+    metrics |= {"statements/acc": statements, "probe/relation": relation, "retrieval/i2t_r1": 0.1 * start}
+    return {
+        "name": f"dpo-{row}_i{start}_s{seed}",
+        "method": f"dpo-{row}",
+        "start": start,
+        "seed": seed,
+        "machine": {"device": "cpu", "cores": 2},
+        "metrics": {"test": metrics},
+    }
+
+
+def test_controls_table_keeps_starts_and_seeds_apart_by_hand():
+    """statements = 0.80 + 0.05 start + 0.01 seed: the per-start means are 0.81, 0.86, 0.91 (stdev 0.05),
+    the per-seed means 0.85, 0.86, 0.87 (stdev 0.01); the relation 0.95 but 0.85 on start 2 seed 0; the goal
+    (statements >= 0.88 and relation >= 0.90) is reached by start 2 seeds 1, 2 and start 1 never (0.85 + 0.02)"""
+    runs = [
+        control_run("default", i, s, 0.80 + 0.05 * i + 0.01 * s, 0.85 if (i, s) == (2, 0) else 0.95)
+        for i in range(3)
+        for s in range(3)
+    ]
+    text = mt.controls_table(runs + [control_run("nopref", 0, 0, 0.5, 0.5)])
+    head = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    rows = [
+        dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in text.splitlines()[2:4]
+    ]
+    default, nopref = rows
+    assert head[2:5] == ["statements/acc", "over starts", "over seeds"] and head[5] == "relation"
+    assert default["row"] == "the default" and default["runs (starts x seeds)"] == "9 (3 x 3)"
+    assert default["statements/acc"] == "0.860 ± 0.044"  # mean 0.86, stdev sqrt((3 x 0.005 + 3 x 0.0002) / 8)
+    values = [0.80 + 0.05 * i + 0.01 * s for i in range(3) for s in range(3)]
+    assert default["statements/acc"] == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    over = [
+        c
+        for c, h in zip(text.splitlines()[2].strip("|").split("|"), head)
+        if h in ("over starts", "over seeds")
+    ]
+    assert [c.strip() for c in over] == ["0.050", "0.010", "0.019", "0.019"]  # relation: one 0.85 among 0.95s
+    assert default["i2t R@1"] == "0.100 ± 0.087" and default["attribute swap"] == "0.500 ± 0.000"
+    assert default[head[-1]] == "2 of 9" and head[-1] == "statements >= 0.88 & relation >= 0.9"
+    assert nopref["runs (starts x seeds)"] == "1 (1 x 1)" and nopref["over starts"] == "-"
+
+
+def test_controls_are_one_term_changes_from_every_start_on_every_seed(tmp_path):
+    runs = mt.control_commands([0, 1, 2], False, str(tmp_path))
+    scratch = [r for r in runs if r[1] == "scratch"]
+    assert [r[0] for r in scratch] == ["scratch_s0", "scratch_s1", "scratch_s2"]
+    finetunes = [r for r in runs if r[1] != "scratch"]
+    assert len(finetunes) == len(mt.CONTROLS) * 9
+    for row, _, extra in mt.CONTROLS:
+        for start in range(3):
+            for seed in range(3):
+                name, method, s, argv, needs = next(
+                    r for r in finetunes if r[0] == f"dpo-{row}_i{start}_s{seed}"
+                )
+                assert (method, s, needs) == (f"dpo-{row}", seed, f"scratch_s{start}")
+                assert argv[0] == "clip_dpo.py" and argv[1 : 1 + len(extra)] == extra
+                assert argv[argv.index("--seed") + 1] == str(seed)
+                assert argv[argv.index("--init") + 1] == str(tmp_path / f"scratch_s{start}" / "ckpt.pt")
+                # one change from the default: only the row's own flags besides seed, out_dir, init, resume
+                rest = argv[1 + len(extra) :]
+                assert rest == [
+                    "--seed",
+                    str(seed),
+                    "--out_dir",
+                    str(tmp_path / name),
+                    "--init",
+                    str(tmp_path / f"scratch_s{start}" / "ckpt.pt"),
+                    "--resume",
+                ]
+
+
+def test_docs_show_the_controls_table_of_the_committed_results(tmp_path):
+    """docs/clip_dpo.md's controls block is controls_table of bench/results/controls/ (or says it is not
+    run while nothing is committed); publish_controls writes the files and the block and nothing else"""
+    page, start, end = mt.readme_table(mt.CONTROL_PAGE, mt.CONTROL_MARKERS)
+    folder = os.path.join(mt.PUBLISHED, "controls")
+    if os.path.isdir(folder):
+        assert page[start:end] == mt.controls_table(mt.load_controls(folder))
+    else:
+        assert page[start:end].startswith("Not run yet")
+    doc = tmp_path / "page.md"
+    doc.write_text(f"before\n{mt.CONTROL_MARKERS[0]}\nold\n{mt.CONTROL_MARKERS[1]}\nafter\n")
+    runs = [
+        control_run("default", i, 0, 0.9, 0.95) | {"curve": [{"step": 500, "split": "val"}]} for i in range(2)
+    ]
+    mt.publish_controls(runs, page=str(doc), published=str(tmp_path / "controls"))
+    assert json.load(open(tmp_path / "controls" / "dpo-default_i1_s0.json")) == runs[1]  # with its curve
+    text = doc.read_text()
+    assert text.startswith(f"before\n{mt.CONTROL_MARKERS[0]}\n| row |") and text.endswith(
+        f"{mt.CONTROL_MARKERS[1]}\nafter\n"
+    )
+    assert "| the default | 2 (2 x 1) | 0.900 ± 0.000 |" in text

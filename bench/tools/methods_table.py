@@ -4,6 +4,7 @@ eval.py on every checkpoint; writes results.json, table.md and the plots.
     python bench/tools/methods_table.py                     # 3 seeds, every default in full
     python bench/tools/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
     python bench/tools/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
+    python bench/tools/methods_table.py --controls --readme  # the DPO default and its controls, 3 starts x 3 seeds
 
 Rows, each for every --seeds S: CLIP from scratch (`clip_scratch.py --seed S`), CLIPS (the same
 script's synthetic-caption recipe), and each fine-tune of the scratch checkpoint of its seed
@@ -49,6 +50,21 @@ QUICK = {  # --quick: the same rows with short schedules (the fine-tunes' kick s
     "dpo": ["--max_steps", "1000", "--imc_steps", "350"],
 }
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
+# --controls: the DPO default and its one-term controls from every scratch start x every fine-tune seed
+# (dpo-ROW_iSTART_sSEED; a row changes one thing of the default), published into docs/clip_dpo.md
+CONTROLS = [  # (row, label, clip_dpo.py arguments)
+    ("default", "the default", []),
+    ("nopref", "without the preference term (`--pref_weight 0`)", ["--pref_weight", "0"]),
+    ("noclip", "without CLIP's term (`--clip_weight 0`)", ["--clip_weight", "0"]),
+    ("nokick", "without the kick (`--imc_weight 0`)", ["--imc_weight", "0"]),
+    ("nostatements", "without the statement sets (`--no-statements`)", ["--no-statements"]),
+    ("kickcaptions", "the kick on the caption sets only (`--imc_sets captions`)", ["--imc_sets", "captions"]),
+]
+CONTROL_COLUMNS = [("statements/acc", "statements/acc"), ("probe/relation", "relation")]
+CONTROL_OTHER = [("probe/attribute_swap", "attribute swap"), ("retrieval/i2t_r1", "i2t R@1")]
+GOAL = {"statements/acc": 0.88, "probe/relation": 0.90}  # issue 30's bar, every start on every seed
+CONTROL_MARKERS = ("<!-- dpo-controls:start -->", "<!-- dpo-controls:end -->")
+CONTROL_PAGE = os.path.join(ROOT, "docs", "clip_dpo.md")
 # --readme copies table.md, results.json and the plots here (committed)
 PUBLISHED = os.path.join(ROOT, "bench", "results")
 COLUMNS = [
@@ -59,6 +75,25 @@ COLUMNS = [
     ("statements/acc", "statements/acc"),
     ("diag/relation_text_cos", "relation text cos"),
 ]
+
+
+def control_commands(seeds, quick, out_dir):
+    """--controls -> [(name, method, seed, argv, needs)]: the scratch starts, then every CONTROLS row from
+    every start (scratch_sS) x every fine-tune seed F, named dpo-ROW_iS_sF"""
+    runs = [r for r in commands(seeds, quick, out_dir) if r[1] == "scratch"]
+    for row, _, extra in CONTROLS:
+        for start in seeds:
+            for seed in seeds:
+                name, needs = f"dpo-{row}_i{start}_s{seed}", f"scratch_s{start}"
+                argv = ["clip_dpo.py", *extra, *(QUICK["dpo"] if quick else []), "--seed", str(seed)]
+                argv += [
+                    "--out_dir",
+                    os.path.join(out_dir, name),
+                    "--init",
+                    os.path.join(out_dir, needs, "ckpt.pt"),
+                ]
+                runs.append((name, f"dpo-{row}", seed, argv + ["--resume"], needs))
+    return runs
 
 
 def commands(seeds, quick, out_dir):
@@ -175,6 +210,47 @@ def table(results, quick):
     return "\n".join(lines) + "\n"
 
 
+def spread(runs, key, by):
+    """the standard deviation of the per-start (by="start") or per-seed means of `key` over the runs"""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r[by], []).append(r["metrics"]["test"][key])
+    means = [statistics.mean(v) for v in groups.values()]
+    return f"{statistics.stdev(means):.3f}" if len(means) > 1 else "-"
+
+
+def controls_table(results):
+    """the --controls results -> docs/clip_dpo.md's text: per CONTROLS row, the mean ± std over every run,
+    the spread over starts and over seeds apart, and how many runs reach GOAL"""
+    head = ["row", "runs (starts x seeds)"]
+    for _, label in CONTROL_COLUMNS:
+        head += [label, "over starts", "over seeds"]
+    names = dict(CONTROL_COLUMNS)
+    head += [label for _, label in CONTROL_OTHER]
+    head.append(" & ".join(f"{names[k].split('/')[0]} >= {v}" for k, v in GOAL.items()))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, label, _ in CONTROLS:
+        runs = [r for r in results if r["method"] == f"dpo-{row}"]
+        if not runs:
+            continue
+        cells = [label, f"{len(runs)} ({len({r['start'] for r in runs})} x {len({r['seed'] for r in runs})})"]
+        for key, _ in CONTROL_COLUMNS:
+            values = [r["metrics"]["test"][key] for r in runs]
+            cells += [mean_std(values), spread(runs, key, "start"), spread(runs, key, "seed")]
+        cells += [mean_std([r["metrics"]["test"][key] for r in runs]) for key, _ in CONTROL_OTHER]
+        reached = sum(all(r["metrics"]["test"][k] >= v for k, v in GOAL.items()) for r in runs)
+        lines.append("| " + " | ".join(cells + [f"{reached} of {len(runs)}"]) + " |")
+    m = results[0]["machine"] if results else {}
+    lines += [
+        "",
+        f"Made by `python bench/tools/methods_table.py --controls` on {m.get('device')}, {m.get('cores')} cores; "
+        "each row from the scratch checkpoints of seeds 0, 1, 2 (the Results table's) x fine-tune seeds 0, 1, 2; "
+        "over starts / over seeds: the standard deviation of the three per-start / per-seed means. "
+        "Every run's command, start, seed, machine, wall clock and eval curve: bench/results/controls/.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def plots(results, out_dir):
     """probes_vs_step.png (relation and attribute swap over each run's evals) and probes.png (the
     final probes per method, plain CLIP's chance line at 0.5); None if matplotlib is missing"""
@@ -232,10 +308,36 @@ def plots(results, out_dir):
     return ["probes_vs_step.png", "probes.png"]
 
 
-def readme_table(path=os.path.join(ROOT, "README.md")):
-    """-> (README's text, start, end): the table is text[start:end], between the MARKERS"""
+def readme_table(path=os.path.join(ROOT, "README.md"), markers=MARKERS):
+    """-> (the page's text, start, end): the table is text[start:end], between the markers"""
     readme = open(path).read()
-    return readme, readme.index(MARKERS[0]) + len(MARKERS[0]) + 1, readme.index(MARKERS[1])
+    return readme, readme.index(markers[0]) + len(markers[0]) + 1, readme.index(markers[1])
+
+
+def write_between(path, markers, text):
+    """text into the page at path between its markers, atomically"""
+    page, start, end = readme_table(path, markers)
+    with open(path + ".tmp", "w") as f:
+        f.write(page[:start] + text + page[end:])
+    os.replace(path + ".tmp", path)
+
+
+def publish_controls(results, page=CONTROL_PAGE, published=None):
+    """--controls --readme: every run's result (with its curve) into bench/results/controls/NAME.json,
+    the table into docs/clip_dpo.md between the CONTROL_MARKERS"""
+    folder = published or os.path.join(PUBLISHED, "controls")
+    os.makedirs(folder, exist_ok=True)
+    for r in results:
+        with open(os.path.join(folder, r["name"] + ".json"), "w") as f:
+            json.dump(r, f, indent=1)
+    write_between(page, CONTROL_MARKERS, controls_table(load_controls(folder)))
+
+
+def load_controls(folder=None):
+    """the committed --controls results: bench/results/controls/*.json, the fine-tunes only"""
+    folder = folder or os.path.join(PUBLISHED, "controls")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("dpo-") and n.endswith(".json"))
+    return [json.load(open(os.path.join(folder, n))) for n in names]
 
 
 def publish(out_dir, text, files, path=os.path.join(ROOT, "README.md")):
@@ -243,10 +345,7 @@ def publish(out_dir, text, files, path=os.path.join(ROOT, "README.md")):
     os.makedirs(PUBLISHED, exist_ok=True)
     for name in ["table.md", "results.json", *files]:
         shutil.copyfile(os.path.join(out_dir, name), os.path.join(PUBLISHED, name))
-    readme, start, end = readme_table(path)
-    with open(path + ".tmp", "w") as f:
-        f.write(readme[:start] + text + readme[end:])
-    os.replace(path + ".tmp", path)
+    write_between(path, MARKERS, text)
 
 
 def main(argv=None):
@@ -275,7 +374,15 @@ def main(argv=None):
         help="nothing runs: README's table and bench/results/table.md made "
         "anew from the committed bench/results/results.json",
     )
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="the DPO default and its one-term controls (CONTROLS) from every "
+        "scratch start x every fine-tune seed, instead of the methods; --readme publishes them into docs/clip_dpo.md",
+    )
     args = p.parse_args(argv)
+    if args.publish and os.path.isdir(os.path.join(PUBLISHED, "controls")):
+        write_between(CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls()))
     if args.publish:
         text = table(json.load(open(os.path.join(PUBLISHED, "results.json"))), quick=False)
         with open(os.path.join(PUBLISHED, "table.md"), "w") as f:
@@ -289,11 +396,17 @@ def main(argv=None):
         )
     if args.readme and (args.quick or args.methods != [m[0] for m in METHODS]):
         p.error("--readme publishes the whole table: drop --quick and --methods")
+    if args.controls and args.methods != [m[0] for m in METHODS]:
+        p.error("--controls runs the DPO rows of CONTROLS: drop --methods")
     seeds = args.seeds[:1] if args.quick else args.seeds
     out_dir = args.out_dir or ("out/methods_table_quick" if args.quick else "out/methods_table")
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
-    runs = [r for r in commands(seeds, args.quick, out_dir) if r[1] in args.methods]
+    runs = (
+        control_commands(seeds, args.quick, out_dir)
+        if args.controls
+        else [r for r in commands(seeds, args.quick, out_dir) if r[1] in args.methods]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     info, t0, running, finished = machine(), time.time(), {}, {}
     for name, *_ in runs:
@@ -327,7 +440,7 @@ def main(argv=None):
                     f"{name} failed (exit {proc.returncode}): see {os.path.join(out_dir, name, 'train.log')}"
                 )
             wall = time.time() - start
-            _, method, seed, argv, _ = run
+            _, method, seed, argv, needs = run
             metrics = evaluate(
                 os.path.join(out_dir, name, "ckpt.pt"), os.path.join(out_dir, name), env, args.eval_n
             )
@@ -337,6 +450,7 @@ def main(argv=None):
                 "method": method,
                 "script": argv[0],
                 "seed": seed,
+                "start": int(needs.rsplit("_s", 1)[1]) if needs else None,  # the scratch seed it starts from
                 "command": shlex.join(["python", *full[1:]]),
                 "steps": max((e["step"] for e in evals), default=None),
                 "wall_s": round(wall, 1),
@@ -366,6 +480,15 @@ def main(argv=None):
             )
         time.sleep(2)
     results = [finished[r[0]] for r in runs]
+    if args.controls:
+        text = controls_table([r for r in results if r["method"].startswith("dpo-")])
+        with open(os.path.join(out_dir, "controls.md"), "w") as f:
+            f.write(text)
+        print(text)
+        if args.readme:
+            publish_controls([r for r in results if r["method"].startswith("dpo-")])
+            print("docs/clip_dpo.md's controls table and bench/results/controls/ updated")
+        return
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "curve"} for r in results], f, indent=1)
     text = table(results, args.quick)
