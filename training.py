@@ -474,7 +474,8 @@ class MicroBatches(torch.nn.Module):
     backward, autograd runs the latest part's nodes first (its sequence numbers are the highest), and
     the first of them to need a saved activation recomputes that part's forward, whose activations
     are freed as its backward consumes them: one part's activations at a time, as GradCache's second
-    pass holds. The compute is GradCache's too: two forwards and one backward per part. Under DDP this
+    pass holds. The compute is GradCache's too: two forwards and one backward per part (the log line's
+    MFU counts the second forward as work, as with --grad_checkpointing). Under DDP this
     module is inside the one DDP forward of the step, so every parameter's gradient is accumulated
     over the K parts before DDP's reducer sees it, once."""
 

@@ -53,3 +53,15 @@ def test_tiny_benchmark_under_torchrun_gives_the_scaling_efficiency(tmp_path):
     check_rows(ddp, world=2)
     assert all(positive(row["scaling_efficiency"]) for row in ddp)
     assert "scaling efficiency clip_scratch on 2 GPUs" in r.stdout
+
+
+def test_base32_is_open_clips_vit_b_32():
+    """the benchmark's minclip model is the architecture open_clip.create_model("ViT-B-32") builds"""
+    import open_clip
+
+    from model import model_config
+
+    ours, theirs = model_config("base32", 224, 77), open_clip.get_model_config("ViT-B-32")
+    assert ours["embed_dim"] == theirs["embed_dim"] and ours["text_cfg"] == theirs["text_cfg"]
+    assert {k: ours["vision_cfg"][k] for k in theirs["vision_cfg"]} == theirs["vision_cfg"]
+    assert ours["vision_cfg"]["head_width"] == 64  # open_clip's default: 12 heads at width 768
