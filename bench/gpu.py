@@ -3,8 +3,8 @@ The prepared GPU benchmark (issue 31): each script's training step at open_clip'
 random init, bf16 autocast), --compile off and on: ms/step, images/s, MFU and peak memory; open_clip's
 own training step (open_clip.create_model("ViT-B-32"), open_clip.ClipLoss, AdamW) on the same batch
 and GPU, as a ratio; eval.py's encode throughput; with several GPUs visible, the same steps under
-torchrun (DDP, compile off) and the scaling efficiency. One command for a lent GPU, about 8 minutes
-on an H100 at most, most of it compiling:
+torchrun (DDP, compile off) and the scaling efficiency. One command for a lent GPU, meant to end
+within 8 minutes on an H100, most of them compiling (not yet run on a GPU: no figure of it exists):
 
     python bench/gpu.py                        # prints the table, writes bench/results/gpu.json
     python bench/gpu.py --compile off          # without the compile rows (minutes faster)
@@ -15,7 +15,7 @@ Each row is the loop's step without its data loading: the script's own get_args,
 shapes world rendered at 224 px), make_batch, make_model, training.wrap (DDP, compile) and step_loss,
 then backward, fused AdamW and the logit-scale clamp. Batch 256 per GPU: clip_scratch 256 pairs,
 clip_hardneg 256 images (128 scenes and their twins) with CE-CLIP's loss, clip_dpo 64 groups;
-`--accum_steps 4` rows show what GradCache's micro-batches cost and save. open_clip's text tower
+the `--accum_steps 4` row (compile off) shows what GradCache's micro-batches cost and save. open_clip's text tower
 runs all 77 positions; minclip's stops at the batch's longest caption (clip_scratch.py, deviation
 4), so the ratio counts that design. MFU = the step's FLOPs (torch's FLOP counter, the model's
 FLOPs: a recomputation is not counted) / time / the GPU's dense bf16 peak (training.PEAK_FLOPS).
@@ -23,9 +23,12 @@ Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on 
 fails is kept with its error, so one broken row does not cost the lent GPU's time for the others.
 
 --cpu_scaling (no GPU needed): clip_scratch.py's default step (tiny, 64 px, global batch 128) in
-1 process (all cores) vs 2 gloo processes (half the batch and half the cores each), and with
---accum_steps 4 vs 1 in 1 process (time per sample and peak RSS), the three run alternately in
-rounds so that a busy machine's noise hits them alike -> bench/results/cpu_scaling.json.
+1 process vs 2 gloo processes (half the batch each), each process on one thread: a core is the
+CPU's device, as a GPU is each rank's (threads shared with other jobs would time the contention
+of OpenMP's barriers, not DDP); and with
+--accum_steps 4 vs 1 in 1 process (time per sample), the three run alternately in rounds so that a
+busy machine's noise hits them alike; then the peak RSS of --accum_steps 1, 2, 4 on a step whose
+activations outweigh the process (the small model at 128 px) -> bench/results/cpu_scaling.json.
 """
 
 import argparse
@@ -450,11 +453,10 @@ def cpu_scaling(opts):
     """1 process vs 2 gloo processes at the same global batch, and --accum_steps 4 vs 1, alternating in
     rounds; then the peak RSS of K = 1, 2, 4 on a step whose activations dominate, one process each"""
     cores, batch, steps = os.cpu_count(), opts.batch_size, opts.steps
-    half = max(1, cores // 2)
-    runs = {
-        "1 process, K=1": (1, dict(batch=batch, k=1, threads=cores, steps=steps, flags=[])),
-        "2 gloo processes, K=1": (2, dict(batch=batch, k=1, threads=half, steps=steps, flags=[])),
-        "1 process, K=4": (1, dict(batch=batch, k=4, threads=cores, steps=steps, flags=[])),
+    runs = {  # one thread per process (see above)
+        "1 process, K=1": (1, dict(batch=batch, k=1, threads=1, steps=steps, flags=[])),
+        "2 gloo processes, K=1": (2, dict(batch=batch, k=1, threads=1, steps=steps, flags=[])),
+        "1 process, K=4": (1, dict(batch=batch, k=4, threads=1, steps=steps, flags=[])),
     }
     times, peaks = {name: [] for name in runs}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -463,13 +465,13 @@ def cpu_scaling(opts):
             for name, (nproc, cfg) in runs.items():
                 times[name].append(scaling_run(opts, nproc, cfg, out)["ms_per_step"])
         for k in (1, 2, 4):
-            cfg = dict(batch=batch // 2, k=k, threads=cores, steps=2, flags=MEMORY_FLAGS)
+            cfg = dict(batch=batch // 2, k=k, threads=1, steps=2, flags=MEMORY_FLAGS)
             peaks[f"K={k}"] = scaling_run(opts, 1, cfg, out)["peak_rss_gib"]
     ms = {name: statistics.median(t) for name, t in times.items()}
     result = dict(
         what=f"clip_scratch.py's default step (tiny, 64 px, fp32) at global batch {batch} on a CPU of {cores} "
         f"cores shared with other jobs (not quiet): medians of {opts.rounds} alternating rounds of {steps} "
-        "steps; 2 processes get half the cores each",
+        "steps, one thread per process",
         torch=torch.__version__,
         cores=cores,
         ms_per_step=ms,
