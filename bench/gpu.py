@@ -168,7 +168,7 @@ def timed(step, device, steps, warmup=3):
 
 def time_script(name, extra, compiled, opts, device, rank, world, local_rank):
     """a script's training step -> its row (ms/step, images/s over all ranks, TFLOP per step, peak
-    memory); also the batch's images and tokens, for open_clip's step and the eval"""
+    memory) and the batch's images and caption tokens on the host (clip_scratch: open_clip's batch)"""
     module = SCRIPTS[name]
     args = module.get_args(script_flags(name, opts.batch_size, opts.init, opts.tiny, extra))
     args.compile = compiled
@@ -200,7 +200,7 @@ def time_script(name, extra, compiled, opts, device, rank, world, local_rank):
         tflop_per_step=counter.get_total_flops() / 1e12,
         peak_memory_gib=peak,
     )
-    return row, (batch[0], batch[1] if name == "clip_scratch" else None, clip)
+    return row, (batch[0].cpu(), batch[1].cpu() if name == "clip_scratch" else None)
 
 
 def time_open_clip(images, tokens, compiled, opts, device, world, local_rank):
@@ -232,7 +232,10 @@ def time_open_clip(images, tokens, compiled, opts, device, world, local_rank):
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
     model = torch.compile(model) if compiled else model
-    tokens = torch.nn.functional.pad(tokens, (0, context - tokens.shape[1]))
+    images, tokens = (
+        images.to(device),
+        torch.nn.functional.pad(tokens, (0, context - tokens.shape[1])).to(device),
+    )
     dtype = "float32" if device.type == "cpu" else "bfloat16"
 
     def step():
@@ -249,10 +252,11 @@ def time_open_clip(images, tokens, compiled, opts, device, world, local_rank):
     return dict(ms_per_step=ms, images_per_s=len(images) * world / ms * 1000, peak_memory_gib=peak)
 
 
-def time_eval(clip, images, opts, device):
-    """eval.py's encoders as the evaluation runs them (fp32, batches of 256 moved from the host): images/s
-    and texts/s"""
-    images = images.cpu().repeat(max(1, 1024 // len(images)) if not opts.tiny else 1, 1, 1, 1)
+def time_eval(images, opts, device):
+    """eval.py's encoders as the evaluation runs them (a CLIP of the benchmark's size, fp32, batches of
+    256 moved from the host): images/s and texts/s"""
+    clip = CLIP(**model_config(*geometry(opts.tiny))).to(device)
+    images = images.repeat(max(1, 1024 // len(images)) if not opts.tiny else 1, 1, 1, 1)
     texts = ["a small red circle left of a large blue square on a striped background"] * len(images)
     tokenizer = data.get_tokenizer(geometry(opts.tiny)[2])
     clip.eval()
@@ -364,7 +368,7 @@ def gpu_benchmark(opts):
             steps=opts.steps,
             dtype="bfloat16" if device.type == "cuda" else "float32",
             rows=rows,
-            eval=time_eval(first[2], first[0], opts, device) if first else None,
+            eval=time_eval(first[0], opts, device) if first else None,
         )
         nproc = (
             opts.nproc
