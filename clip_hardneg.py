@@ -829,7 +829,7 @@ def main(argv=None):
     start_step, start_metrics = resume_run(
         ckpt_path, args, partial(resume, clip=clip, state=state), optimizer
     )
-    model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
+    model = wrap(model, args, world, local_rank, device)  # --accum_steps micro-batches, DDP, torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)
     not_finite = NotFinite(device, world)  # the non-finite-loss stop, read on log and checkpoint steps
