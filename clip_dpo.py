@@ -37,7 +37,9 @@ Deviations from the papers
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).
 5. The reward model (--loss bt) is a CLIP trained reference-free on score differences.
-6. No gradient accumulation; the global batch is batch_size groups x world size.
+6. The global batch is batch_size groups x world size. --accum_steps K runs the step's images and
+   texts as K near-equal micro-batches (not split at group boundaries: the towers are row-wise) with
+   GradCache's exact loss and gradients for every term (training.MicroBatches, tested).
 """
 
 import argparse
@@ -78,6 +80,7 @@ from training import (
     apply_preset,
     autocast_ctx,
     batches,
+    clip_grads,
     count_flops,
     global_mean,
     global_min,
@@ -731,6 +734,19 @@ def get_args(argv=None):
     )
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument(
+        "--accum_steps",
+        type=int,
+        default=1,
+        help="K: each process's batch runs as K micro-batches, the loss and its negatives over the whole "
+        "batch (GradCache: training.MicroBatches); the memory of a micro-batch, about twice the forwards",
+    )
+    p.add_argument(
+        "--grad_clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm to this (0: off); logs grad_norm",
+    )
+    p.add_argument(
         "--warmup_steps",
         type=int,
         default=None,
@@ -828,6 +844,12 @@ def get_args(argv=None):
         p.error(f"--clip_weight {args.clip_weight} and --pref_weight {args.pref_weight} must be >= 0")
     if args.imc_weight < 0 or args.beta <= 0:
         p.error(f"--imc_weight {args.imc_weight} must be >= 0 and --beta {args.beta} > 0")
+    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
+        p.error(
+            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
+        )
+    if args.grad_clip < 0:
+        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
     return args
 
 
@@ -1109,7 +1131,7 @@ def main(argv=None):
     start_step, start_metrics = resume_run(
         ckpt_path, args, partial(resume, clip=clip, state=state), optimizer
     )
-    model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
+    model = wrap(model, args, world, local_rank, device)  # --accum_steps micro-batches, DDP, torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)
     not_finite = NotFinite(device, world)  # the non-finite-loss stop, read on log and checkpoint steps
@@ -1165,6 +1187,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops
+        stats |= clip_grads(optimizer, scaler, args.grad_clip)  # --grad_clip: {"grad_norm": before clipping}
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():

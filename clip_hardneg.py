@@ -35,6 +35,10 @@ Deviations from the papers
    term has a gradient (the thesis computed it under no_grad) and each model uses its own exp(logit_scale).
 7. Shapes only: the text tower learns at 0.1x lr, and CE-CLIP's CMR is off (--cmr_weight 0; 0.2 on
    real data): the default is NegCLIP + IMC (the runs behind both: bench/LOG.md, 2026-11-25).
+8. The global batch is batch_size x world size rows. --accum_steps K runs each process's rows as K
+   micro-batches for memory, GradCache's way: every term (NegCLIP's candidates, CMR's global
+   statistics, IMC, HNC's KL and L2-SP) sees the whole batch, and loss and gradients equal one
+   pass's (training.MicroBatches, tested).
 """
 
 import argparse
@@ -75,6 +79,7 @@ from training import (
     apply_preset,
     autocast_ctx,
     batches,
+    clip_grads,
     count_flops,
     global_min,
     global_sum,
@@ -484,6 +489,11 @@ def get_args(argv=None):
         choices=FINETUNE_MODES,
         help="which parameters train (model.set_trainable)",
     )
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in backward (large models)",
+    )
     # method
     p.add_argument("--loss", default="ceclip", choices=("negclip", "ceclip", "hnc"))
     p.add_argument(
@@ -560,6 +570,19 @@ def get_args(argv=None):
         help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 7; 1 real data)",
     )
     p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument(
+        "--accum_steps",
+        type=int,
+        default=1,
+        help="K: each process's batch runs as K micro-batches, the loss and its negatives over the whole "
+        "batch (GradCache: training.MicroBatches); the memory of a micro-batch, about twice the forwards",
+    )
+    p.add_argument(
+        "--grad_clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm to this (0: off); logs grad_norm",
+    )
     p.add_argument(
         "--warmup_steps",
         type=int,
@@ -657,6 +680,12 @@ def get_args(argv=None):
         p.error("--hn_weight, --l2sp and --kl_weight must be >= 0 and --kl_temperature > 0")
     if args.loss != "hnc" and (args.hn_weight != 1.0 or args.hn_warmup_steps or args.l2sp or args.kl_weight):
         p.error("--hn_weight, --hn_warmup_steps, --l2sp and --kl_weight belong to --loss hnc")
+    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
+        p.error(
+            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
+        )
+    if args.grad_clip < 0:
+        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
     return args
 
 
@@ -697,6 +726,8 @@ def make_model(args, device):
     # a forward per step, as the student's
     teacher = torch.compile(teacher) if args.compile and teacher is not None else teacher
     trainable = set_trainable(clip, args.finetune)
+    if args.grad_checkpointing:  # both towers recompute their blocks' activations in backward
+        clip.set_grad_checkpointing(True)
     init_params = (
         {n: p.detach().clone() for n, p in clip.named_parameters() if n in trainable and n != "logit_scale"}
         if args.l2sp
@@ -826,7 +857,7 @@ def main(argv=None):
     start_step, start_metrics = resume_run(
         ckpt_path, args, partial(resume, clip=clip, state=state), optimizer
     )
-    model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
+    model = wrap(model, args, world, local_rank, device)  # --accum_steps micro-batches, DDP, torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)
     not_finite = NotFinite(device, world)  # the non-finite-loss stop, read on log and checkpoint steps
@@ -882,6 +913,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops
+        stats |= clip_grads(optimizer, scaler, args.grad_clip)  # --grad_clip: {"grad_norm": before clipping}
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():

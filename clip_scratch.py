@@ -24,7 +24,9 @@ Deviations from the papers
 3. Shapes only: the text tower learns at 0.1x lr (--text_lr_mult); at full lr it turns blind to the
    relation word for good (the runs: bench/LOG.md, 2026-11-23).
 4. The text tower runs only up to the longest caption of the batch (causal mask: the same features).
-5. No gradient accumulation: the global batch is batch_size x world size.
+5. The global batch is batch_size x world size. --accum_steps K runs each process's batch as K
+   micro-batches for memory, GradCache's way, not a loss / K loop: the loss and its negatives span
+   the whole batch, and loss and gradients equal one pass's (training.MicroBatches, tested).
 6. CLIPS on shapes: the web caption misbinds colours (or, --caption_style partial, leaves facts
    out); the synthetic caption is the scene's always-true description; the captioner's output
    layer covers only the world's token ids (shapes.shapes_vocab). On coco / flickr8k without a
@@ -59,6 +61,7 @@ from training import (
     apply_preset,
     autocast_ctx,
     batches,
+    clip_grads,
     count_flops,
     global_mean,
     global_min,
@@ -128,10 +131,17 @@ def clips_loss(image_features, text_features, logit_scale):
 def caption_loss(logits, caption, vocab=None):
     """CLIPS's captioner loss: next-token cross-entropy on the full synthetic caption, in fp32.
     logits [B, Q, V'] (query q predicts token q+1); caption long [B, Q+1] (SOT ... EOT, zeros).
-    Padding = every position after the EOT, found by position and not by id, because the pad id 0
-    is also a real token ("!"). vocab: the sorted token ids the V' logits stand for (None: all).
     The mean is over the caption tokens of the *global* batch: ranks hold captions of different
     lengths and DDP averages gradients, so every rank divides its sum by (global count / world)."""
+    total, count = caption_token_losses(logits, caption, vocab)
+    return global_mean(total.sum(), count.sum())
+
+
+def caption_token_losses(logits, caption, vocab=None):
+    """caption_loss per caption, row-wise (so that --accum_steps can split it): -> (the cross-entropy
+    summed over each caption's tokens [B], fp32, and its number of tokens [B]). Padding = every position
+    after the EOT, found by position and not by id, because the pad id 0 is also a real token ("!").
+    vocab: the sorted token ids the V' logits stand for (None: all)."""
     target = caption[:, 1:].contiguous()
     pad = torch.arange(target.shape[1], device=caption.device) >= caption.argmax(-1, keepdim=True)  # [B, Q]
     if vocab is not None:  # token id -> its index among the logits
@@ -139,13 +149,13 @@ def caption_loss(logits, caption, vocab=None):
         if (vocab[index] != target)[~pad].any():
             raise ValueError("caption_loss: a caption token is outside the captioner's vocab")
         target = index
-    total = F.cross_entropy(
+    per_token = F.cross_entropy(
         logits.float().flatten(0, 1),
         target.masked_fill(pad, -100).flatten(),
         ignore_index=-100,
-        reduction="sum",
+        reduction="none",
     )
-    return global_mean(total, (~pad).sum())
+    return per_token.view(target.shape).sum(1), (~pad).sum(1)
 
 
 class CLIPWithCaptioner(nn.Module):
@@ -156,19 +166,23 @@ class CLIPWithCaptioner(nn.Module):
         super().__init__()
         self.clip, self.captioner = clip, captioner
 
-    def forward(self, image, text, synthetic):
-        """-> CLIP's (image features, text features, logit scale) + the captioner's loss on the full
-        synthetic captions. The first B texts are the web captions it is conditioned on; it reuses
-        this one pass's patch tokens and text-token outputs."""
-        image_features, image_tokens = self.clip.encode_image(image, normalize=True, return_tokens=True)
-        text_features, text_tokens = self.clip.encode_text(text, normalize=True, return_tokens=True)
+    def forward(self, image, pair, synthetic):
+        """pair [B, 2, L]: each image's web caption and reduced synthetic caption; synthetic [B, Q+1]:
+        its full synthetic caption -> CLIP's (image features [B, D], text features [B, 2, D], logit
+        scale) + the captioner's loss on the full synthetic captions, per row (caption_token_losses:
+        sums [B], token counts [B]). Row-wise, so --accum_steps can split it (training.MicroBatches).
+        The captioner is conditioned on the web captions and reuses this pass's patch tokens and
+        text-token outputs."""
         B = image.shape[0]
-        logits = self.captioner(image_tokens, text_tokens[:B], text[:B])
+        image_features, image_tokens = self.clip.encode_image(image, normalize=True, return_tokens=True)
+        tokens = pair.transpose(0, 1).flatten(0, 1)  # [B, 2, L] -> [2B, L]: the web captions first
+        text_features, text_tokens = self.clip.encode_text(tokens, normalize=True, return_tokens=True)
+        logits = self.captioner(image_tokens, text_tokens[:B], tokens[:B])
         return (
             image_features,
-            text_features,
+            text_features.view(2, B, -1).transpose(0, 1),
             self.clip.logit_scale.exp(),
-            caption_loss(logits, synthetic, self.captioner.vocab),
+            *caption_token_losses(logits, synthetic, self.captioner.vocab),
         )
 
 
@@ -188,8 +202,9 @@ def step_loss(model, batch, args, state):
         image_features, text_features, logit_scale = model(images, tokens)
         loss, acc = clips_loss(image_features, text_features, logit_scale)
         return loss, {"acc": acc}
-    image_features, text_features, logit_scale, cap_loss = model(images, tokens, synthetic)
-    loss, acc = clips_loss(image_features, text_features, logit_scale)
+    image_features, text_features, logit_scale, cap_sums, cap_tokens = model(images, pair, synthetic)
+    loss, acc = clips_loss(image_features, text_features.transpose(0, 1).flatten(0, 1), logit_scale)
+    cap_loss = global_mean(cap_sums.sum(), cap_tokens.sum())  # caption_loss over the whole batch
     return loss + args.captioner_weight * cap_loss, {"acc": acc, "caption loss": cap_loss.detach()}
 
 
@@ -333,6 +348,11 @@ def get_args(argv=None):
     )
     # model
     p.add_argument("--model_size", default="tiny", choices=list(MODEL_SIZES))
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in backward (large models)",
+    )
     # optim
     p.add_argument(
         "--max_steps", type=int, default=None, help="default: 1750 on shapes; real data: from --epochs"
@@ -354,6 +374,19 @@ def get_args(argv=None):
         help="text-tower lr = lr x this (default: 0.1 shapes, see deviation 3; 1 real data)",
     )
     p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument(
+        "--accum_steps",
+        type=int,
+        default=1,
+        help="K: each process's batch runs as K micro-batches, the loss and its negatives over the whole "
+        "batch (GradCache: training.MicroBatches); the memory of a micro-batch, about twice the forwards",
+    )
+    p.add_argument(
+        "--grad_clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm to this (0: off); logs grad_norm",
+    )
     p.add_argument(
         "--warmup_steps",
         type=int,
@@ -425,6 +458,12 @@ def get_args(argv=None):
         p.error("--captioner_weight needs synthetic captions: set --caption_mask (subcaption, as CLIPS)")
     if args.captioner_weight and args.captioner_len < 2:
         p.error(f"--captioner_len {args.captioner_len}: must be at least 2")
+    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
+        p.error(
+            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
+        )
+    if args.grad_clip < 0:
+        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
     return args
 
 
@@ -461,6 +500,10 @@ def make_model(args, device):
         captioner = Captioner(**captioner_cfg).to(device)
         groups += param_groups(captioner, args.weight_decay)  # full lr: it is not the text tower
     preprocess = open_clip.transform.image_transform(args.image_size, is_train=False)
+    if args.grad_checkpointing:  # the towers (and the captioner) recompute their blocks in backward
+        clip.set_grad_checkpointing(True)
+        if captioner is not None:
+            captioner.transformer.grad_checkpointing = True
     model = clip if captioner is None else CLIPWithCaptioner(clip, captioner)
     state = State(
         captioner=captioner,
@@ -559,7 +602,7 @@ def main(argv=None):
     start_step, start_metrics = resume_run(
         ckpt_path, args, partial(resume, clip=clip, state=state), optimizer
     )
-    model = wrap(model, args, world, local_rank, device)  # DDP, then torch.compile
+    model = wrap(model, args, world, local_rank, device)  # --accum_steps micro-batches, DDP, torch.compile
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     loader = batches(dataset, n_items, partial(make_batch, args=args), args, rank, world, start_step, device)
     not_finite = NotFinite(device, world)  # the non-finite-loss stop, read on log and checkpoint steps
@@ -615,6 +658,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         flops = counter.get_total_flops() if counter else flops
+        stats |= clip_grads(optimizer, scaler, args.grad_clip)  # --grad_clip: {"grad_norm": before clipping}
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 import data
 
@@ -460,9 +461,43 @@ class NotFinite:
             )
 
 
+class MicroBatches(torch.nn.Module):
+    """--accum_steps K: contrastive gradient accumulation, GradCache (Gao et al. 2021, "Scaling Deep
+    Contrastive Learning Batch Size under Memory Limited Setup"; open_clip's --accum-freq) written as
+    activation checkpointing. forward(*inputs) splits every input tensor into K parts along dim 0
+    (tensor_split), runs the module on each part under torch.utils.checkpoint (non-reentrant) and
+    concatenates the parts' outputs (a 0-dim output, the logit scale, is the first part's; None stays
+    None). The module must be row-wise: output row i depends on input row i only (CLIP's towers are).
+    The step's loss then sees the features of the whole batch, so its negatives span all K parts, and
+    loss and gradients are those of one pass over the batch (to float rounding).
+    Memory: each part keeps only its inputs and its output features through the forward; in the
+    backward, autograd runs the latest part's nodes first (its sequence numbers are the highest), and
+    the first of them to need a saved activation recomputes that part's forward, whose activations
+    are freed as its backward consumes them: one part's activations at a time, as GradCache's second
+    pass holds. The compute is GradCache's too: two forwards and one backward per part (the log line's
+    MFU counts the second forward as work, as with --grad_checkpointing). Under DDP this
+    module is inside the one DDP forward of the step, so every parameter's gradient is accumulated
+    over the K parts before DDP's reducer sees it, once."""
+
+    def __init__(self, module, k):
+        super().__init__()
+        self.module, self.k = module, k
+
+    def forward(self, *inputs):
+        if not torch.is_grad_enabled():
+            return self.module(*inputs)
+        rows = [len(x) for x in inputs if torch.is_tensor(x) and x.ndim]
+        k = min(self.k, *rows)  # a batch cut short (unreadable images) may hold fewer rows than K
+        split = [x.tensor_split(k) if torch.is_tensor(x) and x.ndim else [x] * k for x in inputs]
+        parts = [checkpoint(self.module, *part, use_reentrant=False) for part in zip(*split)]
+        return tuple(out[0] if out[0] is None or out[0].ndim == 0 else torch.cat(out) for out in zip(*parts))
+
+
 def wrap(module, args, world, local_rank, device):
-    """DDP across processes, then torch.compile (--compile): compile(DDP(module)) lets dynamo split the
-    graph at DDP's buckets and overlap their all-reduce"""
+    """--accum_steps (MicroBatches), then DDP across processes, then torch.compile (--compile):
+    compile(DDP(module)) lets dynamo split the graph at DDP's buckets and overlap their all-reduce"""
+    if args.accum_steps > 1:
+        module = MicroBatches(module, args.accum_steps)
     if world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[local_rank] if device.type == "cuda" else None
@@ -489,12 +524,28 @@ def batches(dataset, n_items, collate, args, rank, world, start_step, device):
 
 
 def start_line(summary, clip, args, plan, device, dtype):
+    """the run's first line: the method, the model's size, the data, the plan (its global batch), with
+    --accum_steps the micro-batch, and the device"""
     n_params = sum(p.numel() for p in clip.parameters())
     n_train = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    K = args.accum_steps
+    micro = f" | micro-batch {args.batch_size // K} (--batch_size / --accum_steps {K})" if K > 1 else ""
     print0(
-        f"{summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan} "
-        f"| device {device} {dtype}"
+        f"{summary} | {n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained | data {args.data} | {plan}"
+        f"{micro} | device {device} {dtype}"
     )
+
+
+def clip_grads(optimizer, scaler, max_norm):
+    """--grad_clip: the global norm of every gradient clipped to max_norm (torch's clip_grad_norm_),
+    after the float16 GradScaler has unscaled them -> {"grad_norm": the norm before clipping} for the
+    step's stats, or {} when max_norm is 0 (off). Under DDP the gradients are already averaged, so
+    every rank clips by the same norm."""
+    if not max_norm:
+        return {}
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return {"grad_norm": torch.nn.utils.clip_grad_norm_(params, max_norm)}
 
 
 def save_run(path, clip, optimizer, step, args, start_metrics, method_state):

@@ -378,9 +378,9 @@ def test_captioner_ignores_web_caption_padding():
     model.captioner.register_forward_hook(lambda m, i, out: logits.append(out))
     target = data.get_tokenizer(7)(["a red circle", "a ring"])
     with torch.no_grad():
-        model(images[:1], short, target[:1])
-        # CLIPS's layout: 2B texts, the B web captions first; the second image's long caption pads the first
-        model(images, torch.cat([short, long_, long_, long_]), target)
+        model(images[:1], torch.stack([short, short], 1), target[:1])
+        # [B, 2, L]: the web caption and the synthetic one; the second image's long caption pads the first
+        model(images, torch.stack([torch.cat([short, long_]), torch.cat([long_, long_])], 1), target)
     assert logits[1].shape[1] == 6 and logits[1].shape[2] == len(shapes.shapes_vocab())
     torch.testing.assert_close(logits[1][:1], logits[0], atol=1e-5, rtol=0)
 
