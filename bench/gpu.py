@@ -10,6 +10,7 @@ within 8 minutes on an H100, most of them compiling (not yet run on a GPU: no fi
     python bench/gpu.py --compile off          # without the compile rows (minutes faster)
     python bench/gpu.py --tiny                 # CPU: a tiny model end to end (tests/test_bench_gpu.py)
     python bench/gpu.py --cpu_scaling          # CPU: 2 gloo processes vs 1, --accum_steps 4 vs 1
+    python bench/gpu.py --publish              # README's block from bench/results/{gpu,cpu_scaling}.json
 
 Each row is the loop's step without its data loading: the script's own get_args, make_data (the
 shapes world rendered at 224 px), make_batch, make_model, training.wrap (DDP, compile) and step_loss,
@@ -86,6 +87,9 @@ def get_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="--cpu_scaling: alternating rounds")
     p.add_argument(
         "--out", default=None, help="the JSON (default bench/results/gpu.json or cpu_scaling.json)"
+    )
+    p.add_argument(
+        "--publish", action="store_true", help="nothing runs: README's block from the committed results"
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: a child's part
     p.add_argument("--init", default=None, help=argparse.SUPPRESS)  # internal: the fine-tunes' start
@@ -489,8 +493,59 @@ def cpu_scaling(opts):
     return result
 
 
+# -----------------------------------------------------------------------------
+# README's block, made from the committed results
+
+MARKERS = ("<!-- scale-table:start -->", "<!-- scale-table:end -->")
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def readme_block(results=RESULTS):
+    """README's text between MARKERS: the GPU table from gpu.json (a GPU's run; "not measured" without
+    one) and the CPU ratios from cpu_scaling.json"""
+    gpu, cpu = (os.path.join(results, n) for n in ("gpu.json", "cpu_scaling.json"))
+    lines = []
+    if os.path.exists(gpu) and json.load(open(gpu)).get("device", "cpu") != "cpu":
+        g = json.load(open(gpu))
+        lines += [
+            f"On {g['device']} (torch {g['torch']}, {g['model']}, batch {g['batch_size']} per GPU, {g['dtype']}):",
+            "",
+            table(g["rows"] + g.get("torchrun", [])),
+            "",
+        ]
+    else:
+        lines += ["On a GPU: not measured (`python bench/gpu.py` has not run on one yet).", ""]
+    if os.path.exists(cpu):
+        c = json.load(open(cpu))
+        ms = c["ms_per_step"]
+        ratio = {  # 2 processes: step time (each holds half the batch); K = 4: time per sample (the same batch)
+            "2 gloo processes, K=1": f"{c['two_processes_over_one']:.2f} (step time)",
+            "1 process, K=4": f"{c['accum4_over_accum1_per_sample']:.2f} (time per sample)",
+        }
+        lines += [f"On a CPU: {c['what']}.", "", "| run | ms/step | vs 1 process, K=1 |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.0f} | {ratio.get(k, '1')} |" for k, v in ms.items()]
+        lines += [
+            "",
+            f"Memory, {c['memory_what']}: "
+            + ", ".join(f"{k} {v:.2f} GiB" for k, v in c["peak_rss_gib"].items())
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def publish(path=os.path.join(ROOT, "README.md")):
+    """readme_block() into README.md between its MARKERS, atomically"""
+    text = open(path).read()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]) + 1, text.index(MARKERS[1])
+    with open(path + ".tmp", "w") as f:
+        f.write(text[:start] + readme_block() + text[end:])
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     opts = get_args(argv)
+    if opts.publish:
+        return publish()
     if opts.worker == "ddp":
         return ddp_worker(opts)
     if opts.worker == "scaling":
