@@ -16,7 +16,9 @@ z(x, y) = s * cos(f(x), g(y)) with s frozen at the reference's; every loss compa
 one set, so the softmax normaliser over the set cancels and z is used directly. The reward is
 r = beta (z_policy - z_ref) and h = r(x, y_w) - r(x, y_l) (preference_loss, listwise_loss).
 --alpha mixes in CLIP's loss (dpo_clip), --imc_weight CE-CLIP's intra-modal term, --l2sp
-lambda ||theta - theta_ref||^2 (outside the alpha mixture). The reference is a frozen copy of --init,
+lambda ||theta - theta_ref||^2 (outside the alpha mixture); --replay_root puts another dataset's
+image-caption pairs into CLIP's term (each image's captions in turn), --distill_weight a KL to the
+reference's rankings of those pairs (distill_loss). The reference is a frozen copy of --init,
 never saved (the checkpoint keeps its spec and checksum). The loop is the three scripts' same text.
 The equations next to the code, every default and the run that chose it: docs/clip_dpo.md.
 

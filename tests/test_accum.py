@@ -93,7 +93,9 @@ def _ddp_worker(rank, method, init, k, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["clip", "ceclip", "hnc", "dpo"])
+# DDP around the micro-batches does not depend on the loss (every loss's micro-batches are the test above):
+# CLIP's pairs, and DPO's groups of unequal sizes across ranks
+@pytest.mark.parametrize("method", ["clip", "dpo"])
 def test_two_gloo_processes_with_micro_batches_equal_one_process(tmp_path, method, init):
     """2 gloo processes, each its half of the batch as K = 2 micro-batches inside one DDP forward: the
     mean of the ranks' losses and DDP's averaged gradients equal one process's K = 1 step on the
