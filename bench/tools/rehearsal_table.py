@@ -22,8 +22,12 @@ ROWS = [  # (label, runs); every run in bench/studies/jobs/rehearsal.txt under i
         "the recipe (`REAL`'s terms, lr 4e-4): `--vsr_flips hv`, the kick for the first third",
         ["rec_s0", "rec_s1", "rec_s2"],
     ),
-    ("the recipe without the preference term (`--alpha 1`)", ["rec_alpha1_s0"]),
-    ("the recipe without the kick (`--imc_weight 0`)", ["rec_nokick_s0"]),
+    (
+        "the recipe without the preference term (`--pref_weight 0`)",
+        ["rec_nopref_s0", "rec_nopref_s1", "rec_nopref_s2"],
+    ),
+    ("the recipe without the preference term, CLIP's term at weight 1 (`--alpha 1`)", ["rec_alpha1_s0"]),
+    ("the recipe without the kick (`--imc_weight 0`)", ["rec_nokick_s0", "rec_nokick_s1", "rec_nokick_s2"]),
     ("the recipe without the twins (`--vsr_flips none`)", ["rec_noflips_s0"]),
     ("the recipe, kick weight 1", ["rec_kick1_s0"]),
     ("the recipe + `--l2sp 0.01`", ["rec_l2sp0.01_s0"]),
@@ -34,6 +38,11 @@ ROWS = [  # (label, runs); every run in bench/studies/jobs/rehearsal.txt under i
     ("the recipe, half the groups Flickr8k pairs (`--replay_share 0.5`), same steps", ["rec_replay0.5_s0"]),
     ("the recipe, a third Flickr8k pairs, 1.5x the steps (3,858)", ["rec_replay0.33_long_s0"]),
     ("the recipe, half Flickr8k pairs, 2x the steps (5,144)", ["rec_replay0.5_long_s0"]),
+    (
+        "the recipe, half Flickr8k pairs, 2x the steps, each pair's captions in turn (one an epoch)",
+        ["rec_replay0.5_rot_s0", "rec_replay0.5_rot_s1", "rec_replay0.5_rot_s2"],
+    ),
+    ("the same + `--distill_weight 0.2`", ["rec_replay0.5_rot_distill0.2_s0"]),
     ("batch 64, 10 epochs, kick 268 steps, `--vsr_flips h`", ["p_fliph_e10_s0"]),
     ("the same, `--vsr_flips hv`", ["p_fliphv_e10_s0"]),
 ]
