@@ -1084,8 +1084,8 @@ def make_data(args, rank, world):
 
 def replay_groups(items, n_preference, share):
     """--replay_root's training pairs as groups without a preference: an image and one of its captions
-    (the k-th image its caption k mod the captions, the next one the next epoch), for CLIP's term; as many as make them `share` of
-    all the groups (every pair at most once)"""
+    (the k-th image its caption k mod the captions, the next one the next epoch: ImageGroups), for
+    CLIP's term; as many as make them `share` of all the groups (every pair at most once)"""
     n = min(len(items), round(share / (1 - share) * n_preference))
     return [
         {
