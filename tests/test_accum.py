@@ -94,14 +94,14 @@ def _ddp_worker(rank, method, init, k, out):
 
 @pytest.mark.slow
 # DDP around the micro-batches does not depend on the loss (every loss's micro-batches are the test above):
-# CLIP's pairs, and DPO's groups of unequal sizes across ranks
-@pytest.mark.parametrize("method", ["clip", "dpo"])
+# CLIP's pairs, CE-CLIP's scenes with their twins, and DPO's groups of unequal sizes across ranks
+@pytest.mark.parametrize("method", ["clip", "ceclip", "dpo"])
 def test_two_gloo_processes_with_micro_batches_equal_one_process(tmp_path, method, init):
     """2 gloo processes, each its half of the batch as K = 1, 2, 4 micro-batches inside one DDP forward: the
     mean of the ranks' losses and DDP's averaged gradients equal one process's K = 1 step on the
     whole batch"""
     loss, grads = step(method, init, range(METHODS[method][2]))
-    for k in (1, 2, 4) if method == "clip" else (1, 2):  # DPO's 2 groups a rank: K = 4 does not divide them
+    for k in (1, 2) if method == "dpo" else (1, 2, 4):  # DPO's 2 groups a rank: K = 4 does not divide them
         gloo_processes(tmp_path, _ddp_worker, method, init, k, str(tmp_path / f"k{k}"))
         ranks = [torch.load(tmp_path / f"k{k}.{r}", weights_only=True) for r in range(2)]
         for name in grads:
