@@ -846,12 +846,7 @@ def get_args(argv=None):
         p.error(f"--clip_weight {args.clip_weight} and --pref_weight {args.pref_weight} must be >= 0")
     if args.imc_weight < 0 or args.beta <= 0:
         p.error(f"--imc_weight {args.imc_weight} must be >= 0 and --beta {args.beta} > 0")
-    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
-        p.error(
-            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
-        )
-    if args.grad_clip < 0:
-        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
+    p.check_step(args)  # --accum_steps, --grad_clip
     return args
 
 

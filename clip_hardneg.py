@@ -680,12 +680,7 @@ def get_args(argv=None):
         p.error("--hn_weight, --l2sp and --kl_weight must be >= 0 and --kl_temperature > 0")
     if args.loss != "hnc" and (args.hn_weight != 1.0 or args.hn_warmup_steps or args.l2sp or args.kl_weight):
         p.error("--hn_weight, --hn_warmup_steps, --l2sp and --kl_weight belong to --loss hnc")
-    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
-        p.error(
-            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
-        )
-    if args.grad_clip < 0:
-        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
+    p.check_step(args)  # --accum_steps, --grad_clip
     return args
 
 

@@ -458,12 +458,7 @@ def get_args(argv=None):
         p.error("--captioner_weight needs synthetic captions: set --caption_mask (subcaption, as CLIPS)")
     if args.captioner_weight and args.captioner_len < 2:
         p.error(f"--captioner_len {args.captioner_len}: must be at least 2")
-    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
-        p.error(
-            f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} (micro-batches of equal size)"
-        )
-    if args.grad_clip < 0:
-        p.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
+    p.check_step(args)  # --accum_steps, --grad_clip
     return args
 
 

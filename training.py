@@ -64,6 +64,17 @@ class Parser(argparse.ArgumentParser):
         rows = [f"  --{k:<16} {show(k, shapes[k]):<12} {show(k, real[k])}" for k in shapes]
         self.epilog = (self.epilog or "") + "\n\nDefaults by --data (shapes | real data):\n" + "\n".join(rows)
 
+    def check_step(self, args):
+        """the step's flags every script has, after its presets: --accum_steps divides --batch_size,
+        --grad_clip >= 0; else one line"""
+        if args.accum_steps < 1 or args.batch_size % args.accum_steps:
+            self.error(
+                f"--accum_steps {args.accum_steps}: must divide --batch_size {args.batch_size} "
+                "(micro-batches of equal size)"
+            )
+        if args.grad_clip < 0:
+            self.error(f"--grad_clip {args.grad_clip}: must be >= 0 (0: off)")
+
     def error(self, message):  # under torchrun every rank parses the same flags: rank 0 says what is wrong
         self.exit(
             2,
