@@ -598,7 +598,8 @@ def get_args(argv=None):
         "--distill_weight",
         type=float,
         default=0.0,
-        help="with --replay_root: weight of the KL to the reference's rankings of the replayed pairs (distill_loss)",
+        help="with --replay_root: weight of the KL to the reference's rankings of the replayed pairs "
+        "(distill_loss)",
     )
     p.add_argument(
         "--vsr_flips",

@@ -429,12 +429,14 @@ def get_args(argv=None):
         "--train_num_samples",
         type=int,
         default=None,
-        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / global batch",
+        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / "
+        "global batch",
     )
     p.add_argument(
         "--neg_key",
         default="negatives",
-        help="wds: the json field holding a sample's hard-negative captions (a list; one is drawn per sample)",
+        help="wds: the json field holding a sample's hard-negative captions (a list; one is drawn per "
+        "sample)",
     )
     p.add_argument(
         "--image_root",

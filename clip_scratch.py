@@ -272,13 +272,15 @@ def get_args(argv=None):
     p.add_argument(
         "--data_root",
         default=None,
-        help="dataset folder (real data); recap: the CSV or JSONL file; wds: the shards, 'shards/{00000..00099}.tar'",
+        help="dataset folder (real data); recap: the CSV or JSONL file; wds: the shards, "
+        "'shards/{00000..00099}.tar'",
     )
     p.add_argument(
         "--train_num_samples",
         type=int,
         default=None,
-        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / global batch",
+        help="wds: the samples an epoch (open_clip's --train-num-samples); the steps are epochs x this / "
+        "global batch",
     )
     p.add_argument(
         "--eval_data",

@@ -119,7 +119,8 @@ def open_shards(pattern, n_samples, sample, rank, world, workers, seed):
     if len(paths) < readers:
         raise data.DataError(
             f"--data_root {pattern}: {len(paths)} shards for {readers} readers (world size {world} x "
-            f"{max(1, workers)} --workers); every reader needs a shard of its own: fewer --workers, or more shards"
+            f"{max(1, workers)} --workers); every reader needs a shard of its own: fewer --workers, or "
+            "more shards"
         )
     return Shards(paths, sample, rank, world, seed), n_samples
 

@@ -177,7 +177,8 @@ def control_run(row, start, seed, statements, relation):
 def test_controls_table_keeps_starts_and_seeds_apart_by_hand():
     """statements = 0.80 + 0.05 start + 0.01 seed: the per-start means are 0.81, 0.86, 0.91 (stdev 0.05),
     the per-seed means 0.85, 0.86, 0.87 (stdev 0.01); the relation 0.95 but 0.85 on start 2 seed 0; the goal
-    (statements >= 0.88 and relation >= 0.90) is reached by start 2 seeds 1, 2 and start 1 never (0.85 + 0.02)"""
+    (statements >= 0.88 and relation >= 0.90) is reached by start 2 seeds 1, 2 and start 1 never
+    (0.85 + 0.02)"""
     runs = [
         control_run("default", i, s, 0.80 + 0.05 * i + 0.01 * s, 0.85 if (i, s) == (2, 0) else 0.95)
         for i in range(3)
@@ -191,7 +192,8 @@ def test_controls_table_keeps_starts_and_seeds_apart_by_hand():
     default, nopref = rows
     assert head[2:5] == ["statements/acc", "over starts", "over seeds"] and head[5] == "relation"
     assert default["row"] == "the default" and default["runs (starts x seeds)"] == "9 (3 x 3)"
-    assert default["statements/acc"] == "0.860 ± 0.044"  # mean 0.86, stdev sqrt((3 x 0.005 + 3 x 0.0002) / 8)
+    # mean 0.86, stdev sqrt((3 x 0.005 + 3 x 0.0002) / 8)
+    assert default["statements/acc"] == "0.860 ± 0.044"
     values = [0.80 + 0.05 * i + 0.01 * s for i in range(3) for s in range(3)]
     assert default["statements/acc"] == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
     over = [

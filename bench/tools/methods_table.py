@@ -4,7 +4,7 @@ eval.py on every checkpoint; writes results.json, table.md and the plots.
     python bench/tools/methods_table.py                     # 3 seeds, every default in full
     python bench/tools/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
     python bench/tools/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
-    python bench/tools/methods_table.py --controls --readme  # the DPO default and its controls, 3 starts x 3 seeds
+    python bench/tools/methods_table.py --controls --readme  # DPO's default and controls, 3 starts x 3 seeds
 
 Rows, each for every --seeds S: CLIP from scratch (`clip_scratch.py --seed S`), CLIPS (the same
 script's synthetic-caption recipe), and each fine-tune of the scratch checkpoint of its seed
@@ -243,8 +243,9 @@ def controls_table(results):
     m = results[0]["machine"] if results else {}
     lines += [
         "",
-        f"Made by `python bench/tools/methods_table.py --controls` on {m.get('device')}, {m.get('cores')} cores; "
-        "each row from the scratch checkpoints of seeds 0, 1, 2 (the Results table's) x fine-tune seeds 0, 1, 2; "
+        f"Made by `python bench/tools/methods_table.py --controls` on {m.get('device')}, "
+        f"{m.get('cores')} cores; each row from the scratch checkpoints of seeds 0, 1, 2 (the Results "
+        "table's) x fine-tune seeds 0, 1, 2; "
         "over starts / over seeds: the standard deviation of the three per-start / per-seed means. "
         "Every run's command, start, seed, machine, wall clock and eval curve: bench/results/controls/.",
     ]
@@ -378,7 +379,8 @@ def main(argv=None):
         "--controls",
         action="store_true",
         help="the DPO default and its one-term controls (CONTROLS) from every "
-        "scratch start x every fine-tune seed, instead of the methods; --readme publishes them into docs/clip_dpo.md",
+        "scratch start x every fine-tune seed, instead of the methods; --readme publishes them into "
+        "docs/clip_dpo.md",
     )
     args = p.parse_args(argv)
     if args.publish and os.path.isdir(os.path.join(PUBLISHED, "controls")):
