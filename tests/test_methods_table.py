@@ -257,3 +257,40 @@ def test_docs_show_the_controls_table_of_the_committed_results(tmp_path):
         f"{mt.CONTROL_MARKERS[1]}\nafter\n"
     )
     assert "| the default | 2 (2 x 1) | 0.900 ± 0.000 |" in text
+
+
+def test_controls_publish_commits_the_finished_runs_of_a_grid_still_going(tmp_path, monkeypatch, capsys):
+    """--controls --publish --out_dir: the runs with a result.json (fine-tunes and starts) are committed, the
+    one still training is not, and the page's block is the table of the committed fine-tunes, saying how
+    many of the grid's runs it holds"""
+    grid, published, doc = tmp_path / "grid", tmp_path / "results", tmp_path / "page.md"
+    doc.write_text(f"before\n{mt.CONTROL_MARKERS[0]}\nold\n{mt.CONTROL_MARKERS[1]}\nafter\n")
+    monkeypatch.setattr(mt, "PUBLISHED", str(published))
+    monkeypatch.setattr(mt, "CONTROL_PAGE", str(doc))
+    with pytest.raises(SystemExit):  # nothing finished yet
+        mt.main(["--controls", "--publish", "--out_dir", str(grid)])
+    assert "no fine-tune" in capsys.readouterr().err
+    finished = {
+        "scratch_s0": {"name": "scratch_s0", "method": "scratch", "metrics": {}},
+        "dpo-default_i0_s0": control_run("default", 0, 0, 0.9, 0.95),
+        "dpo-nopref_i1_s2": control_run("nopref", 1, 2, 0.7, 0.93),
+    }
+    for name, result in finished.items():
+        os.makedirs(grid / name)
+        json.dump(result | {"name": name}, open(grid / name / "result.json", "w"))
+    os.makedirs(grid / "dpo-default_i0_s1")  # still training: a checkpoint, no result.json
+    (grid / "dpo-default_i0_s1" / "ckpt.pt").write_bytes(b"")
+    mt.main(["--controls", "--publish", "--out_dir", str(grid)])
+    assert sorted(os.listdir(published / "controls")) == sorted(n + ".json" for n in finished)
+    committed = mt.load_controls(str(published / "controls"))
+    assert [r["name"] for r in committed] == ["dpo-default_i0_s0", "dpo-nopref_i1_s2"]
+    text = doc.read_text()
+    assert (
+        text
+        == f"before\n{mt.CONTROL_MARKERS[0]}\n{mt.controls_table(committed)}{mt.CONTROL_MARKERS[1]}\nafter\n"
+    )
+    assert f"2 of the grid's {len(mt.CONTROLS) * 9} runs are finished so far" in text
+    assert "| the default | 1 (1 x 1) | 0.900 | - | - | 0.950 |" in text
+    assert "finished so far" not in mt.controls_table(
+        [control_run(row, i, s, 0.9, 0.95) for row, *_ in mt.CONTROLS for i in range(3) for s in range(3)]
+    )

@@ -5,6 +5,7 @@ eval.py on every checkpoint; writes results.json, table.md and the plots.
     python bench/tools/methods_table.py --quick             # 1 seed, short schedules: a lesson's worth (~10 min on 2 CPU cores)
     python bench/tools/methods_table.py --out_dir out/table --seeds 0 1 2 --jobs 2 --readme
     python bench/tools/methods_table.py --controls --readme  # DPO's default and controls, 3 starts x 3 seeds
+    python bench/tools/methods_table.py --controls --publish --out_dir DIR  # the runs finished so far
 
 Rows, each for every --seeds S: CLIP from scratch (`clip_scratch.py --seed S`), CLIPS (the same
 script's synthetic-caption recipe), and each fine-tune of the scratch checkpoint of its seed
@@ -241,11 +242,18 @@ def controls_table(results):
         reached = sum(all(r["metrics"]["test"][k] >= v for k, v in GOAL.items()) for r in runs)
         lines.append("| " + " | ".join(cells + [f"{reached} of {len(runs)}"]) + " |")
     m = results[0]["machine"] if results else {}
+    planned = len(CONTROLS) * 9
+    partial = (
+        f"**{len(results)} of the grid's {planned} runs are finished so far**: a row of fewer than 9 runs is "
+        "partial, its spreads over the starts and seeds it has; "
+        if len(results) < planned
+        else ""
+    )
     lines += [
         "",
         f"Made by `python bench/tools/methods_table.py --controls` on {m.get('device')}, "
-        f"{m.get('cores')} cores; each row from the scratch checkpoints of seeds 0, 1, 2 (the Results "
-        "table's) x fine-tune seeds 0, 1, 2; "
+        f"{m.get('cores')} cores; {partial}each row from the scratch checkpoints of seeds 0, 1, 2 (the "
+        "Results table's) x fine-tune seeds 0, 1, 2; "
         "over starts / over seeds: the standard deviation of the three per-start / per-seed means. "
         "Every run's command, start, seed, machine, wall clock and eval curve: bench/results/controls/.",
     ]
@@ -323,7 +331,7 @@ def write_between(path, markers, text):
     os.replace(path + ".tmp", path)
 
 
-def publish_controls(results, page=CONTROL_PAGE, published=None):
+def publish_controls(results, page=None, published=None):
     """--controls --readme: every run's result (with its curve) into bench/results/controls/NAME.json,
     the table into docs/clip_dpo.md between the CONTROL_MARKERS"""
     folder = published or os.path.join(PUBLISHED, "controls")
@@ -331,7 +339,7 @@ def publish_controls(results, page=CONTROL_PAGE, published=None):
     for r in results:
         with open(os.path.join(folder, r["name"] + ".json"), "w") as f:
             json.dump(r, f, indent=1)
-    write_between(page, CONTROL_MARKERS, controls_table(load_controls(folder)))
+    write_between(page or CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls(folder)))
 
 
 def load_controls(folder=None):
@@ -373,7 +381,8 @@ def main(argv=None):
         "--publish",
         action="store_true",
         help="nothing runs: README's table and bench/results/table.md made "
-        "anew from the committed bench/results/results.json",
+        "anew from the committed bench/results/results.json; with --controls: the finished runs of "
+        "--out_dir committed and docs/clip_dpo.md's table made from them, while the grid goes on",
     )
     p.add_argument(
         "--controls",
@@ -383,6 +392,19 @@ def main(argv=None):
         "docs/clip_dpo.md",
     )
     args = p.parse_args(argv)
+    if args.publish and args.controls:  # the runs of --out_dir finished so far, the grid still going
+        if not args.out_dir:
+            p.error("--controls --publish publishes the finished runs of a grid: give its --out_dir")
+        names = [r[0] for r in control_commands(args.seeds, False, args.out_dir)]
+        files = [os.path.join(args.out_dir, n, "result.json") for n in names]
+        results = [json.load(open(f)) for f in files if os.path.exists(f)]
+        if not any(r["method"].startswith("dpo-") for r in results):
+            p.error(f"--controls --publish: no fine-tune of {args.out_dir} has finished")
+        publish_controls(results)
+        return print(
+            f"{len(results)} of {len(names)} runs of {args.out_dir} -> "
+            f"{os.path.relpath(os.path.join(PUBLISHED, 'controls'), ROOT)}/ and docs/clip_dpo.md"
+        )
     if args.publish and os.path.isdir(os.path.join(PUBLISHED, "controls")):
         write_between(CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls()))
     if args.publish:
