@@ -53,13 +53,13 @@ QUICK = {  # --quick: the same rows with short schedules (the fine-tunes' kick s
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
 # --controls: the DPO default and its one-term controls from every scratch start x every fine-tune seed
 # (dpo-ROW_iSTART_sSEED; a row changes one thing of the default), published into docs/clip_dpo.md
-CONTROLS = [  # (row, label, clip_dpo.py arguments)
+CONTROLS = [  # (row, label, clip_dpo.py arguments), in the order the grid runs them
     ("default", "the default", []),
     ("nopref", "without the preference term (`--pref_weight 0`)", ["--pref_weight", "0"]),
-    ("noclip", "without CLIP's term (`--clip_weight 0`)", ["--clip_weight", "0"]),
-    ("nokick", "without the kick (`--imc_weight 0`)", ["--imc_weight", "0"]),
-    ("nostatements", "without the statement sets (`--no-statements`)", ["--no-statements"]),
     ("kickcaptions", "the kick on the caption sets only (`--imc_sets captions`)", ["--imc_sets", "captions"]),
+    ("nokick", "without the kick (`--imc_weight 0`)", ["--imc_weight", "0"]),
+    ("noclip", "without CLIP's term (`--clip_weight 0`)", ["--clip_weight", "0"]),
+    ("nostatements", "without the statement sets (`--no-statements`)", ["--no-statements"]),
 ]
 CONTROL_COLUMNS = [("statements/acc", "statements/acc"), ("probe/relation", "relation")]
 CONTROL_OTHER = [("probe/attribute_swap", "attribute swap"), ("retrieval/i2t_r1", "i2t R@1")]
