@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from helpers import FIX, run, statement_rates, tiny_ckpt, vsr_rates
+from helpers import FIX, run, run_here, statement_rates, tiny_ckpt, vsr_rates
 
 import clip_dpo
 import clip_hardneg
@@ -21,7 +21,6 @@ from model import CLIP, init_geometry, load_clip, load_model, model_config
 SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, argv, message",
     [
@@ -47,17 +46,16 @@ SCRIPTS = ("clip_scratch.py", "clip_hardneg.py", "clip_dpo.py")
     ],
 )
 def test_bad_flags_are_one_line_before_anything_runs(script, argv, message):
-    r = run([script, *argv])
+    r = run_here([script, *argv])
     assert r.returncode == 2 and r.stdout == ""
     assert (
         r.stderr.startswith(message) and r.stderr.count("\n") == 1 and f"(python {script} --help)" in r.stderr
     ), r.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", [*SCRIPTS, "eval.py"])
 def test_help_shows_the_defaults(script):
-    r = run([script, "--help"])
+    r = run_here([script, "--help"])
     assert r.returncode == 0, r.stderr
     # argparse's block of options, one entry each
     options = r.stdout.split("\noptions:\n")[1].split("\n\n")[0]

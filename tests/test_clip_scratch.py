@@ -6,7 +6,16 @@ import os
 import open_clip
 import pytest
 import torch
-from helpers import TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run, torchrun
+from helpers import (
+    TINY,
+    fixture_copy,
+    killed_and_resumed,
+    load_weights,
+    one_and_two_processes,
+    run,
+    run_here,
+    torchrun,
+)
 
 import data
 from clip_scratch import clip_loss
@@ -119,7 +128,6 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -133,7 +141,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
 def test_bad_flags_give_one_clear_error(argv, message, tmp_path):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    r = run(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
+    r = run_here(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -182,7 +190,6 @@ def flickr8k_copy(tmp_path):
     return root, data.read_flickr8k(root)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["test image", "caption byte"])
 def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
     root, splits = flickr8k_copy(tmp_path)
@@ -198,7 +205,7 @@ def test_bad_real_data_is_refused_before_the_first_step(tmp_path, damage):
             f.write(raw.replace(b"A girl, in", b"A girl,\xff in"))
         # line 3 is '1000268201_693b08cb0e.jpg,"A girl, in a dress, ...': 26 + 1 + 7 bytes before it
         message = f"error: {bad}:3: byte 0xff (byte 35 of the line) is not UTF-8: the file must be UTF-8 (re-save it as UTF-8)"
-    r = run(
+    r = run_here(
         [
             "clip_scratch.py",
             "--data",

@@ -10,7 +10,16 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FIX, TINY, fixture_copy, killed_and_resumed, load_weights, one_and_two_processes, run
+from helpers import (
+    FIX,
+    TINY,
+    fixture_copy,
+    killed_and_resumed,
+    load_weights,
+    one_and_two_processes,
+    run,
+    run_here,
+)
 from test_clip_scratch import naive_clip_loss
 
 import clip_scratch
@@ -503,7 +512,6 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     assert plain.returncode != 0 and "nowhere.jpg" in plain.stderr and "Traceback" not in plain.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -514,7 +522,7 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
     ],
 )
 def test_bad_clips_flags_give_one_clear_error(argv, message, tmp_path):
-    r = run(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
+    r = run_here(["clip_scratch.py", *argv, "--max_steps", "1", "--out_dir", str(tmp_path)])
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
