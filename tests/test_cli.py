@@ -168,7 +168,7 @@ def test_out_dir_is_never_silently_reused(tmp_path):
     first = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [(r["step"], r["split"]) for r in first] == [(0, "test"), (1, "train"), (2, "train"), (2, "test")]
     assert all(math.isfinite(r["loss"]) and "acc" in r and "lr" in r for r in first if r["split"] == "train")
-    r = run(base)
+    r = run_here(base)
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: {out}/ckpt.pt exists: --resume continues it, --overwrite "
         "starts over (or pick another --out_dir)"
@@ -270,7 +270,7 @@ def test_real_data_runs_epochs_and_says_how_many_steps(tmp_path):
 def test_eval_n_is_one_flag_everywhere(tmp_path):
     path = tiny_ckpt(tmp_path / "c.pt")
     for flag in ("--eval_n", "--n"):  # eval.py keeps its old spelling as an alias
-        r = run(["eval.py", "--model", path, flag, "30", "--json", str(tmp_path / "m.json")])
+        r = run_here(["eval.py", "--model", path, flag, "30", "--json", str(tmp_path / "m.json")])
         assert r.returncode == 0, r.stderr
         m = json.load(open(tmp_path / "m.json"))
         assert set(statement_rates(m)) == {"statements/acc", "statements/macro_f1"} and not vsr_rates(m)
