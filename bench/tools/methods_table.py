@@ -17,7 +17,7 @@ checkpoint (`--resume`), so a stopped table continues where it was. --jobs runs 
 time, one CPU thread each (a fine-tune starts once its scratch checkpoint is done).
 
 Writes OUT_DIR/results.json (one entry per run: method, script, seed, command, steps, wall_s,
-machine, and every metric eval.py prints, per world seed), OUT_DIR/table.md (mean ± std over the
+threads, machine, and every metric eval.py prints, per world seed), OUT_DIR/table.md (mean ± std over the
 seeds), OUT_DIR/probes_vs_step.png and OUT_DIR/probes.png (matplotlib, optional); --readme
 publishes them: the table between README.md's methods-table markers, the files into bench/results/.
 """
@@ -337,6 +337,9 @@ def publish_controls(results, page=None, published=None):
     folder = published or os.path.join(PUBLISHED, "controls")
     os.makedirs(folder, exist_ok=True)
     for r in results:
+        r.setdefault(
+            "threads", 1
+        )  # every run this tool made has had OMP_NUM_THREADS=1 (recorded since 2026-12-07)
         with open(os.path.join(folder, r["name"] + ".json"), "w") as f:
             json.dump(r, f, indent=1)
     write_between(page or CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls(folder)))
@@ -478,6 +481,7 @@ def main(argv=None):
                 "command": shlex.join(["python", *full[1:]]),
                 "steps": max((e["step"] for e in evals), default=None),
                 "wall_s": round(wall, 1),
+                "threads": int(env["OMP_NUM_THREADS"]),
                 "machine": info,
                 "metrics": metrics,
                 "curve": evals,
