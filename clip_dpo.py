@@ -30,11 +30,11 @@ Deviations from the papers
    is therefore in units of that scale (CLIP-PO's rewards are raw cosines: beta 0.5 here ~ 50 there).
 3. The shapes default is not pure DPO: dpo_clip (alpha 0.75), the text tower at 0.3x lr, and
    CE-CLIP's intra-modal term for the first 1,000 steps, a symmetry breaker for towers that start
-   blind to the relation. By its controls (bench/LOG.md, 2026-12-05), the relation is the kick's
-   and CLIP's term's (it is reached without the preference term; DPO alone collapses retrieval);
-   the statements rise most with the preference term. Real data: the same recipe (REAL), with the
-   kick for the first third of the run and, on VSR, mirrored twins (--vsr_flips hv), which its
-   rehearsal needed (docs/vsr.md); there it costs the general retrieval, as every VSR fine-tune did.
+   blind to the relation. What each term adds is measured by controls that remove it alone, from
+   three starts x three seeds (docs/clip_dpo.md, made from bench/results/controls/). Real data:
+   the same recipe (REAL), with the kick for the first third of the run and, on VSR, mirrored
+   twins (--vsr_flips hv), which its rehearsal needed (docs/vsr.md); there it costs the general
+   retrieval, as every VSR fine-tune did.
 4. VSR: the rejected caption replaces the relation by its contrast (whole words, data.VSR_CONTRAST;
    relations without one are skipped, counted), never inserts one; the evaluation target is the
    row's label, so preferring the unedited caption is not rewarded (CLIP-PO's two protocol flaws).

@@ -203,6 +203,43 @@ def test_controls_table_keeps_starts_and_seeds_apart_by_hand():
     assert nopref["runs (starts x seeds)"] == "1 (1 x 1)" and nopref["over starts"] == "-"
 
 
+def test_controls_summary_by_hand():
+    """the grid of the table test above; the control without the preference term finished for (start 0,
+    seed 0) and (1, 1) only, so the default is compared on those two: statements 0.80 and 0.86"""
+    runs = [
+        control_run("default", i, s, 0.80 + 0.05 * i + 0.01 * s, 0.85 if (i, s) == (2, 0) else 0.95)
+        for i in range(3)
+        for s in range(3)
+    ]
+    nopref = [control_run("nopref", i, s, 0.70, 0.95) for i, s in ((0, 0), (1, 1))]
+    text = mt.controls_summary(runs + nopref + [control_run("nokick", 2, 2, 0.5, 0.5)])
+    assert text == (
+        "From the Results table's three scratch checkpoints x fine-tune seeds 0, 1, 2 (9 of 9 runs), the "
+        "DPO default reaches statements/acc >= 0.88 and relation >= 0.9 in 2 of 9 runs, the relation alone "
+        "in 8; the statements end at 0.860 ± 0.044, spread 0.050 over the starts and 0.010 over the seeds. "
+        "By start (0, 1, 2): 0 of 3, 0 of 3, 2 of 3. "
+        "From the same starts and seeds (2 of 9 so far), without the preference term (`--pref_weight 0`) "
+        "the statements reach 0.700 ± 0.000 instead of 0.830 ± 0.042, and the relation 0.950 ± 0.000 "
+        "instead of 0.950 ± 0.000.\n"
+    )
+    # the relation at the kick's end, from each run's curve: 0.6 + 0.1 start + 0.01 seed
+    for r in runs:
+        r["curve"] = [{"step": mt.KICK_END, "probe/relation": 0.6 + 0.1 * r["start"] + 0.01 * r["seed"]}]
+    kick = mt.controls_summary(runs)
+    assert kick.endswith(
+        "2 of 3. At the kick's end (step 1,000) the relation stood at 0.81 to 0.82 in the runs that reach the "
+        "bar and 0.60 to 0.80 in those that miss it.\n"
+    )
+    import clip_dpo
+
+    assert mt.KICK_END == clip_dpo.SHAPES["imc_steps"]
+    partial = mt.controls_summary(runs[:4])
+    assert (
+        "(4 of 9 runs so far)" in partial and "in 4 of 4 runs" not in partial and "preference" not in partial
+    )
+    assert mt.controls_summary([]).startswith("The controls grid has no finished run")
+
+
 def test_controls_are_one_term_changes_from_every_start_on_every_seed(tmp_path):
     runs = mt.control_commands([0, 1, 2], False, str(tmp_path))
     scratch = [r for r in runs if r[1] == "scratch"]
@@ -237,16 +274,23 @@ def test_docs_show_the_controls_table_of_the_committed_results(tmp_path):
     run while nothing is committed); publish_controls writes the files and the block and nothing else"""
     page, start, end = mt.readme_table(mt.CONTROL_PAGE, mt.CONTROL_MARKERS)
     folder = os.path.join(mt.PUBLISHED, "controls")
+    readme, r_start, r_end = mt.readme_table(markers=mt.SUMMARY_MARKERS)
     if os.path.isdir(folder):
         assert page[start:end] == mt.controls_table(mt.load_controls(folder))
+        assert readme[r_start:r_end] == mt.controls_summary(mt.load_controls(folder))
     else:
-        assert page[start:end].startswith("Not run yet")
+        assert page[start:end].startswith("Not run yet") and readme[r_start:r_end] == ""
     doc = tmp_path / "page.md"
     doc.write_text(f"before\n{mt.CONTROL_MARKERS[0]}\nold\n{mt.CONTROL_MARKERS[1]}\nafter\n")
     runs = [
         control_run("default", i, 0, 0.9, 0.95) | {"curve": [{"step": 500, "split": "val"}]} for i in range(2)
     ]
-    mt.publish_controls(runs, page=str(doc), published=str(tmp_path / "controls"))
+    readme = tmp_path / "readme.md"
+    readme.write_text(f"{mt.SUMMARY_MARKERS[0]}\n{mt.SUMMARY_MARKERS[1]}\n")
+    mt.publish_controls(runs, page=str(doc), published=str(tmp_path / "controls"), readme=str(readme))
+    assert readme.read_text() == (
+        f"{mt.SUMMARY_MARKERS[0]}\n{mt.controls_summary(runs)}{mt.SUMMARY_MARKERS[1]}\n"
+    )
     assert json.load(open(tmp_path / "controls" / "dpo-default_i1_s0.json")) == runs[1]  # with its curve
     text = doc.read_text()
     assert text.startswith(f"before\n{mt.CONTROL_MARKERS[0]}\n| row |") and text.endswith(
@@ -263,6 +307,9 @@ def test_controls_publish_commits_the_finished_runs_of_a_grid_still_going(tmp_pa
     doc.write_text(f"before\n{mt.CONTROL_MARKERS[0]}\nold\n{mt.CONTROL_MARKERS[1]}\nafter\n")
     monkeypatch.setattr(mt, "PUBLISHED", str(published))
     monkeypatch.setattr(mt, "CONTROL_PAGE", str(doc))
+    readme = tmp_path / "readme.md"
+    readme.write_text(f"{mt.SUMMARY_MARKERS[0]}\nold\n{mt.SUMMARY_MARKERS[1]}\n")
+    monkeypatch.setattr(mt, "SUMMARY_PAGE", str(readme))
     with pytest.raises(SystemExit):  # nothing finished yet
         mt.main(["--controls", "--publish", "--out_dir", str(grid)])
     assert "no fine-tune" in capsys.readouterr().err
@@ -287,6 +334,10 @@ def test_controls_publish_commits_the_finished_runs_of_a_grid_still_going(tmp_pa
     )
     assert f"2 of the grid's {len(mt.CONTROLS) * 9} runs are finished so far" in text
     assert "| the default | 1 (1 x 1) | 0.900 | - | - | 0.950 |" in text
+    assert (
+        readme.read_text()
+        == f"{mt.SUMMARY_MARKERS[0]}\n{mt.controls_summary(committed)}{mt.SUMMARY_MARKERS[1]}\n"
+    )
     assert "finished so far" not in mt.controls_table(
         [control_run(row, i, s, 0.9, 0.95) for row, *_ in mt.CONTROLS for i in range(3) for s in range(3)]
     )

@@ -63,9 +63,12 @@ CONTROLS = [  # (row, label, clip_dpo.py arguments), in the order the grid runs 
 ]
 CONTROL_COLUMNS = [("statements/acc", "statements/acc"), ("probe/relation", "relation")]
 CONTROL_OTHER = [("probe/attribute_swap", "attribute swap"), ("retrieval/i2t_r1", "i2t R@1")]
+KICK_END = 1000  # clip_dpo.py's shapes --imc_steps: the kick's last step, an eval step of every run
 GOAL = {"statements/acc": 0.88, "probe/relation": 0.90}  # issue 30's bar, every start on every seed
 CONTROL_MARKERS = ("<!-- dpo-controls:start -->", "<!-- dpo-controls:end -->")
 CONTROL_PAGE = os.path.join(ROOT, "docs", "clip_dpo.md")
+SUMMARY_MARKERS = ("<!-- dpo-controls-summary:start -->", "<!-- dpo-controls-summary:end -->")
+SUMMARY_PAGE = os.path.join(ROOT, "README.md")
 # --readme copies table.md, results.json and the plots here (committed)
 PUBLISHED = os.path.join(ROOT, "bench", "results")
 COLUMNS = [
@@ -260,6 +263,68 @@ def controls_table(results):
     return "\n".join(lines) + "\n"
 
 
+def controls_summary(results):
+    """the --controls results -> README's sentences (between SUMMARY_MARKERS): how often the default
+    reaches GOAL, and the default against the control without the preference term on the same starts
+    and seeds; a row not finished says how many of its 9 runs it has"""
+    rows = {row: [r for r in results if r["method"] == f"dpo-{row}"] for row, *_ in CONTROLS}
+    default, nopref = rows["default"], rows["nopref"]
+    if not default:
+        return "The controls grid has no finished run of the default yet.\n"
+
+    def of(runs):
+        return f"{len(runs)} of 9 runs" + (" so far" if len(runs) < 9 else "")
+
+    def reach(runs, goal):
+        return sum(all(r["metrics"]["test"][k] >= v for k, v in goal.items()) for r in runs)
+
+    def value(runs, key):
+        return mean_std([r["metrics"]["test"][key] for r in runs])
+
+    relation = {"probe/relation": GOAL["probe/relation"]}
+    text = (
+        f"From the Results table's three scratch checkpoints x fine-tune seeds 0, 1, 2 ({of(default)}), the "
+        f"DPO default reaches statements/acc >= {GOAL['statements/acc']} and relation >= "
+        f"{GOAL['probe/relation']} in {reach(default, GOAL)} of {len(default)} runs, the relation alone in "
+        f"{reach(default, relation)}; the statements end at {value(default, 'statements/acc')}, spread "
+        f"{spread(default, 'statements/acc', 'start')} over the starts and "
+        f"{spread(default, 'statements/acc', 'seed')} over the seeds."
+    )
+    by_start = sorted({r["start"] for r in default})
+    hits = {r["name"]: all(r["metrics"]["test"][k] >= v for k, v in GOAL.items()) for r in default}
+    counts = [sum(hits[r["name"]] for r in default if r["start"] == i) for i in by_start]
+    totals = [sum(r["start"] == i for r in default) for i in by_start]
+    text += (
+        f" By start ({', '.join(map(str, by_start))}): "
+        + ", ".join(f"{c} of {t}" for c, t in zip(counts, totals))
+        + "."
+    )
+    at_kick = {
+        r["name"]: next((e["probe/relation"] for e in r.get("curve", []) if e["step"] == KICK_END), None)
+        for r in default
+    }
+    ranges = [
+        [at_kick[r["name"]] for r in default if hits[r["name"]] == hit and at_kick[r["name"]] is not None]
+        for hit in (True, False)
+    ]
+    if all(ranges):
+        text += (
+            f" At the kick's end (step {KICK_END:,}) the relation stood at {min(ranges[0]):.2f} to "
+            f"{max(ranges[0]):.2f} in the runs that reach the bar and {min(ranges[1]):.2f} to "
+            f"{max(ranges[1]):.2f} in those that miss it."
+        )
+    pairs = {(r["start"], r["seed"]) for r in default} & {(r["start"], r["seed"]) for r in nopref}
+    if pairs:
+        same = [[r for r in runs if (r["start"], r["seed"]) in pairs] for runs in (default, nopref)]
+        text += (
+            f" From the same starts and seeds ({len(pairs)} of 9{' so far' if len(pairs) < 9 else ''}), "
+            f"without the preference term (`--pref_weight 0`) the statements reach "
+            f"{value(same[1], 'statements/acc')} instead of {value(same[0], 'statements/acc')}, and the "
+            f"relation {value(same[1], 'probe/relation')} instead of {value(same[0], 'probe/relation')}."
+        )
+    return text + "\n"
+
+
 def plots(results, out_dir):
     """probes_vs_step.png (relation and attribute swap over each run's evals) and probes.png (the
     final probes per method, plain CLIP's chance line at 0.5); None if matplotlib is missing"""
@@ -331,9 +396,10 @@ def write_between(path, markers, text):
     os.replace(path + ".tmp", path)
 
 
-def publish_controls(results, page=None, published=None):
+def publish_controls(results, page=None, published=None, readme=None):
     """--controls --readme: every run's result (with its curve) into bench/results/controls/NAME.json,
-    the table into docs/clip_dpo.md between the CONTROL_MARKERS"""
+    the table into docs/clip_dpo.md between the CONTROL_MARKERS, the summary into README.md between the
+    SUMMARY_MARKERS"""
     folder = published or os.path.join(PUBLISHED, "controls")
     os.makedirs(folder, exist_ok=True)
     for r in results:
@@ -343,6 +409,7 @@ def publish_controls(results, page=None, published=None):
         with open(os.path.join(folder, r["name"] + ".json"), "w") as f:
             json.dump(r, f, indent=1)
     write_between(page or CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls(folder)))
+    write_between(readme or SUMMARY_PAGE, SUMMARY_MARKERS, controls_summary(load_controls(folder)))
 
 
 def load_controls(folder=None):
@@ -410,6 +477,7 @@ def main(argv=None):
         )
     if args.publish and os.path.isdir(os.path.join(PUBLISHED, "controls")):
         write_between(CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls()))
+        write_between(SUMMARY_PAGE, SUMMARY_MARKERS, controls_summary(load_controls()))
     if args.publish:
         text = table(json.load(open(os.path.join(PUBLISHED, "results.json"))), quick=False)
         with open(os.path.join(PUBLISHED, "table.md"), "w") as f:
