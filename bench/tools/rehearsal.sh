@@ -5,15 +5,21 @@
 # two at a time (12-15 min each), then each run's final eval JSONs and metrics.jsonl into bench/results/rehearsal/
 # (bench/tools/rehearsal_collect.py: eval.py --bench flickr8k and --bench vsr on the final checkpoint, vsr/acc per axis).
 #   bash bench/tools/rehearsal.sh            # all of it;  JOBS=2 OUT=out/rehearsal X=data/rehearsal_export to move things
+#   JOBS_FILE=my_jobs.txt START_FLAGS="--max_steps 2" RESULTS=/tmp/r bash bench/tools/rehearsal.sh  # a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 X=${X:-data/rehearsal_export} OUT=${OUT:-out/rehearsal} JOBS=${JOBS:-2} PY=${PY:-python}
+JOBS_FILE=${JOBS_FILE:-bench/studies/jobs/rehearsal.txt} START_FLAGS=${START_FLAGS:-} RESULTS=${RESULTS:-bench/results/rehearsal}
 export OMP_NUM_THREADS=1
 [ -f "$X/vsr/splits/random/test.jsonl" ] || $PY bench/tools/export_shapes.py --out "$X" --image_size 64
+# shellcheck disable=SC2086  # START_FLAGS: several flags
 [ -f "$OUT/start_s0/ckpt.pt" ] || nice -n 19 $PY clip_scratch.py --data flickr8k --data_root "$X/flickr8k" --image_size 64 \
-    --cache_images --seed 0 --out_dir "$OUT/start_s0"
-sed "s#\$X#$X#g; s#\$OUT#$OUT#g" bench/studies/jobs/rehearsal.txt > "$OUT/jobs.txt"
+    --cache_images --seed 0 --out_dir "$OUT/start_s0" $START_FLAGS
+mkdir -p "$OUT"
+sed "s#\$X#$X#g; s#\$OUT#$OUT#g" "$JOBS_FILE" > "$OUT/jobs.txt"
 nice -n 19 $PY bench/studies/grid.py "$OUT/jobs.txt" --out_dir "$OUT" --jobs "$JOBS" --table
 for run in start_s0 $(grep -v '^\s*#' "$OUT/jobs.txt" | awk 'NF {print $1}'); do
-    [ -f "$OUT/$run/ckpt.pt" ] && nice -n 19 $PY bench/tools/rehearsal_collect.py --run "$OUT/$run" --export "$X"
+    if [ -f "$OUT/$run/ckpt.pt" ]; then  # (a run stopped by hand has none)
+        nice -n 19 $PY bench/tools/rehearsal_collect.py --run "$OUT/$run" --export "$X" --results "$RESULTS/$run"
+    fi
 done
