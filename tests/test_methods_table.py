@@ -215,8 +215,9 @@ def test_controls_summary_by_hand():
     text = mt.controls_summary(runs + nopref + [control_run("nokick", 2, 2, 0.5, 0.5)])
     assert text == (
         "From the Results table's three scratch checkpoints x fine-tune seeds 0, 1, 2 (9 of 9 runs), the "
-        "DPO default reaches statements/acc >= 0.88 and relation >= 0.9 in 2 of 9 runs, the relation alone "
-        "in 8; the statements end at 0.860 ± 0.044, spread 0.050 over the starts and 0.010 over the seeds. "
+        "DPO default reaches statements/acc >= 0.88 and relation >= 0.9 in 2 of 9 runs (relation >= 0.9 by "
+        "itself in 8); the statements end at 0.860 ± 0.044, spread 0.050 over the starts and 0.010 over the "
+        "seeds. "
         "By start (0, 1, 2): 0 of 3, 0 of 3, 2 of 3. "
         "From the same starts and seeds (2 of 9 so far), without the preference term (`--pref_weight 0`) "
         "the statements reach 0.700 ± 0.000 instead of 0.830 ± 0.042, and the relation 0.950 ± 0.000 "

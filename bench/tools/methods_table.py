@@ -285,8 +285,8 @@ def controls_summary(results):
     text = (
         f"From the Results table's three scratch checkpoints x fine-tune seeds 0, 1, 2 ({of(default)}), the "
         f"DPO default reaches statements/acc >= {GOAL['statements/acc']} and relation >= "
-        f"{GOAL['probe/relation']} in {reach(default, GOAL)} of {len(default)} runs, the relation alone in "
-        f"{reach(default, relation)}; the statements end at {value(default, 'statements/acc')}, spread "
+        f"{GOAL['probe/relation']} in {reach(default, GOAL)} of {len(default)} runs (relation >= "
+        f"{GOAL['probe/relation']} by itself in {reach(default, relation)}); the statements end at {value(default, 'statements/acc')}, spread "
         f"{spread(default, 'statements/acc', 'start')} over the starts and "
         f"{spread(default, 'statements/acc', 'seed')} over the seeds."
     )
