@@ -25,6 +25,7 @@ from helpers import (
     load_weights,
     one_and_two_processes,
     run,
+    run_here,
     statement_rates,
     tiny_ckpt,
     vsr_rates,
@@ -1502,7 +1503,7 @@ def test_hnc_groups_rank_a_positive_above_its_own_negatives(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "hnc: 2 images with a positive caption (2 negatives without their positive dropped)" in r.stdout
     assert "step 2/2" in r.stdout and "has no eval split here" in r.stdout
-    r = run(
+    r = run_here(
         [
             "clip_dpo.py",
             "--data",

@@ -234,7 +234,7 @@ def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path)
     assert first.returncode == 0, first.stderr
     ckpt = str(tmp_path / "ckpt.pt")
     # another --image_size builds another model: 64 px has 4 x 4 + 1 patch positions, 32 px 2 x 2 + 1
-    r = run(
+    r = run_here(
         [
             "clip_scratch.py",
             "--max_steps",
@@ -254,7 +254,7 @@ def test_resume_refuses_a_damaged_or_mismatched_checkpoint_in_one_line(tmp_path)
     raw = open(ckpt, "rb").read()
     with open(ckpt, "wb") as f:  # a checkpoint copied while it was being written
         f.write(raw[: 2**20])
-    r = run(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY])
+    r = run_here(["clip_scratch.py", "--max_steps", "4", "--out_dir", str(tmp_path), "--resume", *TINY])
     assert r.returncode == 1 and r.stderr.splitlines() == [
         f"error: {ckpt}: cut short (1,048,576 bytes, the end of its zip archive is missing): copied while it was being written?"
     ], r.stderr

@@ -505,10 +505,10 @@ def test_captioner_checkpoint_loads_into_open_clip_and_captions(tmp_path):
         )
         == want
     )
-    out = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "3"])
+    out = run_here(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "3"])
     assert out.returncode == 0, out.stderr
     assert f"caption:     {want}" in out.stdout and shapes.description(scene) in out.stdout
-    plain = run(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "nowhere.jpg"])
+    plain = run_here(["eval.py", "--model", str(tmp_path / "ckpt.pt"), "--caption", "nowhere.jpg"])
     assert plain.returncode != 0 and "nowhere.jpg" in plain.stderr and "Traceback" not in plain.stderr
 
 

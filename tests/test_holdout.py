@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, run, statement_rates, vsr_rates
+from helpers import ROOT, run, run_here, statement_rates, vsr_rates
 
 import clip_dpo
 import clip_hardneg
@@ -196,7 +196,9 @@ def test_the_scripts_and_eval_take_the_flag(tmp_path):
         {k: v for k, v in direct.items() if k in final}, abs=1e-6
     )
     assert {k for k in direct if k.startswith("unseen/")} <= set(final)
-    r = run(["clip_hardneg.py", "--data", "coco", "--data_root", "x", "--init", "x", "--holdout", "combos"])
+    r = run_here(
+        ["clip_hardneg.py", "--data", "coco", "--data_root", "x", "--init", "x", "--holdout", "combos"]
+    )
     assert r.returncode == 2 and r.stderr.startswith(
         "error: --holdout: held-out combinations are the shapes world's"
     )

@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, gloo_processes, killed_and_resumed, load_weights, run, tiny_ckpt
+from helpers import ROOT, TINY, gloo_processes, killed_and_resumed, load_weights, run, run_here, tiny_ckpt
 from PIL import Image
 
 import clip_scratch
@@ -312,7 +312,7 @@ def test_bad_input_is_one_line_naming_the_flag(shards, tmp_path):
             "3 shards for 4 readers (world size 1 x 4 --workers)",
         ),
     ):
-        r = run([*common, *extra])
+        r = run_here([*common, *extra])
         assert r.returncode != 0
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
