@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, VSR_RATES, eval_lines, run, vsr_rates
+from helpers import ROOT, VSR_RATES, eval_lines, run, run_here, vsr_rates
 
 import clip_dpo
 import data
@@ -122,7 +122,7 @@ def test_the_scripts_run_on_the_export(export, tmp_path):
         (tmp_path / "scratch" / "ckpt.pt", "flickr8k", scratch),
         (tmp_path / "dpo" / "ckpt.pt", "vsr", dpo),
     ):
-        e = run(
+        e = run_here(
             [
                 "eval.py",
                 "--model",
