@@ -1,7 +1,7 @@
 """Helpers shared by the test files (imported as `helpers`; conftest.py holds the fixtures): the tiny
 CLI settings, running a script as a user would (one process, torchrun's 2 gloo processes, killed
-mid-run and resumed), 2 gloo processes in-process, tiny checkpoints, and private copies of the
-fixtures."""
+mid-run and resumed; a run that stops on a bad flag or file in this process, run_here), 2 gloo
+processes in-process, tiny checkpoints, and private copies of the fixtures."""
 
 import contextlib
 import importlib
