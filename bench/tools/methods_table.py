@@ -286,12 +286,13 @@ def controls_summary(results):
         f"From the Results table's three scratch checkpoints x fine-tune seeds 0, 1, 2 ({of(default)}), the "
         f"DPO default reaches statements/acc >= {GOAL['statements/acc']} and relation >= "
         f"{GOAL['probe/relation']} in {reach(default, GOAL)} of {len(default)} runs (relation >= "
-        f"{GOAL['probe/relation']} by itself in {reach(default, relation)}); the statements end at {value(default, 'statements/acc')}, spread "
-        f"{spread(default, 'statements/acc', 'start')} over the starts and "
+        f"{GOAL['probe/relation']} by itself in {reach(default, relation)}); the statements end at "
+        f"{value(default, 'statements/acc')}, spread {spread(default, 'statements/acc', 'start')} over the "
+        f"starts and "
         f"{spread(default, 'statements/acc', 'seed')} over the seeds."
     )
     by_start = sorted({r["start"] for r in default})
-    hits = {r["name"]: all(r["metrics"]["test"][k] >= v for k, v in GOAL.items()) for r in default}
+    hits = {r["name"]: reach([r], GOAL) == 1 for r in default}
     counts = [sum(hits[r["name"]] for r in default if r["start"] == i) for i in by_start]
     totals = [sum(r["start"] == i for r in default) for i in by_start]
     text += (
@@ -403,9 +404,8 @@ def publish_controls(results, page=None, published=None, readme=None):
     folder = published or os.path.join(PUBLISHED, "controls")
     os.makedirs(folder, exist_ok=True)
     for r in results:
-        r.setdefault(
-            "threads", 1
-        )  # every run this tool made has had OMP_NUM_THREADS=1 (recorded since 2026-12-07)
+        # every run this tool made has had OMP_NUM_THREADS=1 (recorded in the result since 2026-12-07)
+        r.setdefault("threads", 1)
         with open(os.path.join(folder, r["name"] + ".json"), "w") as f:
             json.dump(r, f, indent=1)
     write_between(page or CONTROL_PAGE, CONTROL_MARKERS, controls_table(load_controls(folder)))

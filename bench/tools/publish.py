@@ -4,7 +4,7 @@ and is made by the function BLOCKS names for it (tests/test_publish.py checks ev
 pages against its files, and that no page holds a block BLOCKS does not know).
 
     python bench/tools/publish.py            # rewrite every block
-    python bench/tools/publish.py --check    # exit 1, naming the stale blocks, if a page differs from its files
+    python bench/tools/publish.py --check    # exit 1, naming the stale blocks, if a page differs
 """
 
 import argparse
