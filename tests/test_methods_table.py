@@ -241,6 +241,37 @@ def test_controls_summary_by_hand():
     assert mt.controls_summary([]).startswith("The controls grid has no finished run")
 
 
+def test_control_pairs_compare_each_row_with_the_default_of_its_start_and_seed_by_hand():
+    """the default of the table test above without (start 2, seed 2); without the kick on (0, 0), (0, 1),
+    (2, 1): statements 0.70 against the default's 0.80, 0.81, 0.91 (start 0: -10.5 points, start 2: -21.0),
+    relation 0.96, 0.96, 0.90 against 0.95 (+1.0, -5.0); the default's (2, 1) reaches the bar. The kick on
+    captions on (1, 1): 0.95 against 0.86. CLIP's term's only run, (2, 2), has no default to compare with"""
+    runs = [
+        control_run("default", i, s, 0.80 + 0.05 * i + 0.01 * s, 0.85 if (i, s) == (2, 0) else 0.95)
+        for i in range(3)
+        for s in range(3)
+        if (i, s) != (2, 2)
+    ]
+    nokick = [
+        control_run("nokick", i, s, 0.70, 0.96 if i == 0 else 0.90) for i, s in ((0, 0), (0, 1), (2, 1))
+    ]
+    others = [control_run("noclip", 2, 2, 0.1, 0.1), control_run("kickcaptions", 1, 1, 0.95, 0.95)]
+    assert mt.control_pairs(runs + nokick + others) == [
+        "Each row against the default from the same start with the same seed:",
+        "",
+        "- With the kick on the caption sets only (`--imc_sets captions`), from the same starts and seeds "
+        "(1 of 9 so far): the statements reach 0.950 instead of 0.860 (+9.0 points from start 1), the "
+        "relation 0.950 instead of 0.950 (+0.0 points from start 1), i2t R@1 0.100 instead of 0.100; the "
+        "bar in 1 of 1 runs instead of 0.",
+        "- Without the kick (`--imc_weight 0`), from the same starts and seeds (3 of 9 so far): the "
+        "statements reach 0.700 ± 0.000 instead of 0.840 ± 0.061 (-10.5, -21.0 points from starts 0, 2), "
+        "the relation 0.940 ± 0.035 instead of 0.950 ± 0.000 (+1.0, -5.0 points from starts 0, 2), i2t R@1 "
+        "0.067 ± 0.115 instead of 0.067 ± 0.115; the bar in 0 of 3 runs instead of 1.",
+    ]
+    assert mt.control_pairs(runs) == [] and mt.controls_table(runs).endswith("bench/results/controls/.\n")
+    assert mt.controls_table(runs + nokick).endswith(mt.control_pairs(nokick + runs)[-1] + "\n")
+
+
 def test_controls_are_one_term_changes_from_every_start_on_every_seed(tmp_path):
     runs = mt.control_commands([0, 1, 2], False, str(tmp_path))
     scratch = [r for r in runs if r[1] == "scratch"]

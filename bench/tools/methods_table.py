@@ -260,7 +260,53 @@ def controls_table(results):
         "over starts / over seeds: the standard deviation of the three per-start / per-seed means. "
         "Every run's command, start, seed, machine, wall clock and eval curve: bench/results/controls/.",
     ]
-    return "\n".join(lines) + "\n"
+    pairs = control_pairs(results)
+    return "\n".join(lines + ([""] + pairs if pairs else [])) + "\n"
+
+
+def control_pairs(results):
+    """each control row against the default on the (start, seed) pairs both have -> one line each: the
+    row's statements, relation and i2t R@1 instead of the default's, the statements' and the relation's
+    change by start (the mean over that start's seeds of control - default, in points), and the bar"""
+    default = {(r["start"], r["seed"]): r for r in results if r["method"] == "dpo-default"}
+
+    def versus(runs, same, key):
+        mine, theirs = ([r["metrics"]["test"][key] for r in rs] for rs in (runs, same))
+        return f"{mean_std(mine)} instead of {mean_std(theirs)}"
+
+    def by_start(runs, same, key):
+        starts = sorted({r["start"] for r in runs})
+        change = [
+            statistics.mean(
+                100 * (r["metrics"]["test"][key] - d["metrics"]["test"][key])
+                for r, d in zip(runs, same)
+                if r["start"] == i
+            )
+            for i in starts
+        ]
+        where = f"start{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))}"
+        return ", ".join(f"{c:+.1f}" for c in change) + f" points from {where}"
+
+    def reach(runs):
+        return sum(all(r["metrics"]["test"][k] >= v for k, v in GOAL.items()) for r in runs)
+
+    lines = []
+    for row, label, _ in CONTROLS[1:]:
+        runs = [r for r in results if r["method"] == f"dpo-{row}" and (r["start"], r["seed"]) in default]
+        if not runs:
+            continue
+        same = [default[r["start"], r["seed"]] for r in runs]
+        with_ = label if label.startswith("without") else "with " + label
+        lines.append(
+            f"- {with_[0].upper() + with_[1:]}, from the same starts and seeds ({len(runs)} of 9"
+            f"{' so far' if len(runs) < 9 else ''}): the statements reach {versus(runs, same, 'statements/acc')} "
+            f"({by_start(runs, same, 'statements/acc')}), the relation {versus(runs, same, 'probe/relation')} "
+            f"({by_start(runs, same, 'probe/relation')}), i2t R@1 {versus(runs, same, 'retrieval/i2t_r1')}; "
+            f"the bar in {reach(runs)} of {len(runs)} runs instead of {reach(same)}."
+        )
+    return (
+        ["Each row against the default from the same start with the same seed:", ""] + lines if lines else []
+    )
 
 
 def controls_summary(results):
