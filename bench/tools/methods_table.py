@@ -272,7 +272,8 @@ def controls_table(results):
 def control_pairs(results):
     """each control row against the default on the (start, seed) pairs both have -> one line each: the
     row's statements, relation and i2t R@1 instead of the default's, the statements' and the relation's
-    change by start (the mean over that start's seeds of control - default, in points), and the bar"""
+    change by start (the mean over that start's seeds of control - default, in points) and in how many
+    pairs it is lower, and the bar"""
     default = {(r["start"], r["seed"]): r for r in results if r["method"] == "dpo-default"}
 
     def versus(runs, same, key):
@@ -290,7 +291,12 @@ def control_pairs(results):
             for i in starts
         ]
         where = f"start{'s' if len(starts) > 1 else ''} {', '.join(map(str, starts))}"
-        return ", ".join(f"{c:+.1f}" for c in change) + f" points from {where}"
+        lower = sum(r["metrics"]["test"][key] < d["metrics"]["test"][key] for r, d in zip(runs, same))
+        return (
+            f"lower in {lower} of {len(runs)} pairs; "
+            + ", ".join(f"{c:+.1f}" for c in change)
+            + f" points from {where}"
+        )
 
     lines = []
     for row, label, _ in CONTROLS[1:]:
