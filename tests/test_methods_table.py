@@ -259,15 +259,16 @@ def test_control_pairs_compare_each_row_with_the_default_of_its_start_and_seed_b
     assert mt.control_pairs(runs + nokick + others) == [
         "Each row against the default from the same start with the same seed:",
         "",
-        "- With the kick on the caption sets only (`--imc_sets captions`), from the same starts and seeds "
-        "(1 of 9 so far): the statements reach 0.950 instead of 0.860 (lower in 0 of 1 pairs; +9.0 points "
-        "from start 1), the relation 0.950 instead of 0.950 (lower in 0 of 1 pairs; +0.0 points from start 1), i2t R@1 0.100 instead of 0.100; the "
-        "bar in 1 of 1 runs instead of 0.",
-        "- Without the kick (`--imc_weight 0`), from the same starts and seeds (3 of 9 so far): the "
-        "statements reach 0.700 ± 0.000 instead of 0.840 ± 0.061 (lower in 3 of 3 pairs; -10.5, -21.0 points "
-        "from starts 0, 2), the relation 0.940 ± 0.035 instead of 0.950 ± 0.000 (lower in 1 of 3 pairs; +1.0, "
-        "-5.0 points from starts 0, 2), i2t R@1 "
-        "0.067 ± 0.115 instead of 0.067 ± 0.115; the bar in 0 of 3 runs instead of 1.",
+        "- With the kick on the caption sets only (`--imc_sets captions`), from the same starts and"
+        " seeds (1 of 9 so far): the statements reach 0.950 instead of 0.860 (lower in 0 of 1 "
+        "pairs; +9.0 points from start 1), the relation 0.950 instead of 0.950 (lower in 0 of 1 "
+        "pairs; +0.0 points from start 1), i2t R@1 0.100 instead of 0.100; the bar in 1 of 1 runs "
+        "instead of 0.",
+        "- Without the kick (`--imc_weight 0`), from the same starts and seeds (3 of 9 so far): the"
+        " statements reach 0.700 ± 0.000 instead of 0.840 ± 0.061 (lower in 3 of 3 pairs; -10.5, "
+        "-21.0 points from starts 0, 2), the relation 0.940 ± 0.035 instead of 0.950 ± 0.000 (lower"
+        " in 1 of 3 pairs; +1.0, -5.0 points from starts 0, 2), i2t R@1 0.067 ± 0.115 instead of "
+        "0.067 ± 0.115; the bar in 0 of 3 runs instead of 1.",
     ]
     assert mt.control_pairs(runs) == [] and mt.controls_table(runs).endswith("bench/results/controls/.\n")
     assert mt.controls_table(runs + nokick).endswith(mt.control_pairs(nokick + runs)[-1] + "\n")
